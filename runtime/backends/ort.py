@@ -1,0 +1,87 @@
+"""ONNX Runtime backends: CPU, and the CUDA / TensorRT execution providers."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from runtime.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from e
+    return onnxruntime
+
+
+class OrtSession:
+    """An ``onnxruntime.InferenceSession`` with dict-in, dict-out ``run``."""
+
+    def __init__(self, path: str, providers: list, options) -> None:
+        ort = _ort()
+        self.path = path
+        self._sess = ort.InferenceSession(path, sess_options=options, providers=providers)
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+        self.providers = self._sess.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._sess.run(self.output_names, {k: feeds[k] for k in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+class OrtBackend:
+    """ONNX Runtime on the CPU: the default backend, available everywhere."""
+
+    name = "onnxruntime"
+    providers: tuple = ("CPUExecutionProvider",)
+
+    def __init__(self, intra_op_threads: int | None = None, inter_op_threads: int = 1) -> None:
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+
+    @classmethod
+    def availability(cls, bundle=None) -> str | None:
+        try:
+            ort = _ort()
+        except BackendUnavailableError as e:
+            return str(e)
+        missing = [p for p in cls.providers if p not in ort.get_available_providers()]
+        if missing:
+            return f"onnxruntime has no {', '.join(missing)} (install ugsep[gpu] on a GPU machine)"
+        return None
+
+    def session_options(self):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.intra_op_threads:
+            so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.log_severity_level = 3
+        return so
+
+    def open(self, bundle, stage: str) -> OrtSession:
+        return self.open_path(str(bundle.stage_path(stage)))
+
+    def open_path(self, path: str) -> OrtSession:
+        return OrtSession(path, list(self.providers), self.session_options())
+
+
+class OrtCudaBackend(OrtBackend):
+    """ONNX Runtime with the CUDA execution provider (needs onnxruntime-gpu and a GPU)."""
+
+    name = "ort-cuda"
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OrtTensorrtBackend(OrtBackend):
+    """ONNX Runtime with the TensorRT execution provider (needs onnxruntime-gpu + TensorRT)."""
+
+    name = "ort-tensorrt"
+    providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

@@ -1,0 +1,150 @@
+"""The bundle manifest: the contract between the exporter (writes) and the runtime (reads).
+
+``manifest.json`` sits at the root of a bundle. Its schema is versioned by
+``FORMAT_VERSION``; the runtime refuses versions it does not know. Keys:
+
+    format             "ugsep-bundle"
+    format_version     int
+    model_name         str
+    toolchain_version  str            ugsep version that wrote it
+    created            ISO-8601 UTC
+    spec               FeatureSpec.to_dict()
+    precision          "fp32" | "w8a16" | "w4a16"
+    stages             {stage: {"file": str, "inputs": [...], "outputs": [...]}}
+                       stage in "full" (always), "user" and "group" (when split)
+    split              null | {"boundary": [{"name", "dtype", "shape", "source"}],
+                               "user_index": "user_index", "report": {...}}
+    flops              {"full_per_row", "user_per_row", "group_per_row"} (ints, may be null)
+    files              {relative path: {"sha256": hex, "bytes": int}} for every file but this one
+    parity             null | {"passed": bool, "summary": {...}, "report": "parity.json"}
+    source             {"checkpoint_sha256": hex|null, "factory": str|null, ...}
+    limits             {"max_candidates": int, "max_users_per_call": int}
+    quantization       null | {...}   written by the quantization passes
+    engines            [{"dir", "gpu", "compute_capability", "trt_version", "files"}]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BundleError
+from runtime.spec import FeatureSpec
+
+FORMAT = "ugsep-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
+STAGES = ("full", "user", "group")
+DEFAULT_LIMITS = {"max_candidates": 4096, "max_users_per_call": 256}
+
+
+@dataclass
+class Manifest:
+    """In-memory form of ``manifest.json``; ``to_dict``/``from_dict`` round-trip exactly."""
+
+    model_name: str
+    spec: FeatureSpec
+    stages: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, Any]]
+    toolchain_version: str
+    created: str
+    precision: str = "fp32"
+    split: dict[str, Any] | None = None
+    flops: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    quantization: dict[str, Any] | None = None
+    engines: list[dict[str, Any]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_split(self) -> bool:
+        return self.split is not None and "user" in self.stages and "group" in self.stages
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model_name": self.model_name,
+            "toolchain_version": self.toolchain_version,
+            "created": self.created,
+            "spec": self.spec.to_dict(),
+            "precision": self.precision,
+            "stages": self.stages,
+            "split": self.split,
+            "flops": self.flops,
+            "files": self.files,
+            "parity": self.parity,
+            "source": self.source,
+            "limits": self.limits,
+            "quantization": self.quantization,
+            "engines": self.engines,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
+        if d.get("format") != FORMAT:
+            raise BundleError(f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT!r}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: format_version {version!r} is not supported by this runtime "
+                f"(it reads version {FORMAT_VERSION}); re-export the bundle with this ugsep"
+            )
+        for key in ("model_name", "toolchain_version", "created", "spec", "stages", "files"):
+            if key not in d:
+                raise BundleError(f"{where}: required key '{key}' is missing")
+        try:
+            spec = FeatureSpec.from_dict(d["spec"])
+        except ValueError as e:
+            raise BundleError(f"{where}: embedded spec is invalid: {e}") from e
+        stages = d["stages"]
+        if not isinstance(stages, dict) or "full" not in stages:
+            raise BundleError(f"{where}: 'stages' must contain at least 'full'")
+        for name, st in stages.items():
+            if name not in STAGES or not isinstance(st, dict) or "file" not in st:
+                raise BundleError(f"{where}: stage {name!r} is malformed: {st!r}")
+        if d.get("precision", "fp32") not in PRECISIONS:
+            raise BundleError(f"{where}: precision {d.get('precision')!r} not in {PRECISIONS}")
+        files = d["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()
+        ):
+            raise BundleError(f"{where}: 'files' must map paths to {{'sha256': ...}}")
+        return cls(
+            model_name=d["model_name"],
+            spec=spec,
+            stages=stages,
+            files=files,
+            toolchain_version=d["toolchain_version"],
+            created=d["created"],
+            precision=d.get("precision", "fp32"),
+            split=d.get("split"),
+            flops=d.get("flops") or {},
+            parity=d.get("parity"),
+            source=d.get("source") or {},
+            limits={**DEFAULT_LIMITS, **(d.get("limits") or {})},
+            quantization=d.get("quantization"),
+            engines=d.get("engines") or [],
+            format_version=version,
+        )
+
+    @classmethod
+    def read(cls, bundle_dir: str | Path) -> Manifest:
+        path = Path(bundle_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"'{bundle_dir}' is not a ugsep bundle: {MANIFEST_NAME} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{path}: cannot parse manifest: {e}") from e
+        return cls.from_dict(data, where=str(path))

@@ -1,0 +1,126 @@
+"""The scorer: one user and N candidates in, N scores out, on the split or full graphs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.errors import InternalError, RequestError
+from runtime.validate import check_candidates, check_user
+
+log = logging.getLogger(__name__)
+USER_INDEX = "user_index"
+
+
+@dataclass
+class Prepared:
+    """A validated request: user feeds [1, ...] (mixed inputs: first row), candidate feeds [N, ...]."""
+
+    user: dict[str, np.ndarray]
+    candidates: dict[str, np.ndarray]
+    n: int
+    user_key: str | None = None
+
+
+class Scorer:
+    """Scores requests against a loaded bundle with one backend.
+
+    On a split bundle every call runs the user graph once per distinct user and the
+    group graph once for all candidates (``user_index`` maps candidates to users);
+    otherwise ``full.onnx`` runs on user rows repeated per candidate.
+    """
+
+    def __init__(self, bundle: Bundle, backend, *, use_split: bool = True) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.spec = bundle.manifest.spec
+        self.backend = backend
+        self.split = use_split and self.manifest.is_split
+        self.max_candidates = int(self.manifest.limits["max_candidates"])
+        self.output_names = list(self.spec.outputs)
+        if self.split:
+            self.user_session = backend.open(bundle, "user")
+            self.group_session = backend.open(bundle, "group")
+            self.boundary_names = [b["name"] for b in self.manifest.split["boundary"]]
+        else:
+            self.full_session = backend.open(bundle, "full")
+            self.boundary_names = []
+
+    @property
+    def name(self) -> str:
+        return self.manifest.model_name
+
+    # -- request level ---------------------------------------------------------------
+    def prepare(self, user: Mapping[str, Any], candidates: Mapping[str, Any]) -> Prepared:
+        """Validate one request against the spec (RequestError on any problem)."""
+        u = check_user(self.spec, user)
+        c, n = check_candidates(self.spec, candidates, self.max_candidates)
+        for s in self.spec.inputs:
+            if s.side == "mixed":  # the user graph reads a mixed input's first row
+                u[s.name] = c[s.name][:1]
+        return Prepared(u, c, n)
+
+    def score(self, user: Mapping[str, Any], candidates: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Score one request: returns {output name: array [N, ...]}."""
+        return self.score_many([(user, candidates)])[0]
+
+    def score_many(
+        self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Score several requests with one user call and one group call."""
+        if not requests:
+            raise RequestError("score_many needs at least one request")
+        return self.run_prepared([self.prepare(u, c) for u, c in requests])
+
+    def run_prepared(self, prepared: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
+        users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
+        cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
+        counts = [p.n for p in prepared]
+        user_index = np.repeat(np.arange(len(prepared), dtype=np.int64), counts)
+        out = self.run_batch(users, cands, user_index)
+        return split_outputs(out, counts)
+
+    # -- batch level (used by the batcher and the cache) --------------------------------
+    def run_batch(
+        self, users: dict[str, np.ndarray], cands: dict[str, np.ndarray], user_index: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """M users and N candidates (already validated) -> outputs [N, ...]."""
+        if self.split:
+            return self.run_group(cands, self.run_user(users), user_index)
+        return self.run_full(users, cands, user_index)
+
+    def run_user(self, users: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """User graph on M users -> boundary tensors [M, ...] (split bundles only)."""
+        if not self.split:
+            raise InternalError("run_user called on a scorer without a split")
+        out = self.user_session.run({k: users[k] for k in self.user_session.input_names})
+        return {k: out[k] for k in self.boundary_names}
+
+    def run_group(
+        self, cands: dict[str, np.ndarray], boundary: dict[str, np.ndarray], user_index: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Group graph on N candidates + boundary tensors [M, ...] -> outputs [N, ...]."""
+        feeds = {**cands, **boundary, USER_INDEX: np.ascontiguousarray(user_index, dtype=np.int64)}
+        out = self.group_session.run({k: feeds[k] for k in self.group_session.input_names})
+        return {k: out[k] for k in self.output_names}
+
+    def run_full(
+        self, users: dict[str, np.ndarray], cands: dict[str, np.ndarray], user_index: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Monolithic graph: user rows gathered per candidate."""
+        feeds = {k: np.ascontiguousarray(v[user_index]) for k, v in users.items()}
+        feeds.update(cands)  # mixed inputs come whole from the candidates
+        out = self.full_session.run({k: feeds[k] for k in self.full_session.input_names})
+        return {k: out[k] for k in self.output_names}
+
+
+def split_outputs(out: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Cut batched outputs [sum(counts), ...] back into per-request dicts."""
+    bounds = np.cumsum(counts)[:-1]
+    parts = {k: np.split(v, bounds) for k, v in out.items()}
+    return [{k: parts[k][i] for k in out} for i in range(len(counts))]
