@@ -1,0 +1,121 @@
+"""Writing bundles: files staged in a temporary directory, hashed, then moved into place."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from exporter.errors import ExportError
+from runtime.bundle import sha256_file
+from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.spec import FeatureSpec
+
+FileContent = bytes | str | onnx.ModelProto | dict | list | Path
+
+
+def toolchain_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ugsep")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def write_file(path: Path, content: FileContent) -> None:
+    """Write one bundle file: ONNX protos, JSON-able data, bytes/str, or a file to copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, onnx.ModelProto):
+        onnx.save_model(content, str(tmp))
+    elif isinstance(content, (dict, list)):
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+    elif isinstance(content, Path):
+        shutil.copyfile(content, tmp)
+    elif isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+class BundleWriter:
+    """Collects files and stages, then writes ``manifest.json`` with every file's sha256.
+
+    Nothing appears at ``out_dir`` until ``finish``; an existing bundle there is only
+    replaced with ``overwrite=True``.
+    """
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise ExportError(f"'{self.out_dir}' already exists; pass --overwrite to replace it")
+        self.overwrite = overwrite
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._stage_dir = Path(tempfile.mkdtemp(prefix=".ugsep-", dir=self.out_dir.parent))
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def add(self, rel: str, content: FileContent) -> Path:
+        path = self._stage_dir / rel
+        write_file(path, content)
+        return path
+
+    def add_stage(self, stage: str, rel: str, model: onnx.ModelProto) -> None:
+        self.add(rel, model)
+        self.stages[stage] = {
+            "file": rel,
+            "inputs": [i.name for i in model.graph.input],
+            "outputs": [o.name for o in model.graph.output],
+        }
+
+    def finish(self, *, model_name: str, spec: FeatureSpec, **fields: Any) -> Manifest:
+        manifest = Manifest(
+            model_name=model_name,
+            spec=spec,
+            stages=self.stages,
+            files=hash_files(self._stage_dir),
+            toolchain_version=toolchain_version(),
+            created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            **fields,
+        )
+        (self._stage_dir / MANIFEST_NAME).write_text(manifest.dumps())
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        os.replace(self._stage_dir, self.out_dir)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self._stage_dir, ignore_errors=True)
+
+
+def hash_files(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, bytes}} for every file under ``root`` but the manifest."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[str(p.relative_to(root))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def update_bundle(bundle_dir: str | Path, files: dict[str, FileContent], **fields: Any) -> Manifest:
+    """Add or replace files in an existing bundle and update manifest fields; re-hashes them."""
+    root = Path(bundle_dir)
+    manifest = Manifest.read(root)
+    for rel, content in files.items():
+        write_file(root / rel, content)
+        manifest.files[rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+    for key, value in fields.items():
+        if not hasattr(manifest, key):
+            raise ExportError(f"manifest has no field '{key}'")
+        setattr(manifest, key, value)
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(manifest.dumps())
+    os.replace(tmp, root / MANIFEST_NAME)
+    return manifest

@@ -1,0 +1,221 @@
+"""Loading trained students: checkpoint directories, factory + weights, or ``.pt2`` programs.
+
+Weights are read only as safetensors or with ``torch.load(weights_only=True)``: a
+pickle carrying code is refused, never executed. A checkpoint directory looks like
+
+    ckpt/
+      model.safetensors   the state dict
+      config.json         {"factory": "package.module:callable", "kwargs": {...}}
+      spec.json           the feature spec (or spec.yaml)
+
+``factory(**kwargs)`` must rebuild the module; it is imported from the installed
+environment by its dotted name (nothing is imported from the checkpoint itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.errors import CheckpointError, ExportError
+from runtime.bundle import sha256_file
+from runtime.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+_SPEC_NAMES = ("spec.json", "spec.yaml", "spec.yml")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: an eager module (or an ExportedProgram), its spec, provenance."""
+
+    spec: FeatureSpec
+    module: torch.nn.Module | None = None
+    program: Any = None  # torch.export.ExportedProgram when loaded from .pt2
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def eager(self) -> torch.nn.Module:
+        """A callable eager reference: the module, or the .pt2 program's module."""
+        if self.module is not None:
+            return self.module
+        return self.program.module()
+
+
+def import_factory(ref: str):
+    """Resolve ``package.module:callable``."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ExportError(f"factory '{ref}' must look like 'package.module:callable'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ExportError(f"cannot import module '{module_name}' for factory '{ref}': {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ExportError(f"module '{module_name}' has no attribute '{attr}' (factory '{ref}')")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ExportError(f"factory '{ref}' is not callable")
+    return obj
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from safetensors, or a torch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"'{path}' is named .safetensors but is not a valid safetensors file: {e}"
+            ) from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is the same user error
+        raise CheckpointError(
+            f"refused to load '{path}': it is not a plain tensor state dict "
+            f"(torch.load with weights_only=True rejected it: {str(e).splitlines()[0]}). "
+            "Save weights with safetensors or torch.save(model.state_dict())"
+        ) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path}' does not hold a state dict of tensors")
+    return obj
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` strictly, with an error listing what does not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append("shape mismatches " + "; ".join(shapes[:5]))
+        raise CheckpointError(
+            f"checkpoint '{where}' does not fit the model built by its factory: " + ", ".join(parts)
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def find_spec(directory: Path) -> Path | None:
+    for name in _SPEC_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_student(
+    source: str | Path,
+    *,
+    factory: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    spec: str | Path | dict | FeatureSpec | None = None,
+) -> LoadedModel:
+    """Load a model from a checkpoint directory, a weights file + factory, or a ``.pt2`` file."""
+    source = Path(source)
+    if source.is_dir():
+        return _load_dir(source, spec)
+    if source.suffix == ".pt2":
+        return _load_pt2(source, spec)
+    if factory is None:
+        raise ExportError(
+            f"'{source}' is a weights file: also give the model factory "
+            "(--factory package.module:callable) and the spec (--spec)"
+        )
+    if spec is None:
+        raise ExportError(f"loading '{source}' needs a feature spec (--spec FILE)")
+    module = _build(factory, kwargs or {}, source)
+    return LoadedModel(
+        spec=FeatureSpec.load(spec),
+        module=module,
+        source=_provenance(source, factory, kwargs or {}),
+    )
+
+
+def _build(factory: str, kwargs: dict[str, Any], weights: Path) -> torch.nn.Module:
+    state = read_state_dict(weights)  # read first: a bad checkpoint fails before any build
+    try:
+        module = import_factory(factory)(**kwargs)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - report factory failures with context
+        raise ExportError(f"factory '{factory}' failed with kwargs {kwargs}: {e}") from e
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"factory '{factory}' returned {type(module).__name__}, not an nn.Module")
+    load_weights(module, state, str(weights))
+    return module.eval()
+
+
+def _load_dir(directory: Path, spec) -> LoadedModel:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"checkpoint directory '{directory}' has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        factory, kwargs = cfg["factory"], cfg.get("kwargs", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"'{cfg_path}' must be JSON with 'factory' and 'kwargs' keys: {e}"
+        ) from e
+    weights = next(
+        (directory / n for n in ("model.safetensors", "model.pt") if (directory / n).is_file()),
+        None,
+    )
+    if weights is None:
+        raise CheckpointError(f"checkpoint directory '{directory}' has no model.safetensors")
+    spec_src = spec if spec is not None else find_spec(directory)
+    if spec_src is None:
+        raise CheckpointError(f"checkpoint directory '{directory}' has no spec.json; pass --spec")
+    module = _build(factory, kwargs, weights)
+    return LoadedModel(
+        spec=FeatureSpec.load(spec_src),
+        module=module,
+        source=_provenance(weights, factory, kwargs, directory=directory),
+    )
+
+
+def _load_pt2(path: Path, spec) -> LoadedModel:
+    if spec is None:
+        spec = find_spec(path.parent)
+        if spec is None:
+            raise ExportError(f"loading '{path}' needs a feature spec (--spec FILE)")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"'{path}' is not a program saved by torch.export.save: {e}") from e
+    return LoadedModel(spec=FeatureSpec.load(spec), program=program, source=_provenance(path))
+
+
+def _provenance(path: Path, factory=None, kwargs=None, directory=None) -> dict[str, Any]:
+    return {
+        "checkpoint": str(directory or path),
+        "checkpoint_sha256": sha256_file(path),
+        "factory": factory,
+        "kwargs": kwargs,
+    }

@@ -1,0 +1,120 @@
+"""The export pipeline: one plain list of steps, in order, each a function of the context.
+
+    capture    torch.export with a dynamic batch dim on every input
+    full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
+    write      the bundle directory: ONNX files, manifest.json with every sha256
+    parity     eager fp32 vs every compiled stage -> parity.json + manifest.parity
+
+Later steps slot into PIPELINE where their order is explained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from exporter.bundle_writer import BundleWriter
+from exporter.capture import capture, flat_input_names, to_torch_inputs
+from exporter.errors import ExportError
+from exporter.load import LoadedModel
+from exporter.onnx_build import export_onnx
+from exporter.progress import console
+from runtime.manifest import DEFAULT_LIMITS
+from runtime.sample import sample_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    """What the user asked for (CLI flags map one to one)."""
+
+    precision: str = "fp32"
+    split: bool = True
+    parity: bool = True
+    parity_rows: int = 1000
+    data: dict[str, np.ndarray] | None = None  # held-out rows (+ label, request_id)
+    max_candidates: int = DEFAULT_LIMITS["max_candidates"]
+    overwrite: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportContext:
+    """State threaded through the steps; each step reads what earlier ones left."""
+
+    loaded: LoadedModel
+    out_dir: Path
+    options: ExportOptions
+    program: Any = None
+    input_names: list[str] = field(default_factory=list)
+    stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
+    manifest_fields: dict[str, Any] = field(default_factory=dict)
+    extra_files: dict[str, Any] = field(default_factory=dict)
+    parity_report: Any = None
+
+    @property
+    def spec(self):
+        return self.loaded.spec
+
+
+def step_capture(ctx: ExportContext) -> None:
+    spec = ctx.spec
+    ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed)
+    ctx.input_names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
+
+
+def step_full_onnx(ctx: ExportContext) -> None:
+    ctx.stages["full"] = export_onnx(ctx.program, ctx.input_names, list(ctx.spec.outputs))
+
+
+def step_write(ctx: ExportContext) -> None:
+    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
+    try:
+        for stage, model in ctx.stages.items():
+            writer.add_stage(stage, f"{stage}.onnx", model)
+        for rel, content in ctx.extra_files.items():
+            writer.add(rel, content)
+        fields = {
+            "precision": ctx.options.precision,
+            "source": ctx.loaded.source,
+            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
+            **ctx.manifest_fields,
+        }
+        writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+Step = Callable[[ExportContext], None]
+PIPELINE: list[tuple[str, Step]] = [
+    ("capture", step_capture),
+    ("full-onnx", step_full_onnx),
+    ("write", step_write),
+]
+
+
+def export_bundle(
+    loaded: LoadedModel, out_dir: str | Path, options: ExportOptions | None = None
+) -> ExportContext:
+    """Run every pipeline step on ``loaded`` and write the bundle to ``out_dir``."""
+    options = options or ExportOptions()
+    if options.precision not in ("fp32", "w8a16", "w4a16"):
+        raise ExportError(f"precision '{options.precision}' is not one of fp32, w8a16, w4a16")
+    ctx = ExportContext(loaded=loaded, out_dir=Path(out_dir), options=options)
+    steps = [(n, s) for n, s in PIPELINE if n != "parity" or options.parity]
+    for i, (name, step) in enumerate(steps, 1):
+        t0 = time.perf_counter()
+        with console.status(f"[{i}/{len(steps)}] {name} …"):
+            step(ctx)
+        console.print(f"[{i}/{len(steps)}] {name:<10} done in {time.perf_counter() - t0:5.1f}s")
+    return ctx
