@@ -1,0 +1,179 @@
+"""The ``ugsep`` command: train, export, check, inspect, bench, serve, triton, demo.
+
+Each subcommand is a small function; heavy imports happen inside it so ``ugsep --help``
+is instant. Errors a user can cause print one line and exit 2; a parity breach exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from exporter.progress import console
+from runtime.errors import UgsepError
+
+log = logging.getLogger("ugsep")
+
+# Subcommands owned by other modules: name -> (module with add_arguments/run, help)
+DELEGATED = {
+    "bench": ("exporter.bench", "benchmark split vs full (and eager) latency across N"),
+    "serve": ("runtime.serving.cli", "serve bundles over the KServe v2 protocol"),
+    "triton": ("runtime.triton.cli", "write a Triton Inference Server model repository"),
+    "build-trt": ("exporter.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from students.train import distill
+
+    report = distill(kind=args.kind, size=args.size, out_dir=args.out, seed=args.seed)
+    console.print_json(json.dumps(report, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporter.data import load_rows
+    from exporter.load import load_student
+    from exporter.pipeline import ExportOptions, export_bundle
+
+    loaded = load_student(args.checkpoint, factory=args.factory, spec=args.spec,
+                          kwargs=json.loads(args.kwargs) if args.kwargs else None)
+    options = ExportOptions(
+        precision=args.precision,
+        split=not args.no_split,
+        parity=not args.no_parity,
+        data=load_rows(args.data, loaded.spec) if args.data else None,
+        max_candidates=args.max_candidates,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        extra={"target": args.target, "budgets": args.budgets},
+    )
+    ctx = export_bundle(loaded, args.out, options)
+    console.print(f"bundle written to [bold]{args.out}[/bold]")
+    if ctx.parity_report is not None and not ctx.parity_report.passed:
+        console.print("[red]parity FAILED[/red]: the bundle will be refused by the runtime")
+        return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from exporter.check import run_check
+
+    return run_check(args)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from exporter.inspect import inspect_bundle
+
+    return inspect_bundle(args.bundle, as_json=args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from exporter.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint dir (config.json + model.safetensors + spec.json), "
+                   "a weights file (with --factory and --spec), or a .pt2 program")
+    p.add_argument("--out", "-o", required=True, help="bundle directory to write")
+    p.add_argument("--factory", help="package.module:callable that builds the model")
+    p.add_argument("--kwargs", help="JSON kwargs for --factory")
+    p.add_argument("--spec", help="feature spec (YAML/JSON); default: the checkpoint's spec.json")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "w8a16", "w4a16"])
+    p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
+                   help="trt also builds TensorRT engines (needs a GPU)")
+    p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check (runtime will refuse the bundle)")
+    p.add_argument("--data", help="held-out rows (.npz/.csv) for parity and quantization calibration")
+    p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
+    p.add_argument("--max-candidates", type=int, default=4096)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle")
+    p.add_argument("--checkpoint", help="the eager model (default: the checkpoint recorded in the manifest)")
+    p.add_argument("--factory")
+    p.add_argument("--data", help="held-out rows (.npz/.csv); default: rows sampled from the spec")
+    p.add_argument("--rows", type=int, default=1000, help="rows to sample when no --data")
+    p.add_argument("--budgets", help="budgets file (JSON/YAML) overriding the defaults")
+    p.add_argument("--report", help="write a self-contained HTML report here")
+    p.add_argument("--trt-lint", action="store_true", help="only run the TensorRT readiness check")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ugsep", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a teacher and distil a student on synthetic CTR data")
+    p.add_argument("--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to a bundle")
+    _add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="parity of every compiled stage against the eager model")
+    _add_check_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("inspect", help="summarise a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="train tiny students, export, check, score, benchmark")
+    p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="one student, fewer benchmark repeats")
+    p.set_defaults(func=cmd_demo)
+
+    for name, (module, help_) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=_delegate(module), _module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as e:
+            p.set_defaults(_unavailable=f"'ugsep {name}' is unavailable: {e}")
+    return parser
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        if getattr(args, "_unavailable", None):
+            raise UgsepError(args._unavailable)
+        return importlib.import_module(module).run(args) or 0
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UgsepError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
