@@ -1,0 +1,39 @@
+"""ONNX graph passes (onnx-ir): canonicalisation, weight-only quantization, backend lowering.
+
+The quantization pipeline, in order (see ``pipelines.quantize_onnx``):
+
+    canonicalize_linear         fold constants, Gemm -> MatMul, unroll per-token weights, DCE
+    QuantizeWeightsInt8Pass     MatMul(A, W) -> MatMul(A, DequantizeLinear(Wq, scale))
+    LowerToMatMulNBitsPass      ORT CPU: -> com.microsoft.MatMulNBits
+    Fp16ActivationsPass         GPU: fp16 activations around the quantized MatMuls
+
+Every node a pass creates carries ``metadata_props["ugsep.pass"]`` = the pass name.
+"""
+
+from __future__ import annotations
+
+from graph_passes.onnx._util import PASS_KEY, Refusal
+from graph_passes.onnx.accounting import linear_weight_bytes
+from graph_passes.onnx.canonicalize import GemmToMatMulPass, UnrollBatchedMatMulPass, canonicalize_linear
+from graph_passes.onnx.errors import PassError
+from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass, pack_matmul_nbits
+from graph_passes.onnx.pipelines import linear_layers, quantize_onnx
+from graph_passes.onnx.quantize import QuantizedWeight, QuantizeWeightsInt8Pass, quantize_weight
+
+__all__ = [
+    "PASS_KEY",
+    "Fp16ActivationsPass",
+    "GemmToMatMulPass",
+    "LowerToMatMulNBitsPass",
+    "PassError",
+    "QuantizeWeightsInt8Pass",
+    "QuantizedWeight",
+    "Refusal",
+    "UnrollBatchedMatMulPass",
+    "canonicalize_linear",
+    "linear_layers",
+    "linear_weight_bytes",
+    "pack_matmul_nbits",
+    "quantize_onnx",
+    "quantize_weight",
+]

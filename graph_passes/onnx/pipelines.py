@@ -1,0 +1,90 @@
+"""The ONNX quantization pipeline: one list, in order, per target.
+
+    canonicalize_linear -> QuantizeWeightsInt8Pass -> RemoveUnusedNodes -> lowering(target)
+
+targets: "qdq" (standard DequantizeLinear -> MatMul, backend-neutral), "ort-cpu"
+(MatMulNBits), "gpu" (DequantizeLinear with fp16 activations, TensorRT-friendly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from graph_passes.onnx._util import Refusal, const_array, node_name
+from graph_passes.onnx.errors import PassError
+from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass
+from graph_passes.onnx.quantize import QuantizeWeightsInt8Pass
+
+TARGETS = ("qdq", "ort-cpu", "gpu")
+
+
+@dataclass
+class QuantizeResult:
+    """What the pipeline did: the layers it quantized and the ones it left alone, with reasons."""
+
+    model: ir.Model
+    quantized: list[tuple[str, str]] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+def linear_layers(model: ir.Model) -> list[str]:
+    """Weight names of the quantizable linear layers (MatMul with a 2-D float32 constant weight).
+
+    Call on a canonicalised graph; these names are what ``skip``/``only`` accept.
+    """
+    names: list[str] = []
+    for node in model.graph:
+        if node.op_type == "MatMul" and node.domain == "":
+            w = const_array(node.inputs[1])
+            if w is not None and w.ndim == 2 and w.dtype.name == "float32" and node.inputs[1].name not in names:
+                names.append(node.inputs[1].name)
+    return names
+
+
+def quantize_onnx(
+    model: ir.Model | onnx.ModelProto,
+    *,
+    bits: int = 8,
+    block_size: int | None = None,
+    target: str = "ort-cpu",
+    skip: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    accuracy_level: int = 4,
+    nbits_block_size: int = 32,
+    canonicalize: bool = True,
+) -> QuantizeResult:
+    """Quantize ``model`` (a copy if given a ModelProto; in place for an ir.Model) for ``target``."""
+    from graph_passes.onnx.canonicalize import canonicalize_linear
+
+    if target not in TARGETS:
+        raise PassError(f"target '{target}' is not one of {TARGETS}")
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    if canonicalize:
+        canonicalize_linear(model)
+    quant = QuantizeWeightsInt8Pass(bits=bits, block_size=block_size, skip=skip, only=only)
+    passes: list[ir.passes.PassBase] = [quant, common_passes.RemoveUnusedNodesPass()]
+    lowering = None
+    if target == "ort-cpu":
+        lowering = LowerToMatMulNBitsPass(accuracy_level=accuracy_level, block_size=block_size or nbits_block_size)
+    elif target == "gpu":
+        lowering = Fp16ActivationsPass()
+    if lowering is not None:
+        passes += [lowering, common_passes.RemoveUnusedNodesPass()]
+    ir.passes.Sequential(*passes)(model)
+    refusals = [r for r in quant.refusals if not r.reason.startswith(("listed in skip", "not selected"))]
+    refusals += getattr(lowering, "refusals", [])
+    return QuantizeResult(model, quant.quantized, refusals)
+
+
+def describe(refusals: list[Refusal]) -> list[str]:
+    """One readable line per refusal, for logs and reports."""
+    return [f"{r.op_type} {r.node}: {r.reason}" for r in refusals]
+
+
+__all__ = ["TARGETS", "QuantizeResult", "describe", "linear_layers", "node_name", "quantize_onnx"]
