@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, tag
+from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, require_opset, tag
 from graph_passes.onnx.quantize import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         fuse_bias: fold a following ``Add`` of a constant [N] bias into MatMulNBits' bias input.
     """
 
-    def __init__(self, accuracy_level: int = 4, block_size: int = 32, fuse_bias: bool = True) -> None:
+    def __init__(self, accuracy_level: int = 4, block_size: int = 128, fuse_bias: bool = True) -> None:
         super().__init__()
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
@@ -112,7 +112,9 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         if isinstance(found, str):
             return found
         _, qw = found
-        bs = qw.block_size or self.block_size
+        # per-channel scales are repeated per block: one block spanning K (up to block_size)
+        # keeps the scale bytes at 4/bs per weight (bs >= 64 keeps int8+scales <= 0.27x fp32)
+        bs = qw.block_size or min(self.block_size, max(16, 1 << (qw.q.shape[0] - 1).bit_length()))
         if bs < 16:
             return f"block size {bs} < 16 is not supported by MatMulNBits"
         packed, scales = pack_matmul_nbits(qw, bs)
@@ -181,6 +183,7 @@ class Fp16ActivationsPass(ir.passes.InPlacePass):
             if node.inputs[0].dtype not in (ir.DataType.FLOAT, None):
                 self.refusals.append(Refusal(node_name(node), "MatMul", f"activation is {node.inputs[0].dtype}"))
                 continue
+            require_opset(model, 19, "DequantizeLinear with fp16 scales")
             self._convert(model.graph, node, found[0], converted)
             modified = True
         if modified:

@@ -55,7 +55,7 @@ def quantize_onnx(
     skip: Iterable[str] = (),
     only: Iterable[str] | None = None,
     accuracy_level: int = 4,
-    nbits_block_size: int = 32,
+    nbits_block_size: int = 128,
     canonicalize: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` (a copy if given a ModelProto; in place for an ir.Model) for ``target``."""
