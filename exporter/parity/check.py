@@ -1,0 +1,192 @@
+"""``check_bundle``: the eager fp32 model against every compiled stage of a bundle, on the same rows."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporter.errors import ExportError
+from exporter.parity import metrics as M
+from exporter.parity.budgets import Budgets, evaluate, load_budgets
+from exporter.parity.report import ParityReport, StageResult
+from exporter.parity.stages import Outputs, Rows, Stage, bundle_stages, eager_outputs, user_rows
+from exporter.progress import console
+from runtime.bundle import Bundle
+from runtime.sample import sample_requests
+from runtime.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+CANDIDATES_PER_REQUEST = 100
+BATCH_ROWS = 512
+RESERVED = ("label", "request_id", "prob")
+
+
+def check_bundle(
+    bundle_dir: str | Path,
+    model: torch.nn.Module,
+    *,
+    rows: Rows | None = None,
+    labels: np.ndarray | None = None,
+    request_ids: np.ndarray | None = None,
+    n_rows: int = 1000,
+    seed: int = 0,
+    budgets: Budgets | dict | str | Path | None = None,
+    stages: list[str] | None = None,
+    progress: bool = True,
+    write: bool = True,
+    program: Any = None,
+    localise: bool = True,
+) -> ParityReport:
+    """Compare every compiled stage of ``bundle_dir`` with ``model`` (eager fp32) and record it.
+
+    ``rows`` (arrays by spec input name; may also carry ``label`` and ``request_id``)
+    default to ``n_rows`` rows sampled from the spec with ``seed``, grouped into requests
+    of one user and up to 100 candidates. With ``write`` the report goes to the bundle's
+    parity.json and its summary to ``manifest.parity``. A failing stage is localised to the
+    first diverging tensor (``program``: the model's ExportedProgram, captured when None).
+    """
+    bundle = Bundle.open(bundle_dir)
+    spec = bundle.manifest.spec
+    budgets = load_budgets(budgets)
+    rows, labels, request_ids, source = _prepare_rows(spec, rows, labels, request_ids, n_rows, seed)
+    groups = M.request_groups(request_ids)
+    n = len(request_ids)
+    model = model.eval()
+    todo = bundle_stages(bundle, stages)
+    with _progress(progress, len(todo) + 1, n) as bar:
+        reference = _run_batched(lambda r: eager_outputs(model, spec, r), rows, bar, "eager fp32")
+        results = [
+            _check_stage(st, rows, reference, labels, groups, budgets, bar) for st in todo
+        ]
+    report = ParityReport(
+        bundle=str(bundle.root),
+        model_name=bundle.manifest.model_name,
+        precision=bundle.manifest.precision,
+        seed=seed,
+        rows={"n": n, "requests": len(groups), "source": source, "labels": labels is not None},
+        outputs=list(spec.outputs),
+        stages=results,
+        reference=reference,
+        labels=labels,
+    )
+    if localise and not report.passed:
+        _localise_failures(report, bundle, model, spec, rows, program)
+    if write:
+        if not Path(bundle_dir).is_dir():
+            raise ExportError(f"cannot write parity.json into '{bundle_dir}': not a bundle directory")
+        report.write(bundle_dir)
+    return report
+
+
+def _prepare_rows(spec: FeatureSpec, rows, labels, request_ids, n_rows: int, seed: int):
+    if rows is None:
+        per = max(1, min(CANDIDATES_PER_REQUEST, n_rows))
+        rows, rid = sample_requests(spec, max(1, n_rows // per), per, seed=seed)
+        return rows, labels, (rid if request_ids is None else request_ids), "sampled"
+    missing = [s.name for s in spec.inputs if s.name not in rows]
+    if missing:
+        raise ExportError(f"parity rows lack input(s) {missing} of spec '{spec.name}'")
+    n = min(len(rows[spec.inputs[0].name]), n_rows)
+    if labels is None and "label" in rows:
+        labels = rows["label"]
+    if request_ids is None and "request_id" in rows:
+        request_ids = rows["request_id"]
+    feats = {s.name: np.ascontiguousarray(rows[s.name][:n]) for s in spec.inputs}
+    if request_ids is None:  # one request per distinct user
+        request_ids = user_rows(spec, feats)[1]
+    labels = None if labels is None else np.asarray(labels)[:n]
+    return feats, labels, np.asarray(request_ids)[:n], "data"
+
+
+def _run_batched(run, rows: Rows, bar, label: str) -> Outputs:
+    n = len(next(iter(rows.values())))
+    parts: list[Outputs] = []
+    task = bar.add_task(label, total=n) if bar else None
+    for lo in range(0, n, BATCH_ROWS):
+        parts.append(run({k: v[lo : lo + BATCH_ROWS] for k, v in rows.items()}))
+        if bar:
+            bar.advance(task, min(BATCH_ROWS, n - lo))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _check_stage(
+    stage: Stage, rows: Rows, reference: Outputs, labels, groups, budgets: Budgets, bar
+) -> StageResult:
+    limits = budgets.for_stage(stage.name, stage.precision)
+    result = StageResult(stage.name, stage.precision, "skipped", budgets=limits)
+    if stage.run is None:
+        result.reason = stage.skip_reason
+        return result
+    try:
+        got = _run_batched(stage.run, rows, bar, stage.name)
+    except Exception as e:  # noqa: BLE001 - a stage that cannot run fails parity, with the reason
+        log.exception("parity stage %s failed to run", stage.name)
+        result.status, result.reason = "error", f"{type(e).__name__}: {e}"
+        return result
+    result.scores = got
+    skipped: set[str] = set()
+    for name, ref in reference.items():
+        result.outputs[name] = output_metrics(ref, got[name], labels, groups)
+        breaches, not_eval = evaluate(result.outputs[name], limits)
+        skipped.update(not_eval)
+        if breaches:
+            result.breaches[name] = breaches
+    result.not_evaluated = sorted(skipped)
+    result.status = "failed" if result.breaches else "passed"
+    return result
+
+
+def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:
+    """All metrics of one output: element errors; label metrics; per-request ranking."""
+    if ref.shape != got.shape:
+        return {"shape_mismatch": f"reference {list(ref.shape)} vs stage {list(got.shape)}"}
+    out: dict[str, Any] = M.element_errors(ref, got)
+    scalar = ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)
+    if scalar and np.all(np.isfinite(got)):
+        if labels is not None:
+            lm = M.label_metrics(labels, ref, got)
+            lm["abs_delta_auc"] = abs(lm["delta_auc"])
+            lm["abs_delta_logloss"] = abs(lm["delta_logloss"])
+            out.update(lm)
+        out.update(M.ranking_metrics(ref, got, groups))
+    return out
+
+
+def _localise_failures(report, bundle, model, spec, rows, program) -> None:
+    try:
+        from exporter.parity.localise import localise_stage
+    except ImportError:  # localisation lands separately
+        return
+    for st in report.stages:
+        if st.status == "failed":
+            try:
+                st.localisation = localise_stage(bundle, st.name, model, spec, rows, program=program)
+            except Exception as e:  # noqa: BLE001 - a report without localisation beats none
+                log.warning("could not localise stage %s: %s", st.name, e)
+                st.localisation = {"note": f"localisation failed: {type(e).__name__}: {e}"}
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, n_tasks: int, n_rows: int):
+    if not enabled:
+        return _NoBar()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn("parity {task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    )
