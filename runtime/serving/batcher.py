@@ -1,0 +1,229 @@
+"""The dynamic batcher: concurrent requests merged into one user call and one group call.
+
+Requests wait in a bounded queue. A collector task takes the first waiting request,
+waits up to ``max_delay_s`` for more (or until ``max_batch_candidates`` are queued),
+and hands the batch to a worker thread, which
+
+1. keys every request's user (explicit key, else a hash of the features) and
+   deduplicates: M distinct users;
+2. looks each user up in the cache; only the misses go through the user graph, in
+   ONE call, and their boundary rows are cached;
+3. runs the group graph ONCE on all candidates with ``user_index`` mapping each
+   candidate to its user's boundary row;
+4. cuts the outputs back into per-request pieces.
+
+A full queue is refused at once (``OverloadedError`` -> HTTP 429) instead of letting
+latency and memory grow; ``close()`` drains what was accepted before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.errors import UgsepError
+from runtime.scorer import Prepared, Scorer, split_outputs
+from runtime.serving.cache import UserCache, user_feature_key
+
+log = logging.getLogger(__name__)
+
+
+class OverloadedError(UgsepError):
+    """The batcher's queue is full: the caller should back off and retry (HTTP 429)."""
+
+
+class ShuttingDownError(UgsepError):
+    """The batcher is closed or draining and accepts no new requests (HTTP 503)."""
+
+
+@dataclass
+class BatchInfo:
+    """What one backend batch did (for metrics)."""
+
+    requests: int
+    users: int  # distinct users in the batch (M of the group call)
+    users_computed: int  # of which went through the user graph (cache misses)
+    candidates: int
+    queue_seconds: list[float] = field(default_factory=list)
+    run_seconds: float = 0.0
+
+
+@dataclass
+class _Pending:
+    prepared: Prepared
+    future: asyncio.Future
+    enqueued: float
+
+
+def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepared]):
+    """Score validated requests with one user call (deduplicated misses) and one group call.
+
+    Returns (per-request outputs, BatchInfo). Synchronous: called on a worker thread.
+    """
+    counts = [p.n for p in prepared]
+    cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
+    if not scorer.split:  # the cache is a no-op: the full graph has no user-side result
+        users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
+        index = np.repeat(np.arange(len(prepared), dtype=np.int64), counts)
+        out = scorer.run_full(users, cands, index)
+        return split_outputs(out, counts), BatchInfo(len(prepared), len(prepared), len(prepared), sum(counts))
+    keys = [p.user_key or user_feature_key(p.user) for p in prepared]
+    slot: dict[str, int] = {}
+    first: dict[str, Prepared] = {}
+    for k, p in zip(keys, prepared):
+        if k not in slot:
+            slot[k], first[k] = len(slot), p
+    rows = {k: cache.get(k) for k in slot} if cache is not None and cache.enabled else {k: None for k in slot}
+    missing = [k for k, r in rows.items() if r is None]
+    if missing:
+        users = {n: np.concatenate([first[k].user[n] for k in missing]) for n in prepared[0].user}
+        computed = scorer.run_user(users)
+        for j, k in enumerate(missing):
+            rows[k] = {n: v[j : j + 1] for n, v in computed.items()}
+            if cache is not None and cache.enabled:
+                cache.put(k, rows[k])
+    boundary = {n: np.concatenate([rows[k][n] for k in slot]) for n in scorer.boundary_names}
+    index = np.repeat(np.array([slot[k] for k in keys], dtype=np.int64), counts)
+    out = scorer.run_group(cands, boundary, index)
+    return split_outputs(out, counts), BatchInfo(len(prepared), len(slot), len(missing), sum(counts))
+
+
+class Batcher:
+    """Async front of ``run_batch``: bounded queue, maximum delay, maximum batch.
+
+    Create it, ``await start()`` inside the event loop, ``await submit(prepared)`` per
+    request, and ``await close()`` to drain. ``on_batch`` (called on the event loop)
+    receives a ``BatchInfo`` per executed batch.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        cache: UserCache | None = None,
+        *,
+        max_queue: int = 512,
+        max_delay_s: float = 0.002,
+        max_batch_candidates: int = 8192,
+        workers: int = 1,
+        on_batch: Callable[[BatchInfo], None] | None = None,
+    ) -> None:
+        if max_queue < 1 or max_delay_s < 0 or max_batch_candidates < 1 or workers < 1:
+            raise ValueError("Batcher needs max_queue >= 1, max_delay_s >= 0, max_batch_candidates >= 1, workers >= 1")
+        self.scorer, self.cache = scorer, cache
+        self.max_queue, self.max_delay_s = max_queue, max_delay_s
+        self.max_batch_candidates = max_batch_candidates
+        self.max_users = int(scorer.manifest.limits.get("max_users_per_call", 256))
+        self.workers, self.on_batch = workers, on_batch
+        self._queue: deque[_Pending] = deque()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"ugsep-{scorer.name}")
+        self._inflight: set[asyncio.Task] = set()
+        self._closing = False
+        self._collector: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        """Start the collector task on the running loop."""
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
+        self._collector = asyncio.get_running_loop().create_task(self._collect())
+
+    async def submit(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """Queue one validated request and wait for its outputs."""
+        if self._closing or self._collector is None:
+            raise ShuttingDownError(f"model '{self.scorer.name}' is not accepting requests (shutting down)")
+        if len(self._queue) >= self.max_queue:
+            raise OverloadedError(
+                f"model '{self.scorer.name}' is overloaded: {len(self._queue)} requests are queued "
+                f"(limit {self.max_queue}); retry later"
+            )
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(prepared, fut, time.perf_counter()))
+        self._wakeup.set()
+        return await fut
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every accepted one, then stop the worker threads."""
+        self._closing = True
+        if self._collector is not None:
+            self._wakeup.set()
+            await self._collector
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def _collect(self) -> None:
+        while True:
+            await self._slots.acquire()
+            while not self._queue:
+                if self._closing:
+                    self._slots.release()
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._wait_for_more()
+            task = asyncio.get_running_loop().create_task(self._dispatch(self._take()))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _wait_for_more(self) -> None:
+        """Wait up to max_delay_s for the batch to fill (not when draining)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay_s
+        while not self._closing and self._queued_candidates() < self.max_batch_candidates:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or len(self._queue) >= self.max_users:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _queued_candidates(self) -> int:
+        return sum(p.prepared.n for p in self._queue)
+
+    def _take(self) -> list[_Pending]:
+        batch = [self._queue.popleft()]
+        total = batch[0].prepared.n
+        while self._queue and len(batch) < self.max_users:
+            n = self._queue[0].prepared.n
+            if total + n > self.max_batch_candidates:
+                break
+            batch.append(self._queue.popleft())
+            total += n
+        return batch
+
+    async def _dispatch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            live = [p for p in batch if not p.future.cancelled()]  # clients that went away
+            if not live:
+                return
+            outputs, info = await loop.run_in_executor(
+                self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live]
+            )
+            info.queue_seconds = [start - p.enqueued for p in live]
+            info.run_seconds = time.perf_counter() - start
+            for p, out in zip(live, outputs):
+                if not p.future.done():
+                    p.future.set_result(out)
+            if self.on_batch is not None:
+                self.on_batch(info)
+        except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+            log.exception("batch of %d requests failed on model '%s'", len(batch), self.scorer.name)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+        finally:
+            self._slots.release()
