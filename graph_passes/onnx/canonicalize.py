@@ -77,11 +77,13 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
 
 
 class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
-    """Unroll ``MatMul(x[T, B, D], W[T, D, H])`` with constant 3-D ``W`` into T 2-D MatMuls.
+    """Unroll a per-token matmul with a constant 3-D weight ``W[T, D, H]`` into T 2-D MatMuls.
 
-    Per-token FFN weights (RankMixer-style, exported from einsum/bmm) are a batched matmul that
-    no 2-D weight-only kernel accepts; ``Gather(x, t) @ W[t]`` for each token t, stacked back
-    with ``Unsqueeze``+``Concat``, is the same computation in quantizable form.
+    Handles ``MatMul(x[T, B, D], W)`` (bmm exports) and ``Einsum`` of the form
+    ``"btd,tdh->bth"`` (any letters/token position; the weight may be ``[T, H, D]``).
+    Per-token FFN weights (RankMixer-style) are a batched matmul that no 2-D weight-only
+    kernel accepts; ``Gather(x, t) @ W[t]`` for each token t, stacked back with
+    ``Unsqueeze`` + ``Concat``, is the same computation in quantizable form.
     """
 
     def __init__(self, max_tokens: int = 64) -> None:
@@ -93,12 +95,13 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
         self.refusals = []
         modified = False
         for node in list(model.graph):
-            if node.op_type != "MatMul" or node.domain != "":
+            if node.op_type not in ("MatMul", "Einsum") or node.domain != "" or len(node.inputs) != 2:
                 continue
             w = const_array(node.inputs[1])
             if w is None or w.ndim != 3:
                 continue  # not a batched constant weight: nothing to unroll (not a refusal)
-            reason = self._try_unroll(model.graph, node, w)
+            plan = _einsum_plan(node) if node.op_type == "Einsum" else _matmul_plan(node, w)
+            reason = plan if isinstance(plan, str) else self._try_unroll(model.graph, node, w, *plan)
             if reason is None:
                 modified = True
             else:
@@ -106,30 +109,58 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
                 log.info("UnrollBatchedMatMulPass: left %s alone: %s", node_name(node), reason)
         return ir.passes.PassResult(model, modified)
 
-    def _try_unroll(self, graph: ir.Graph, node: ir.Node, w: np.ndarray) -> str | None:
-        x = node.inputs[0]
-        if x.shape is None or len(x.shape) != 3:
-            return f"activation '{x.name}' is not known to be rank 3 (shape {x.shape})"
-        tokens = w.shape[0]
-        if isinstance(x.shape[0], int) and x.shape[0] != tokens:
-            return f"activation dim 0 is {x.shape[0]}, the weight has {tokens} tokens"
+    def _try_unroll(
+        self, graph: ir.Graph, node: ir.Node, w: np.ndarray, x_axis: int, out_axis: int, w_t: bool
+    ) -> str | None:
+        x, tokens = node.inputs[0], w.shape[0]
+        if isinstance(x.shape[x_axis], int) and x.shape[x_axis] != tokens:
+            return f"activation has {x.shape[x_axis]} tokens on axis {x_axis}, the weight has {tokens}"
         if tokens > self.max_tokens:
             return f"{tokens} tokens exceed max_tokens={self.max_tokens}"
         name, base = self.__class__.__name__, node.name or node.outputs[0].name
-        axis0 = add_initializer(graph, f"{base}_axis0", np.array([0], dtype=np.int64))
+        axis = add_initializer(graph, f"{base}_axis", np.array([out_axis], dtype=np.int64))
         new_nodes, pieces = [], []
         for t in range(tokens):
             idx = add_initializer(graph, f"{base}_t{t}", np.array(t, dtype=np.int64))
-            wt = add_initializer(graph, f"{base}_w{t}", np.ascontiguousarray(w[t]))
-            g = ir.Node("", "Gather", [x, idx], attributes=[ir.AttrInt64("axis", 0)], name=f"{base}_x{t}")
+            w_name = f"{node.inputs[1].name}.t{t}"  # layer names in reports: "ffn.w1.t3"
+            wt = add_initializer(graph, w_name, np.ascontiguousarray(w[t].T if w_t else w[t]))
+            g = ir.Node("", "Gather", [x, idx], attributes=[ir.AttrInt64("axis", x_axis)], name=f"{base}_x{t}")
             mm = ir.Node("", "MatMul", [g.outputs[0], wt], name=f"{base}_tok{t}")
-            un = ir.Node("", "Unsqueeze", [mm.outputs[0], axis0], name=f"{base}_u{t}")
+            un = ir.Node("", "Unsqueeze", [mm.outputs[0], axis], name=f"{base}_u{t}")
             new_nodes += [tag(g, name), tag(mm, name, token=t), tag(un, name)]
             pieces.append(un.outputs[0])
-        cat = tag(ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", 0)], name=f"{base}_cat"), name)
-        new_nodes.append(cat)
+        cat = ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", out_axis)], name=f"{base}_cat")
+        new_nodes.append(tag(cat, name))
         _replace(graph, node, new_nodes, cat.outputs[0])
         return None
+
+
+def _matmul_plan(node: ir.Node, w: np.ndarray) -> tuple[int, int, bool] | str:
+    x = node.inputs[0]
+    if x.shape is None or len(x.shape) != 3:
+        return f"activation '{x.name}' is not known to be rank 3 (shape {x.shape})"
+    return 0, 0, False
+
+
+def _einsum_plan(node: ir.Node) -> tuple[int, int, bool] | str:
+    """(token axis of x, token axis of the output, transpose W[t]) for a per-token einsum."""
+    eq = node.attributes["equation"].value.replace(" ", "")
+    try:
+        lhs, out = eq.split("->")
+        xs, ws = lhs.split(",")
+    except ValueError:
+        return f"einsum '{eq}' is not of the form 'x,w->y'"
+    if len(xs) != 3 or len(ws) != 3 or len(out) != 3 or "." in eq:
+        return f"einsum '{eq}' is not a rank-3 per-token matmul"
+    t, rest = ws[0], ws[1:]
+    contracted = [c for c in rest if c in xs and c not in out]
+    kept = [c for c in rest if c in out and c not in xs]
+    if t not in xs or t not in out or len(contracted) != 1 or len(kept) != 1:
+        return f"einsum '{eq}' is not 'b t d, t d h -> b t h' up to letters"
+    d, h = contracted[0], kept[0]
+    if xs.replace(t, "")[-1] != d or out.replace(t, "") != xs.replace(t, "").replace(d, h):
+        return f"einsum '{eq}' would need a transpose of the activation"
+    return xs.index(t), out.index(t), rest == h + d
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: ir.Value) -> None:

@@ -116,3 +116,29 @@ def test_gemm_without_bias(trans_b):
     x = RNG.normal(size=(2, 4)).astype(np.float32)
     assert _ops(result.model) == ["MatMul"]
     np.testing.assert_allclose(_run(result.model, x=x)[0], x @ (w.T if trans_b else w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("eq", "x_shape", "w_shape"),
+    [("btd,tdh->bth", (6, 3, 4), (3, 4, 5)), ("bth,tdh->btd", (6, 3, 5), (3, 4, 5)), ("tbd,tdh->tbh", (3, 6, 4), (3, 4, 5))],
+)
+def test_per_token_einsum_is_unrolled(eq, x_shape, w_shape):
+    w = RNG.normal(size=w_shape).astype(np.float32)
+    text = f"""<ir_version: 8, opset_import: ["" : 18]>
+    g (float[{",".join(map(str, x_shape))}] x) => (float y) {{ y = Einsum <equation = "{eq}"> (x, w) }}"""
+    model = _model(text, w=w)
+    x = RNG.normal(size=x_shape).astype(np.float32)
+    result = UnrollBatchedMatMulPass()(model)
+    assert result.modified
+    assert "Einsum" not in _ops(result.model)
+    assert _ops(result.model).count("MatMul") == 3
+    np.testing.assert_allclose(_run(result.model, x=x)[0], np.einsum(eq, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_needing_activation_transpose_is_refused():
+    w = RNG.normal(size=(3, 4, 5)).astype(np.float32)
+    text = """<ir_version: 8, opset_import: ["" : 18]>
+    g (float[4, 3, 6] x) => (float y) { y = Einsum <equation = "dtb,tdh->bth"> (x, w) }"""
+    p = UnrollBatchedMatMulPass()
+    assert not p(_model(text, w=w)).modified
+    assert "transpose of the activation" in p.refusals[0].reason
