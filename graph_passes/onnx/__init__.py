@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from graph_passes.onnx._util import PASS_KEY, Refusal
 from graph_passes.onnx.accounting import linear_weight_bytes
-from graph_passes.onnx.canonicalize import GemmToMatMulPass, UnrollBatchedMatMulPass, canonicalize_linear
+from graph_passes.onnx.canonicalize import (
+    GemmToMatMulPass,
+    UnrollBatchedMatMulPass,
+    canonicalize_linear,
+)
 from graph_passes.onnx.errors import PassError
 from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass, pack_matmul_nbits
 from graph_passes.onnx.pipelines import linear_layers, quantize_onnx

@@ -81,7 +81,9 @@ def require_opset(model: ir.Model, version: int, why: str) -> None:
 
     if default_opset(model) >= version:
         return
-    changed = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == ""} & _CHANGED_BY_21)
+    changed = sorted(
+        {n.op_type for n in model.graph.all_nodes() if n.domain == ""} & _CHANGED_BY_21
+    )
     if changed:
         raise PassError(
             f"{why} needs opset {version} but the graph uses {changed}, whose semantics change "

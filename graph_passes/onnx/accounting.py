@@ -25,7 +25,17 @@ def linear_weight_bytes(model: ir.Model) -> dict[str, int]:
     for quantized layers, float bytes for layers kept in float). The ratio of the last two
     keys is the compression of the quantized layers alone (int8 + scales: ≈ 0.25–0.27).
     """
-    acc = dict.fromkeys(("layers", "quantized_layers", "fp32", "quantized", "quantized_layers_fp32", "quantized_layers_bytes"), 0)
+    acc = dict.fromkeys(
+        (
+            "layers",
+            "quantized_layers",
+            "fp32",
+            "quantized",
+            "quantized_layers_fp32",
+            "quantized_layers_bytes",
+        ),
+        0,
+    )
     for node in model.graph.all_nodes():
         fp32, now = _layer_bytes(node)
         if fp32 is None:

@@ -95,13 +95,19 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
         self.refusals = []
         modified = False
         for node in list(model.graph):
-            if node.op_type not in ("MatMul", "Einsum") or node.domain != "" or len(node.inputs) != 2:
+            if (
+                node.op_type not in ("MatMul", "Einsum")
+                or node.domain != ""
+                or len(node.inputs) != 2
+            ):
                 continue
             w = const_array(node.inputs[1])
             if w is None or w.ndim != 3:
                 continue  # not a batched constant weight: nothing to unroll (not a refusal)
             plan = _einsum_plan(node) if node.op_type == "Einsum" else _matmul_plan(node, w)
-            reason = plan if isinstance(plan, str) else self._try_unroll(model.graph, node, w, *plan)
+            reason = (
+                plan if isinstance(plan, str) else self._try_unroll(model.graph, node, w, *plan)
+            )
             if reason is None:
                 modified = True
             else:
@@ -114,7 +120,9 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
     ) -> str | None:
         x, tokens = node.inputs[0], w.shape[0]
         if isinstance(x.shape[x_axis], int) and x.shape[x_axis] != tokens:
-            return f"activation has {x.shape[x_axis]} tokens on axis {x_axis}, the weight has {tokens}"
+            return (
+                f"activation has {x.shape[x_axis]} tokens on axis {x_axis}, the weight has {tokens}"
+            )
         if tokens > self.max_tokens:
             return f"{tokens} tokens exceed max_tokens={self.max_tokens}"
         name, base = self.__class__.__name__, node.name or node.outputs[0].name
@@ -124,12 +132,20 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
             idx = add_initializer(graph, f"{base}_t{t}", np.array(t, dtype=np.int64))
             w_name = f"{node.inputs[1].name}.t{t}"  # layer names in reports: "ffn.w1.t3"
             wt = add_initializer(graph, w_name, np.ascontiguousarray(w[t].T if w_t else w[t]))
-            g = ir.Node("", "Gather", [x, idx], attributes=[ir.AttrInt64("axis", x_axis)], name=f"{base}_x{t}")
+            g = ir.Node(
+                "",
+                "Gather",
+                [x, idx],
+                attributes=[ir.AttrInt64("axis", x_axis)],
+                name=f"{base}_x{t}",
+            )
             mm = ir.Node("", "MatMul", [g.outputs[0], wt], name=f"{base}_tok{t}")
             un = ir.Node("", "Unsqueeze", [mm.outputs[0], axis], name=f"{base}_u{t}")
             new_nodes += [tag(g, name), tag(mm, name, token=t), tag(un, name)]
             pieces.append(un.outputs[0])
-        cat = ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", out_axis)], name=f"{base}_cat")
+        cat = ir.Node(
+            "", "Concat", pieces, attributes=[ir.AttrInt64("axis", out_axis)], name=f"{base}_cat"
+        )
         new_nodes.append(tag(cat, name))
         _replace(graph, node, new_nodes, cat.outputs[0])
         return None
@@ -179,7 +195,9 @@ def canonicalize_linear(model: ir.Model, *, unroll_batched: bool = True) -> ir.p
     from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
     passes: list[ir.passes.PassBase] = [
-        FoldConstantsPass(shape_inference=True, input_size_limit=1 << 24, output_size_limit=1 << 24),
+        FoldConstantsPass(
+            shape_inference=True, input_size_limit=1 << 24, output_size_limit=1 << 24
+        ),
         GemmToMatMulPass(),
     ]
     if unroll_batched:

@@ -19,7 +19,14 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, require_opset, tag
+from graph_passes.onnx._util import (
+    Refusal,
+    add_initializer,
+    const_array,
+    node_name,
+    require_opset,
+    tag,
+)
 from graph_passes.onnx.quantize import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,9 @@ def pack_matmul_nbits(qw: QuantizedWeight, block_size: int) -> tuple[np.ndarray,
     elif qw.block_size == block_size:
         scales = np.ascontiguousarray(qw.scale.T)
     else:
-        raise ValueError(f"weight is block-wise with {qw.block_size}, asked to pack as {block_size}")
+        raise ValueError(
+            f"weight is block-wise with {qw.block_size}, asked to pack as {block_size}"
+        )
     zero = 1 << (qw.bits - 1)
     u = np.full((nb * block_size, n), zero, dtype=np.uint8)  # padding rows dequantize to 0
     u[:k] = (qw.q.astype(np.int16) + zero).astype(np.uint8)
@@ -81,10 +90,14 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         fuse_bias: fold a following ``Add`` of a constant [N] bias into MatMulNBits' bias input.
     """
 
-    def __init__(self, accuracy_level: int = 4, block_size: int = 128, fuse_bias: bool = True) -> None:
+    def __init__(
+        self, accuracy_level: int = 4, block_size: int = 128, fuse_bias: bool = True
+    ) -> None:
         super().__init__()
         if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
+            raise ValueError(
+                f"MatMulNBits block_size must be a power of two >= 16, got {block_size}"
+            )
         self.accuracy_level, self.block_size, self.fuse_bias = accuracy_level, block_size, fuse_bias
         self.refusals: list[Refusal] = []
 
@@ -120,19 +133,30 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         packed, scales = pack_matmul_nbits(qw, bs)
         k, n = qw.q.shape
         base = node.name or node.outputs[0].name
-        inputs = [a, add_initializer(graph, f"{base}_nbits_B", packed), add_initializer(graph, f"{base}_nbits_scales", scales)]
+        inputs = [
+            a,
+            add_initializer(graph, f"{base}_nbits_B", packed),
+            add_initializer(graph, f"{base}_nbits_scales", scales),
+        ]
         old, out = [node], node.outputs[0]
         bias_add = self._bias_add(node, n) if self.fuse_bias else None
         if bias_add is not None:
             add, bias = bias_add
             inputs += [None, None, add_initializer(graph, f"{base}_nbits_bias", bias)]
             old, out = [node, add], add.outputs[0]
-        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", qw.bits), ir.AttrInt64("block_size", bs)]
+        attrs = [
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", qw.bits),
+            ir.AttrInt64("block_size", bs),
+        ]
         if self.accuracy_level:
             attrs.append(ir.AttrInt64("accuracy_level", self.accuracy_level))
         fused = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes=attrs, name=f"{base}_nbits")
         tag(fused, self.__class__.__name__, weight=node.metadata_props.get("ugsep.weight", ""))
-        ir.convenience.replace_nodes_and_values(graph, node, old, [fused], [out], [fused.outputs[0]])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, old, [fused], [out], [fused.outputs[0]]
+        )
         return None
 
     @staticmethod
@@ -153,7 +177,9 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
 
 def _remove_dead_dq(graph: ir.Graph) -> None:
     for node in list(graph):
-        if node.op_type == "DequantizeLinear" and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+        if node.op_type == "DequantizeLinear" and not any(
+            o.uses() or o.is_graph_output() for o in node.outputs
+        ):
             graph.remove(node, safe=True)
 
 
@@ -181,7 +207,9 @@ class Fp16ActivationsPass(ir.passes.InPlacePass):
             if isinstance(found, str):
                 continue
             if node.inputs[0].dtype not in (ir.DataType.FLOAT, None):
-                self.refusals.append(Refusal(node_name(node), "MatMul", f"activation is {node.inputs[0].dtype}"))
+                self.refusals.append(
+                    Refusal(node_name(node), "MatMul", f"activation is {node.inputs[0].dtype}")
+                )
                 continue
             require_opset(model, 19, "DequantizeLinear with fp16 scales")
             self._convert(model.graph, node, found[0], converted)
@@ -193,14 +221,33 @@ class Fp16ActivationsPass(ir.passes.InPlacePass):
     def _convert(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, converted: dict) -> None:
         name = self.__class__.__name__
         if dq not in converted:
-            s16 = add_initializer(graph, f"{dq.inputs[1].name}_fp16", const_array(dq.inputs[1]).astype(np.float16))
-            dq16 = tag(ir.Node("", "DequantizeLinear", [dq.inputs[0], s16], attributes=list(dq.attributes.values()), name=f"{dq.name}_fp16"), name)
+            s16 = add_initializer(
+                graph, f"{dq.inputs[1].name}_fp16", const_array(dq.inputs[1]).astype(np.float16)
+            )
+            dq16 = tag(
+                ir.Node(
+                    "",
+                    "DequantizeLinear",
+                    [dq.inputs[0], s16],
+                    attributes=list(dq.attributes.values()),
+                    name=f"{dq.name}_fp16",
+                ),
+                name,
+            )
             graph.insert_before(node, dq16)
             converted[dq] = dq16.outputs[0]
         fp16, fp32 = ir.AttrInt64("to", ir.DataType.FLOAT16), ir.AttrInt64("to", ir.DataType.FLOAT)
-        a16 = tag(ir.Node("", "Cast", [node.inputs[0]], attributes=[fp16], name=f"{node.name}_a16"), name)
-        mm = tag(ir.Node("", "MatMul", [a16.outputs[0], converted[dq]], name=f"{node.name}_fp16"), name)
-        back = tag(ir.Node("", "Cast", [mm.outputs[0]], attributes=[fp32], name=f"{node.name}_fp32"), name)
+        a16 = tag(
+            ir.Node("", "Cast", [node.inputs[0]], attributes=[fp16], name=f"{node.name}_a16"), name
+        )
+        mm = tag(
+            ir.Node("", "MatMul", [a16.outputs[0], converted[dq]], name=f"{node.name}_fp16"), name
+        )
+        back = tag(
+            ir.Node("", "Cast", [mm.outputs[0]], attributes=[fp32], name=f"{node.name}_fp32"), name
+        )
         for k, v in node.metadata_props.items():
             mm.metadata_props.setdefault(k, v)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [a16, mm, back], [node.outputs[0]], [back.outputs[0]])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [a16, mm, back], [node.outputs[0]], [back.outputs[0]]
+        )

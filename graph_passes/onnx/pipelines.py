@@ -41,7 +41,12 @@ def linear_layers(model: ir.Model) -> list[str]:
     for node in model.graph:
         if node.op_type == "MatMul" and node.domain == "":
             w = const_array(node.inputs[1])
-            if w is not None and w.ndim == 2 and w.dtype.name == "float32" and node.inputs[1].name not in names:
+            if (
+                w is not None
+                and w.ndim == 2
+                and w.dtype.name == "float32"
+                and node.inputs[1].name not in names
+            ):
                 names.append(node.inputs[1].name)
     return names
 
@@ -71,13 +76,17 @@ def quantize_onnx(
     passes: list[ir.passes.PassBase] = [quant, common_passes.RemoveUnusedNodesPass()]
     lowering = None
     if target == "ort-cpu":
-        lowering = LowerToMatMulNBitsPass(accuracy_level=accuracy_level, block_size=block_size or nbits_block_size)
+        lowering = LowerToMatMulNBitsPass(
+            accuracy_level=accuracy_level, block_size=block_size or nbits_block_size
+        )
     elif target == "gpu":
         lowering = Fp16ActivationsPass()
     if lowering is not None:
         passes += [lowering, common_passes.RemoveUnusedNodesPass()]
     ir.passes.Sequential(*passes)(model)
-    refusals = [r for r in quant.refusals if not r.reason.startswith(("listed in skip", "not selected"))]
+    refusals = [
+        r for r in quant.refusals if not r.reason.startswith(("listed in skip", "not selected"))
+    ]
     refusals += getattr(lowering, "refusals", [])
     return QuantizeResult(model, quant.quantized, refusals)
 

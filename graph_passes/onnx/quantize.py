@@ -18,7 +18,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, require_opset, tag
+from graph_passes.onnx._util import (
+    Refusal,
+    add_initializer,
+    const_array,
+    node_name,
+    require_opset,
+    tag,
+)
 from graph_passes.onnx.errors import PassError
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,9 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
         if bits not in (4, 8):
             raise PassError(f"bits must be 8 or 4, got {bits}")
         if bits == 4 and block_size is None:
-            raise PassError("int4 weights need a block_size (e.g. 32); per-channel int4 is too coarse")
+            raise PassError(
+                "int4 weights need a block_size (e.g. 32); per-channel int4 is too coarse"
+            )
         if block_size is not None and (block_size < 2 or block_size & (block_size - 1)):
             raise PassError(f"block_size must be a power of two >= 2, got {block_size}")
         self.bits, self.block_size = bits, block_size
@@ -134,9 +143,13 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
         return None
 
     def _scheme(self) -> str:
-        return f"int{self.bits}/" + ("channel" if self.block_size is None else f"block{self.block_size}")
+        return f"int{self.bits}/" + (
+            "channel" if self.block_size is None else f"block{self.block_size}"
+        )
 
-    def _dequantize_node(self, graph: ir.Graph, node: ir.Node, b: ir.Value, w: np.ndarray) -> ir.Value:
+    def _dequantize_node(
+        self, graph: ir.Graph, node: ir.Node, b: ir.Value, w: np.ndarray
+    ) -> ir.Value:
         qw = quantize_weight(w, self.bits, self.block_size)
         payload = qw.q if self.bits == 8 else qw.q.astype(ml_dtypes.int4)
         q = add_initializer(graph, f"{b.name}_q{self.bits}", payload)

@@ -7,9 +7,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from graph_passes.onnx import PASS_KEY, GemmToMatMulPass, UnrollBatchedMatMulPass, canonicalize_linear
+from graph_passes.onnx import (
+    PASS_KEY,
+    GemmToMatMulPass,
+    UnrollBatchedMatMulPass,
+    canonicalize_linear,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -44,7 +49,9 @@ def test_gemm_with_constant_weight_becomes_matmul_add():
     assert _ops(result.model) == ["MatMul", "Add"]
     assert all(n.metadata_props[PASS_KEY] == "GemmToMatMulPass" for n in result.model.graph)
     # explicit numpy reference of Gemm semantics, not the original graph run through our code
-    np.testing.assert_allclose(_run(result.model, x=x)[0], 0.5 * x @ w.T + 2.0 * b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _run(result.model, x=x)[0], 0.5 * x @ w.T + 2.0 * b, rtol=1e-5, atol=1e-6
+    )
     onnx.checker.check_model(ir.serde.serialize_model(result.model))
     assert result.model.graph.outputs[0].name == "y"
 
@@ -74,7 +81,9 @@ def test_per_token_batched_matmul_is_unrolled_into_2d_matmuls():
     for n in result.model.graph:
         if n.op_type == "MatMul":
             assert n.inputs[1].const_value.shape.dims == (d, h)
-    np.testing.assert_allclose(_run(result.model, x=x)[0], np.einsum("tbd,tdh->tbh", x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _run(result.model, x=x)[0], np.einsum("tbd,tdh->tbh", x, w), rtol=1e-5, atol=1e-5
+    )
     onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
 
 
@@ -115,12 +124,18 @@ def test_gemm_without_bias(trans_b):
     result = GemmToMatMulPass()(_model(text, w=w))
     x = RNG.normal(size=(2, 4)).astype(np.float32)
     assert _ops(result.model) == ["MatMul"]
-    np.testing.assert_allclose(_run(result.model, x=x)[0], x @ (w.T if trans_b else w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _run(result.model, x=x)[0], x @ (w.T if trans_b else w), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
     ("eq", "x_shape", "w_shape"),
-    [("btd,tdh->bth", (6, 3, 4), (3, 4, 5)), ("bth,tdh->btd", (6, 3, 5), (3, 4, 5)), ("tbd,tdh->tbh", (3, 6, 4), (3, 4, 5))],
+    [
+        ("btd,tdh->bth", (6, 3, 4), (3, 4, 5)),
+        ("bth,tdh->btd", (6, 3, 5), (3, 4, 5)),
+        ("tbd,tdh->tbh", (3, 6, 4), (3, 4, 5)),
+    ],
 )
 def test_per_token_einsum_is_unrolled(eq, x_shape, w_shape):
     w = RNG.normal(size=w_shape).astype(np.float32)
@@ -132,7 +147,9 @@ def test_per_token_einsum_is_unrolled(eq, x_shape, w_shape):
     assert result.modified
     assert "Einsum" not in _ops(result.model)
     assert _ops(result.model).count("MatMul") == 3
-    np.testing.assert_allclose(_run(result.model, x=x)[0], np.einsum(eq, x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _run(result.model, x=x)[0], np.einsum(eq, x, w), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_einsum_needing_activation_transpose_is_refused():

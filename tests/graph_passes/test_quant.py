@@ -47,7 +47,11 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
 def _ref_dequant(w: np.ndarray, qmax: int, block: int | None) -> np.ndarray:
     """Hand-written symmetric fake-quant: per column (block None) or per K-block of a column."""
     out = np.empty_like(w)
-    rows = [slice(0, w.shape[0])] if block is None else [slice(i, i + block) for i in range(0, w.shape[0], block)]
+    rows = (
+        [slice(0, w.shape[0])]
+        if block is None
+        else [slice(i, i + block) for i in range(0, w.shape[0], block)]
+    )
     for r in rows:
         for j in range(w.shape[1]):
             col = w[r, j]
@@ -89,10 +93,15 @@ def test_quantize_refuses_non_constant_weight_and_skip_list(linear):
     p = QuantizeWeightsInt8Pass(skip={"w"})
     result = p(_model(text, w=w))
     assert not result.modified
-    assert sorted(r.reason for r in p.refusals) == ["listed in skip: kept in float", "weight 'wx' is not a constant"]
+    assert sorted(r.reason for r in p.refusals) == [
+        "listed in skip: kept in float",
+        "weight 'wx' is not a constant",
+    ]
 
 
-@pytest.mark.parametrize(("bits", "block", "level"), [(8, None, 0), (8, None, 4), (8, 32, 0), (4, 32, 0)])
+@pytest.mark.parametrize(
+    ("bits", "block", "level"), [(8, None, 0), (8, None, 4), (8, 32, 0), (4, 32, 0)]
+)
 def test_matmul_nbits_lowering_equals_dequantize_then_matmul(linear, bits, block, level):
     w, b, x = linear
     qdq = QuantizeWeightsInt8Pass(bits=bits, block_size=block)(_model(LINEAR, w=w, b=b)).model
@@ -100,7 +109,9 @@ def test_matmul_nbits_lowering_equals_dequantize_then_matmul(linear, bits, block
     lowered = LowerToMatMulNBitsPass(accuracy_level=level)(qdq)
     assert lowered.modified
     nodes = list(lowered.model.graph)
-    assert [(n.domain, n.op_type) for n in nodes] == [("com.microsoft", "MatMulNBits")]  # bias fused
+    assert [(n.domain, n.op_type) for n in nodes] == [
+        ("com.microsoft", "MatMulNBits")
+    ]  # bias fused
     assert nodes[0].attributes["bits"].value == bits
     assert nodes[0].metadata_props[PASS_KEY] == "LowerToMatMulNBitsPass"
     # level 4 quantizes activations to int8 per block inside the kernel: looser, still close
@@ -119,7 +130,10 @@ def test_lowering_refuses_asymmetric_dequantize():
     model = _model(text, q=q, s=np.ones(N, np.float32), zp=np.zeros(N, np.int8))
     p = LowerToMatMulNBitsPass()
     assert not p(model).modified
-    assert p.refusals[0].reason == "DequantizeLinear has a zero point (only symmetric weights are lowered)"
+    assert (
+        p.refusals[0].reason
+        == "DequantizeLinear has a zero point (only symmetric weights are lowered)"
+    )
 
 
 def test_fp16_activation_pass_keeps_fp32_io(linear):
@@ -132,7 +146,9 @@ def test_fp16_activation_pass_keeps_fp32_io(linear):
     assert result.model.graph.node(0).inputs[1].dtype == ir.DataType.FLOAT16
     assert not any(v.dtype == ir.DataType.INT64 for n in result.model.graph for v in n.outputs)
     expected = x @ _ref_dequant(w, 127, None) + b
-    np.testing.assert_allclose(_run(result.model, x), expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        _run(result.model, x), expected, rtol=0, atol=2e-3 * np.abs(expected).max()
+    )
     onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
 
 
@@ -157,4 +173,6 @@ def test_gemm_model_through_whole_pipeline_for_ort():
     result = quantize_onnx(_model(text, w=w, b=b), target="ort-cpu", accuracy_level=0)
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     assert len(result.quantized) == 1 and not result.refusals
-    np.testing.assert_allclose(_run(result.model, x), x @ _ref_dequant(w.T.copy(), 127, None) + b, atol=1e-4)
+    np.testing.assert_allclose(
+        _run(result.model, x), x @ _ref_dequant(w.T.copy(), 127, None) + b, atol=1e-4
+    )

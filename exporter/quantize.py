@@ -1,0 +1,354 @@
+"""Weight-only quantization of a bundle's ONNX stages, guided by measured sensitivity.
+
+    quantized, record = quantize_bundle_stages(
+        {"full": full, "user": user, "group": group}, spec,
+        precision="w8a16", target="ort-cpu",
+        calibration=Calibration(rows, reference, labels, request_ids),
+    )
+
+Procedure (per serving path: user+group together when split, full on its own):
+
+ 1. canonicalise every stage once (graph_passes.onnx.canonicalize_linear);
+ 2. quantize everything, run the stages with ONNX Runtime on the held-out rows and
+    compare with the EAGER fp32 outputs (``calibration.reference``) under the budget
+    (the parity budgets for the precision: |ΔAUC|, top-10 overlap, max abs error);
+ 3. measure each layer group alone (a 2-D weight, or all tokens of one per-token weight),
+    quantized with everything else in float: its effect is the table in the manifest;
+ 4. if step 2 missed the budget, keep in float the most damaging groups, one more at a
+    time, until the budget is met: the fewest layers in float this ranking allows.
+
+The record (``manifest.quantization``) holds the scheme, the budget, the outcome of the
+all-layers and the selected configurations, the per-layer table and weight bytes per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from exporter.errors import ExportError
+from exporter.parity.budgets import DEFAULTS, evaluate
+from exporter.parity.check import output_metrics
+from exporter.parity.metrics import request_groups
+from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
+from graph_passes.onnx.pipelines import describe
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"w8a16": 8, "w4a16": 4}
+TARGETS = ("ort-cpu", "gpu", "qdq")
+Rows = dict[str, np.ndarray]
+
+
+@dataclass
+class Calibration:
+    """Held-out rows and what the eager fp32 model answered on them.
+
+    rows: feeds keyed by spec input name ([R, ...] each); reference: eager fp32 outputs keyed
+    by spec output name; labels (0/1, [R]) enable the AUC budget; request_ids ([R]) group
+    rows into requests for the top-k budget (default: one request per distinct user).
+    """
+
+    rows: Rows
+    reference: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    request_ids: np.ndarray | None = None
+
+
+@dataclass
+class QuantizeOptions:
+    """How to quantize. ``block_size`` None = int8 per output channel (w4a16 defaults to 32);
+    ``accuracy_level`` is MatMulNBits' (ORT CPU only; 4 = int8 activations inside the kernel,
+    the fast path); ``budget`` overrides the parity budget of the precision."""
+
+    precision: str = "w8a16"
+    target: str = "ort-cpu"
+    block_size: int | None = None
+    accuracy_level: int = 4
+    budget: dict[str, float] | None = None
+    select: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ExportError(
+                f"precision '{self.precision}' is not quantized; use one of {list(PRECISIONS)}"
+            )
+        if self.target not in TARGETS:
+            raise ExportError(f"quantization target '{self.target}' is not one of {list(TARGETS)}")
+        if self.precision == "w4a16" and self.block_size is None:
+            self.block_size = 32
+
+    @property
+    def bits(self) -> int:
+        return PRECISIONS[self.precision]
+
+    def limits(self) -> dict[str, float]:
+        return {**DEFAULTS[self.precision], **(self.budget or {})}
+
+    def scheme(self) -> dict[str, Any]:
+        lowering = {
+            "ort-cpu": f"com.microsoft.MatMulNBits(bits={self.bits}, accuracy_level={self.accuracy_level})",
+            "gpu": "DequantizeLinear(fp16 scale) -> MatMul on fp16 activations",
+            "qdq": "DequantizeLinear -> MatMul",
+        }[self.target]
+        grain = (
+            "per-output-channel" if self.block_size is None else f"block-{self.block_size} along K"
+        )
+        return {
+            "bits": self.bits,
+            "symmetric": True,
+            "granularity": grain,
+            "target": self.target,
+            "lowering": lowering,
+        }
+
+
+def group_of(weight: str) -> str:
+    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``."""
+    return re.sub(r"\.t\d+$", "", weight)
+
+
+@dataclass
+class _Path:
+    """One serving path (``("user", "group")`` or ``("full",)``) over canonical stage graphs."""
+
+    stages: tuple[str, ...]
+    canonical: dict[str, onnx.ModelProto]
+    groups: dict[str, list[tuple[str, str]]] = field(
+        default_factory=dict
+    )  # group -> [(stage, weight)]
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            for w in linear_layers(ir.serde.deserialize_model(self.canonical[stage])):
+                self.groups.setdefault(f"{stage}:{group_of(w)}", []).append((stage, w))
+
+    def build(
+        self,
+        opts: QuantizeOptions,
+        keep_float: Iterable[str] = (),
+        only: Iterable[str] | None = None,
+    ):
+        """Quantized stage protos with the groups in ``keep_float`` (or outside ``only``) in float."""
+        keep, sel = set(keep_float), None if only is None else set(only)
+        out, refusals = {}, []
+        for stage in self.stages:
+            names = [
+                w
+                for g, ws in self.groups.items()
+                for s, w in ws
+                if s == stage and (sel is None or g in sel) and g not in keep
+            ]
+            res = quantize_onnx(
+                self.canonical[stage],
+                bits=opts.bits,
+                block_size=opts.block_size,
+                target=opts.target,
+                only=names,
+                accuracy_level=opts.accuracy_level,
+                canonicalize=False,
+            )
+            out[stage] = ir.serde.serialize_model(res.model)
+            refusals += [f"{stage}: {line}" for line in describe(res.refusals)]
+        return out, refusals
+
+
+class _Runner:
+    """Runs a path's stage protos with ONNX Runtime on the calibration rows."""
+
+    def __init__(self, calib: Calibration, spec: Any) -> None:
+        self.calib, self.spec = calib, spec
+        self.groups = request_groups(
+            calib.request_ids if calib.request_ids is not None else self._user_index()
+        )
+
+    def _user_index(self) -> np.ndarray:
+        from exporter.parity.stages import user_rows
+
+        return user_rows(self.spec, self.calib.rows)[1]
+
+    def run(self, protos: dict[str, onnx.ModelProto]) -> dict[str, np.ndarray]:
+        if "full" in protos:
+            return self._session_run(protos["full"], dict(self.calib.rows))
+        from exporter.parity.stages import user_rows
+
+        users, user_index = user_rows(self.spec, self.calib.rows)
+        boundary = self._session_run(protos["user"], users)
+        feeds = {**self.calib.rows, **boundary, "user_index": user_index}
+        return self._session_run(protos["group"], feeds)
+
+    @staticmethod
+    def _session_run(proto: onnx.ModelProto, feeds: Rows) -> dict[str, np.ndarray]:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(
+            proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in sess.get_inputs()]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise ExportError(f"calibration rows lack graph input(s) {missing}")
+        outs = sess.run(None, {n: feeds[n] for n in names})
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+    def measure(
+        self, protos: dict[str, onnx.ModelProto], limits: dict[str, float]
+    ) -> dict[str, Any]:
+        """Metrics of every output vs the eager reference, the breaches, and ``passed``."""
+        got = self.run(protos)
+        outputs, breaches = {}, []
+        for name, ref in self.calib.reference.items():
+            m = output_metrics(
+                np.asarray(ref), got[name].reshape(np.shape(ref)), self.calib.labels, self.groups
+            )
+            outputs[name] = _summary(m)
+            breaches += [f"{name}: {b}" for b in evaluate(m, limits)[0]]
+        return {"passed": not breaches, "breaches": breaches, "outputs": outputs}
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_abs", "mean_abs", "abs_delta_auc", "delta_auc", "auc_ref")
+    out = {k: m[k] for k in keys if m.get(k) is not None}
+    for k in ("top10_overlap", "kendall_tau"):
+        if isinstance(m.get(k), dict):
+            out[f"{k}_mean"] = m[k]["mean"]
+    return out
+
+
+def _damage(measured: dict[str, Any]) -> float:
+    return max((o.get("mean_abs", 0.0) for o in measured["outputs"].values()), default=0.0)
+
+
+def quantize_bundle_stages(
+    stages: dict[str, onnx.ModelProto],
+    spec: Any,
+    *,
+    options: QuantizeOptions | None = None,
+    calibration: Calibration | None = None,
+) -> tuple[dict[str, onnx.ModelProto], dict[str, Any]]:
+    """Quantize a bundle's stages; returns (stage -> quantized proto, manifest ``quantization``).
+
+    ``stages`` holds "full" and, when split, "user" and "group" (fp32 ONNX, as exported).
+    Without ``calibration`` every quantizable layer is quantized and nothing is measured;
+    with it, layers are selected against the budget as described in the module docstring.
+    """
+    opts = options or QuantizeOptions()
+    canonical = {k: _canonical(k, v) for k, v in stages.items()}
+    paths = [_Path(("user", "group"), canonical)] if {"user", "group"} <= set(stages) else []
+    paths.append(_Path(("full",), canonical))
+    runner = _Runner(calibration, spec) if calibration is not None else None
+    record: dict[str, Any] = {
+        "precision": opts.precision,
+        "scheme": opts.scheme(),
+        "passes": _PASSES[opts.target],
+    }
+    record["budget"] = opts.limits() if runner else None
+    out: dict[str, onnx.ModelProto] = {}
+    layers, refusals = [], []
+    hint: set[str] = set()  # float groups chosen on the split path, tried first on full
+    for path in paths:
+        keep, table, outcome = _select(path, opts, runner, hint) if runner else (set(), {}, None)
+        hint |= {g.split(":", 1)[1] for g in keep}
+        protos, refused = path.build(opts, keep_float=keep)
+        out.update(protos)
+        refusals += refused
+        layers += _layer_rows(path, keep, table, f"int{opts.bits}")
+        if outcome is not None:
+            record.setdefault("outcome", {})["+".join(path.stages)] = outcome
+    record["layers"] = layers
+    record["kept_float"] = [r["name"] for r in layers if r["precision"] == "fp32"]
+    record["refusals"] = sorted(set(refusals))
+    record["weight_bytes"] = {k: _bytes(stages[k], out[k]) for k in out}
+    return out, record
+
+
+_PASSES = {
+    "ort-cpu": ["canonicalize_linear", "QuantizeWeightsInt8Pass", "LowerToMatMulNBitsPass"],
+    "gpu": ["canonicalize_linear", "QuantizeWeightsInt8Pass", "Fp16ActivationsPass"],
+    "qdq": ["canonicalize_linear", "QuantizeWeightsInt8Pass"],
+}
+
+
+def _canonical(stage: str, proto: onnx.ModelProto) -> onnx.ModelProto:
+    model = ir.serde.deserialize_model(proto)
+    try:
+        canonicalize_linear(model)
+    except Exception as e:  # noqa: BLE001 - name the stage, keep the cause
+        raise ExportError(
+            f"cannot canonicalise {stage}.onnx for quantization: {type(e).__name__}: {e}"
+        ) from e
+    return ir.serde.serialize_model(model)
+
+
+def _select(path: _Path, opts: QuantizeOptions, runner: _Runner, hint: set[str]):
+    """(groups kept in float, per-group effect table, outcome record) for one serving path."""
+    limits = opts.limits()
+    everything = runner.measure(path.build(opts)[0], limits)
+    table = {g: runner.measure(path.build(opts, only=[g])[0], limits) for g in path.groups}
+    outcome: dict[str, Any] = {"all_quantized": everything}
+    keep: list[str] = []
+    current = everything
+    hinted = [g for g in path.groups if g.split(":", 1)[1] in hint]
+    if hinted and not everything["passed"]:  # the split path's choice, if it carries over
+        trial = runner.measure(path.build(opts, keep_float=hinted)[0], limits)
+        if trial["passed"]:
+            keep, current = hinted, trial
+    ranked = sorted(path.groups, key=lambda g: _damage(table[g]), reverse=True)
+    while opts.select and not current["passed"] and len(keep) < len(ranked):
+        keep.append(ranked[len(keep)])
+        current = runner.measure(path.build(opts, keep_float=keep)[0], limits)
+        log.info(
+            "quantize %s: %d group(s) in float -> passed=%s",
+            "+".join(path.stages),
+            len(keep),
+            current["passed"],
+        )
+    outcome["selected"] = current
+    outcome["kept_float"] = keep
+    if not current["passed"]:
+        log.warning(
+            "quantization of %s misses the budget: %s", "+".join(path.stages), current["breaches"]
+        )
+    return set(keep), table, outcome
+
+
+def _layer_rows(
+    path: _Path, keep: set[str], table: dict[str, Any], label: str
+) -> list[dict[str, Any]]:
+    rows = []
+    for g, members in path.groups.items():
+        effect = table.get(g)
+        rows.append(
+            {
+                "name": g,
+                "stage": members[0][0],
+                "weights": len(members),
+                "precision": "fp32" if g in keep else label,
+                "effect": None
+                if effect is None
+                else {k: v for o in effect["outputs"].values() for k, v in o.items()},
+            }
+        )
+    return rows
+
+
+def _bytes(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    """Linear-layer weight bytes of a stage as exported (fp32) and as quantized."""
+    b = linear_weight_bytes(ir.serde.deserialize_model(before))
+    a = linear_weight_bytes(ir.serde.deserialize_model(after))
+    return {
+        "fp32": a["fp32"] or b["fp32"],
+        "quantized": a["quantized"],
+        "layers": a["layers"],
+        "quantized_layers": a["quantized_layers"],
+        "quantized_layers_fp32": a["quantized_layers_fp32"],
+        "quantized_layers_bytes": a["quantized_layers_bytes"],
+    }
