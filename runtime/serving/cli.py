@@ -1,0 +1,65 @@
+"""``ugsep serve``: argparse wiring. ``add_arguments(parser)`` then ``run(args)``.
+
+    ugsep serve BUNDLE [BUNDLE ...] [--host 127.0.0.1] [--port 8000] [--token-env VAR] ...
+
+Also runnable without the exporter: ``python -m runtime.serving BUNDLE ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from runtime.errors import UgsepError
+from runtime.serving.repository import ServeOptions
+
+MB = 1 << 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the serve flags to ``p`` (a subcommand parser or a standalone one)."""
+    d = ServeOptions()
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories or .tar archives")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default=d.backend, help="onnxruntime, ort-cuda, ort-tensorrt, tensorrt or auto")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per graph (default: backend's)")
+    p.add_argument("--allow-unverified", action="store_true", help="serve bundles without a passed parity record")
+    p.add_argument("--no-split", action="store_true", help="serve full.onnx even when the bundle is split")
+    p.add_argument("--cache-mb", type=float, default=d.cache_bytes / MB, help="user cache bound in MiB (0: off)")
+    p.add_argument("--cache-ttl", type=float, default=d.cache_ttl_s, help="user cache TTL in seconds")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 429")
+    p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms, help="batcher wait for more requests")
+    p.add_argument("--max-batch-candidates", type=int, default=d.max_batch_candidates)
+    p.add_argument("--workers", type=int, default=d.workers, help="batches run concurrently")
+    p.add_argument("--max-candidates", type=int, default=None, help="per-request limit (default: the bundle's)")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MB)
+    p.add_argument("--token-env", default=None, metavar="VAR",
+                   help="require 'Authorization: Bearer $VAR' (the token is read from this env variable)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    p.add_argument("--log-level", default="info")
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UgsepError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    return ServeOptions(
+        backend=args.backend, allow_unverified=args.allow_unverified, use_split=not args.no_split,
+        intra_op_threads=args.threads, cache_bytes=int(args.cache_mb * MB), cache_ttl_s=args.cache_ttl,
+        max_queue=args.max_queue, max_delay_ms=args.max_delay_ms,
+        max_batch_candidates=args.max_batch_candidates, workers=args.workers,
+        max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    from runtime.serving.server import serve
+
+    opts = options_from_args(args)
+    serve(args.bundles, args.host, args.port, log_level=args.log_level,
+          graceful_timeout_s=args.graceful_timeout, **vars(opts))
+    return 0

@@ -1,0 +1,90 @@
+"""Prometheus metrics for the server (prometheus_client, one registry per app).
+
+    ugsep_requests_total{model}                     infer requests received
+    ugsep_request_failures_total{model,reason}      bad_request, too_large, not_found,
+                                                    overloaded, unavailable, unauthorized, internal
+    ugsep_request_latency_seconds{model}            histogram, receive -> response ready
+    ugsep_queue_time_seconds{model}                 histogram, time waiting in the batcher
+    ugsep_batch_requests / _users / _users_computed / _candidates{model}   per backend batch
+    ugsep_cache_{hits,misses,evictions,expirations}_total{model}, ugsep_cache_{bytes,
+    max_bytes,entries,hit_ratio}{model}             read from the live caches at scrape time
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from runtime.serving.batcher import BatchInfo
+from runtime.serving.cache import CacheStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_CANDS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
+
+
+class ServingMetrics:
+    """All server metrics in a private registry (so several apps can live in one process)."""
+
+    def __init__(self, cache_stats: Callable[[], Iterable[tuple[str, CacheStats]]] = lambda: ()) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("ugsep_requests", "Infer requests received", ["model"], registry=r)
+        self.failures = Counter(
+            "ugsep_request_failures", "Infer requests that failed, by reason", ["model", "reason"], registry=r
+        )
+        self.latency = Histogram(
+            "ugsep_request_latency_seconds", "Infer latency in the server", ["model"], buckets=_LATENCY, registry=r
+        )
+        self.queue_time = Histogram(
+            "ugsep_queue_time_seconds", "Time a request waited in the batcher", ["model"], buckets=_LATENCY, registry=r
+        )
+        self.batch_requests = Histogram("ugsep_batch_requests", "Requests per batch", ["model"], buckets=_COUNTS, registry=r)
+        self.batch_users = Histogram("ugsep_batch_users", "Distinct users per batch (M)", ["model"], buckets=_COUNTS, registry=r)
+        self.batch_users_computed = Histogram(
+            "ugsep_batch_users_computed", "Users run through the user graph per batch (cache misses)",
+            ["model"], buckets=_COUNTS, registry=r,
+        )
+        self.batch_candidates = Histogram(
+            "ugsep_batch_candidates", "Candidates per batch (N of the group call)", ["model"], buckets=_CANDS, registry=r
+        )
+        r.register(_CacheCollector(cache_stats))
+
+    def observe_batch(self, model: str, info: BatchInfo) -> None:
+        self.batch_requests.labels(model).observe(info.requests)
+        self.batch_users.labels(model).observe(info.users)
+        self.batch_users_computed.labels(model).observe(info.users_computed)
+        self.batch_candidates.labels(model).observe(info.candidates)
+        for q in info.queue_seconds:
+            self.queue_time.labels(model).observe(q)
+
+    def failure(self, model: str, reason: str) -> None:
+        self.failures.labels(model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """Reads cache counters at scrape time, so the cache itself stays free of metrics code."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, CacheStats]]]) -> None:
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        counters = {k: CounterMetricFamily(f"ugsep_cache_{k}", f"User cache {k}", labels=["model"])
+                    for k in ("hits", "misses", "evictions", "expirations")}
+        gauges = {k: GaugeMetricFamily(f"ugsep_cache_{k}", f"User cache {k.replace('_', ' ')}", labels=["model"])
+                  for k in ("bytes", "max_bytes", "entries", "hit_ratio")}
+        for model, st in self.source():
+            for k, fam in counters.items():
+                fam.add_metric([model], getattr(st, k))
+            for k, fam in gauges.items():
+                fam.add_metric([model], st.hit_rate if k == "hit_ratio" else getattr(st, k))
+        yield from counters.values()
+        yield from gauges.values()

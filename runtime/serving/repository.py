@@ -1,0 +1,162 @@
+"""Served models: load, warm up, and swap bundle versions atomically.
+
+Each ``ServedModel`` is one loaded version of one bundle: a scorer, its user cache and
+its batcher. A reload opens and verifies the new version (``Bundle.open`` checks every
+sha256, parity is checked as at startup), warms it up with a sample request, starts its
+batcher, then replaces the old entry in one assignment; the old version drains its
+accepted requests before its batcher stops. Requests that reach a draining batcher
+are retried on the current version, so a reload fails no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import runtime
+from runtime.errors import BundleError, RequestError
+from runtime.sample import sample_requests
+from runtime.scorer import Prepared, Scorer
+from runtime.serving.batcher import Batcher
+from runtime.serving.cache import UserCache
+from runtime.serving.protocol import kserve_datatype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``serve`` can be told (the CLI flags map one to one)."""
+
+    backend: str = "onnxruntime"
+    allow_unverified: bool = False
+    use_split: bool = True
+    intra_op_threads: int | None = None
+    cache_bytes: int = 64 << 20
+    cache_ttl_s: float = 300.0
+    max_queue: int = 512
+    max_delay_ms: float = 2.0
+    max_batch_candidates: int = 8192
+    workers: int = 1
+    max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
+    max_body_bytes: int = 32 << 20
+    token: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServedModel:
+    """One loaded version of a bundle."""
+
+    name: str
+    version: str
+    path: Path
+    scorer: Scorer
+    cache: UserCache
+    outputs: dict[str, tuple[str, list[int]]]  # name -> (KServe datatype, shape)
+    batcher: Batcher | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe v2 model metadata: -1 marks the dynamic candidate dimension."""
+        spec = self.scorer.spec
+        inputs = [
+            {"name": s.name, "datatype": kserve_datatype(s.dtype),
+             "shape": [1 if s.side == "user" else -1, *s.shape]}
+            for s in spec.inputs
+        ]
+        outputs = [
+            {"name": n, "datatype": dt, "shape": shape} for n, (dt, shape) in self.outputs.items()
+        ]
+        return {
+            "name": self.name, "versions": [self.version], "platform": f"ugsep_{self.scorer.backend.name}",
+            "inputs": inputs, "outputs": outputs,
+            "parameters": {"split": self.scorer.split, "max_candidates": self.scorer.max_candidates,
+                           "precision": self.scorer.manifest.precision},
+        }
+
+    def prepare(self, user: dict, candidates: dict, user_key: str | None) -> Prepared:
+        p = self.scorer.prepare(user, candidates)
+        p.user_key = user_key
+        return p
+
+
+def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> ServedModel:
+    """Open, verify, warm up (blocking): the model is ready to serve when this returns."""
+    backend_opts = {"intra_op_threads": options.intra_op_threads} if options.intra_op_threads else {}
+    scorer = runtime.load(
+        path, options.backend, allow_unverified=options.allow_unverified,
+        use_split=options.use_split, **backend_opts,
+    )
+    if options.max_candidates is not None:
+        scorer.max_candidates = int(options.max_candidates)
+    rows, _ = sample_requests(scorer.spec, 1, 2, seed=0)
+    user = {s.name: rows[s.name][:1] for s in scorer.spec.user_inputs}
+    out = scorer.score(user, {s.name: rows[s.name] for s in scorer.spec.group_inputs})
+    outputs = {k: (kserve_datatype(v.dtype), [-1, *v.shape[1:]]) for k, v in out.items()}
+    cache = UserCache(options.cache_bytes if scorer.split else 0, options.cache_ttl_s)
+    return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs)
+
+
+class ModelRepository:
+    """The models a server holds, by name; reloads swap versions atomically."""
+
+    def __init__(self, options: ServeOptions, on_batch=None) -> None:
+        self.options = options
+        self.models: dict[str, ServedModel] = {}
+        self.on_batch = on_batch
+        self._reload_lock: asyncio.Lock | None = None
+        self._generation: dict[str, int] = {}
+
+    def add(self, model: ServedModel) -> None:
+        if model.name in self.models:
+            raise BundleError(
+                f"two bundles are named '{model.name}' ({self.models[model.name].path} and "
+                f"{model.path}); model names must be unique"
+            )
+        self.models[model.name] = model
+        self._generation[model.name] = int(model.version)
+
+    def get(self, name: str) -> ServedModel | None:
+        return self.models.get(name)
+
+    async def start(self) -> None:
+        self._reload_lock = asyncio.Lock()
+        for m in self.models.values():
+            await self._start(m)
+
+    async def _start(self, m: ServedModel) -> None:
+        o = self.options
+        m.batcher = Batcher(
+            m.scorer, m.cache, max_queue=o.max_queue, max_delay_s=o.max_delay_ms / 1000,
+            max_batch_candidates=max(o.max_batch_candidates, m.scorer.max_candidates), workers=o.workers,
+            on_batch=(lambda info, name=m.name: self.on_batch(name, info)) if self.on_batch else None,
+        )
+        await m.batcher.start()
+
+    async def reload(self, name: str, path: str | Path | None = None) -> ServedModel:
+        """Load a new version of ``name`` (from ``path`` or its current path) and swap it in."""
+        old = self.models.get(name)
+        if old is None and path is None:
+            raise RequestError(f"model '{name}' is not loaded; give a bundle path to load it")
+        async with self._reload_lock:
+            version = str(self._generation.get(name, 0) + 1)
+            new = await asyncio.to_thread(load_model, path or old.path, self.options, version)
+            if new.name != name:
+                raise RequestError(f"bundle '{path}' holds model '{new.name}', not '{name}'")
+            await self._start(new)
+            self.models[name] = new  # the atomic swap: new requests go to the new version
+            self._generation[name] = int(version)
+            log.info("model '%s' version %s loaded from %s", name, version, new.path)
+        if old is not None:
+            await old.batcher.close()
+        return new
+
+    async def close(self) -> None:
+        """Drain every model's batcher (accepted requests finish)."""
+        await asyncio.gather(*(m.batcher.close() for m in self.models.values() if m.batcher))
+
+    def cache_stats(self):
+        return [(n, m.cache.stats()) for n, m in list(self.models.items())]
