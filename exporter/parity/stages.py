@@ -49,7 +49,7 @@ def eager_outputs(model: torch.nn.Module, spec: FeatureSpec, rows: Rows) -> Outp
             f"the eager model returned {len(out)} output(s) but spec '{spec.name}' names "
             f"{len(spec.outputs)} ({list(spec.outputs)})"
         )
-    return {n: t.detach().float().numpy() for n, t in zip(spec.outputs, out)}
+    return {n: t.detach().float().numpy() for n, t in zip(spec.outputs, out, strict=True)}
 
 
 def user_rows(spec: FeatureSpec, rows: Rows) -> tuple[Rows, np.ndarray]:

@@ -1,0 +1,293 @@
+"""Localisation: the first tensor along the graph where a compiled stage leaves the reference.
+
+Reference side: the model's ExportedProgram, decomposed as torch.onnx decomposes it
+before conversion, run node by node (torch.fx.Interpreter) with every tensor kept.
+Stage side: the stage's ONNX graphs with every intermediate value exposed as an
+extra output, run with ONNX Runtime on the same rows. Values are matched through the
+metadata torch.onnx writes on each node (the FX node name, its module path and its
+aten target): by FX name when module and target agree too (full.onnx, name-keeping
+splits), else by (module path, target, occurrence) when a module's ops of that kind
+all live in the graph at hand (separately exported user / group graphs). User-graph
+values [M, ...] are gathered by ``user_index`` to the reference's rows [N, ...].
+
+Walking the reference in topological order, the first matched tensor whose error
+exceeds the tolerance (relative to the tensor's scale) is reported with the module
+path torch.export recorded and the model source line that produced it.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from exporter.capture import capture, to_torch_inputs
+from exporter.parity.stages import Rows, user_rows
+from runtime.bundle import Bundle
+from runtime.scorer import USER_INDEX
+from runtime.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+QUANTIZED_TOLERANCE = 0.05
+MAX_ROWS = 256
+_TARGET = re.compile(r"target=([\w.]+)")
+
+
+@dataclass
+class RefNode:
+    """One reference tensor: FX name, module path, aten target, source line, value."""
+
+    name: str
+    path: str
+    module_type: str
+    target: str
+    code: str
+    value: np.ndarray
+
+
+@dataclass
+class OnnxValue:
+    """One ONNX value that carries an FX node's result."""
+
+    fx_name: str
+    path: str
+    target: str
+    value_name: str
+    graph: str
+
+
+def localise_stage(
+    bundle: Bundle,
+    stage: str,
+    model: torch.nn.Module,
+    spec: FeatureSpec,
+    rows: Rows,
+    *,
+    program: Any = None,
+    tolerance: float | None = None,
+) -> dict[str, Any]:
+    """Find where ``stage`` of ``bundle`` first diverges from ``model``; a JSON-able record."""
+    precision = bundle.manifest.precision
+    tol = tolerance or TOLERANCE.get(precision, QUANTIZED_TOLERANCE)
+    n = min(MAX_ROWS, len(next(iter(rows.values()))))
+    rows = {s.name: np.ascontiguousarray(rows[s.name][:n]) for s in spec.inputs}
+    ref = reference_values(program if program is not None else capture(model, spec), spec, rows)
+    if stage.startswith("onnx-full"):
+        got, where = _run_full(bundle, rows)
+    elif stage.startswith("onnx-split"):
+        got, where = _run_split(bundle, spec, rows)
+    else:
+        return {"stage": stage, "note": f"localisation does not support stage '{stage}'"}
+    return first_divergence(ref, got, where, tol) | {"stage": stage, "rows": n}
+
+
+def reference_values(program, spec: FeatureSpec, rows: Rows) -> list[RefNode]:
+    """Every tensor the (ONNX-decomposed) program computes on ``rows``, in topological order."""
+    program = _decompose_like_onnx(program)
+    gm = program.module()
+    kwargs = to_torch_inputs(spec, rows)
+    flat, in_spec = pytree.tree_flatten(((), kwargs))
+    if in_spec != program.call_spec.in_spec:
+        raise ValueError(f"rows do not match the program's inputs ({program.call_spec.in_spec})")
+    values: dict[str, Any] = {}
+
+    class _Keep(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            values[node.name] = out
+            return out
+
+    with torch.no_grad():
+        _Keep(gm).run(*flat)
+    out = []
+    for node in gm.graph.nodes:
+        v = values.get(node.name)
+        if node.op != "call_function" or not isinstance(v, torch.Tensor):
+            continue
+        path, mtype = _module_of(node)
+        out.append(RefNode(node.name, path, mtype, str(node.target), _code_of(node), v.detach().numpy()))
+    return out
+
+
+def _decompose_like_onnx(program):
+    """The program as torch.onnx sees it (its node names become the ONNX value names)."""
+    try:
+        from torch.onnx._internal.exporter import _core, _registration
+
+        registry = _registration.ONNXRegistry.from_torchlib()
+        return _core._prepare_exported_program_for_export(program, registry=registry)
+    except Exception as e:  # noqa: BLE001 - private API; the raw program still matches most names
+        log.info("could not decompose the program as torch.onnx does (%s); using it as is", e)
+        return program
+
+
+def _module_of(node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, mtype = list(stack.values())[-1]
+    return ("" if path.startswith("_empty_nn_module_stack") else str(path)), str(mtype)
+
+
+def _code_of(node) -> str:
+    """The innermost frame of the stack trace that is model code (not torch itself)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', trace)
+    own = [f for f in frames if "/torch/" not in f[0] and not f[0].startswith("torch/")]
+    if not own:
+        return ""
+    file, line, fn, code = own[-1]
+    return f"{file}:{line} in {fn}: {code.strip()}"
+
+
+def onnx_values(model: onnx.ModelProto, graph: str) -> list[OnnxValue]:
+    """For each FX node the exporter lowered, the ONNX value holding its result (graph order)."""
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    meta: dict[str, tuple[str, str]] = {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        scopes = props.get("pkg.torch.onnx.name_scopes")
+        fx = props.get("pkg.torch.onnx.fx_node", "")
+        if not scopes or not node.output:
+            continue
+        try:
+            scopes = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            continue
+        name = scopes[-1]
+        target = _TARGET.search(fx)
+        groups[name].append(node)
+        meta[name] = (scopes[-2] if len(scopes) >= 2 else "", target.group(1) if target else "")
+    out = []
+    for name, nodes in groups.items():
+        outputs = [o for nd in nodes for o in nd.output if o]
+        value = name if name in outputs else nodes[-1].output[0]
+        path, target = meta[name]
+        out.append(OnnxValue(name, path, target.replace("torch.ops.", ""), value, graph))
+    return out
+
+
+def match(ref: list[RefNode], values: list[OnnxValue]) -> dict[str, OnnxValue]:
+    """Reference node name -> ONNX value (see the module docstring for the rules)."""
+    matched: dict[str, OnnxValue] = {}
+    by_name = {r.name: r for r in ref}
+    for v in values:
+        r = by_name.get(v.fx_name)
+        if r is not None and (r.path, r.target) == (v.path, v.target):
+            matched[r.name] = v
+    ref_groups: dict[tuple[str, str], list[RefNode]] = defaultdict(list)
+    val_groups: dict[tuple[str, str], list[OnnxValue]] = defaultdict(list)
+    for r in ref:
+        ref_groups[(r.path, r.target)].append(r)
+    for v in values:
+        val_groups[(v.path, v.target)].append(v)
+    taken = {id(v) for v in matched.values()}
+    for key, vs in val_groups.items():
+        rs = ref_groups.get(key, [])
+        if len(rs) == len(vs) and not any(id(v) in taken for v in vs):
+            matched.update({r.name: v for r, v in zip(rs, vs, strict=True) if r.name not in matched})
+    return matched
+
+
+def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float) -> dict[str, Any]:
+    """Walk ``ref`` in order; the first matched tensor with relative error > ``tol``."""
+    pairs = match(ref, got["values"])
+    compared, last_ok = 0, None
+    for r in ref:
+        v = pairs.get(r.name)
+        if v is None or (v.graph, v.value_name) not in got["arrays"]:
+            continue
+        cand = got["arrays"][(v.graph, v.value_name)]
+        if v.graph == "user.onnx" and cand.ndim and r.value.ndim and cand.shape[0] == where["m"]:
+            cand = cand[where["user_index"]]
+        if cand.shape != r.value.shape:
+            continue
+        compared += 1
+        err = _rel_error(r.value, cand)
+        if err > tol:
+            return {
+                "tolerance": tol,
+                "compared": compared,
+                "matched": len(pairs),
+                "last_agreeing": last_ok,
+                "first_divergence": _describe(r, v, cand, err),
+            }
+        last_ok = r.name
+    return {
+        "tolerance": tol,
+        "compared": compared,
+        "matched": len(pairs),
+        "first_divergence": None,
+        "note": f"no matched tensor diverges by more than {tol:g} (relative); "
+        "the error builds up gradually or arises in unmatched tensors",
+    }
+
+
+def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    if r.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(g)):
+        return float("inf")
+    return float(np.max(np.abs(r - g)) / max(float(np.max(np.abs(r))), 1e-6))
+
+
+def _describe(r: RefNode, v: OnnxValue, cand: np.ndarray, err: float) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "graph": v.graph,
+        "onnx_value": v.value_name,
+        "op": r.target,
+        "module": r.path,
+        "module_type": r.module_type,
+        "code": r.code,
+        "shape": list(r.value.shape),
+        "rel_error": err,
+        "max_abs": float(np.max(np.abs(r.value.astype(np.float64) - cand.astype(np.float64)))),
+    }
+
+
+def _run_with_values(model: onnx.ModelProto, graph: str, feeds: Rows):
+    """Run ``model`` with every FX-carrying value exposed; (values, {(graph, name): array})."""
+    import onnxruntime as ort
+
+    values = onnx_values(model, graph)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for v in values:
+        if v.value_name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=v.value_name))
+            have.add(v.value_name)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    return values, {(graph, k): a for k, a in zip(names, outs, strict=True)}
+
+
+def _run_full(bundle: Bundle, rows: Rows):
+    model = onnx.load(str(bundle.stage_path("full")))
+    values, arrays = _run_with_values(model, "full.onnx", rows)
+    return {"values": values, "arrays": arrays}, {"m": None, "user_index": None}
+
+
+def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows):
+    users, user_index = user_rows(spec, rows)
+    uv, ua = _run_with_values(onnx.load(str(bundle.stage_path("user"))), "user.onnx", users)
+    boundary = {k: a for (_, k), a in ua.items()}
+    feeds = {**rows, **boundary, USER_INDEX: user_index}
+    gv, ga = _run_with_values(onnx.load(str(bundle.stage_path("group"))), "group.onnx", feeds)
+    m = len(next(iter(users.values())))
+    return {"values": uv + gv, "arrays": {**ga, **ua}}, {"m": m, "user_index": user_index}

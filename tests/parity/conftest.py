@@ -1,0 +1,140 @@
+"""Small real bundles for parity tests: a full-only toy and a hand-split two-sided model.
+
+The split bundle is built here (not by the split pass) from two explicit torch modules,
+exported through torch.export and torch.onnx like the pipeline does, so parity can be
+tested on user.onnx + group.onnx independently of how the split is computed.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from exporter.bundle_writer import BundleWriter
+from exporter.capture import capture, flat_input_names, to_torch_inputs
+from exporter.onnx_build import export_onnx
+from runtime.sample import sample_rows
+from runtime.spec import FeatureSpec
+
+SPLIT_SPEC = {
+    "name": "split_toy",
+    "inputs": [
+        {"name": "user_ids", "side": "user", "dtype": "int64", "shape": [3], "vocab": 40},
+        {"name": "user_dense", "side": "user", "dtype": "float32", "shape": [4]},
+        {"name": "item_ids", "side": "group", "dtype": "int64", "shape": [2], "vocab": 30},
+        {"name": "item_dense", "side": "group", "dtype": "float32", "shape": [2]},
+    ],
+    "outputs": ["ctr"],
+}
+BOUNDARY = ("user_a", "user_b")
+
+
+class UserTower(torch.nn.Module):
+    """User side: two boundary tensors of the same shape (so swapping them type-checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 4)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+        self.proj_a = torch.nn.Linear(16, 8)
+        self.proj_b = torch.nn.Linear(16, 8)
+
+    def forward(self, user_ids, user_dense):
+        h = self.mlp(torch.cat([self.emb(user_ids).flatten(1), user_dense], 1))
+        return torch.tanh(self.proj_a(h)), self.proj_b(h)
+
+
+class GroupTower(torch.nn.Module):
+    """Candidate side: item features crossed with the gathered user tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 4)
+        self.item_mlp = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU())
+        self.cross = torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, item_ids, item_dense, user_a, user_b, user_index):
+        i = self.item_mlp(torch.cat([self.emb(item_ids).flatten(1), item_dense], 1))
+        a, b = user_a[user_index], user_b[user_index]
+        x = torch.relu(self.cross(torch.cat([i * a, b], 1)))
+        return torch.sigmoid(self.head(x)).squeeze(-1)
+
+
+class SplitToy(torch.nn.Module):
+    """The whole model as one eager module (the parity reference)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.user = UserTower()
+        self.group = GroupTower()
+
+    def forward(self, user_ids, user_dense, item_ids, item_dense):
+        a, b = self.user(user_ids, user_dense)
+        idx = torch.arange(item_ids.shape[0], device=item_ids.device)
+        return self.group(item_ids, item_dense, a, b, idx)
+
+
+class Side(torch.nn.Module):
+    """Holds one tower under the attribute name it has in SplitToy, so module paths agree."""
+
+    def __init__(self, name: str, tower: torch.nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        setattr(self, name, tower)
+
+    def forward(self, *args):
+        return getattr(self, self.name)(*args)
+
+
+def _export_part(module, args, dims, in_names, out_names, batch_dims):
+    ep = torch.export.export(module.eval(), args, dynamic_shapes=(dims,), strict=False)
+    return export_onnx(ep, in_names, out_names, batch_dims=batch_dims)
+
+
+def build_split_bundle(model: SplitToy, out_dir) -> None:
+    """full.onnx from the whole model; user.onnx / group.onnx from its two towers."""
+    spec = FeatureSpec.from_dict(SPLIT_SPEC)
+    m, n = torch.export.Dim("m", min=1, max=4096), torch.export.Dim("n", min=1, max=65536)
+    full = capture(model, spec)
+    names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
+    rows = to_torch_inputs(spec, sample_rows(spec, 6, seed=1))
+    ua, ub = model.user(rows["user_ids"][:3], rows["user_dense"][:3])
+    uidx = torch.tensor([0, 0, 1, 2, 2, 1])
+    user = _export_part(
+        Side("user", model.user), (rows["user_ids"][:3], rows["user_dense"][:3]), ({0: m}, {0: m}),
+        ["user_ids", "user_dense"], list(BOUNDARY), {k: "users" for k in ("user_ids", "user_dense", *BOUNDARY)},
+    )
+    group = _export_part(
+        Side("group", model.group), (rows["item_ids"], rows["item_dense"], ua, ub, uidx),
+        ({0: n}, {0: n}, {0: m}, {0: m}, {0: n}),
+        ["item_ids", "item_dense", *BOUNDARY, "user_index"], ["ctr"],
+        {"user_a": "users", "user_b": "users"},
+    )
+    w = BundleWriter(out_dir)
+    w.add_stage("full", "full.onnx", export_onnx(full, names, ["ctr"]))
+    w.add_stage("user", "user.onnx", user)
+    w.add_stage("group", "group.onnx", group)
+    boundary = [{"name": b, "dtype": "float32", "shape": [8], "source": b} for b in BOUNDARY]
+    w.finish(model_name=spec.name, spec=spec, split={"boundary": boundary, "user_index": "user_index"})
+
+
+@pytest.fixture(scope="session")
+def split_model() -> SplitToy:
+    return SplitToy().eval()
+
+
+@pytest.fixture(scope="session")
+def split_bundle_master(tmp_path_factory, split_model):
+    out = tmp_path_factory.mktemp("parity_split") / "bundle"
+    build_split_bundle(split_model, out)
+    return out
+
+
+@pytest.fixture()
+def split_bundle(split_bundle_master, tmp_path):
+    """A fresh copy per test (parity writes into the bundle)."""
+    return shutil.copytree(split_bundle_master, tmp_path / "bundle")
