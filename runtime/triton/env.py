@@ -1,0 +1,202 @@
+"""The environment tritonserver's Python backend runs in, created idempotently.
+
+The ``tritonserver`` binary in the ``nvidia-pytriton`` wheel runs on the CPU with its
+Python backend. What it needs (see the developer guide):
+
+- the ``triton_python_backend_stub`` built for the interpreter's minor version, copied
+  next to ``libtriton_python.so`` in a backend directory of our own (the wheel's
+  site-packages is never modified);
+- the wheel's ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH``;
+- ``PATH`` / ``VIRTUAL_ENV`` of a venv made from the *system* interpreter
+  (``/usr/bin/python3.11``: the stub links against it; a pyenv build fails outright)
+  holding ``numpy<2`` (the stub is built for the numpy 1 ABI: with numpy 2 outputs come
+  back with the wrong size) and ``onnxruntime``.
+
+``ensure_triton_env()`` builds or repairs that venv and backend directory and returns a
+``TritonEnv`` that knows how to launch the server. Command line (idempotent, used by
+``make test``)::
+
+    python -m runtime.triton.env --venv .venv-triton            # create or validate
+    python -m runtime.triton.env --venv .venv-triton --check    # validate only, exit 1 if not ready
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PYTHON = "/usr/bin/python3.11"
+DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".venv-triton"
+# What model.py needs inside Triton: the ugsep runtime is vendored into each repository,
+# so only its two third-party dependencies are installed here.
+REQUIREMENTS = ("numpy>=1.24,<2", "onnxruntime>=1.20")
+STAMP = ".ugsep-triton-env.json"
+_PROBE = (
+    "import sys, json, numpy, onnxruntime;"
+    "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], 'numpy': numpy.__version__,"
+    " 'onnxruntime': onnxruntime.__version__}))"
+)
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the ``nvidia-pytriton`` wheel keeps tritonserver and its Python backend."""
+
+    root: Path  # .../site-packages/pytriton/tritonserver
+    libs: Path  # .../site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, python_version: str) -> Path:
+        return self.root / "python_backend_stubs" / python_version / "triton_python_backend_stub"
+
+    @classmethod
+    def find(cls) -> TritonInstall:
+        """Locate the wheel without importing it (pytriton's own imports are heavy)."""
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise BackendUnavailableError(
+                "tritonserver is not installed: the 'nvidia-pytriton' package ships it; "
+                "install ugsep[triton]"
+            )
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+        install = cls(root=pkg / "tritonserver", libs=pkg.parent / "nvidia_pytriton.libs")
+        for p in (install.binary, install.python_backend / "libtriton_python.so", install.libs):
+            if not p.exists():
+                raise BackendUnavailableError(f"the nvidia-pytriton install is incomplete: '{p}' is missing")
+        return install
+
+
+@dataclass(frozen=True)
+class TritonEnv:
+    """A ready venv + backend directory: everything needed to launch tritonserver."""
+
+    venv: Path
+    install: TritonInstall
+    python_version: str
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.venv / "triton-backends"
+
+    def server_environ(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The process environment tritonserver (and so the Python stub) must start with."""
+        env = dict(os.environ if base is None else base)
+        for var in ("PYTHONPATH", "PYTHONHOME", "LD_PRELOAD"):  # never leak the caller's venv
+            env.pop(var, None)
+        env["VIRTUAL_ENV"] = str(self.venv)
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        libs = [str(self.install.libs)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
+        return env
+
+
+def _run(cmd: list[str], what: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise BackendUnavailableError(f"{what} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
+    return r.stdout
+
+
+def probe(venv: Path) -> dict[str, str] | None:
+    """Versions inside ``venv`` when its python imports numpy<2 and onnxruntime, else None."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        return None
+    r = subprocess.run([str(py), "-c", _PROBE], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    return info if int(info["numpy"].split(".")[0]) < 2 else None
+
+
+def _install_backend(env: TritonEnv) -> None:
+    """Our own backend dir: the wheel's python backend + the stub for this interpreter."""
+    stub = env.install.stub(env.python_version)
+    if not stub.exists():
+        raise BackendUnavailableError(
+            f"the nvidia-pytriton wheel has no Python backend stub for Python "
+            f"{env.python_version} (looked for '{stub}')"
+        )
+    dst = env.backend_dir / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in (*sorted(env.install.python_backend.glob("*.so")),
+                env.install.python_backend / "triton_python_backend_utils.py", stub):
+        target = dst / src.name
+        if not target.exists() or target.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, target)
+
+
+def ensure_triton_env(
+    venv: str | Path = DEFAULT_VENV, python: str = DEFAULT_PYTHON, *, create: bool = True
+) -> TritonEnv:
+    """Return a ready ``TritonEnv``, creating or repairing the venv when ``create``.
+
+    Idempotent: a venv that already imports numpy<2 and onnxruntime is left alone.
+    """
+    venv = Path(venv).absolute()
+    install = TritonInstall.find()
+    info = probe(venv)
+    if info is None:
+        if not create:
+            raise BackendUnavailableError(
+                f"the Triton Python environment '{venv}' is missing or incomplete; create it with "
+                f"`python -m runtime.triton.env --venv {venv}`"
+            )
+        if not Path(python).exists():
+            raise BackendUnavailableError(
+                f"'{python}' does not exist: the Python backend stub needs a venv made from the "
+                "system interpreter (apt-get install python3.11-venv)"
+            )
+        log.info("creating the Triton Python environment at %s from %s", venv, python)
+        _run([python, "-m", "venv", "--clear", str(venv)], "creating the Triton venv")
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        _run([*pip, *REQUIREMENTS], "installing numpy<2 and onnxruntime into the Triton venv")
+        info = probe(venv)
+        if info is None:
+            raise BackendUnavailableError(f"'{venv}' still does not import numpy<2 and onnxruntime")
+    env = TritonEnv(venv=venv, install=install, python_version=info["python"])
+    _install_backend(env)
+    (venv / STAMP).write_text(json.dumps(info, indent=2) + "\n")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.triton.env``: create or validate the Triton Python environment."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.triton.env", description=__doc__.split("\n")[0])
+    ap.add_argument("--venv", default=str(DEFAULT_VENV), help="where the venv lives (default: %(default)s)")
+    ap.add_argument("--python", default=DEFAULT_PYTHON, help="the system interpreter (default: %(default)s)")
+    ap.add_argument("--check", action="store_true", help="only validate; exit 1 when not ready")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        env = ensure_triton_env(args.venv, args.python, create=not args.check)
+    except BackendUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    info = json.loads((env.venv / STAMP).read_text())
+    print(f"triton env ready: {env.venv} ({', '.join(f'{k} {v}' for k, v in info.items())})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
