@@ -352,3 +352,74 @@ def _bytes(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
         "quantized_layers_fp32": a["quantized_layers_fp32"],
         "quantized_layers_bytes": a["quantized_layers_bytes"],
     }
+
+
+CALIBRATION_ROWS = 2000
+CANDIDATES_PER_REQUEST = 100
+
+
+def calibration_for(
+    module: Any,
+    spec: Any,
+    data: Rows | None,
+    *,
+    skip_rows: int = 0,
+    n_rows: int = CALIBRATION_ROWS,
+    seed: int = 0,
+) -> Calibration:
+    """Held-out rows for selection and the eager fp32 model's outputs on them.
+
+    With ``data``, rows after the first ``skip_rows`` (those parity checks) are used, so the
+    parity verdict is measured on rows the selection never saw; without, requests of 100
+    candidates are sampled from the spec (``seed + 1``: not the parity sample either).
+    """
+    from exporter.parity.stages import eager_outputs
+    from runtime.sample import sample_requests
+
+    labels = rids = None
+    if data is not None and len(data[spec.inputs[0].name]) > skip_rows + 100:
+        sl = slice(skip_rows, skip_rows + n_rows)
+        rows = {s.name: np.ascontiguousarray(data[s.name][sl]) for s in spec.inputs}
+        labels = np.asarray(data["label"][sl]) if "label" in data else None
+        rids = np.asarray(data["request_id"][sl]) if "request_id" in data else None
+    else:
+        per = CANDIDATES_PER_REQUEST
+        rows, rids = sample_requests(spec, max(1, n_rows // per), per, seed=seed + 1)
+    module = module.eval()
+    parts = [
+        eager_outputs(module, spec, {k: v[i : i + 512] for k, v in rows.items()})
+        for i in range(0, len(rids if rids is not None else rows[spec.inputs[0].name]), 512)
+    ]
+    reference = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Calibration(rows, reference, labels, rids)
+
+
+def step_quantize(ctx: Any) -> None:
+    """Pipeline step (exporter.pipeline): quantize ctx.stages per ctx.options.precision.
+
+    Reads ``options.extra``: ``target`` ("onnx" -> ORT CPU MatMulNBits, "trt" -> fp16
+    activations for TensorRT), ``budgets`` (the parity budgets file; its entry for the
+    precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``.
+    """
+    o = ctx.options
+    if o.precision == "fp32":
+        return
+    extra = o.extra or {}
+    budget = None
+    if extra.get("budgets"):
+        from exporter.parity.budgets import load_budgets
+
+        budget = load_budgets(extra["budgets"]).for_stage("quantize", o.precision)
+    opts = QuantizeOptions(
+        precision=o.precision,
+        target="gpu" if extra.get("target") == "trt" else "ort-cpu",
+        block_size=extra.get("quant_block_size"),
+        accuracy_level=int(extra.get("quant_accuracy_level", 4)),
+        budget=budget,
+    )
+    calib = calibration_for(
+        ctx.loaded.eager(), ctx.spec, o.data, skip_rows=o.parity_rows, seed=o.seed
+    )
+    stages, record = quantize_bundle_stages(ctx.stages, ctx.spec, options=opts, calibration=calib)
+    ctx.stages.update(stages)
+    ctx.manifest_fields["quantization"] = record
