@@ -109,7 +109,7 @@ def _parse_input(i: int, raw: Any, binary: memoryview, offset: int) -> tuple[str
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise RequestError(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
     datatype = raw.get("datatype")
-    if datatype not in NUMPY_OF:
+    if not isinstance(datatype, str) or datatype not in NUMPY_OF:
         raise RequestError(
             f"input '{name}': datatype {datatype!r} is not supported; use one of {', '.join(NUMPY_OF)}"
         )
