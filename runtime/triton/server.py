@@ -77,6 +77,10 @@ class TritonServer:
         return f"http://{HOST}:{self.metrics_port}/metrics"
 
     @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
     def log_path(self) -> Path:
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
