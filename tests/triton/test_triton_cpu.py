@@ -1,0 +1,106 @@
+"""The CPU repository on a real tritonserver (the nvidia-pytriton binary, Python backend).
+
+Scores come back through tritonclient (JSON and binary tensors) and must equal the
+runtime scorer and the eager torch model within 1e-5, and the same ranking through
+`ugsep serve` (runtime.serving) must give the same scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.triton import write_repository
+from runtime.triton.server import TritonServer
+from tests.serving.split_bundle import eager_scores
+from tests.triton.conftest import ranking, triton_scores
+
+pytestmark = pytest.mark.triton
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def cpu_server(tmp_path_factory, tri_bundle, triton_env):
+    repo = write_repository(tri_bundle, tmp_path_factory.mktemp("cpu_repo"), "cpu",
+                            max_queue_delay_us=20_000, intra_op_threads=1)
+    with TritonServer(repo.root, triton_env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(cpu_server):
+    import tritonclient.http as th
+
+    c = th.InferenceServerClient(cpu_server.http_url, concurrency=8)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_scores_match_runtime_and_eager(client, tri_scorer, tri_parts, binary):
+    user, cands = ranking(1, 9)
+    got = triton_scores(client, "toysplit", [(user, cands)], binary)
+    assert got.shape == (1, 9) and got.dtype == np.float32
+    np.testing.assert_allclose(got[0], tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(got[0], eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
+
+
+def test_one_request_with_several_rankings(client, tri_parts):
+    rankings = [ranking(s, 5) for s in (2, 3, 4)]
+    got = triton_scores(client, "toysplit", rankings, binary=True)
+    assert got.shape == (3, 5)
+    for row, (user, cands) in zip(got, rankings):
+        np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
+
+
+def test_concurrent_requests_with_different_n_are_batched_and_exact(client, cpu_server, tri_scorer):
+    """Ragged dynamic batching: requests of 1..12 candidates share execute() calls."""
+    from tests.triton.conftest import triton_inputs
+
+    rankings = [ranking(100 + s, 1 + s % 12) for s in range(24)]
+    # tritonclient.http is gevent-based: async_infer is its way to have requests in flight
+    pending = [client.async_infer("toysplit", triton_inputs([r], True)) for r in rankings]
+    results = [p.get_result().as_numpy("ctr") for p in pending]
+    for got, (user, cands) in zip(results, rankings):
+        np.testing.assert_allclose(got[0], tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+    stats = client.get_inference_statistics("toysplit")["model_stats"][0]
+    # more inferences than executions: Triton merged requests into one execute()
+    assert stats["inference_count"] > stats["execution_count"]
+
+
+def test_bad_input_is_that_requests_error_and_the_server_keeps_serving(client, tri_scorer):
+    from tritonclient.utils import InferenceServerException
+
+    user, cands = ranking(7, 4)
+    bad = {**cands, "item_ids": np.full_like(cands["item_ids"], 999)}
+    with pytest.raises(InferenceServerException, match=r"item_ids.*999.*vocabulary"):
+        triton_scores(client, "toysplit", [(user, bad)], binary=False)
+    too_many = ranking(8, 65)  # limits.max_candidates is 64
+    with pytest.raises(InferenceServerException, match="65"):
+        triton_scores(client, "toysplit", [too_many], binary=True)
+    got = triton_scores(client, "toysplit", [(user, cands)], binary=True)
+    np.testing.assert_allclose(got[0], tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+
+
+def test_same_scores_as_ugsep_serve(client, tri_bundle):
+    """One ranking through Triton and through runtime.serving (`ugsep serve`): same scores."""
+    import tritonclient.http as th
+
+    from runtime.serving import ServerThread, build_app
+    from tests.serving.http_utils import triton_scores as serve_scores
+
+    user, cands = ranking(11, 17)
+    via_triton = triton_scores(client, "toysplit", [(user, cands)], binary=True)[0]
+    with ServerThread(build_app([tri_bundle])) as srv:
+        c = th.InferenceServerClient(srv.url.removeprefix("http://"))
+        via_serve = serve_scores(c, "toysplit", user, cands, binary=True)
+        c.close()
+    np.testing.assert_allclose(via_triton, via_serve, rtol=0, atol=TOL)
+
+
+def test_server_binds_loopback_and_stops(cpu_server):
+    import urllib.request
+
+    body = urllib.request.urlopen(cpu_server.metrics_url, timeout=5).read().decode()
+    assert 'nv_inference_request_success{model="toysplit"' in body
+    assert cpu_server.http_url.startswith("127.0.0.1:") and cpu_server.running
