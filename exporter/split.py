@@ -55,7 +55,9 @@ class SplitArtifacts:
     @property
     def boundary(self) -> list[dict[str, Any]]:
         """[{"name", "dtype", "shape", "source"}] (source = module path that produced it)."""
-        return [{k: b[k] for k in ("name", "dtype", "shape", "source")} for b in self.result.boundary]
+        return [
+            {k: b[k] for k in ("name", "dtype", "shape", "source")} for b in self.result.boundary
+        ]
 
     @property
     def flops(self) -> dict[str, int]:
@@ -66,7 +68,11 @@ class SplitArtifacts:
         """The manifest's ``split`` record, or None when nothing was split."""
         if not self.is_split:
             return None
-        return {"boundary": self.boundary, "user_index": USER_INDEX, "report": _jsonable(self.report)}
+        return {
+            "boundary": self.boundary,
+            "user_index": USER_INDEX,
+            "report": _jsonable(self.report),
+        }
 
 
 def split_to_onnx(
@@ -83,15 +89,24 @@ def split_to_onnx(
         log.warning("no UG split for '%s': %s", spec.name, result.report.get("reason"))
         return art
     users = _example(spec, result.user_inputs, EXAMPLE_USERS, seed)
-    cands = _example(spec, [n for n in result.group_inputs if _is_input(spec, n)],
-                     EXAMPLE_CANDIDATES, seed + 1)
+    cands = _example(
+        spec, [n for n in result.group_inputs if _is_input(spec, n)], EXAMPLE_CANDIDATES, seed + 1
+    )
     with torch.no_grad():
         boundary = list(result.user(*users.values()))
     index = torch.tensor([i % EXAMPLE_USERS for i in range(EXAMPLE_CANDIDATES)], dtype=torch.int64)
-    art.user = _to_onnx(result.user, list(users.values()), result.user_inputs,
-                        [b["name"] for b in result.boundary], {n: "M" for n in result.user_inputs}, "M")
+    art.user = _to_onnx(
+        result.user,
+        list(users.values()),
+        result.user_inputs,
+        [b["name"] for b in result.boundary],
+        {n: "M" for n in result.user_inputs},
+        "M",
+    )
     group_args = [*cands.values(), *boundary, index]
-    dims = {n: ("M" if n in {b["name"] for b in result.boundary} else "N") for n in result.group_inputs}
+    dims = {
+        n: ("M" if n in {b["name"] for b in result.boundary} else "N") for n in result.group_inputs
+    }
     art.group = _to_onnx(result.group, group_args, result.group_inputs, result.outputs, dims, "N")
     if out_dir is not None:
         art.paths = _write(art, Path(out_dir))
@@ -124,8 +139,11 @@ def _to_onnx(gm, args, input_names, output_names, dims: dict[str, str], out_dim:
 
 def _write(art: SplitArtifacts, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"user": out_dir / "user.onnx", "group": out_dir / "group.onnx",
-             "report": out_dir / "split_report.json"}
+    paths = {
+        "user": out_dir / "user.onnx",
+        "group": out_dir / "group.onnx",
+        "report": out_dir / "split_report.json",
+    }
     onnx.save(art.user, paths["user"])
     onnx.save(art.group, paths["group"])
     paths["report"].write_text(json.dumps(_jsonable(art.report), indent=2) + "\n")

@@ -150,4 +150,6 @@ def source_line(node: fx.Node) -> str:
 
 def op_name(node: fx.Node) -> str:
     t = node.target
-    return str(t.name()) if hasattr(t, "name") and callable(t.name) else getattr(t, "__name__", str(t))
+    return (
+        str(t.name()) if hasattr(t, "name") and callable(t.name) else getattr(t, "__name__", str(t))
+    )

@@ -25,8 +25,18 @@ from torch import fx
 
 from graph_passes.fx import rowwise
 from graph_passes.fx._base import (
-    BATCH_KEY, PASS_KEY, SIDE_KEY, PassResult, batch_factor, fqn_of, graph_module_of, module_path,
-    op_name, state_of, tensor_val,
+    BATCH_KEY,
+    PASS_KEY,
+    SIDE_KEY,
+    PassResult,
+    batch_factor,
+    fqn_of,
+    graph_module_of,
+    module_path,
+    op_name,
+    source_line,
+    state_of,
+    tensor_val,
 )
 from graph_passes.fx.flops import FlopCountPass, ceiling
 from graph_passes.fx.sides import SideAnalysisPass
@@ -37,10 +47,20 @@ aten = torch.ops.aten
 PASS_NAME = "SplitUserGroupPass"
 USER_INDEX = "user_index"
 CEILING_NS = (1, 16, 128, 512, 2048)
-_CHEAP = rowwise.ELEMENTWISE | rowwise.VIEWS | rowwise.PERMUTES | {
-    aten.slice.Tensor, aten.select.int, aten.cat.default, aten.stack.default, aten.repeat.default,
-    operator.getitem, aten.index.Tensor,
-}
+_CHEAP = (
+    rowwise.ELEMENTWISE
+    | rowwise.VIEWS
+    | rowwise.PERMUTES
+    | {
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.cat.default,
+        aten.stack.default,
+        aten.repeat.default,
+        operator.getitem,
+        aten.index.Tensor,
+    }
+)
 
 
 @dataclass
@@ -101,8 +121,12 @@ class SplitUserGroupPass:
         report: dict[str, Any] = {
             "blocked": [b for b in facts["blocked"] if b["node"] not in forced],
             "moved": [{"node": k, "reason": r} for k, r in forced.items()],
-            "flops": {"user_per_row": u, "group_per_row": g, "full_per_row": u + g,
-                      "const": flops["const"]},
+            "flops": {
+                "user_per_row": u,
+                "group_per_row": g,
+                "full_per_row": u + g,
+                "const": flops["const"],
+            },
             "ceiling": {str(n): round(ceiling(u, g, n), 4) for n in CEILING_NS},
             "hoisted_modules": _hoisted_modules(gm),
         }
@@ -115,7 +139,10 @@ class SplitUserGroupPass:
         built = _Builder(ep, gm, names, facts["batch_symbol"])
         user_gm, user_inputs = built.user_graph(boundary)
         group_gm, group_inputs = built.group_graph(boundary, _boundary_names(boundary))
-        meta = [_boundary_entry(n, name) for n, name in zip(boundary, _boundary_names(boundary))]
+        meta = [
+            _boundary_entry(n, name)
+            for n, name in zip(boundary, _boundary_names(boundary), strict=False)
+        ]
         report["split"] = True
         report["boundary"] = meta
         return SplitResult(user_gm, group_gm, user_inputs, group_inputs, meta, outputs, report)
@@ -150,7 +177,9 @@ def _smaller_before(n: fx.Node, bset: set[fx.Node], s0) -> bool:
         return False
     if tensor_val(n) is None:
         return False
-    ins = [a for a in n.all_input_nodes if a.meta.get(SIDE_KEY) == "user" and tensor_val(a) is not None]
+    ins = [
+        a for a in n.all_input_nodes if a.meta.get(SIDE_KEY) == "user" and tensor_val(a) is not None
+    ]
     extra = sum(_row_bytes(a, s0) for a in ins if a not in bset)
     return _row_bytes(n, s0) > extra
 
@@ -165,15 +194,19 @@ def _boundary_entry(n: fx.Node, name: str) -> dict[str, Any]:
         "name": name,
         "dtype": str(v.dtype).replace("torch.", ""),
         "shape": ["M", *[int(d) for d in v.shape[1:]]],
-        "source": module_path(n) or ("input" if n.op == "placeholder" else ""),
+        "source": module_path(n)
+        or ("input" if n.op == "placeholder" else f"forward ({source_line(n) or n.name})"),
         "node": n.name,
         "op": "placeholder" if n.op == "placeholder" else op_name(n),
     }
 
 
 def _hoisted_modules(gm: fx.GraphModule) -> list[str]:
-    mods = {module_path(n) for n in gm.graph.nodes
-            if n.meta.get(SIDE_KEY) == "user" and n.meta.get("ugsep.flops", 0) > 0}
+    mods = {
+        module_path(n)
+        for n in gm.graph.nodes
+        if n.meta.get(SIDE_KEY) == "user" and n.meta.get("ugsep.flops", 0) > 0
+    }
     return sorted(m for m in mods if m)
 
 
@@ -181,8 +214,10 @@ def _why_not(blocked: list[dict[str, Any]]) -> str:
     if not blocked:
         return "no computation depends on user inputs alone"
     b = blocked[0]
-    return (f"nothing hoistable: {b['op']} at {b['module'] or 'top level'} ({b['node']}) "
-            f"is not row-wise: {b['reason']}")
+    return (
+        f"nothing hoistable: {b['op']} at {b['module'] or 'top level'} ({b['node']}) "
+        f"is not row-wise: {b['reason']}"
+    )
 
 
 def _safe(name: str) -> str:
@@ -252,13 +287,17 @@ class _Builder:
         needed = self._needed(roots, set(boundary))
         g, env, inputs = fx.Graph(), {}, []
         for n in self.gm.graph.nodes:
-            if (n.op == "placeholder" and n.name in self.names and n in needed
-                    and n.meta.get(SIDE_KEY) != "user"):
+            if (
+                n.op == "placeholder"
+                and n.name in self.names
+                and n in needed
+                and n.meta.get(SIDE_KEY) != "user"
+            ):
                 env[n] = g.placeholder(_safe(self.names[n.name]))
                 inputs.append(self.names[n.name])
         phs = [g.placeholder(_safe(b)) for b in bnames]
         index = g.placeholder(USER_INDEX)
-        for b, ph in zip(boundary, phs):
+        for b, ph in zip(boundary, phs, strict=False):
             env[b] = g.call_function(aten.index_select.default, (ph, 0, index))
             env[b].meta[PASS_KEY] = PASS_NAME
         self._copy(g, needed, env, index)

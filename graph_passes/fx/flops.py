@@ -15,19 +15,53 @@ import torch
 from torch import fx
 
 from graph_passes.fx import rowwise
-from graph_passes.fx._base import FLOPS_KEY, SIDE_KEY, PassResult, graph_module_of, sym_expr, tensor_val
+from graph_passes.fx._base import (
+    FLOPS_KEY,
+    SIDE_KEY,
+    PassResult,
+    graph_module_of,
+    sym_expr,
+    tensor_val,
+)
 
 aten = torch.ops.aten
-_FREE = rowwise.VIEWS | rowwise.PERMUTES | {
-    aten.embedding.default, aten.slice.Tensor, aten.select.int, aten.index.Tensor,
-    aten.index_select.default, aten.gather.default, aten.cat.default, aten.stack.default,
-    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
-    aten.expand.default, aten.repeat.default, aten.clone.default, aten.contiguous.default,
-    aten.alias.default, aten.detach.default, aten.dropout.default, aten._to_copy.default,
-    aten.to.dtype, aten.narrow.default, aten.lift_fresh_copy.default,
+_FREE = (
+    rowwise.VIEWS
+    | rowwise.PERMUTES
+    | {
+        aten.embedding.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.index.Tensor,
+        aten.index_select.default,
+        aten.gather.default,
+        aten.cat.default,
+        aten.stack.default,
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.chunk.default,
+        aten.unbind.int,
+        aten.expand.default,
+        aten.repeat.default,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.dropout.default,
+        aten._to_copy.default,
+        aten.to.dtype,
+        aten.narrow.default,
+        aten.lift_fresh_copy.default,
+    }
+)
+_HEAVY = {
+    aten.softmax.int,
+    aten._softmax.default,
+    aten.log_softmax.int,
+    aten.layer_norm.default,
+    aten.rms_norm.default,
+    aten._log_softmax.default,
 }
-_HEAVY = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten.layer_norm.default,
-          aten.rms_norm.default, aten._log_softmax.default}
 
 
 def _numel(v: torch.Tensor) -> sympy.Expr:
@@ -45,8 +79,13 @@ def node_flops(node: fx.Node) -> sympy.Expr:
     if t is aten.linear.default:
         k = sym_expr(tensor_val(node.args[0]).shape[-1])
         return 2 * _numel(out) * k
-    if t in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
-             aten.baddbmm.default):
+    if t in (
+        aten.mm.default,
+        aten.bmm.default,
+        aten.matmul.default,
+        aten.addmm.default,
+        aten.baddbmm.default,
+    ):
         a = tensor_val(node.args[-2])
         return 2 * _numel(out) * sym_expr(a.shape[-1])
     if t is aten.einsum.default:
@@ -63,8 +102,8 @@ def node_flops(node: fx.Node) -> sympy.Expr:
 def _einsum_flops(node: fx.Node) -> sympy.Expr:
     eq = node.args[0].replace(" ", "")
     sizes: dict[str, sympy.Expr] = {}
-    for spec, op in zip(eq.split("->")[0].split(","), node.args[1]):
-        for letter, d in zip(spec, tensor_val(op).shape):
+    for spec, op in zip(eq.split("->")[0].split(","), node.args[1], strict=False):
+        for letter, d in zip(spec, tensor_val(op).shape, strict=False):
             sizes[letter] = sym_expr(d)
     return 2 * math.prod(sizes.values())
 

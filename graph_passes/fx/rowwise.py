@@ -44,61 +44,187 @@ def _names(*ops) -> set:
 
 
 ELEMENTWISE = _names(
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
-    aten.rsub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
-    aten.div.Tensor_mode, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.neg.default,
-    aten.exp.default, aten.log.default, aten.log1p.default, aten.sqrt.default,
-    aten.rsqrt.default, aten.abs.default, aten.relu.default, aten.gelu.default,
-    aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.leaky_relu.default,
-    aten.elu.default, aten.hardtanh.default, aten.softplus.default, aten.clamp.default,
-    aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default, aten.where.self,
-    aten.where.ScalarSelf, aten.where.ScalarOther, aten.masked_fill.Scalar,
-    aten.masked_fill.Tensor, aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
-    aten.gt.Tensor, aten.gt.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor,
-    aten.ge.Scalar, aten.le.Tensor, aten.le.Scalar, aten.logical_and.default,
-    aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
-    aten.remainder.Scalar, aten.remainder.Tensor, aten.floor_divide.default,
-    aten.maximum.default, aten.minimum.default, aten.erf.default, aten.sin.default,
-    aten.cos.default, aten.reciprocal.default, aten.square.default, aten.sign.default,
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.dropout.default, aten.lift_fresh_copy.default, aten.zeros_like.default,
-    aten.ones_like.default, aten.full_like.default, aten.empty_like.default, aten.expand.default,
-    aten.expand_as.default, aten.expand_copy.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.prelu.default, aten.mish.default, aten.glu.default,
-    aten.floor.default, aten.ceil.default, aten.round.default, aten.isnan.default,
-    aten.nan_to_num.default, aten.lerp.Scalar, aten.addcmul.default, aten.addcdiv.default,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.rsub.Scalar,
+    aten.rsub.Tensor,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.div.Tensor_mode,
+    aten.pow.Tensor_Scalar,
+    aten.pow.Tensor_Tensor,
+    aten.neg.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.log1p.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.abs.default,
+    aten.relu.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.hardtanh.default,
+    aten.softplus.default,
+    aten.clamp.default,
+    aten.clamp.Tensor,
+    aten.clamp_min.default,
+    aten.clamp_max.default,
+    aten.where.self,
+    aten.where.ScalarSelf,
+    aten.where.ScalarOther,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+    aten.eq.Tensor,
+    aten.eq.Scalar,
+    aten.ne.Tensor,
+    aten.ne.Scalar,
+    aten.gt.Tensor,
+    aten.gt.Scalar,
+    aten.lt.Tensor,
+    aten.lt.Scalar,
+    aten.ge.Tensor,
+    aten.ge.Scalar,
+    aten.le.Tensor,
+    aten.le.Scalar,
+    aten.logical_and.default,
+    aten.logical_or.default,
+    aten.logical_not.default,
+    aten.bitwise_not.default,
+    aten.remainder.Scalar,
+    aten.remainder.Tensor,
+    aten.floor_divide.default,
+    aten.maximum.default,
+    aten.minimum.default,
+    aten.erf.default,
+    aten.sin.default,
+    aten.cos.default,
+    aten.reciprocal.default,
+    aten.square.default,
+    aten.sign.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten.type_as.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.dropout.default,
+    aten.lift_fresh_copy.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.expand.default,
+    aten.expand_as.default,
+    aten.expand_copy.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.prelu.default,
+    aten.mish.default,
+    aten.glu.default,
+    aten.floor.default,
+    aten.ceil.default,
+    aten.round.default,
+    aten.isnan.default,
+    aten.nan_to_num.default,
+    aten.lerp.Scalar,
+    aten.addcmul.default,
+    aten.addcdiv.default,
 )
 # ops that work along the dims named by an argument: (arg index, kwarg name, keepdims-all-if-None?)
 ALONG_DIMS = {
-    aten.softmax.int: 1, aten._softmax.default: 1, aten.log_softmax.int: 1,
-    aten._log_softmax.default: 1, aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.amax.default: 1,
-    aten.amin.default: 1, aten.max.dim: 1, aten.min.dim: 1, aten.argmax.default: 1,
-    aten.argmin.default: 1, aten.prod.dim_int: 1, aten.var.correction: 1, aten.std.correction: 1,
-    aten.var.dim: 1, aten.std.dim: 1, aten.logsumexp.default: 1, aten.linalg_vector_norm.default: 2,
-    aten.norm.ScalarOpt_dim: 2, aten.cumsum.default: 1, aten.cumprod.default: 1, aten.sort.default: 1,
-    aten.argsort.default: 1, aten.topk.default: 3, aten.flip.default: 1, aten.roll.default: 2,
-    aten.any.dim: 1, aten.all.dim: 1, aten.select.int: 1, aten.split.Tensor: 2,
-    aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
-    aten.narrow.default: 1, aten.index_select.default: 1, aten.gather.default: 1,
-    aten.repeat_interleave.self_int: 2, aten.glu.default: 1,
+    aten.softmax.int: 1,
+    aten._softmax.default: 1,
+    aten.log_softmax.int: 1,
+    aten._log_softmax.default: 1,
+    aten.mean.dim: 1,
+    aten.sum.dim_IntList: 1,
+    aten.amax.default: 1,
+    aten.amin.default: 1,
+    aten.max.dim: 1,
+    aten.min.dim: 1,
+    aten.argmax.default: 1,
+    aten.argmin.default: 1,
+    aten.prod.dim_int: 1,
+    aten.var.correction: 1,
+    aten.std.correction: 1,
+    aten.var.dim: 1,
+    aten.std.dim: 1,
+    aten.logsumexp.default: 1,
+    aten.linalg_vector_norm.default: 2,
+    aten.norm.ScalarOpt_dim: 2,
+    aten.cumsum.default: 1,
+    aten.cumprod.default: 1,
+    aten.sort.default: 1,
+    aten.argsort.default: 1,
+    aten.topk.default: 3,
+    aten.flip.default: 1,
+    aten.roll.default: 2,
+    aten.any.dim: 1,
+    aten.all.dim: 1,
+    aten.select.int: 1,
+    aten.split.Tensor: 2,
+    aten.split_with_sizes.default: 2,
+    aten.chunk.default: 2,
+    aten.unbind.int: 1,
+    aten.narrow.default: 1,
+    aten.index_select.default: 1,
+    aten.gather.default: 1,
+    aten.repeat_interleave.self_int: 2,
+    aten.glu.default: 1,
 }
-_DEFAULT_DIM = {aten.split.Tensor: 0, aten.split_with_sizes.default: 0, aten.chunk.default: 0,
-                aten.unbind.int: 0, aten.sort.default: -1, aten.argsort.default: -1,
-                aten.topk.default: -1, aten.glu.default: -1, }
+_DEFAULT_DIM = {
+    aten.split.Tensor: 0,
+    aten.split_with_sizes.default: 0,
+    aten.chunk.default: 0,
+    aten.unbind.int: 0,
+    aten.sort.default: -1,
+    aten.argsort.default: -1,
+    aten.topk.default: -1,
+    aten.glu.default: -1,
+}
 VIEWS = _names(
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
-    aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.view_copy.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.view_copy.default,
 )
-PERMUTES = _names(aten.permute.default, aten.transpose.int, aten.t.default, aten.movedim.int,
-                  aten.swapaxes.default, aten.numpy_T.default)
+PERMUTES = _names(
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.movedim.int,
+    aten.swapaxes.default,
+    aten.numpy_T.default,
+)
 LAST_DIMS_NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}
 MATMULS = _names(aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default)
 # ops whose output rows are identical (creation from shape only); see sides.py
 ROW_UNIFORM_FACTORIES = _names(
-    aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
-    aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
+    aten.zeros.default,
+    aten.ones.default,
+    aten.full.default,
+    aten.empty.memory_format,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
     aten.scalar_tensor.default,
 )
 
@@ -109,8 +235,19 @@ def prove(node: fx.Node, ctx: ProofContext) -> Layout | str:
         return f"{node.op} nodes are not row-wise ops"
     if node.target is operator.getitem:
         return _carry(node, ctx, [node.args[0]])
-    for check in (_try_elementwise, _try_along_dims, _try_view, _try_permute, _try_norm,
-                  _try_linear, _try_matmul, _try_embedding, _try_cat, _try_slice, _try_misc):
+    for check in (
+        _try_elementwise,
+        _try_along_dims,
+        _try_view,
+        _try_permute,
+        _try_norm,
+        _try_linear,
+        _try_matmul,
+        _try_embedding,
+        _try_cat,
+        _try_slice,
+        _try_misc,
+    ):
         res = check(node, ctx)
         if res is not None:
             return res
@@ -245,8 +382,10 @@ def _try_view(node, ctx):
     p_out = math.prod(int(e) for e in prefix_out)
     c_out = batch_factor(vout.shape[dout], ctx.s0)
     if big_outer % p_out or c_out % (big_outer // p_out):
-        return (f"the view {tuple(vin.shape)} -> {tuple(vout.shape)} folds the batch "
-                "dimension into another dimension")
+        return (
+            f"the view {tuple(vin.shape)} -> {tuple(vout.shape)} folds the batch "
+            "dimension into another dimension"
+        )
     outer = big_outer // p_out
     return (outer, c_out // outer)
 
@@ -274,8 +413,11 @@ def _try_norm(node, ctx):
         if _bdim(src, ctx) == 1:
             return "its channel dimension is the batch dimension"
         return _carry(node, ctx, [src])
-    if node.target in (aten.batch_norm.default, aten._native_batch_norm_legit.default,
-                       aten._native_batch_norm_legit_functional.default):
+    if node.target in (
+        aten.batch_norm.default,
+        aten._native_batch_norm_legit.default,
+        aten._native_batch_norm_legit_functional.default,
+    ):
         return "training-mode batch norm normalises over the batch (rows would mix)"
     return None
 
@@ -283,8 +425,11 @@ def _try_norm(node, ctx):
 def _try_linear(node, ctx):
     if node.target not in (aten.linear.default, aten.addmm.default):
         return None
-    x, params = (node.args[0], node.args[1:]) if node.target is aten.linear.default else (
-        node.args[1], (node.args[0], node.args[2]))
+    x, params = (
+        (node.args[0], node.args[1:])
+        if node.target is aten.linear.default
+        else (node.args[1], (node.args[0], node.args[2]))
+    )
     if any(isinstance(p, fx.Node) and ctx.is_user(p) for p in params):
         return "its weight is user-side data (it would contract over the batch)"
     if not ctx.is_user(x) or _bdim(x, ctx) is None or _bdim(x, ctx) == tensor_val(x).dim() - 1:
@@ -352,10 +497,12 @@ def _try_slice(node, ctx):
     if node.target is not aten.slice.Tensor:
         return None
     src = node.args[0]
-    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
     if _norm(dim, tensor_val(src).dim()) == _bdim(src, ctx):
-        full = start in (0, None) and step in (1, None) and (
-            end is None or (isinstance(end, int) and end >= 2**62)
+        full = (
+            start in (0, None)
+            and step in (1, None)
+            and (end is None or (isinstance(end, int) and end >= 2**62))
         )
         if not full:
             return "it slices the batch dimension"
@@ -364,6 +511,12 @@ def _try_slice(node, ctx):
 
 def _try_misc(node, ctx):
     t = node.target
+    if t in (aten.pad.default, aten.constant_pad_nd.default):
+        src, pad = node.args[0], node.args[1]
+        rank, bd = tensor_val(src).dim(), _bdim(node.args[0], ctx)
+        if bd is None or bd >= rank - len(pad) // 2:
+            return "it pads the batch dimension"
+        return _carry(node, ctx, [src])
     if t is aten.repeat.default:
         src, reps = node.args[0], node.args[1]
         bd = _aligned(src, len(reps), ctx)
@@ -400,7 +553,7 @@ def _einsum(node, ctx):
         return "einsum with ellipsis is not proven"
     ins, out = eq.replace(" ", "").split("->")
     letters = set()
-    for spec, op in zip(ins.split(","), ops):
+    for spec, op in zip(ins.split(","), ops, strict=True):
         if ctx.is_user(op):
             d = _bdim(op, ctx)
             if d is None:

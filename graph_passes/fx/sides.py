@@ -24,8 +24,17 @@ from torch import fx
 
 from graph_passes.fx import rowwise
 from graph_passes.fx._base import (
-    BATCH_KEY, SIDE_KEY, PassResult, batch_factor, batch_symbol, graph_module_of, module_path,
-    op_name, source_line, tensor_val, user_input_names,
+    BATCH_KEY,
+    SIDE_KEY,
+    PassResult,
+    batch_factor,
+    batch_symbol,
+    graph_module_of,
+    module_path,
+    op_name,
+    source_line,
+    tensor_val,
+    user_input_names,
 )
 from graph_passes.onnx.errors import PassError
 from runtime.spec import FeatureSpec
@@ -33,9 +42,15 @@ from runtime.spec import FeatureSpec
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 COLUMNS_KEY = "ugsep.columns"
-_COLUMN_PRESERVING = {aten._to_copy.default, aten.to.dtype, aten.clone.default,
-                      aten.contiguous.default, aten.alias.default, aten.detach.default,
-                      aten.lift_fresh_copy.default}
+_COLUMN_PRESERVING = {
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+}
 
 
 class SideAnalysisPass:
@@ -175,7 +190,7 @@ def _columns_after(node: fx.Node, src: fx.Node) -> list[int] | None:
     if node.target in _COLUMN_PRESERVING:
         return cols
     if node.target is aten.slice.Tensor:
-        dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+        dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
         dim = dim + rank if dim < 0 else dim
         if dim == rank - 1:
             return cols[slice(start, end, step)]
