@@ -52,7 +52,13 @@ class TritonServer:
         log_path: str | Path | None = None,
         ready_timeout_s: float = 120.0,
         extra_args: list[str] | None = None,
+        binary: str | Path | None = None,
+        backend_dir: str | Path | None = None,
+        environ: dict[str, str] | None = None,
     ) -> None:
+        """``binary``/``backend_dir``/``environ`` override the pytriton wheel's server and
+        our Python env, e.g. to run a full Triton install (``/opt/tritonserver`` in NGC
+        images, which has the onnxruntime and tensorrt backends)."""
         self.repository = Path(repository).absolute()
         if not self.repository.is_dir():
             raise BackendUnavailableError(f"Triton model repository '{self.repository}' is not a directory")
@@ -60,6 +66,7 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self.extra_args = list(extra_args or [])
         self._log_path = Path(log_path) if log_path else None
+        self.binary, self.backend_dir, self.environ = binary, backend_dir, environ
         self._proc: subprocess.Popen | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
 
@@ -89,11 +96,12 @@ class TritonServer:
         return self._log_path
 
     def command(self) -> list[str]:
-        env = self.env
+        binary = self.binary or self.env.install.binary
+        backend_dir = self.backend_dir or self.env.backend_dir
         return [
-            str(env.install.binary),
+            str(binary),
             f"--model-repository={self.repository}",
-            f"--backend-directory={env.backend_dir}",
+            f"--backend-directory={backend_dir}",
             f"--http-address={HOST}", f"--http-port={self.http_port}",
             f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
@@ -105,12 +113,14 @@ class TritonServer:
         """Start the process and block until every model is ready (or raise with the log)."""
         if self._proc is not None:
             return self
-        self.env = self.env or ensure_triton_env(create=False)
+        if self.env is None and None in (self.binary, self.backend_dir, self.environ):
+            self.env = ensure_triton_env(create=False)
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         with open(self.log_path, "wb") as logf:
             self._proc = subprocess.Popen(
                 self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                env=self.env.server_environ(), start_new_session=True,
+                env=self.environ if self.environ is not None else self.env.server_environ(),
+                start_new_session=True,
             )
         log.info("tritonserver pid %d on http %s (log %s)", self._proc.pid, self.http_url, self.log_path)
         try:

@@ -1,0 +1,118 @@
+"""The GPU repository: BLS orchestrator + user/group stage models.
+
+On this CPU machine the same topology runs on the pytriton tritonserver with the stage
+graphs in the Python backend (``stage_backend="python"``): the orchestrator, its BLS
+calls, the one-user-call/one-group-call batching and the user cache are all real.
+Where a GPU and a full Triton install (onnxruntime backend) exist, the ``gpu`` test
+loads the onnxruntime-backend repository as written for fleets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.triton import write_repository
+from runtime.triton.server import TritonServer
+from tests.serving.split_bundle import eager_scores
+from tests.triton.conftest import ranking, triton_inputs, triton_scores
+
+TOL = 1e-5
+
+
+def _stats(client, model: str) -> dict:
+    return client.get_inference_statistics(model)["model_stats"][0]
+
+
+@pytest.fixture(scope="module")
+def bls_server(tmp_path_factory, tri_bundle, triton_env):
+    repo = write_repository(tri_bundle, tmp_path_factory.mktemp("bls_repo"), "gpu",
+                            stage_backend="python", max_queue_delay_us=20_000)
+    with TritonServer(repo.root, triton_env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bls_client(bls_server):
+    import tritonclient.http as th
+
+    c = th.InferenceServerClient(bls_server.http_url, concurrency=8)
+    yield c
+    c.close()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_bls_scores_match_runtime_and_eager(bls_client, tri_scorer, tri_parts, binary):
+    rankings = [ranking(s, 6) for s in (21, 22)]
+    got = triton_scores(bls_client, "toysplit", rankings, binary)
+    for row, (user, cands) in zip(got, rankings):
+        np.testing.assert_allclose(row, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+        np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
+
+
+@pytest.mark.triton
+def test_one_user_call_per_batch_and_cached_users_skip_it(bls_client, tri_scorer):
+    """A batch of rankings -> one call to each stage model; a repeat user -> none to the user model."""
+    before = {m: _stats(bls_client, m) for m in ("toysplit", "toysplit_user", "toysplit_group")}
+    rankings = [ranking(200 + s, 3 + s % 5) for s in range(16)]
+    pending = [bls_client.async_infer("toysplit", triton_inputs([r], True)) for r in rankings]
+    for p, (user, cands) in zip(pending, rankings):
+        got = p.get_result().as_numpy("ctr")[0]
+        np.testing.assert_allclose(got, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+    after = {m: _stats(bls_client, m) for m in before}
+    runs = {m: int(after[m]["execution_count"]) - int(before[m]["execution_count"]) for m in before}
+    assert runs["toysplit_user"] == runs["toysplit_group"] == runs["toysplit"] < len(rankings)
+
+    user, cands = rankings[0]  # the same user again, new candidates: served from the cache
+    again = ranking(999, 4)[1]
+    u0 = int(_stats(bls_client, "toysplit_user")["inference_count"])
+    g0 = int(_stats(bls_client, "toysplit_group")["inference_count"])
+    got = triton_scores(bls_client, "toysplit", [(user, again)], binary=True)[0]
+    np.testing.assert_allclose(got, tri_scorer.score(user, again)["ctr"], rtol=0, atol=TOL)
+    assert int(_stats(bls_client, "toysplit_user")["inference_count"]) == u0
+    assert int(_stats(bls_client, "toysplit_group")["inference_count"]) == g0 + 1
+
+
+@pytest.mark.triton
+def test_bls_bad_input_names_the_input(bls_client):
+    from tritonclient.utils import InferenceServerException
+
+    user, cands = ranking(31, 3)
+    bad = {**user, "user_ids": np.full_like(user["user_ids"], -1)}
+    with pytest.raises(InferenceServerException, match=r"user_ids.*-1"):
+        triton_scores(bls_client, "toysplit", [(bad, cands)], binary=True)
+
+
+def _gpu_triton() -> tuple[Path, Path] | str:
+    """(tritonserver binary, backend dir with onnxruntime) or the reason to skip."""
+    if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi"], capture_output=True).returncode:
+        return "no NVIDIA GPU on this machine (nvidia-smi absent or failing)"
+    home = Path(os.environ.get("UGSEP_TRITON_HOME", "/opt/tritonserver"))
+    if not (home / "bin" / "tritonserver").is_file() or not (home / "backends" / "onnxruntime").is_dir():
+        return (f"no Triton install with the onnxruntime backend at {home} (set UGSEP_TRITON_HOME; "
+                "the nvidia-pytriton wheel ships only the Python backend)")
+    return home / "bin" / "tritonserver", home / "backends"
+
+
+@pytest.mark.gpu
+def test_gpu_repository_loads_and_scores_on_a_gpu(tmp_path, tri_bundle, tri_scorer):
+    found = _gpu_triton()
+    if isinstance(found, str):
+        pytest.skip(found)
+    binary, backends = found
+    import tritonclient.http as th
+
+    repo = write_repository(tri_bundle, tmp_path / "repo", "gpu")
+    with TritonServer(repo.root, binary=binary, backend_dir=backends, environ=dict(os.environ)) as server:
+        client = th.InferenceServerClient(server.http_url)
+        for m in repo.models:
+            assert client.is_model_ready(m), server.log_tail()
+        user, cands = ranking(41, 8)
+        got = triton_scores(client, "toysplit", [(user, cands)], binary=True)[0]
+        np.testing.assert_allclose(got, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=1e-4)
