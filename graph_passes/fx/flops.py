@@ -1,7 +1,7 @@
 """FLOP accounting: ``meta["ugsep.flops"]`` per node at batch size 1, totals per side.
 
 Counts are the usual roofline conventions: 2·M·N·K for contractions, one FLOP per
-output element for elementwise ops, ~5 per element for softmax / normalisation,
+output element for elementwise ops (per input element for reductions), ~5 per element for softmax / normalisation,
 nothing for views, indexing and embedding lookups (memory, not arithmetic).
 Constant-only nodes (weight preprocessing) run once per call and are not per row.
 """
@@ -96,6 +96,8 @@ def node_flops(node: fx.Node) -> sympy.Expr:
         return 2 * _numel(q) * s + 2 * _numel(out) * s + 5 * _numel(q) / sym_expr(q.shape[-1]) * s
     if t in _HEAVY:
         return 5 * _numel(out)
+    if t in rowwise.ALONG_DIMS and tensor_val(node.args[0]) is not None:
+        return _numel(tensor_val(node.args[0]))  # reductions/scans: one op per input element
     return _numel(out)
 
 
