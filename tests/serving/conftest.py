@@ -48,3 +48,11 @@ def make_request(seed: int, n: int, user_seed: int | None = None) -> tuple[dict,
         "item_dense": rc.standard_normal((n, 2)).astype(np.float32),
     }
     return user, cands
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tmp_path_factory, split_bundle_v2):
+    """The v2 weights served under the model name 'other'."""
+    from tests.serving.split_bundle import renamed_copy
+
+    return renamed_copy(split_bundle_v2, tmp_path_factory.mktemp("other") / "other", "other")

@@ -155,3 +155,14 @@ def eager_scores(user: UserPart, group: GroupPart, user_feats: dict, cands: dict
         out = group(torch.from_numpy(cands["item_ids"]), torch.from_numpy(cands["item_dense"]), u,
                     torch.zeros(n, dtype=torch.int64))
     return out.numpy()
+
+
+def renamed_copy(src: str | Path, dst: str | Path, model_name: str) -> Path:
+    """A copy of a bundle served under another model name (the manifest is not hashed)."""
+    import shutil
+
+    dst = Path(shutil.copytree(src, dst))
+    data = json.loads((dst / "manifest.json").read_text())
+    data["model_name"] = model_name
+    (dst / "manifest.json").write_text(json.dumps(data, indent=2))
+    return dst

@@ -183,11 +183,8 @@ def test_full_queue_answers_429_and_accepted_requests_finish(split_bundle, score
         assert 'ugsep_request_failures_total{model="toysplit",reason="overloaded"} 3.0' in httpx.get(srv.url + "/metrics").text
 
 
-def test_two_bundles_are_two_models(split_bundle, tmp_path):
-    from tests.serving.split_bundle import make_parts, write_split_bundle
-
-    other = write_split_bundle(tmp_path / "b", *make_parts(seed=3), model_name="other")
-    with ServerThread(build_app([split_bundle, other])) as srv:
+def test_two_bundles_are_two_models(split_bundle, other_bundle):
+    with ServerThread(build_app([split_bundle, other_bundle])) as srv:
         client = triton.InferenceServerClient(f"127.0.0.1:{srv.port}")
         user, cands = make_request(2, 5)
         a = triton_scores(client, MODEL, user, cands, binary=True)
