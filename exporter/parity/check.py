@@ -56,12 +56,11 @@ def check_bundle(
     groups = M.request_groups(request_ids)
     n = len(request_ids)
     model = model.eval()
-    todo = bundle_stages(bundle, stages)
+    get_program = _program_cache(model, spec, program)
+    todo = bundle_stages(bundle, stages, program=get_program)
     with _progress(progress, len(todo) + 1, n) as bar:
         reference = _run_batched(lambda r: eager_outputs(model, spec, r), rows, bar, "eager fp32")
-        results = [
-            _check_stage(st, rows, reference, labels, groups, budgets, bar) for st in todo
-        ]
+        results = [_check_stage(st, rows, reference, labels, groups, budgets, bar) for st in todo]
     report = ParityReport(
         bundle=str(bundle.root),
         model_name=bundle.manifest.model_name,
@@ -74,10 +73,12 @@ def check_bundle(
         labels=labels,
     )
     if localise and not report.passed:
-        _localise_failures(report, bundle, model, spec, rows, program)
+        _localise_failures(report, bundle, model, spec, rows, get_program)
     if write:
         if not Path(bundle_dir).is_dir():
-            raise ExportError(f"cannot write parity.json into '{bundle_dir}': not a bundle directory")
+            raise ExportError(
+                f"cannot write parity.json into '{bundle_dir}': not a bundle directory"
+            )
         report.write(bundle_dir)
     return report
 
@@ -156,15 +157,29 @@ def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str
     return out
 
 
-def _localise_failures(report, bundle, model, spec, rows, program) -> None:
-    try:
-        from exporter.parity.localise import localise_stage
-    except ImportError:  # localisation lands separately
-        return
+def _program_cache(model: torch.nn.Module, spec: FeatureSpec, program: Any):
+    """The model's ExportedProgram, captured on first use (split-eager, localisation)."""
+    holder = {"program": program}
+
+    def get():
+        if holder["program"] is None:
+            from exporter.capture import capture
+
+            holder["program"] = capture(model, spec)
+        return holder["program"]
+
+    return get
+
+
+def _localise_failures(report, bundle, model, spec, rows, get_program) -> None:
+    from exporter.parity.localise import localise_stage
+
     for st in report.stages:
         if st.status == "failed":
             try:
-                st.localisation = localise_stage(bundle, st.name, model, spec, rows, program=program)
+                st.localisation = localise_stage(
+                    bundle, st.name, model, spec, rows, program=get_program()
+                )
             except Exception as e:  # noqa: BLE001 - a report without localisation beats none
                 log.warning("could not localise stage %s: %s", st.name, e)
                 st.localisation = {"note": f"localisation failed: {type(e).__name__}: {e}"}

@@ -69,7 +69,8 @@ def _summary_table(report: ParityReport) -> str:
         for out in list(s.outputs) or [None]:
             h = s.headline(out) if out else {}
             cells = "".join(
-                f"<td>{'–' if h.get(k) is None else _e(fmt.format(h[k]))}</td>" for _, k, fmt in COLUMNS
+                f"<td>{'–' if h.get(k) is None else _e(fmt.format(h[k]))}</td>"
+                for _, k, fmt in COLUMNS
             )
             notes = "; ".join(s.breaches.get(out, [])) if out else (s.reason or "")
             rows.append(
@@ -84,7 +85,9 @@ def _summary_table(report: ParityReport) -> str:
 
 
 def _stage_section(report: ParityReport, s: StageResult) -> str:
-    parts = [f"<h2 id='{_e(s.name)}'>{_e(s.name)} <span class='{s.status}'>{_e(s.status)}</span></h2>"]
+    parts = [
+        f"<h2 id='{_e(s.name)}'>{_e(s.name)} <span class='{s.status}'>{_e(s.status)}</span></h2>"
+    ]
     if s.reason:
         parts.append(f"<p>{_e(s.reason)}</p>")
     for out, ref in report.reference.items():
@@ -100,12 +103,20 @@ def _stage_section(report: ParityReport, s: StageResult) -> str:
     if s.localisation:
         parts.append("<h3>Localisation</h3>" + _localisation(s.localisation))
     if s.budgets:
-        cells = "".join(f"<tr><td>{_e(k)}</td><td>{_e(f'{v:g}')}</td></tr>" for k, v in s.budgets.items())
-        parts.append(f"<h3>Budgets</h3><table><tr><th>metric</th><th>limit</th></tr>{cells}</table>")
+        cells = "".join(
+            f"<tr><td>{_e(k)}</td><td>{_e(f'{v:g}')}</td></tr>" for k, v in s.budgets.items()
+        )
+        parts.append(
+            f"<h3>Budgets</h3><table><tr><th>metric</th><th>limit</th></tr>{cells}</table>"
+        )
         if s.not_evaluated:
-            parts.append(f"<p>Not evaluated (no data for them): {_e(', '.join(s.not_evaluated))}</p>")
+            parts.append(
+                f"<p>Not evaluated (no data for them): {_e(', '.join(s.not_evaluated))}</p>"
+            )
     if s.outputs:
-        parts.append(f"<details><summary>All metrics</summary><pre>{_e(json.dumps(s.to_dict()['outputs'], indent=1))}</pre></details>")
+        parts.append(
+            f"<details><summary>All metrics</summary><pre>{_e(json.dumps(s.to_dict()['outputs'], indent=1))}</pre></details>"
+        )
     return "\n".join(parts)
 
 
@@ -163,6 +174,8 @@ def _histogram(ref: np.ndarray, got: np.ndarray, stage: str, out: str) -> str:
     ax.hist(err if err.size else [0.0], bins=60, color="#1f77b4")
     ax.set_xlabel(f"{stage} − eager ({out})")
     ax.set_ylabel("rows")
-    ax.set_title(f"{stage}: error distribution (max |e| = {np.abs(err).max() if err.size else 0:.2e})")
+    ax.set_title(
+        f"{stage}: error distribution (max |e| = {np.abs(err).max() if err.size else 0:.2e})"
+    )
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
     return _png(fig)

@@ -114,7 +114,9 @@ def reference_values(program, spec: FeatureSpec, rows: Rows) -> list[RefNode]:
         if node.op != "call_function" or not isinstance(v, torch.Tensor):
             continue
         path, mtype = _module_of(node)
-        out.append(RefNode(node.name, path, mtype, str(node.target), _code_of(node), v.detach().numpy()))
+        out.append(
+            RefNode(node.name, path, mtype, str(node.target), _code_of(node), v.detach().numpy())
+        )
     return out
 
 
@@ -194,7 +196,9 @@ def match(ref: list[RefNode], values: list[OnnxValue]) -> dict[str, OnnxValue]:
     for key, vs in val_groups.items():
         rs = ref_groups.get(key, [])
         if len(rs) == len(vs) and not any(id(v) in taken for v in vs):
-            matched.update({r.name: v for r, v in zip(rs, vs, strict=True) if r.name not in matched})
+            matched.update(
+                {r.name: v for r, v in zip(rs, vs, strict=True) if r.name not in matched}
+            )
     return matched
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from exporter.capture import to_torch_inputs
 from exporter.errors import ExportError
 from runtime.backends.ort import OrtBackend
 from runtime.bundle import Bundle
-from runtime.scorer import Scorer
+from runtime.scorer import USER_INDEX, Scorer
 from runtime.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,21 @@ def _scorer_runner(scorer: Scorer, spec: FeatureSpec) -> Callable[[Rows], Output
     return run
 
 
-def bundle_stages(bundle: Bundle, names: list[str] | None = None) -> list[Stage]:
-    """The compiled stages of ``bundle`` that parity knows, filtered by ``names`` when given."""
+def bundle_stages(
+    bundle: Bundle, names: list[str] | None = None, program: Callable[[], Any] | None = None
+) -> list[Stage]:
+    """The compiled stages of ``bundle`` that parity knows, filtered by ``names`` when given.
+
+    ``program`` returns the model's ExportedProgram; with it a split bundle also gets the
+    ``split-eager`` stage (the split pass's FX graphs run in PyTorch).
+    """
     m = bundle.manifest
     suffix = "" if m.precision == "fp32" else f"-{m.precision}"
     backend = OrtBackend(intra_op_threads=1)
-    stages = [Stage(f"onnx-full{suffix}", m.precision, _lazy(bundle, backend, False))]
+    stages = []
+    if m.is_split and program is not None:
+        stages.append(Stage("split-eager", "fp32", _split_eager(m.spec, program)))
+    stages.append(Stage(f"onnx-full{suffix}", m.precision, _lazy(bundle, backend, False)))
     if m.is_split:
         stages.append(Stage(f"onnx-split{suffix}", m.precision, _lazy(bundle, backend, True)))
     stages.append(_trt_stage(bundle, f"tensorrt{suffix}"))
@@ -115,6 +125,36 @@ def _lazy(bundle: Bundle, backend, split: bool) -> Callable[[Rows], Outputs]:
         return holder["run"](rows)
 
     return run
+
+
+def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> Callable[[Rows], Outputs]:
+    """The UG split's user and group GraphModules, run eagerly like the runtime runs the ONNX."""
+    holder: dict[str, Any] = {}
+
+    def run(rows: Rows) -> Outputs:
+        if "split" not in holder:
+            from graph_passes.fx import SplitUserGroupPass
+
+            holder["split"] = SplitUserGroupPass(spec).call(program()).graph_module
+        res = holder["split"]
+        if not res.is_split:
+            raise ExportError(
+                f"the split pass does not split '{spec.name}' now, yet the bundle is split"
+            )
+        users, user_index = user_rows(spec, rows)
+        with torch.no_grad():
+            boundary = _as_tuple(res.user(*[torch.from_numpy(users[n]) for n in res.user_inputs]))
+            feeds = {b["name"]: t for b, t in zip(res.boundary, boundary, strict=True)}
+            feeds[USER_INDEX] = torch.from_numpy(user_index)
+            feeds.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()})
+            out = _as_tuple(res.group(*[feeds[n] for n in res.group_inputs]))
+        return {n: t.float().numpy() for n, t in zip(spec.outputs, out, strict=True)}
+
+    return run
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def _trt_stage(bundle: Bundle, name: str) -> Stage:

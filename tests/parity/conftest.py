@@ -1,9 +1,4 @@
-"""Small real bundles for parity tests: a full-only toy and a hand-split two-sided model.
-
-The split bundle is built here (not by the split pass) from two explicit torch modules,
-exported through torch.export and torch.onnx like the pipeline does, so parity can be
-tested on user.onnx + group.onnx independently of how the split is computed.
-"""
+"""A small two-sided model and its real split bundle (full.onnx, user.onnx, group.onnx)."""
 
 from __future__ import annotations
 
@@ -28,7 +23,6 @@ SPLIT_SPEC = {
     ],
     "outputs": ["ctr"],
 }
-BOUNDARY = ("user_a", "user_b")
 
 
 class UserTower(torch.nn.Module):
@@ -78,48 +72,26 @@ class SplitToy(torch.nn.Module):
         return self.group(item_ids, item_dense, a, b, idx)
 
 
-class Side(torch.nn.Module):
-    """Holds one tower under the attribute name it has in SplitToy, so module paths agree."""
-
-    def __init__(self, name: str, tower: torch.nn.Module) -> None:
-        super().__init__()
-        self.name = name
-        setattr(self, name, tower)
-
-    def forward(self, *args):
-        return getattr(self, self.name)(*args)
-
-
-def _export_part(module, args, dims, in_names, out_names, batch_dims):
-    ep = torch.export.export(module.eval(), args, dynamic_shapes=(dims,), strict=False)
-    return export_onnx(ep, in_names, out_names, batch_dims=batch_dims)
-
-
 def build_split_bundle(model: SplitToy, out_dir) -> None:
-    """full.onnx from the whole model; user.onnx / group.onnx from its two towers."""
+    """The export pipeline's steps by hand: capture, full.onnx, the real UG split, write."""
+    from exporter.split import split_to_onnx
+
     spec = FeatureSpec.from_dict(SPLIT_SPEC)
-    m, n = torch.export.Dim("m", min=1, max=4096), torch.export.Dim("n", min=1, max=65536)
-    full = capture(model, spec)
+    program = capture(model, spec)
     names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
-    rows = to_torch_inputs(spec, sample_rows(spec, 6, seed=1))
-    ua, ub = model.user(rows["user_ids"][:3], rows["user_dense"][:3])
-    uidx = torch.tensor([0, 0, 1, 2, 2, 1])
-    user = _export_part(
-        Side("user", model.user), (rows["user_ids"][:3], rows["user_dense"][:3]), ({0: m}, {0: m}),
-        ["user_ids", "user_dense"], list(BOUNDARY), {k: "users" for k in ("user_ids", "user_dense", *BOUNDARY)},
-    )
-    group = _export_part(
-        Side("group", model.group), (rows["item_ids"], rows["item_dense"], ua, ub, uidx),
-        ({0: n}, {0: n}, {0: m}, {0: m}, {0: n}),
-        ["item_ids", "item_dense", *BOUNDARY, "user_index"], ["ctr"],
-        {"user_a": "users", "user_b": "users"},
-    )
+    art = split_to_onnx(program, spec)
+    assert art.is_split, art.report
     w = BundleWriter(out_dir)
-    w.add_stage("full", "full.onnx", export_onnx(full, names, ["ctr"]))
-    w.add_stage("user", "user.onnx", user)
-    w.add_stage("group", "group.onnx", group)
-    boundary = [{"name": b, "dtype": "float32", "shape": [8], "source": b} for b in BOUNDARY]
-    w.finish(model_name=spec.name, spec=spec, split={"boundary": boundary, "user_index": "user_index"})
+    w.add_stage("full", "full.onnx", export_onnx(program, names, ["ctr"]))
+    w.add_stage("user", "user.onnx", art.user)
+    w.add_stage("group", "group.onnx", art.group)
+    w.finish(model_name=spec.name, spec=spec, split=art.manifest_split(), flops=art.flops)
+
+
+def boundary_names(bundle_dir) -> list[str]:
+    from runtime.manifest import Manifest
+
+    return [b["name"] for b in Manifest.read(bundle_dir).split["boundary"]]
 
 
 @pytest.fixture(scope="session")

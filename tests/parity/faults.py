@@ -97,7 +97,10 @@ def quantize_weight(
     qn, sn, dq = f"{w_init.name}_q", f"{w_init.name}_scale", f"{w_init.name}_dq"
     model.graph.initializer.remove(w_init)
     model.graph.initializer.extend(
-        [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale * np.float32(scale_error), sn)]
+        [
+            numpy_helper.from_array(q, qn),
+            numpy_helper.from_array(scale * np.float32(scale_error), sn),
+        ]
     )
     node.input[:] = [dq if i == w_init.name else i for i in node.input]
     model.graph.node.insert(0, helper.make_node("DequantizeLinear", [qn, sn], [dq], axis=axis))

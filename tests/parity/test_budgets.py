@@ -23,7 +23,11 @@ def test_overrides_flat_per_precision_and_per_stage(tmp_path):
     path = tmp_path / "b.yaml"
     path.write_text(
         yaml.safe_dump(
-            {"max_abs": 2e-5, "w8a16": {"top10_overlap_mean": 0.9}, "stages": {"onnx-split": {"max_abs": 1e-3}}}
+            {
+                "max_abs": 2e-5,
+                "w8a16": {"top10_overlap_mean": 0.9},
+                "stages": {"onnx-split": {"max_abs": 1e-3}},
+            }
         )
     )
     b = load_budgets(path)
@@ -58,7 +62,8 @@ def test_missing_budget_file(tmp_path):
 def test_evaluate_directions_and_not_evaluated():
     metrics = {"max_abs": 2e-5, "cosine": 0.99, "top10_overlap": {"mean": 0.97}, "auc": None}
     breaches, skipped = evaluate(
-        metrics, {"max_abs": 1e-5, "cosine": 0.999, "top10_overlap_mean": 0.95, "abs_delta_auc": 1e-4}
+        metrics,
+        {"max_abs": 1e-5, "cosine": 0.999, "top10_overlap_mean": 0.95, "abs_delta_auc": 1e-4},
     )
     assert len(breaches) == 2
     assert breaches[0].startswith("max_abs = 2e-05 (budget ≤ 1e-05)")

@@ -14,6 +14,7 @@ from exporter import ExportOptions, LoadedModel, export_bundle
 from exporter.parity import check_bundle
 from runtime.manifest import Manifest
 from runtime.spec import FeatureSpec
+from tests.parity.conftest import boundary_names
 from tests.parity.faults import quantize_weight, rehash, scale_weight, swap_inputs, transpose_input
 
 
@@ -29,7 +30,11 @@ def test_scaled_weight_in_group_graph(split_bundle, split_model):
     report = check_bundle(split_bundle, split_model, n_rows=300, progress=False)
     assert report.failed_stages == ["onnx-split"]  # full.onnx is untouched and passes
     first = _first(report, "onnx-split")
-    assert (first["graph"], first["module"], first["op"]) == ("group.onnx", "group.cross", "aten.linear.default")
+    assert (first["graph"], first["module"], first["op"]) == (
+        "group.onnx",
+        "group.cross",
+        "aten.linear.default",
+    )
     assert "self.cross(" in first["code"]
     assert report.stage("onnx-split").localisation["last_agreeing"] is not None
 
@@ -43,12 +48,17 @@ def test_scaled_weight_in_full_graph_user_layer(split_bundle, split_model):
 
 
 def test_swapped_boundary_tensor(split_bundle, split_model):
-    swap_inputs(split_bundle, "group.onnx", "user_a", "user_b")
+    a, b = boundary_names(split_bundle)  # two [M, 8] tensors: swapping them type-checks
+    swap_inputs(split_bundle, "group.onnx", a, b)
     report = check_bundle(split_bundle, split_model, n_rows=300, progress=False)
     assert report.failed_stages == ["onnx-split"]
     first = _first(report, "onnx-split")
     # the user graph agrees; the first wrong tensor is where group.onnx gathers a boundary
-    assert (first["graph"], first["module"], first["op"]) == ("group.onnx", "group", "aten.index.Tensor")
+    assert (first["graph"], first["module"], first["op"]) == (
+        "group.onnx",
+        "group",
+        "aten.index.Tensor",
+    )
     assert "user_a[user_index]" in first["code"]
 
 
@@ -104,7 +114,9 @@ def seq_bundle_master(tmp_path_factory):
     model = SeqModel().eval()
     out = tmp_path_factory.mktemp("seq") / "bundle"
     spec = FeatureSpec.from_dict(SEQ_SPEC)
-    export_bundle(LoadedModel(spec=spec, module=model), out, ExportOptions(split=False, parity=False))
+    export_bundle(
+        LoadedModel(spec=spec, module=model), out, ExportOptions(split=False, parity=False)
+    )
     return out, model
 
 
