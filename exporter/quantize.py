@@ -253,10 +253,10 @@ def quantize_bundle_stages(
     record["budget"] = opts.limits() if runner else None
     out: dict[str, onnx.ModelProto] = {}
     layers, refusals = [], []
-    hint: set[str] = set()  # float groups chosen on the split path, tried first on full
+    prior: dict[str, Any] = {}  # the split path's findings, reused for full
     for path in paths:
-        keep, table, outcome = _select(path, opts, runner, hint) if runner else (set(), {}, None)
-        hint |= {g.split(":", 1)[1] for g in keep}
+        keep, table, outcome = _select(path, opts, runner, prior) if runner else (set(), {}, None)
+        prior = {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
         protos, refused = path.build(opts, keep_float=keep)
         out.update(protos)
         refusals += refused
@@ -288,36 +288,68 @@ def _canonical(stage: str, proto: onnx.ModelProto) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def _select(path: _Path, opts: QuantizeOptions, runner: _Runner, hint: set[str]):
-    """(groups kept in float, per-group effect table, outcome record) for one serving path."""
+def _select(path: _Path, opts: QuantizeOptions, runner: _Runner, prior: dict[str, Any]):
+    """(groups kept in float, per-group effect table, outcome record) for one serving path.
+
+    ``prior`` carries what the split path found ({"table", "keep"} by bare group name): the
+    full graph holds the same layers, so their effects are reused and its float set tried first.
+    """
     limits = opts.limits()
     everything = runner.measure(path.build(opts)[0], limits)
-    table = {g: runner.measure(path.build(opts, only=[g])[0], limits) for g in path.groups}
+    table = _effects(path, opts, runner, limits, prior.get("table", {}))
     outcome: dict[str, Any] = {"all_quantized": everything}
-    keep: list[str] = []
-    current = everything
-    hinted = [g for g in path.groups if g.split(":", 1)[1] in hint]
-    if hinted and not everything["passed"]:  # the split path's choice, if it carries over
+    keep, current = [], everything
+    hinted = [g for g in path.groups if _bare(g) in prior.get("keep", ())]
+    if hinted and not everything["passed"]:
         trial = runner.measure(path.build(opts, keep_float=hinted)[0], limits)
         if trial["passed"]:
             keep, current = hinted, trial
-    ranked = sorted(path.groups, key=lambda g: _damage(table[g]), reverse=True)
-    while opts.select and not current["passed"] and len(keep) < len(ranked):
-        keep.append(ranked[len(keep)])
-        current = runner.measure(path.build(opts, keep_float=keep)[0], limits)
-        log.info(
-            "quantize %s: %d group(s) in float -> passed=%s",
-            "+".join(path.stages),
-            len(keep),
-            current["passed"],
-        )
-    outcome["selected"] = current
-    outcome["kept_float"] = keep
+    if opts.select and not current["passed"]:
+        ranked = sorted(path.groups, key=lambda g: _damage(table[g]), reverse=True)
+        keep, current = _bisect(path, opts, runner, limits, ranked)
+    outcome["selected"], outcome["kept_float"] = current, keep
     if not current["passed"]:
         log.warning(
             "quantization of %s misses the budget: %s", "+".join(path.stages), current["breaches"]
         )
     return set(keep), table, outcome
+
+
+def _bare(group: str) -> str:
+    return group.split(":", 1)[1]
+
+
+def _effects(path: _Path, opts, runner: _Runner, limits, prior: dict[str, Any]) -> dict[str, Any]:
+    """Each group quantized alone, everything else float: its effect on the outputs vs eager."""
+    table = {}
+    for g in path.groups:
+        if _bare(g) in prior:
+            table[g] = {**prior[_bare(g)], "measured_on": prior[_bare(g)].get("measured_on")}
+        else:
+            table[g] = {
+                **runner.measure(path.build(opts, only=[g])[0], limits),
+                "measured_on": "+".join(path.stages),
+            }
+    return table
+
+
+def _bisect(path: _Path, opts, runner: _Runner, limits, ranked: list[str]):
+    """Smallest k (by bisection over the damage ranking) whose top-k groups in float pass."""
+    lo, hi = 0, len(ranked)  # k=lo is known to fail; k=hi (all float) is the fp32 graph
+    tried: dict[int, dict[str, Any]] = {}
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        tried[mid] = runner.measure(path.build(opts, keep_float=ranked[:mid])[0], limits)
+        log.info(
+            "quantize %s: %d group(s) in float -> passed=%s",
+            "+".join(path.stages),
+            mid,
+            tried[mid]["passed"],
+        )
+        lo, hi = (lo, mid) if tried[mid]["passed"] else (mid, hi)
+    if hi not in tried:
+        tried[hi] = runner.measure(path.build(opts, keep_float=ranked[:hi])[0], limits)
+    return ranked[:hi], tried[hi]
 
 
 def _layer_rows(
@@ -334,7 +366,10 @@ def _layer_rows(
                 "precision": "fp32" if g in keep else label,
                 "effect": None
                 if effect is None
-                else {k: v for o in effect["outputs"].values() for k, v in o.items()},
+                else {
+                    **{k: v for o in effect["outputs"].values() for k, v in o.items()},
+                    "measured_on": effect["measured_on"],
+                },
             }
         )
     return rows

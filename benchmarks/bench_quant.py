@@ -1,0 +1,218 @@
+"""W8A16 on ONNX Runtime CPU: fp32 split bundle vs ours vs ORT's own MatMulNBitsQuantizer.
+
+    .venv/bin/python benchmarks/bench_quant.py [--checkpoint DIR] [--out FILE] [--rounds R]
+
+Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no split):
+
+    fp32            the split bundle as exported (the baseline)
+    fp32-canonical  our canonicalisation only (Einsum/Gemm -> 2-D MatMul), still fp32:
+                    separates what canonicalisation buys from what quantization buys
+    ours-w8a16      exporter.quantize (sensitivity-selected int8, MatMulNBits accuracy_level=4)
+    ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
+                    block 128, asymmetric) on the same fp32 graphs: the peer to beat
+    ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
+
+A request is one user and N candidates: user graph at M=1, group graph at N (as the
+runtime's split path). Latency: 2 intra-op threads, variants interleaved round by round,
+medians. Accuracy: every variant vs the EAGER fp32 model on held-out synthetic requests
+(disjoint from the rows the selection calibrated on): |ΔAUC|, mean top-10 overlap, max abs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporter.parity.check import output_metrics  # noqa: E402
+from exporter.parity.metrics import request_groups  # noqa: E402
+from exporter.parity.stages import eager_outputs, user_rows  # noqa: E402
+from exporter.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
+from graph_passes.onnx import linear_weight_bytes, quantize_onnx  # noqa: E402
+
+CANDIDATES = 100
+
+
+def _load(args):
+    from exporter.load import load_student
+
+    if args.checkpoint:
+        return load_student(args.checkpoint)
+    from students.train import distill
+
+    out = Path(args.work) / "student"
+    if not (out / "student" / "model.safetensors").exists():
+        distill("rankmixer", "bench", out, progress=False)
+    return load_student(out / "student")
+
+
+def _held_out(spec, n_requests: int, seed: int):
+    from students.data import make_dataset
+
+    _, _, held = make_dataset("bench", n_train=1, n_requests=n_requests, candidates=CANDIDATES, seed=seed)
+    return held
+
+
+def _take(rows, lo, hi):
+    return {k: v[lo:hi] for k, v in rows.items()}
+
+
+def _export_fp32(loaded, work: Path) -> dict[str, onnx.ModelProto]:
+    from exporter.pipeline import ExportOptions, export_bundle
+
+    ctx = export_bundle(loaded, work / "fp32", ExportOptions(precision="fp32", parity=False, overwrite=True))
+    return dict(ctx.stages)
+
+
+def _ort_peer(proto: onnx.ModelProto, **kw) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(proto.SerializeToString()), **kw)
+    q.process()
+    return q.model.model
+
+
+def _variants(stages, spec, calib) -> tuple[dict, dict]:
+    names = ("user", "group") if "user" in stages else ("full",)
+    fp32 = {k: stages[k] for k in names}
+    from onnx_ir import serde
+
+    canon = {k: serde.serialize_model(quantize_onnx(v, target="qdq", only=[]).model) for k, v in fp32.items()}
+    ours, record = quantize_bundle_stages(stages, spec, options=QuantizeOptions("w8a16", "ort-cpu"), calibration=calib)
+    return {
+        "fp32": fp32,
+        "fp32-canonical": canon,
+        "ours-w8a16": {k: ours[k] for k in names},
+        "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
+        "ort-8bit": {k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()},
+    }, record
+
+
+class _Pair:
+    """Sessions of one variant; ``score(users, cands, user_index)`` runs it as the runtime does."""
+
+    def __init__(self, protos: dict[str, onnx.ModelProto]) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        so.log_severity_level = 3
+        self.sess = {k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]) for k, p in protos.items()}
+        self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sess.items()}
+
+    def _run(self, stage, feeds):
+        s = self.sess[stage]
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, {n: feeds[n] for n in self.inputs[stage]})))
+
+    def score(self, users, cands, user_index):
+        if "full" in self.sess:
+            feeds = {**{k: v[user_index] for k, v in users.items()}, **cands}
+            return self._run("full", feeds)
+        boundary = self._run("user", users)
+        return self._run("group", {**cands, **boundary, "user_index": user_index})
+
+
+def _request(spec, rows, n: int):
+    """One user and n candidates (candidates cycled from held-out rows of that user's request)."""
+    idx = np.arange(n) % CANDIDATES
+    users = {s.name: rows[s.name][:1] for s in spec.inputs if s.side in ("user", "mixed")}
+    cands = {s.name: rows[s.name][idx] for s in spec.group_inputs}
+    return users, cands, np.zeros(n, dtype=np.int64)
+
+
+def _latency(pairs, spec, rows, n: int, rounds: int) -> dict[str, dict[str, float]]:
+    req = _request(spec, rows, n)
+    times = {k: [] for k in pairs}
+    for p in pairs.values():
+        for _ in range(3):
+            p.score(*req)
+    order = list(pairs)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            t0 = time.perf_counter()
+            pairs[k].score(*req)
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["fp32"])
+    return {
+        k: {"median_ms": 1e3 * statistics.median(v), "p90_ms": 1e3 * float(np.percentile(v, 90)),
+            "ratio_vs_fp32": statistics.median(v) / base, "rounds": len(v)}
+        for k, v in times.items()
+    }
+
+
+def _accuracy(pairs, spec, rows, reference, labels, rids) -> dict[str, dict]:
+    users, user_index = user_rows(spec, rows)
+    cands = {s.name: rows[s.name] for s in spec.group_inputs}
+    groups = request_groups(rids)
+    out = {}
+    for k, p in pairs.items():
+        got = p.score(users, cands, user_index)
+        m = output_metrics(reference["ctr"], got["ctr"].reshape(reference["ctr"].shape), labels, groups)
+        out[k] = {"max_abs": m["max_abs"], "mean_abs": m["mean_abs"], "auc_eager": m.get("auc_ref"),
+                  "delta_auc": m.get("delta_auc"), "top10_overlap_mean": (m.get("top10_overlap") or {}).get("mean")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="trained student dir (default: train the bench RankMixer)")
+    ap.add_argument("--work", default="/tmp/ugsep_bench_quant")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_quant.json"))
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rounds-512", type=int, default=12)
+    ap.add_argument("--requests", type=int, default=20, help="held-out requests for accuracy (x100 rows)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = _load(args)
+    spec, model = loaded.spec, loaded.eager().eval()
+    held = _held_out(spec, 2 * args.requests, seed=7)
+    n_eval = args.requests * CANDIDATES
+    evaluation, calib_rows = _take(held, 0, n_eval), _take(held, n_eval, 2 * n_eval)
+    ref_eval = eager_outputs(model, spec, {s.name: evaluation[s.name] for s in spec.inputs})
+    ref_cal = eager_outputs(model, spec, {s.name: calib_rows[s.name] for s in spec.inputs})
+    calib = Calibration({s.name: calib_rows[s.name] for s in spec.inputs}, ref_cal, calib_rows["label"], calib_rows["request_id"])
+    stages = _export_fp32(loaded, work)
+    t0 = time.perf_counter()
+    variants, record = _variants(stages, spec, calib)
+    select_s = time.perf_counter() - t0
+    pairs = {k: _Pair(v) for k, v in variants.items()}
+    result = {
+        "env": {"onnxruntime": ort.__version__, "threads": 2, "cpu": platform.processor() or platform.machine(),
+                "split": "user" in stages, "model": spec.name},
+        "weight_bytes": {k: {s: linear_weight_bytes(__import__("onnx_ir").serde.deserialize_model(p)) for s, p in v.items()} for k, v in variants.items()},
+        "selection": {"seconds": select_s, "kept_float": record["kept_float"], "outcome": record.get("outcome"),
+                      "weight_bytes": record["weight_bytes"]},
+        "accuracy": _accuracy(pairs, spec, {s.name: evaluation[s.name] for s in spec.inputs}, ref_eval,
+                              evaluation["label"], evaluation["request_id"]),
+        "latency": {"N=1": _latency(pairs, spec, evaluation, 1, args.rounds),
+                    "N=512": _latency(pairs, spec, evaluation, 512, args.rounds_512)},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    _print(result)
+    return 0
+
+
+def _print(result) -> None:
+    print(f"{'variant':<16}{'N=1 ms':>9}{'ratio':>7}{'N=512 ms':>10}{'ratio':>7}{'dAUC':>11}{'top10':>7}{'max_abs':>9}")
+    for k in result["accuracy"]:
+        a, l1, l5 = result["accuracy"][k], result["latency"]["N=1"][k], result["latency"]["N=512"][k]
+        print(f"{k:<16}{l1['median_ms']:>9.2f}{l1['ratio_vs_fp32']:>7.2f}{l5['median_ms']:>10.1f}{l5['ratio_vs_fp32']:>7.2f}"
+              f"{(a['delta_auc'] or 0):>11.2e}{(a['top10_overlap_mean'] or 0):>7.3f}{a['max_abs']:>9.2e}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
