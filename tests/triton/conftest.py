@@ -25,7 +25,10 @@ def tri_bundle(tmp_path_factory, tri_parts):
     """A verified, parity-passed split bundle (user.onnx, group.onnx, full.onnx)."""
     user, group = tri_parts
     return write_split_bundle(
-        tmp_path_factory.mktemp("triton_bundle") / "toysplit", user, group, max_candidates=MAX_CANDIDATES
+        tmp_path_factory.mktemp("triton_bundle") / "toysplit",
+        user,
+        group,
+        max_candidates=MAX_CANDIDATES,
     )
 
 
@@ -72,8 +75,54 @@ def triton_inputs(rankings: list[tuple[dict, dict]], binary: bool) -> list:
     return out
 
 
-def triton_scores(client, model: str, rankings: list[tuple[dict, dict]], binary: bool) -> np.ndarray:
+def triton_scores(
+    client, model: str, rankings: list[tuple[dict, dict]], binary: bool
+) -> np.ndarray:
     import tritonclient.http as th
 
     outputs = [th.InferRequestedOutput("ctr", binary_data=binary)]
     return client.infer(model, triton_inputs(rankings, binary), outputs=outputs).as_numpy("ctr")
+
+
+@pytest.fixture(scope="session")
+def toy_split_bundle(tmp_path_factory, toy_checkpoint):
+    """A bundle from the real exporter (capture, UG split, ONNX) with a real parity check."""
+    import torch
+
+    from exporter import ExportOptions, export_bundle, load_student
+    from exporter.parity.check import check_bundle
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("toy_split") / "toy"
+    loaded = load_student(toy_checkpoint)
+    export_bundle(loaded, out, ExportOptions(max_candidates=MAX_CANDIDATES))
+    report = check_bundle(out, loaded.eager(), n_rows=200, progress=False, localise=False)
+    assert report.passed, "the toy export failed its parity check"
+    return out
+
+
+def toy_ranking(seed: int, n: int) -> tuple[dict, dict]:
+    """One ranking for tests/conftest.py's TOY_SPEC (user_ids/user_dense, item_ids/item_dense)."""
+    r = np.random.default_rng(seed)
+    user = {
+        "user_ids": r.integers(0, 50, size=(1, 2)).astype(np.int64),
+        "user_dense": r.standard_normal((1, 3)).astype(np.float32),
+    }
+    cands = {
+        "item_ids": r.integers(0, 40, size=(n, 2)).astype(np.int64),
+        "item_dense": r.standard_normal((n, 1)).astype(np.float32),
+    }
+    return user, cands
+
+
+def toy_eager(user: dict, cands: dict) -> np.ndarray:
+    """Scores of the eager toy model (the checkpoint's weights), user row repeated per candidate."""
+    import torch
+
+    from tests.conftest import make_toy_model
+
+    n = cands["item_ids"].shape[0]
+    feeds = {k: torch.from_numpy(np.repeat(v, n, axis=0)) for k, v in user.items()}
+    feeds.update({k: torch.from_numpy(v) for k, v in cands.items()})
+    with torch.no_grad():
+        return make_toy_model()(**feeds).numpy()

@@ -28,7 +28,9 @@ def load_config(model_dir) -> pb.ModelConfig:
 
 
 def io(cfg) -> dict:
-    return {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in (*cfg.input, *cfg.output)}
+    return {
+        t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in (*cfg.input, *cfg.output)
+    }
 
 
 def test_cpu_config_batches_rankings_from_the_bundle_limits(tmp_path, tri_bundle):
@@ -39,8 +41,10 @@ def test_cpu_config_batches_rankings_from_the_bundle_limits(tmp_path, tri_bundle
     assert cfg.backend == "python" and cfg.max_batch_size == limits["max_users_per_call"]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 777
     assert io(cfg) == {
-        "user_ids": ("TYPE_INT64", [3]), "user_dense": ("TYPE_FP32", [4]),
-        "item_ids": ("TYPE_INT64", [-1, 2]), "item_dense": ("TYPE_FP32", [-1, 2]),
+        "user_ids": ("TYPE_INT64", [3]),
+        "user_dense": ("TYPE_FP32", [4]),
+        "item_ids": ("TYPE_INT64", [-1, 2]),
+        "item_dense": ("TYPE_FP32", [-1, 2]),
         "ctr": ("TYPE_FP32", [-1]),
     }
     ragged = {t.name for t in cfg.input if t.allow_ragged_batch}
@@ -56,18 +60,29 @@ def test_cpu_config_batches_rankings_from_the_bundle_limits(tmp_path, tri_bundle
 def test_gpu_configs_validate_and_wire_the_split(tmp_path, tri_bundle):
     repo = write_repository(tri_bundle, tmp_path, "gpu")
     assert repo.models == ["toysplit", "toysplit_user", "toysplit_group"]
-    user, group, entry = (load_config(tmp_path / m) for m in ("toysplit_user", "toysplit_group", "toysplit"))
+    user, group, entry = (
+        load_config(tmp_path / m) for m in ("toysplit_user", "toysplit_group", "toysplit")
+    )
     for cfg in (user, group):
         assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 0
         assert [g.kind for g in cfg.instance_group] == [pb.ModelInstanceGroup.KIND_GPU]
-    assert io(user) == {"user_ids": ("TYPE_INT64", [-1, 3]), "user_dense": ("TYPE_FP32", [-1, 4]),
-                        "user_vec": ("TYPE_FP32", [-1, 16])}
-    assert io(group) == {"item_ids": ("TYPE_INT64", [-1, 2]), "item_dense": ("TYPE_FP32", [-1, 2]),
-                         "user_vec": ("TYPE_FP32", [-1, 16]), "user_index": ("TYPE_INT64", [-1]),
-                         "ctr": ("TYPE_FP32", [-1])}
+    assert io(user) == {
+        "user_ids": ("TYPE_INT64", [-1, 3]),
+        "user_dense": ("TYPE_FP32", [-1, 4]),
+        "user_vec": ("TYPE_FP32", [-1, 16]),
+    }
+    assert io(group) == {
+        "item_ids": ("TYPE_INT64", [-1, 2]),
+        "item_dense": ("TYPE_FP32", [-1, 2]),
+        "user_vec": ("TYPE_FP32", [-1, 16]),
+        "user_index": ("TYPE_INT64", [-1]),
+        "ctr": ("TYPE_FP32", [-1]),
+    }
     assert entry.backend == "python" and entry.HasField("dynamic_batching")
     stages = json.loads(entry.parameters["stages"].string_value)
-    assert stages["user"]["model"] == "toysplit_user" and stages["group"]["inputs"][-1] == "user_index"
+    assert (
+        stages["user"]["model"] == "toysplit_user" and stages["group"]["inputs"][-1] == "user_index"
+    )
     for m in ("toysplit_user", "toysplit_group"):
         assert (tmp_path / m / "1" / "model.onnx").is_file()
 
@@ -79,8 +94,12 @@ def test_tensorrt_engines_become_plan_models_per_compute_capability(tmp_path, tr
     engines = []
     for cc in ("8.6", "9.0"):
         d = f"engines/sm{cc.replace('.', '')}-trt10.3"
-        engines.append({"dir": d, "gpu": "test", "compute_capability": cc, "trt_version": "10.3", "files": {}})
-    files = {f"{e['dir']}/{s}.plan": b"not a real engine" for e in engines for s in ("user", "group")}
+        engines.append(
+            {"dir": d, "gpu": "test", "compute_capability": cc, "trt_version": "10.3", "files": {}}
+        )
+    files = {
+        f"{e['dir']}/{s}.plan": b"not a real engine" for e in engines for s in ("user", "group")
+    }
     update_bundle(b, files, engines=engines)
     write_repository(b, tmp_path / "repo", "gpu")
     cfg = load_config(tmp_path / "repo" / "toysplit_group")
@@ -112,7 +131,9 @@ def test_unverified_bundles_and_name_clashes_are_refused(tmp_path, tri_bundle):
     assert cfg.parameters["allow_unverified"].string_value == "true"
     with pytest.raises(BundleError, match="already has model"):
         write_repository(b, tmp_path / "repo", allow_unverified=True)
-    write_repository(b, tmp_path / "repo", allow_unverified=True, overwrite=True, model_name="v2 model")
+    write_repository(
+        b, tmp_path / "repo", allow_unverified=True, overwrite=True, model_name="v2 model"
+    )
     assert (tmp_path / "repo" / "v2_model" / "config.pbtxt").is_file()
 
 
@@ -132,7 +153,10 @@ def _getter(arrays):
 def test_rows_from_request_splits_rankings_and_names_bad_shapes(tri_scorer):
     spec = tri_scorer.spec
     (u1, c1), (u2, c2) = ranking(1, 4), ranking(2, 4)
-    arrays = {**{k: np.concatenate([u1[k], u2[k]]) for k in u1}, **{k: np.stack([c1[k], c2[k]]) for k in c1}}
+    arrays = {
+        **{k: np.concatenate([u1[k], u2[k]]) for k in u1},
+        **{k: np.stack([c1[k], c2[k]]) for k in c1},
+    }
     rows = rows_from_request(spec, _getter(arrays), MAX_CANDIDATES)
     assert [r.n for r in rows] == [4, 4]
     np.testing.assert_array_equal(rows[1].user["user_ids"], u2["user_ids"])
@@ -145,4 +169,6 @@ def test_rows_from_request_splits_rankings_and_names_bad_shapes(tri_scorer):
     with pytest.raises(RequestError, match="'user_key' names one user"):
         rows_from_request(spec, _getter(arrays), MAX_CANDIDATES, user_key="k:alice")
     with pytest.raises(RequestError, match="'user_dense' is missing"):
-        rows_from_request(spec, _getter({k: v for k, v in arrays.items() if k != "user_dense"}), MAX_CANDIDATES)
+        rows_from_request(
+            spec, _getter({k: v for k, v in arrays.items() if k != "user_dense"}), MAX_CANDIDATES
+        )

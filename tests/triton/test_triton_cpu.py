@@ -13,16 +13,23 @@ import pytest
 from runtime.triton import write_repository
 from runtime.triton.server import TritonServer
 from tests.serving.split_bundle import eager_scores
-from tests.triton.conftest import ranking, triton_scores
+from tests.triton.conftest import ranking, toy_eager, toy_ranking, triton_scores
 
 pytestmark = pytest.mark.triton
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cpu_server(tmp_path_factory, tri_bundle, triton_env):
-    repo = write_repository(tri_bundle, tmp_path_factory.mktemp("cpu_repo"), "cpu",
-                            max_queue_delay_us=20_000, intra_op_threads=1)
+def cpu_server(tmp_path_factory, tri_bundle, toy_split_bundle, triton_env):
+    root = tmp_path_factory.mktemp("cpu_repo")
+    write_repository(toy_split_bundle, root, "cpu")  # the real exporter's bundle, model "toy"
+    repo = write_repository(
+        tri_bundle,
+        root,
+        "cpu",
+        max_queue_delay_us=20_000,
+        intra_op_threads=1,
+    )
     with TritonServer(repo.root, triton_env) as server:
         yield server
 
@@ -45,11 +52,25 @@ def test_scores_match_runtime_and_eager(client, tri_scorer, tri_parts, binary):
     np.testing.assert_allclose(got[0], eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
 
 
+def test_exported_bundle_scores_match_eager_model(client, toy_split_bundle):
+    """The real exporter's split bundle (capture -> UG split -> ONNX -> parity) on Triton."""
+    import runtime
+
+    scorer = runtime.load(toy_split_bundle, "onnxruntime")
+    assert scorer.split, "the toy model's user tower should have been split off"
+    rankings = [toy_ranking(s, 3 + s) for s in range(3)]
+    for binary in (False, True):
+        for user, cands in rankings:
+            got = triton_scores(client, "toy", [(user, cands)], binary)[0]
+            np.testing.assert_allclose(got, scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+            np.testing.assert_allclose(got, toy_eager(user, cands), rtol=0, atol=TOL)
+
+
 def test_one_request_with_several_rankings(client, tri_parts):
     rankings = [ranking(s, 5) for s in (2, 3, 4)]
     got = triton_scores(client, "toysplit", rankings, binary=True)
     assert got.shape == (3, 5)
-    for row, (user, cands) in zip(got, rankings):
+    for row, (user, cands) in zip(got, rankings, strict=True):
         np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
 
 
@@ -61,7 +82,7 @@ def test_concurrent_requests_with_different_n_are_batched_and_exact(client, cpu_
     # tritonclient.http is gevent-based: async_infer is its way to have requests in flight
     pending = [client.async_infer("toysplit", triton_inputs([r], True)) for r in rankings]
     results = [p.get_result().as_numpy("ctr") for p in pending]
-    for got, (user, cands) in zip(results, rankings):
+    for got, (user, cands) in zip(results, rankings, strict=True):
         np.testing.assert_allclose(got[0], tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
     stats = client.get_inference_statistics("toysplit")["model_stats"][0]
     # more inferences than executions: Triton merged requests into one execute()

@@ -31,8 +31,13 @@ def _stats(client, model: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bls_server(tmp_path_factory, tri_bundle, triton_env):
-    repo = write_repository(tri_bundle, tmp_path_factory.mktemp("bls_repo"), "gpu",
-                            stage_backend="python", max_queue_delay_us=20_000)
+    repo = write_repository(
+        tri_bundle,
+        tmp_path_factory.mktemp("bls_repo"),
+        "gpu",
+        stage_backend="python",
+        max_queue_delay_us=20_000,
+    )
     with TritonServer(repo.root, triton_env) as server:
         yield server
 
@@ -51,7 +56,7 @@ def bls_client(bls_server):
 def test_bls_scores_match_runtime_and_eager(bls_client, tri_scorer, tri_parts, binary):
     rankings = [ranking(s, 6) for s in (21, 22)]
     got = triton_scores(bls_client, "toysplit", rankings, binary)
-    for row, (user, cands) in zip(got, rankings):
+    for row, (user, cands) in zip(got, rankings, strict=True):
         np.testing.assert_allclose(row, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
         np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
 
@@ -62,7 +67,7 @@ def test_one_user_call_per_batch_and_cached_users_skip_it(bls_client, tri_scorer
     before = {m: _stats(bls_client, m) for m in ("toysplit", "toysplit_user", "toysplit_group")}
     rankings = [ranking(200 + s, 3 + s % 5) for s in range(16)]
     pending = [bls_client.async_infer("toysplit", triton_inputs([r], True)) for r in rankings]
-    for p, (user, cands) in zip(pending, rankings):
+    for p, (user, cands) in zip(pending, rankings, strict=True):
         got = p.get_result().as_numpy("ctr")[0]
         np.testing.assert_allclose(got, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
     after = {m: _stats(bls_client, m) for m in before}
@@ -91,12 +96,20 @@ def test_bls_bad_input_names_the_input(bls_client):
 
 def _gpu_triton() -> tuple[Path, Path] | str:
     """(tritonserver binary, backend dir with onnxruntime) or the reason to skip."""
-    if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi"], capture_output=True).returncode:
+    if (
+        shutil.which("nvidia-smi") is None
+        or subprocess.run(["nvidia-smi"], capture_output=True).returncode
+    ):
         return "no NVIDIA GPU on this machine (nvidia-smi absent or failing)"
     home = Path(os.environ.get("UGSEP_TRITON_HOME", "/opt/tritonserver"))
-    if not (home / "bin" / "tritonserver").is_file() or not (home / "backends" / "onnxruntime").is_dir():
-        return (f"no Triton install with the onnxruntime backend at {home} (set UGSEP_TRITON_HOME; "
-                "the nvidia-pytriton wheel ships only the Python backend)")
+    if (
+        not (home / "bin" / "tritonserver").is_file()
+        or not (home / "backends" / "onnxruntime").is_dir()
+    ):
+        return (
+            f"no Triton install with the onnxruntime backend at {home} (set UGSEP_TRITON_HOME; "
+            "the nvidia-pytriton wheel ships only the Python backend)"
+        )
     return home / "bin" / "tritonserver", home / "backends"
 
 
@@ -109,7 +122,9 @@ def test_gpu_repository_loads_and_scores_on_a_gpu(tmp_path, tri_bundle, tri_scor
     import tritonclient.http as th
 
     repo = write_repository(tri_bundle, tmp_path / "repo", "gpu")
-    with TritonServer(repo.root, binary=binary, backend_dir=backends, environ=dict(os.environ)) as server:
+    with TritonServer(
+        repo.root, binary=binary, backend_dir=backends, environ=dict(os.environ)
+    ) as server:
         client = th.InferenceServerClient(server.http_url)
         for m in repo.models:
             assert client.is_model_ready(m), server.log_tail()
