@@ -1,6 +1,7 @@
 """Distillation in the Rec-Distill manner, on synthetic data from a known click model.
 
-1. A larger teacher (a wide RankMixer) learns from the labels.
+1. A larger teacher (a big DCN) learns from the labels of a longer log: the students'
+   rows plus ``teacher_data_factor - 1`` times as many more, as production teachers do.
 2. The student learns from the labels plus the teacher's logits:
    ``BCE(z_s, y) + alpha * T^2 * BCE(sigmoid(z_s / T), sigmoid(z_t / T))``.
 3. The same student (same initialisation, same batches) learns from the labels alone:
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from students.base import Student, model_inputs
 from students.checkpoint import load_checkpoint, save_checkpoint
-from students.data import make_dataset, rename, save_npz
+from students.data import make_dataset, rename, save_npz, take
 from students.metrics import auc, bayes_auc, expected_bayes_auc, log_loss
 from students.zoo import FACTORY, build_model, model_kwargs
 
@@ -48,13 +49,14 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """How much data and how many passes (defaults: sized for ``tiny`` on a small CPU)."""
 
-    n_train: int = 60_000
+    n_train: int = 60_000  # the students' rows
+    teacher_data_factor: int = 3  # the teacher learns from this many times more rows (a longer log)
     n_requests: int = 400
     candidates: int = 50
     epochs: int = 2
-    teacher_epochs: int = 3
-    batch_size: int = 512
-    lr: float = 3e-3
+    teacher_epochs: int = 2
+    batch_size: int = 1024
+    lr: float = 1e-2
     alpha: float = 1.0  # weight of the distillation term
     temperature: float = 1.0
     max_steps: int | None = None  # cap on optimiser steps per model (short bench runs)
@@ -189,9 +191,11 @@ def distill(
         torch.set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
-        _world, rows, held = make_dataset(size, cfg.n_train, cfg.n_requests, cfg.candidates, seed)
+        n_log = cfg.n_train * max(1, cfg.teacher_data_factor)
+        _world, log_rows, held = make_dataset(size, n_log, cfg.n_requests, cfg.candidates, seed)
+        rows = take(log_rows, slice(0, cfg.n_train))
         with _progress(progress) as bar:
-            teacher, t_metrics = _teacher(size, seed, rows, held, cfg, out, bar, teacher_dir)
+            teacher, t_metrics = _teacher(size, seed, log_rows, held, cfg, out, bar, teacher_dir)
             soft = predict_logits(teacher, rows)
             student, s_metrics = _train_one("student", kind, size, seed + 1, rows, held, cfg, out,
                                             bar, epochs=cfg.epochs, teacher_logits=soft)
