@@ -131,3 +131,29 @@ def test_gpu_repository_loads_and_scores_on_a_gpu(tmp_path, tri_bundle, tri_scor
         user, cands = ranking(41, 8)
         got = triton_scores(client, "toysplit", [(user, cands)], binary=True)[0]
         np.testing.assert_allclose(got, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.triton
+def test_user_key_parameter_reuses_the_cached_user(bls_client, tri_scorer):
+    """`user_key` (a request parameter, as in `ugsep serve`) keys the user cache explicitly."""
+    import tritonclient.http as th
+
+    user, cands = ranking(51, 5)
+    outputs = [th.InferRequestedOutput("ctr", binary_data=True)]
+
+    def infer(u, c):
+        r = bls_client.infer(
+            "toysplit",
+            triton_inputs([(u, c)], True),
+            outputs=outputs,
+            parameters={"user_key": "alice"},
+        )
+        return r.as_numpy("ctr")[0]
+
+    first = infer(user, cands)
+    np.testing.assert_allclose(first, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+    calls = int(_stats(bls_client, "toysplit_user")["inference_count"])
+    other_user = ranking(52, 1)[0]  # different features, same key: the cached user is used
+    second = infer(other_user, cands)
+    np.testing.assert_allclose(second, first, rtol=0, atol=TOL)
+    assert int(_stats(bls_client, "toysplit_user")["inference_count"]) == calls
