@@ -47,7 +47,9 @@ def rows_from_request(
     cands = {s.name: _fetch(get, s.name) for s in spec.group_inputs}
     batch = {a.shape[0] if a.ndim else -1 for a in (*user.values(), *cands.values())}
     if len(batch) != 1 or -1 in batch:
-        raise RequestError(f"every input needs the same leading (batch) dimension; got {sorted(batch)}")
+        raise RequestError(
+            f"every input needs the same leading (batch) dimension; got {sorted(batch)}"
+        )
     for name, arr in cands.items():
         if arr.ndim < 2:
             raise RequestError(
@@ -56,10 +58,17 @@ def rows_from_request(
             )
     (b,) = batch
     if user_key is not None and b != 1:
-        raise RequestError(f"parameter 'user_key' names one user, but this request holds {b} rankings")
+        raise RequestError(
+            f"parameter 'user_key' names one user, but this request holds {b} rankings"
+        )
     rows = []
     for j in range(b):
-        p = prepare(spec, {k: v[j : j + 1] for k, v in user.items()}, {k: v[j] for k, v in cands.items()}, max_candidates)
+        p = prepare(
+            spec,
+            {k: v[j : j + 1] for k, v in user.items()},
+            {k: v[j] for k, v in cands.items()},
+            max_candidates,
+        )
         p.user_key = user_key
         rows.append(p)
     return rows
@@ -72,6 +81,25 @@ def _fetch(get: Callable[[str], np.ndarray | None], name: str) -> np.ndarray:
     return arr
 
 
-def stack_rows(outputs: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> dict[str, np.ndarray]:
+def stack_rows(
+    outputs: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Per-ranking outputs [N, ...] of one request -> [B, N, ...] per output name."""
     return {n: np.ascontiguousarray(np.stack([o[n] for o in outputs])) for n in names}
+
+
+def chunk_by_candidates(prepared: Sequence[Prepared], limit: int) -> list[list[Prepared]]:
+    """Consecutive groups whose candidate total stays within ``limit`` (one ranking may exceed it).
+
+    Triton bounds a dynamic batch by rankings (max_batch_size), not by candidates; this
+    bounds the group call's size so memory stays predictable.
+    """
+    chunks: list[list[Prepared]] = []
+    total = 0
+    for p in prepared:
+        if not chunks or total + p.n > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(p)
+        total += p.n
+    return chunks

@@ -102,7 +102,9 @@ def check(config, where: str = "config.pbtxt") -> None:
             if t.data_type == 0:  # TYPE_INVALID
                 problems.append(f"{kind} '{t.name}' has no data_type")
             if any(d < -1 or d == 0 for d in t.dims):
-                problems.append(f"{kind} '{t.name}' has dims {list(t.dims)} (each must be -1 or > 0)")
+                problems.append(
+                    f"{kind} '{t.name}' has dims {list(t.dims)} (each must be -1 or > 0)"
+                )
     if config.max_batch_size < 0:
         problems.append(f"max_batch_size is {config.max_batch_size}")
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:

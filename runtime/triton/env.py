@@ -38,7 +38,7 @@ from runtime.errors import BackendUnavailableError
 log = logging.getLogger(__name__)
 
 DEFAULT_PYTHON = "/usr/bin/python3.11"
-DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".venv-triton"
+_SOURCE_TREE = Path(__file__).resolve().parents[2]
 # What model.py needs inside Triton: the ugsep runtime is vendored into each repository,
 # so only its two third-party dependencies are installed here.
 REQUIREMENTS = ("numpy>=1.24,<2", "onnxruntime>=1.20")
@@ -48,6 +48,15 @@ _PROBE = (
     "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], 'numpy': numpy.__version__,"
     " 'onnxruntime': onnxruntime.__version__}))"
 )
+
+
+def default_venv() -> Path:
+    """``$UGSEP_TRITON_VENV``, else ``.venv-triton`` in a source checkout, else a user cache dir."""
+    if os.environ.get("UGSEP_TRITON_VENV"):
+        return Path(os.environ["UGSEP_TRITON_VENV"])
+    if (_SOURCE_TREE / "pyproject.toml").is_file():
+        return _SOURCE_TREE / ".venv-triton"
+    return Path.home() / ".cache" / "ugsep" / "triton-venv"
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,9 @@ class TritonInstall:
         install = cls(root=pkg / "tritonserver", libs=pkg.parent / "nvidia_pytriton.libs")
         for p in (install.binary, install.python_backend / "libtriton_python.so", install.libs):
             if not p.exists():
-                raise BackendUnavailableError(f"the nvidia-pytriton install is incomplete: '{p}' is missing")
+                raise BackendUnavailableError(
+                    f"the nvidia-pytriton install is incomplete: '{p}' is missing"
+                )
         return install
 
 
@@ -104,7 +115,9 @@ class TritonEnv:
             env.pop(var, None)
         env["VIRTUAL_ENV"] = str(self.venv)
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-        libs = [str(self.install.libs)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        libs = [str(self.install.libs)] + [
+            p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p
+        ]
         env["LD_LIBRARY_PATH"] = ":".join(libs)
         return env
 
@@ -113,7 +126,9 @@ def _run(cmd: list[str], what: str) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-        raise BackendUnavailableError(f"{what} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
+        raise BackendUnavailableError(
+            f"{what} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}"
+        )
     return r.stdout
 
 
@@ -139,21 +154,25 @@ def _install_backend(env: TritonEnv) -> None:
         )
     dst = env.backend_dir / "python"
     dst.mkdir(parents=True, exist_ok=True)
-    for src in (*sorted(env.install.python_backend.glob("*.so")),
-                env.install.python_backend / "triton_python_backend_utils.py", stub):
+    for src in (
+        *sorted(env.install.python_backend.glob("*.so")),
+        env.install.python_backend / "triton_python_backend_utils.py",
+        stub,
+    ):
         target = dst / src.name
         if not target.exists() or target.stat().st_size != src.stat().st_size:
             shutil.copy2(src, target)
 
 
 def ensure_triton_env(
-    venv: str | Path = DEFAULT_VENV, python: str = DEFAULT_PYTHON, *, create: bool = True
+    venv: str | Path | None = None, python: str = DEFAULT_PYTHON, *, create: bool = True
 ) -> TritonEnv:
     """Return a ready ``TritonEnv``, creating or repairing the venv when ``create``.
 
     Idempotent: a venv that already imports numpy<2 and onnxruntime is left alone.
+    ``venv`` defaults to ``default_venv()``.
     """
-    venv = Path(venv).absolute()
+    venv = Path(venv or default_venv()).absolute()
     install = TritonInstall.find()
     info = probe(venv)
     if info is None:
@@ -169,7 +188,14 @@ def ensure_triton_env(
             )
         log.info("creating the Triton Python environment at %s from %s", venv, python)
         _run([python, "-m", "venv", "--clear", str(venv)], "creating the Triton venv")
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        pip = [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+        ]
         _run([*pip, *REQUIREMENTS], "installing numpy<2 and onnxruntime into the Triton venv")
         info = probe(venv)
         if info is None:
@@ -182,9 +208,15 @@ def ensure_triton_env(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m runtime.triton.env``: create or validate the Triton Python environment."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.triton.env", description=__doc__.split("\n")[0])
-    ap.add_argument("--venv", default=str(DEFAULT_VENV), help="where the venv lives (default: %(default)s)")
-    ap.add_argument("--python", default=DEFAULT_PYTHON, help="the system interpreter (default: %(default)s)")
+    ap = argparse.ArgumentParser(
+        prog="python -m runtime.triton.env", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "--venv", default=str(default_venv()), help="where the venv lives (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--python", default=DEFAULT_PYTHON, help="the system interpreter (default: %(default)s)"
+    )
     ap.add_argument("--check", action="store_true", help="only validate; exit 1 when not ready")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -81,7 +81,11 @@ def write_stage_model(
         "input": [tensor(i["name"], i["dtype"], i["dims"]) for i in ins],
         "output": [tensor(o["name"], o["dtype"], o["dims"]) for o in outs],
     }
-    described = {"model": model, "inputs": [i["name"] for i in ins], "outputs": [o["name"] for o in outs]}
+    described = {
+        "model": model,
+        "inputs": [i["name"] for i in ins],
+        "outputs": [o["name"] for o in outs],
+    }
     if backend == "python":
         cfg["instance_group"] = [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}]
         vdir = python_model(root, model, "onnx_model.py", cfg)
@@ -94,7 +98,12 @@ def write_stage_model(
         cfg = {"backend": "onnxruntime", "default_model_filename": "model.onnx", **cfg}
         shutil.copyfile(bundle.stage_path(stage), vdir / "model.onnx")
     else:
-        cfg = {"backend": "tensorrt", "platform": "tensorrt_plan", **cfg, **_plans(bundle, stage, vdir)}
+        cfg = {
+            "backend": "tensorrt",
+            "platform": "tensorrt_plan",
+            **cfg,
+            **_plans(bundle, stage, vdir),
+        }
     write_config(root / model, {"name": model, **cfg})
     return described
 
@@ -118,7 +127,10 @@ def _plans(bundle: Bundle, stage: str, vdir: Path) -> dict:
         shutil.copyfile(src, vdir / fname)
         cc_files[cc] = fname
     first = next(iter(cc_files.values()))
-    return {"default_model_filename": first, "cc_model_filenames": [{"key": k, "value": v} for k, v in cc_files.items()]}
+    return {
+        "default_model_filename": first,
+        "cc_model_filenames": [{"key": k, "value": v} for k, v in cc_files.items()],
+    }
 
 
 def write_orchestrator(
@@ -131,11 +143,14 @@ def write_orchestrator(
         "input": inputs,
         "output": outputs,
         "instance_group": [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}],
-        "parameters": parameters({
-            "stages": json.dumps(stages, sort_keys=True),
-            "user_cache_bytes": int(opts.user_cache_bytes),
-            "user_cache_ttl_s": float(opts.user_cache_ttl_s),
-        }),
+        "parameters": parameters(
+            {
+                "stages": json.dumps(stages, sort_keys=True),
+                "user_cache_bytes": int(opts.user_cache_bytes),
+                "user_cache_ttl_s": float(opts.user_cache_ttl_s),
+                "max_batch_candidates": int(opts.max_batch_candidates),
+            }
+        ),
     }
     vdir = python_model(root, name, "bls_model.py", cfg)
     # The orchestrator needs the spec, limits and split layout, not the graphs.

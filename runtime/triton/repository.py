@@ -54,6 +54,7 @@ class RepositoryOptions:
     max_queue_delay_us: int = 500  # Triton dynamic batcher delay
     user_cache_bytes: int = 64 << 20  # per model instance; 0 disables the user cache
     user_cache_ttl_s: float = 300.0
+    max_batch_candidates: int = 8192  # candidates per group call; larger batches are chunked
     intra_op_threads: int = 0  # ONNX Runtime threads in the CPU model (0: ORT default)
     allow_unverified: bool = False  # serve a bundle with no/failed parity record
     stage_backend: str = "auto"  # gpu: auto | onnxruntime | tensorrt_plan | python
@@ -153,7 +154,11 @@ def ranking_io(bundle: Bundle) -> tuple[list[dict], list[dict]]:
     for s in spec.group_inputs:
         inputs.append(tensor(s.name, s.dtype, [-1, *s.shape], allow_ragged_batch=True))
     outs = stage_io(bundle, "group" if bundle.manifest.is_split else "full")[1]
-    outputs = [tensor(o["name"], o["dtype"], [-1, *o["dims"][1:]]) for o in outs if o["name"] in spec.outputs]
+    outputs = [
+        tensor(o["name"], o["dtype"], [-1, *o["dims"][1:]])
+        for o in outs
+        if o["name"] in spec.outputs
+    ]
     return inputs, outputs
 
 
@@ -165,8 +170,11 @@ def stage_io(bundle: Bundle, stage: str) -> tuple[list[dict], list[dict]]:
 
     def describe(values) -> list[dict]:
         return [
-            {"name": v.name, "dtype": _ort_dtype(v.type, v.name),
-             "dims": [d if isinstance(d, int) and d > 0 else -1 for d in v.shape]}
+            {
+                "name": v.name,
+                "dtype": _ort_dtype(v.type, v.name),
+                "dims": [d if isinstance(d, int) and d > 0 else -1 for d in v.shape],
+            }
             for v in values
         ]
 
@@ -174,14 +182,20 @@ def stage_io(bundle: Bundle, stage: str) -> tuple[list[dict], list[dict]]:
 
 
 _ORT_TYPES = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
 }
 
 
 def _ort_dtype(ort_type: str, name: str) -> str:
     if ort_type not in _ORT_TYPES:
-        raise BundleError(f"graph tensor '{name}' has type {ort_type}, which ugsep cannot map to Triton")
+        raise BundleError(
+            f"graph tensor '{name}' has type {ort_type}, which ugsep cannot map to Triton"
+        )
     return _ORT_TYPES[ort_type]
 
 
@@ -200,7 +214,8 @@ def parameters(values: dict[str, object]) -> list[dict]:
 def vendor_runtime(version_dir: Path) -> None:
     """Copy the ugsep runtime package (sources only) into ``version_dir/ugsep/runtime``."""
     shutil.copytree(
-        RUNTIME_DIR, version_dir / "ugsep" / "runtime",
+        RUNTIME_DIR,
+        version_dir / "ugsep" / "runtime",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"),
     )
 
@@ -228,12 +243,14 @@ def write_cpu_model(bundle: Bundle, root: Path, name: str, opts: RepositoryOptio
         "input": inputs,
         "output": outputs,
         "instance_group": [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}],
-        "parameters": parameters({
-            "user_cache_bytes": int(opts.user_cache_bytes),
-            "user_cache_ttl_s": float(opts.user_cache_ttl_s),
-            "intra_op_threads": int(opts.intra_op_threads),
-            "allow_unverified": "true" if opts.allow_unverified else "false",
-        }),
+        "parameters": parameters(
+            {
+                "user_cache_bytes": int(opts.user_cache_bytes),
+                "user_cache_ttl_s": float(opts.user_cache_ttl_s),
+                "intra_op_threads": int(opts.intra_op_threads),
+                "allow_unverified": "true" if opts.allow_unverified else "false",
+            }
+        ),
     }
     python_model(root, name, "cpu_model.py", cfg, bundle_src=bundle.root)
     return name

@@ -61,7 +61,9 @@ class TritonServer:
         images, which has the onnxruntime and tensorrt backends)."""
         self.repository = Path(repository).absolute()
         if not self.repository.is_dir():
-            raise BackendUnavailableError(f"Triton model repository '{self.repository}' is not a directory")
+            raise BackendUnavailableError(
+                f"Triton model repository '{self.repository}' is not a directory"
+            )
         self.env = env
         self.ready_timeout_s = ready_timeout_s
         self.extra_args = list(extra_args or [])
@@ -102,9 +104,12 @@ class TritonServer:
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={HOST}", f"--http-port={self.http_port}",
-            f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
+            f"--http-address={HOST}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=10",
             *self.extra_args,
         ]
@@ -118,11 +123,15 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         with open(self.log_path, "wb") as logf:
             self._proc = subprocess.Popen(
-                self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                self.command(),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
                 env=self.environ if self.environ is not None else self.env.server_environ(),
                 start_new_session=True,
             )
-        log.info("tritonserver pid %d on http %s (log %s)", self._proc.pid, self.http_url, self.log_path)
+        log.info(
+            "tritonserver pid %d on http %s (log %s)", self._proc.pid, self.http_url, self.log_path
+        )
         try:
             self.wait_ready()
         except BaseException:
@@ -168,7 +177,9 @@ class TritonServer:
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver pid %d did not stop in %.0fs; killing it", proc.pid, timeout_s)
+                log.warning(
+                    "tritonserver pid %d did not stop in %.0fs; killing it", proc.pid, timeout_s
+                )
                 proc.kill()
                 proc.wait()
         return proc.returncode

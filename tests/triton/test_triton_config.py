@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from runtime.errors import BundleError, ParityError, RequestError
 from runtime.manifest import Manifest
 from runtime.triton import write_repository
-from runtime.triton.batch import rows_from_request
+from runtime.triton.batch import chunk_by_candidates, rows_from_request
 from runtime.triton.config import TritonConfigError, render, write_config
 from tests.triton.conftest import MAX_CANDIDATES, ranking
 
@@ -172,3 +172,10 @@ def test_rows_from_request_splits_rankings_and_names_bad_shapes(tri_scorer):
         rows_from_request(
             spec, _getter({k: v for k, v in arrays.items() if k != "user_dense"}), MAX_CANDIDATES
         )
+
+
+def test_chunk_by_candidates_bounds_each_group_call(tri_scorer):
+    rows = [tri_scorer.prepare(*ranking(s, n)) for s, n in enumerate([5, 5, 7, 20, 1, 2])]
+    chunks = chunk_by_candidates(rows, 12)
+    assert [[r.n for r in c] for c in chunks] == [[5, 5], [7], [20], [1, 2]]
+    assert [r for c in chunks for r in c] == rows

@@ -29,6 +29,7 @@ def cpu_server(tmp_path_factory, tri_bundle, toy_split_bundle, triton_env):
         "cpu",
         max_queue_delay_us=20_000,
         intra_op_threads=1,
+        max_batch_candidates=16,  # small, so merged batches are also chunked
     )
     with TritonServer(repo.root, triton_env) as server:
         yield server

@@ -42,12 +42,13 @@ def user_key(request) -> str | None:
     return None if key is None else explicit_user_key(key)
 
 
-def execute_rankings(requests, spec, max_candidates, run, output_names):
+def execute_rankings(requests, spec, max_candidates, run, output_names, max_batch_candidates):
     """Validate every request, score all rankings with one ``run(prepared)``, respond.
 
-    A request with bad input gets its own error; the others are still scored.
+    A request with bad input gets its own error; the others are still scored. A batch
+    over ``max_batch_candidates`` candidates runs as several consecutive calls.
     """
-    from runtime.triton.batch import rows_from_request, stack_rows
+    from runtime.triton.batch import chunk_by_candidates, rows_from_request, stack_rows
 
     responses = [None] * len(requests)
     prepared, slots = [], []
@@ -63,14 +64,18 @@ def execute_rankings(requests, spec, max_candidates, run, output_names):
     if not prepared:
         return responses
     try:
-        outputs = run(prepared)
+        outputs = [
+            o for chunk in chunk_by_candidates(prepared, max_batch_candidates) for o in run(chunk)
+        ]
     except Exception as e:  # noqa: BLE001 - every request of the failed batch learns why
         for i, _, _ in slots:
             responses[i] = error_response(e)
         return responses
     for i, start, b in slots:
         stacked = stack_rows(outputs[start : start + b], output_names)
-        responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in stacked.items()])
+        responses[i] = pb_utils.InferenceResponse(
+            [pb_utils.Tensor(n, a) for n, a in stacked.items()]
+        )
     return responses
 
 

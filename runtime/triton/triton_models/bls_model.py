@@ -47,7 +47,9 @@ class BlsStages:
         st = self.stages[stage]
         kwargs = {}
         if hasattr(pb_utils, "PreferredMemory"):  # outputs to host memory: the cache is numpy
-            kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+            kwargs["preferred_memory"] = pb_utils.PreferredMemory(
+                pb_utils.TRITONSERVER_MEMORY_CPU, 0
+            )
         request = pb_utils.InferenceRequest(
             model_name=st["model"],
             requested_output_names=list(names),
@@ -72,11 +74,17 @@ class TritonPythonModel:
         self.cache = UserCache(
             int(params.get("user_cache_bytes") or 0), float(params.get("user_cache_ttl_s") or 300)
         )
+        self.max_batch_candidates = int(params.get("max_batch_candidates") or 8192)
         self._run_batch = run_batch
 
     def execute(self, requests):
         return _common.execute_rankings(
-            requests, self.stages.spec, self.stages.max_candidates, self._run, self.stages.output_names
+            requests,
+            self.stages.spec,
+            self.stages.max_candidates,
+            self._run,
+            self.stages.output_names,
+            self.max_batch_candidates,
         )
 
     def _run(self, prepared):

@@ -37,12 +37,17 @@ class TritonPythonModel:
         self.cache = UserCache(
             int(params.get("user_cache_bytes") or 0), float(params.get("user_cache_ttl_s") or 300)
         )
+        self.max_batch_candidates = int(params.get("max_batch_candidates") or 8192)
         self._run_batch = run_batch
 
     def execute(self, requests):
         return _common.execute_rankings(
-            requests, self.scorer.spec, self.scorer.max_candidates, self._run,
+            requests,
+            self.scorer.spec,
+            self.scorer.max_candidates,
+            self._run,
             list(self.scorer.spec.outputs),
+            self.max_batch_candidates,
         )
 
     def _run(self, prepared):

@@ -32,7 +32,9 @@ class TritonPythonModel:
                     for n in self.session.input_names
                 }
                 out = self.session.run(feeds)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in out.items()]))
+                responses.append(
+                    pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in out.items()])
+                )
             except Exception as e:  # noqa: BLE001 - this request's error only
                 responses.append(_common.error_response(e))
         return responses
