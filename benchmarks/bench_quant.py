@@ -46,22 +46,28 @@ CANDIDATES = 100
 
 
 def _load(args):
-    from exporter.load import load_student
+    from exporter.load import LoadedModel, load_student
 
     if args.checkpoint:
         return load_student(args.checkpoint)
+    if args.untrained:  # smoke runs only: accuracy numbers of a random model mean little
+        from runtime.spec import FeatureSpec
+        from students.zoo import build_student
+
+        m = build_student("rankmixer", args.size).eval()
+        return LoadedModel(spec=FeatureSpec.from_dict(m.feature_spec()), module=m)
     from students.train import distill
 
-    out = Path(args.work) / "student"
+    out = Path(args.work) / f"student-{args.size}"
     if not (out / "student" / "model.safetensors").exists():
-        distill("rankmixer", "bench", out, progress=False)
+        distill("rankmixer", args.size, out, progress=False)
     return load_student(out / "student")
 
 
-def _held_out(spec, n_requests: int, seed: int):
+def _held_out(size: str, n_requests: int, seed: int):
     from students.data import make_dataset
 
-    _, _, held = make_dataset("bench", n_train=1, n_requests=n_requests, candidates=CANDIDATES, seed=seed)
+    _, _, held = make_dataset(size, n_train=1, n_requests=n_requests, candidates=CANDIDATES, seed=seed)
     return held
 
 
@@ -171,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--rounds-512", type=int, default=12)
     ap.add_argument("--requests", type=int, default=20, help="held-out requests for accuracy (x100 rows)")
+    ap.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    ap.add_argument("--data-seed", type=int, default=0, help="world seed: the one the student was trained on")
+    ap.add_argument("--untrained", action="store_true", help="random-init student (smoke test only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     loaded = _load(args)
     spec, model = loaded.spec, loaded.eager().eval()
-    held = _held_out(spec, 2 * args.requests, seed=7)
+    held = _held_out(args.size, 2 * args.requests, seed=args.data_seed)
     n_eval = args.requests * CANDIDATES
     evaluation, calib_rows = _take(held, 0, n_eval), _take(held, n_eval, 2 * n_eval)
     ref_eval = eager_outputs(model, spec, {s.name: evaluation[s.name] for s in spec.inputs})
@@ -190,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = {k: _Pair(v) for k, v in variants.items()}
     result = {
         "env": {"onnxruntime": ort.__version__, "threads": 2, "cpu": platform.processor() or platform.machine(),
-                "split": "user" in stages, "model": spec.name},
+                "split": "user" in stages, "model": spec.name, "trained": not args.untrained,
+                "argv": sys.argv[1:]},
         "weight_bytes": {k: {s: linear_weight_bytes(__import__("onnx_ir").serde.deserialize_model(p)) for s, p in v.items()} for k, v in variants.items()},
         "selection": {"seconds": select_s, "kept_float": record["kept_float"], "outcome": record.get("outcome"),
                       "weight_bytes": record["weight_bytes"]},

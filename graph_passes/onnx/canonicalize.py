@@ -82,8 +82,9 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
     Handles ``MatMul(x[T, B, D], W)`` (bmm exports) and ``Einsum`` of the form
     ``"btd,tdh->bth"`` (any letters/token position; the weight may be ``[T, H, D]``).
     Per-token FFN weights (RankMixer-style) are a batched matmul that no 2-D weight-only
-    kernel accepts; ``Gather(x, t) @ W[t]`` for each token t, stacked back with
-    ``Unsqueeze`` + ``Concat``, is the same computation in quantizable form.
+    kernel accepts; ``Split`` along the token axis, ``x[t] @ W[t]`` per token (MatMul
+    broadcasts over the kept unit axis) and ``Concat`` back is the same computation in
+    quantizable form (2 + T ops).
     """
 
     def __init__(self, max_tokens: int = 64) -> None:
@@ -116,50 +117,48 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def _try_unroll(
-        self, graph: ir.Graph, node: ir.Node, w: np.ndarray, x_axis: int, out_axis: int, w_t: bool
+        self, graph: ir.Graph, node: ir.Node, w: np.ndarray, axis: int, w_t: bool
     ) -> str | None:
         x, tokens = node.inputs[0], w.shape[0]
-        if isinstance(x.shape[x_axis], int) and x.shape[x_axis] != tokens:
-            return (
-                f"activation has {x.shape[x_axis]} tokens on axis {x_axis}, the weight has {tokens}"
-            )
+        if isinstance(x.shape[axis], int) and x.shape[axis] != tokens:
+            return f"activation has {x.shape[axis]} tokens on axis {axis}, the weight has {tokens}"
         if tokens > self.max_tokens:
             return f"{tokens} tokens exceed max_tokens={self.max_tokens}"
         name, base = self.__class__.__name__, node.name or node.outputs[0].name
-        axis = add_initializer(graph, f"{base}_axis", np.array([out_axis], dtype=np.int64))
-        new_nodes, pieces = [], []
+        sizes = add_initializer(graph, f"{base}_split", np.ones(tokens, dtype=np.int64))
+        split = ir.Node(
+            "",
+            "Split",
+            [x, sizes],
+            attributes=[ir.AttrInt64("axis", axis)],
+            num_outputs=tokens,
+            name=f"{base}_split",
+        )
+        new_nodes, pieces = [tag(split, name)], []
         for t in range(tokens):
-            idx = add_initializer(graph, f"{base}_t{t}", np.array(t, dtype=np.int64))
             w_name = f"{node.inputs[1].name}.t{t}"  # layer names in reports: "ffn.w1.t3"
             wt = add_initializer(graph, w_name, np.ascontiguousarray(w[t].T if w_t else w[t]))
-            g = ir.Node(
-                "",
-                "Gather",
-                [x, idx],
-                attributes=[ir.AttrInt64("axis", x_axis)],
-                name=f"{base}_x{t}",
-            )
-            mm = ir.Node("", "MatMul", [g.outputs[0], wt], name=f"{base}_tok{t}")
-            un = ir.Node("", "Unsqueeze", [mm.outputs[0], axis], name=f"{base}_u{t}")
-            new_nodes += [tag(g, name), tag(mm, name, token=t), tag(un, name)]
-            pieces.append(un.outputs[0])
+            # [.., 1, .., D] @ [D, H] -> [.., 1, .., H]: MatMul broadcasts, no squeeze needed
+            mm = ir.Node("", "MatMul", [split.outputs[t], wt], name=f"{base}_tok{t}")
+            new_nodes.append(tag(mm, name, token=t))
+            pieces.append(mm.outputs[0])
         cat = ir.Node(
-            "", "Concat", pieces, attributes=[ir.AttrInt64("axis", out_axis)], name=f"{base}_cat"
+            "", "Concat", pieces, attributes=[ir.AttrInt64("axis", axis)], name=f"{base}_cat"
         )
         new_nodes.append(tag(cat, name))
         _replace(graph, node, new_nodes, cat.outputs[0])
         return None
 
 
-def _matmul_plan(node: ir.Node, w: np.ndarray) -> tuple[int, int, bool] | str:
+def _matmul_plan(node: ir.Node, w: np.ndarray) -> tuple[int, bool] | str:
     x = node.inputs[0]
     if x.shape is None or len(x.shape) != 3:
         return f"activation '{x.name}' is not known to be rank 3 (shape {x.shape})"
-    return 0, 0, False
+    return 0, False
 
 
-def _einsum_plan(node: ir.Node) -> tuple[int, int, bool] | str:
-    """(token axis of x, token axis of the output, transpose W[t]) for a per-token einsum."""
+def _einsum_plan(node: ir.Node) -> tuple[int, bool] | str:
+    """(token axis of x and of the output, transpose W[t]) for a per-token einsum."""
     eq = node.attributes["equation"].value.replace(" ", "")
     try:
         lhs, out = eq.split("->")
@@ -174,9 +173,9 @@ def _einsum_plan(node: ir.Node) -> tuple[int, int, bool] | str:
     if t not in xs or t not in out or len(contracted) != 1 or len(kept) != 1:
         return f"einsum '{eq}' is not 'b t d, t d h -> b t h' up to letters"
     d, h = contracted[0], kept[0]
-    if xs.replace(t, "")[-1] != d or out.replace(t, "") != xs.replace(t, "").replace(d, h):
+    if xs[-1] != d or out != xs.replace(d, h):
         return f"einsum '{eq}' would need a transpose of the activation"
-    return xs.index(t), out.index(t), rest == h + d
+    return xs.index(t), rest == h + d
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: ir.Value) -> None:
