@@ -1,0 +1,268 @@
+"""Serving load benchmark: ``ugsep serve`` (split bundle + user cache + batcher) vs eager PyTorch.
+
+Both servers run as subprocesses on loopback with the same HTTP stack (FastAPI +
+uvicorn), the same KServe v2 binary codec and the same compute budget (``--threads``
+per graph, one worker). Workload: requests of N candidates whose users are drawn from
+a Zipf distribution over a pool of users; ``--concurrency`` closed-loop clients. Each
+(variant, concurrency) segment is bounded by ``--duration`` seconds and
+``--max-requests``; variants are interleaved and repeated ``--rounds`` times; the
+table quotes medians over rounds. JSON goes to ``--out``.
+
+    python benchmarks/bench_serve.py                    # RankMixer 'bench' student
+    python benchmarks/bench_serve.py --quick            # tiny student, short segments
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.sample import sample_input  # noqa: E402
+from runtime.serving.protocol import HEADER_LENGTH, kserve_datatype  # noqa: E402
+from runtime.spec import FeatureSpec  # noqa: E402
+
+
+def prepare(work: Path, size: str, checkpoint: str | None) -> tuple[Path, Path, dict]:
+    """A checkpoint (given, or the random-init student), its split bundle, and its parity check."""
+    import torch
+
+    from exporter import ExportOptions, export_bundle, load_student
+    from exporter.parity.check import check_bundle
+
+    torch.set_num_threads(1)
+    ckpt = Path(checkpoint) if checkpoint else work / f"rankmixer-{size}-ckpt"
+    if not checkpoint and not (ckpt / "model.safetensors").exists():
+        from students.checkpoint import save_checkpoint
+        from students.zoo import FACTORY, build_model, model_kwargs
+
+        torch.manual_seed(0)
+        kwargs = model_kwargs("rankmixer", size)
+        model = build_model(**kwargs).eval()
+        save_checkpoint(model, FACTORY, kwargs, model.feature_spec(), ckpt, {"note": "random init (speed only)"})
+    bundle = work / f"{ckpt.name}-bundle"
+    if not (bundle / "manifest.json").exists():
+        loaded = load_student(ckpt)
+        export_bundle(loaded, bundle, ExportOptions(max_candidates=1024, overwrite=True))
+        report = check_bundle(bundle, loaded.eager(), n_rows=200, progress=False, localise=False)
+        if not report.passed:
+            raise SystemExit(f"parity failed for {bundle}; refusing to benchmark it")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest.get("split") is None:
+        raise SystemExit(f"{bundle} is not split; the benchmark needs user.onnx/group.onnx")
+    return ckpt, bundle, manifest
+
+
+def make_bodies(spec: FeatureSpec, n_bodies: int, n: int, users: int, zipf: float, seed: int):
+    """Pre-encoded binary KServe requests: Zipf-drawn users, fresh candidates each."""
+    rng = np.random.default_rng(seed)
+    pool = {s.name: sample_input(s, users, rng) for s in spec.user_inputs}
+    p = 1.0 / np.arange(1, users + 1) ** zipf
+    who = rng.choice(users, size=n_bodies, p=p / p.sum())
+    bodies = []
+    for u in who:
+        tensors = {k: v[u : u + 1] for k, v in pool.items()}
+        tensors.update({s.name: sample_input(s, n, rng) for s in spec.group_inputs})
+        bodies.append(_binary_body(tensors, list(spec.outputs)))
+    return bodies, who
+
+
+def _binary_body(tensors: dict, outputs: list[str]) -> tuple[bytes, str]:
+    inputs, blobs = [], []
+    for k, v in tensors.items():
+        raw = np.ascontiguousarray(v).tobytes()
+        inputs.append({"name": k, "shape": list(v.shape), "datatype": kserve_datatype(v.dtype),
+                       "parameters": {"binary_data_size": len(raw)}})
+        blobs.append(raw)
+    head = json.dumps({"inputs": inputs, "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs]})
+    return head.encode() + b"".join(blobs), str(len(head.encode()))
+
+
+async def run_segment(url: str, bodies, start: int, concurrency: int, duration: float, max_requests: int):
+    """Closed-loop clients; stops issuing after ``duration`` s or ``max_requests``."""
+    latencies, failures, issued = [], 0, 0
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker():
+            nonlocal issued, failures
+            while issued < max_requests and time.perf_counter() - t0 < duration:
+                body, hlen = bodies[(start + issued) % len(bodies)]
+                issued += 1
+                t = time.perf_counter()
+                r = await client.post(url, content=body, headers={HEADER_LENGTH: hlen})
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    failures += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, failures, time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not become ready; see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def summarise(segments: list[dict]) -> list[dict]:
+    rows = []
+    for key in sorted({(s["variant"], s["concurrency"]) for s in segments}):
+        seg = [s for s in segments if (s["variant"], s["concurrency"]) == key]
+        rows.append({
+            "variant": key[0], "concurrency": key[1], "rounds": len(seg),
+            "candidates_per_s": float(np.median([s["candidates_per_s"] for s in seg])),
+            "p50_ms": float(np.median([s["p50_ms"] for s in seg])),
+            "p99_ms": float(np.median([s["p99_ms"] for s in seg])),
+            "requests": int(sum(s["requests"] for s in seg)), "failures": int(sum(s["failures"] for s in seg)),
+        })
+    return rows
+
+
+def print_table(rows: list[dict], baseline: str = "eager") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="serving: candidates/s and latency (medians over rounds)")
+    for c in ("variant", "conc", "cand/s", "p50 ms", "p99 ms", "req", "fail", "× eager cand/s", "p99 vs eager"):
+        t.add_column(c, justify="right")
+    base = {r["concurrency"]: r for r in rows if r["variant"] == baseline}
+    for r in rows:
+        b = base.get(r["concurrency"])
+        ratio = f"{r['candidates_per_s'] / b['candidates_per_s']:.2f}×" if b else "-"
+        p99 = f"{r['p99_ms'] / b['p99_ms']:.2f}×" if b else "-"
+        t.add_row(r["variant"], str(r["concurrency"]), f"{r['candidates_per_s']:.0f}", f"{r['p50_ms']:.1f}",
+                  f"{r['p99_ms']:.1f}", str(r["requests"]), str(r["failures"]), ratio, p99)
+    Console().print(t)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    p.add_argument("--checkpoint", default=None, help="a trained RankMixer checkpoint (default: random init)")
+    p.add_argument("--work", default="artifacts/bench_serve")
+    p.add_argument("--out", default=None, help="JSON results (default: WORK/bench_serve.json)")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per segment (issuing stops after)")
+    p.add_argument("--max-requests", type=int, default=400, help="requests per segment at most")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--users", type=int, default=2000, help="user pool size")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of user popularity")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per server (both)")
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--quick", action="store_true", help="tiny student, 2 rounds of 3 s")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.rounds, args.duration, args.concurrency = "tiny", 2, 3.0, "1,8"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, bundle, manifest = prepare(work, args.size, args.checkpoint)
+    spec = FeatureSpec.from_dict(manifest["spec"])
+    bodies, who = make_bodies(spec, 1000, args.candidates, args.users, args.zipf, seed=1)
+    ports = {"ugsep": _free_port(), "eager": _free_port()}
+    py = sys.executable
+    cmds = {
+        "ugsep": [py, "-m", "runtime.serving", str(bundle), "--port", str(ports["ugsep"]), "--threads",
+                  str(args.threads), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"],
+        "eager": [py, "benchmarks/eager_server.py", "--checkpoint", str(ckpt), "--port", str(ports["eager"]),
+                  "--threads", str(args.threads)],
+    }
+    procs = {}
+    try:
+        for name, cmd in cmds.items():
+            procs[name] = start(cmd, ports[name], work / f"{name}-server.log")
+        url = {n: f"http://127.0.0.1:{p}/v2/models/{spec.name}/infer" for n, p in ports.items()}
+        for name in procs:  # warm-up (not measured)
+            asyncio.run(run_segment(url[name], bodies, 0, 2, 2.0, 6))
+        segments, cursor = [], 0
+        levels = [int(c) for c in args.concurrency.split(",")]
+        for rnd in range(args.rounds):
+            for conc in levels:
+                order = ["ugsep", "eager"] if (rnd + conc) % 2 == 0 else ["eager", "ugsep"]
+                for name in order:
+                    lat, fails, wall = asyncio.run(run_segment(url[name], bodies, cursor, conc, args.duration, args.max_requests))
+                    cursor += len(lat) + fails
+                    lat_ms = np.array(lat) * 1000 if lat else np.array([np.nan])
+                    seg = {"variant": name, "concurrency": conc, "round": rnd, "requests": len(lat), "failures": fails,
+                           "wall_s": wall, "candidates_per_s": len(lat) * args.candidates / wall,
+                           "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99))}
+                    segments.append(seg)
+                    print(f"round {rnd} conc {conc:3d} {name:6s} {seg['candidates_per_s']:8.0f} cand/s "
+                          f"p50 {seg['p50_ms']:7.1f} ms p99 {seg['p99_ms']:7.1f} ms ({len(lat)} req, {fails} failed)",
+                          flush=True)
+        metrics = httpx.get(f"http://127.0.0.1:{ports['ugsep']}/metrics").text
+    finally:
+        for proc in procs.values():
+            stop(proc)
+    rows = summarise(segments)
+    print_table(rows)
+    cache = {ln.split("{")[0]: float(ln.split()[-1]) for ln in metrics.splitlines()
+             if ln.startswith("ugsep_cache_") and "{" in ln}
+    flops = manifest.get("flops") or {}
+    u, g, n = flops.get("user_per_row"), flops.get("group_per_row"), args.candidates
+    result = {
+        "benchmark": "bench_serve", "student": f"rankmixer-{args.size}", "checkpoint": str(ckpt),
+        "bundle": str(bundle), "candidates": n, "users": args.users, "zipf": args.zipf,
+        "distinct_users_in_workload": int(len(set(who.tolist()))), "threads": args.threads,
+        "duration_s": args.duration, "max_requests": args.max_requests, "rounds": args.rounds,
+        "flops": flops, "flop_ceiling_split": (n * (u + g) / (u + n * g)) if u and g else None,
+        "flop_ceiling_cached": ((u + g) / g) if u and g else None,
+        "ugsep_cache_at_end": cache, "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                                                 "python": platform.python_version()},
+        "summary": rows, "segments": segments,
+    }
+    out = Path(args.out) if args.out else work / "bench_serve.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
