@@ -156,7 +156,7 @@ class TokenFFN(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(n_tokens, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(torch.einsum("btd,tdh->bth", x, self.w1) + self.b1)
+        h = F.relu(torch.einsum("btd,tdh->bth", x, self.w1) + self.b1)
         return torch.einsum("bth,thd->btd", h, self.w2) + self.b2
 
 
