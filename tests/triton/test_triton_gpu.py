@@ -20,7 +20,7 @@ import pytest
 from runtime.triton import write_repository
 from runtime.triton.server import TritonServer
 from tests.serving.split_bundle import eager_scores
-from tests.triton.conftest import ranking, triton_inputs, triton_scores
+from tests.triton.conftest import ranking, toy_eager, toy_ranking, triton_inputs, triton_scores
 
 TOL = 1e-5
 
@@ -30,10 +30,13 @@ def _stats(client, model: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bls_server(tmp_path_factory, tri_bundle, triton_env):
+def bls_server(tmp_path_factory, tri_bundle, toy_bundle, triton_env):
+    root = tmp_path_factory.mktemp("bls_repo")
+    # an unsplit bundle (full.onnx only; no parity record): models "toy" + "toy_full"
+    write_repository(toy_bundle, root, "gpu", stage_backend="python", allow_unverified=True)
     repo = write_repository(
         tri_bundle,
-        tmp_path_factory.mktemp("bls_repo"),
+        root,
         "gpu",
         stage_backend="python",
         max_queue_delay_us=20_000,
@@ -59,6 +62,23 @@ def test_bls_scores_match_runtime_and_eager(bls_client, tri_scorer, tri_parts, b
     for row, (user, cands) in zip(got, rankings, strict=True):
         np.testing.assert_allclose(row, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
         np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
+
+
+@pytest.mark.triton
+def test_unsplit_bundle_runs_the_full_graph_through_bls(bls_client, toy_bundle):
+    """No split: one full-graph model; the orchestrator repeats user rows per candidate."""
+    import runtime
+
+    scorer = runtime.load(toy_bundle, "onnxruntime", allow_unverified=True)
+    assert not scorer.split
+    rankings = [toy_ranking(60 + s, 2 + s) for s in range(3)]
+    got = triton_scores(bls_client, "toy", rankings[:1], binary=False)[0]
+    np.testing.assert_allclose(got, toy_eager(*rankings[0]), rtol=0, atol=TOL)
+    pending = [bls_client.async_infer("toy", triton_inputs([r], True)) for r in rankings]
+    for p, (user, cands) in zip(pending, rankings, strict=True):
+        got = p.get_result().as_numpy("ctr")[0]
+        np.testing.assert_allclose(got, scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
+        np.testing.assert_allclose(got, toy_eager(user, cands), rtol=0, atol=TOL)
 
 
 @pytest.mark.triton
