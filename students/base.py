@@ -19,8 +19,13 @@ from students.data import INPUT_NAMES, DataConfig
 
 __all__ = ["Features", "Student", "FieldEmbedding", "model_inputs"]
 
-_SIDES = {"user_ids": "user", "user_dense": "user", "user_seq": "user",
-          "item_ids": "group", "item_dense": "group"}
+_SIDES = {
+    "user_ids": "user",
+    "user_dense": "user",
+    "user_seq": "user",
+    "item_ids": "group",
+    "item_dense": "group",
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,14 @@ class Features:
     @classmethod
     def from_data(cls, data: DataConfig, **kwargs: Any):
         """A config of this class whose feature layout matches ``data``."""
-        keys = ("n_user_fields", "n_user_dense", "seq_len", "n_item_fields", "n_item_dense", "vocab")
+        keys = (
+            "n_user_fields",
+            "n_user_dense",
+            "seq_len",
+            "n_item_fields",
+            "n_item_dense",
+            "vocab",
+        )
         return cls(**{k: getattr(data, k) for k in keys}, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,16 +80,22 @@ class Student(nn.Module):
     def feature_spec(self) -> dict[str, Any]:
         """The FeatureSpec dict: user inputs are side ``user``, item inputs side ``group``."""
         c = self.config
-        shapes = {"user_ids": ("int64", c.n_user_fields, c.vocab),
-                  "user_dense": ("float32", c.n_user_dense, None),
-                  "user_seq": ("int64", c.seq_len, c.vocab),
-                  "item_ids": ("int64", c.n_item_fields, c.vocab),
-                  "item_dense": ("float32", c.n_item_dense, None)}
+        shapes = {
+            "user_ids": ("int64", c.n_user_fields, c.vocab),
+            "user_dense": ("float32", c.n_user_dense, None),
+            "user_seq": ("int64", c.seq_len, c.vocab),
+            "item_ids": ("int64", c.n_item_fields, c.vocab),
+            "item_dense": ("float32", c.n_item_dense, None),
+        }
         inputs = []
         for canon in INPUT_NAMES:
             dtype, width, vocab = shapes[canon]
-            entry = {"name": self.input_names[canon], "side": _SIDES[canon],
-                     "dtype": dtype, "shape": [width]}
+            entry = {
+                "name": self.input_names[canon],
+                "side": _SIDES[canon],
+                "dtype": dtype,
+                "shape": [width],
+            }
             if vocab is not None:
                 entry["vocab"] = vocab
             inputs.append(entry)
@@ -104,15 +122,16 @@ class FieldEmbedding(nn.Module):
 def mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
     """Linear + ReLU stack over ``sizes``."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_act:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
-def model_inputs(model: Student, rows: dict[str, np.ndarray],
-                 index: np.ndarray | slice | None = None) -> dict[str, Any]:
+def model_inputs(
+    model: Student, rows: dict[str, np.ndarray], index: np.ndarray | slice | None = None
+) -> dict[str, Any]:
     """Keyword arguments for ``model`` from rows keyed by generator or spec names.
 
     ``arg.key`` spec names are regrouped into dict arguments.

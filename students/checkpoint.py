@@ -52,7 +52,9 @@ def load_checkpoint(directory: str | Path) -> torch.nn.Module:
         module_name, _, attr = cfg["factory"].partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
     except (OSError, KeyError, ValueError, AttributeError, ImportError) as e:
-        raise ValueError(f"checkpoint '{d}': cannot read config.json or import its factory: {e}") from e
+        raise ValueError(
+            f"checkpoint '{d}': cannot read config.json or import its factory: {e}"
+        ) from e
     module = factory(**cfg.get("kwargs", {}))
     module.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return module.eval()

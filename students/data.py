@@ -74,8 +74,17 @@ class DataConfig:
 DATA_CONFIGS = {
     "tiny": DataConfig(),
     "bench": DataConfig(
-        n_user_fields=12, n_user_dense=4, seq_len=64, n_item_fields=6, n_item_dense=2,
-        vocab=50_000, n_users=10_000, n_items=2_000, latent_dim=16, n_clusters=10, n_subclusters=6,
+        n_user_fields=12,
+        n_user_dense=4,
+        seq_len=64,
+        n_item_fields=6,
+        n_item_dense=2,
+        vocab=50_000,
+        n_users=10_000,
+        n_items=2_000,
+        latent_dim=16,
+        n_clusters=10,
+        n_subclusters=6,
     ),
 }
 
@@ -115,21 +124,27 @@ class World:
 
     def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
         if cfg.n_user_fields < 1 or cfg.n_item_fields < 1 or cfg.seq_len < 1 or cfg.vocab < 2:
-            raise ValueError(f"DataConfig needs >= 1 id field per side, seq_len >= 1, vocab >= 2: {cfg}")
+            raise ValueError(
+                f"DataConfig needs >= 1 id field per side, seq_len >= 1, vocab >= 2: {cfg}"
+            )
         self.cfg = cfg
         rng = np.random.default_rng(seed)
         k = cfg.latent_dim
         self.user_z, u_top, u_sub = _hierarchy(rng, cfg.n_users, cfg)
         self.item_v, i_top, self.item_sub = _hierarchy(rng, cfg.n_items, cfg)
         self.user_ids = _id_fields(rng, self.user_z, u_top, u_sub, cfg.n_user_fields, cfg.vocab)
-        self.item_ids = _id_fields(rng, self.item_v, i_top, self.item_sub, cfg.n_item_fields, cfg.vocab)
+        self.item_ids = _id_fields(
+            rng, self.item_v, i_top, self.item_sub, cfg.n_item_fields, cfg.vocab
+        )
         self.cross = np.eye(k) + 0.3 * rng.standard_normal((k, k)) / np.sqrt(k)
         self.item_pop = rng.standard_normal(cfg.n_items)
-        u_dense = self.user_z @ rng.standard_normal((k, cfg.n_user_dense)) + 0.5 * rng.standard_normal(
-            (cfg.n_users, cfg.n_user_dense))
+        u_dense = self.user_z @ rng.standard_normal(
+            (k, cfg.n_user_dense)
+        ) + 0.5 * rng.standard_normal((cfg.n_users, cfg.n_user_dense))
         self.user_dense = _standardise(u_dense).astype(np.float32)
-        i_dense = self.item_v @ rng.standard_normal((k, cfg.n_item_dense)) + 0.5 * rng.standard_normal(
-            (cfg.n_items, cfg.n_item_dense))
+        i_dense = self.item_v @ rng.standard_normal(
+            (k, cfg.n_item_dense)
+        ) + 0.5 * rng.standard_normal((cfg.n_items, cfg.n_item_dense))
         i_dense[:, 0] = self.item_pop
         self.item_dense = _standardise(i_dense).astype(np.float32)
         self.seq_items = self._sample_sequences(rng)
@@ -165,7 +180,9 @@ class World:
 
     def _term_scales(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std of each term over random pairs, so the weights mean what they say."""
-        t = self._terms(rng.integers(0, self.cfg.n_users, 20_000), rng.integers(0, self.cfg.n_items, 20_000))
+        t = self._terms(
+            rng.integers(0, self.cfg.n_users, 20_000), rng.integers(0, self.cfg.n_items, 20_000)
+        )
         return t.mean(1, keepdims=True), t.std(1, keepdims=True) + 1e-9
 
     def logit(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
@@ -220,7 +237,11 @@ def make_dataset(
     cfg = DATA_CONFIGS[config] if isinstance(config, str) else config
     world_seed, train_seed, held_seed = np.random.SeedSequence(seed).generate_state(3)
     world = World(cfg, int(world_seed))
-    return world, world.sample(n_train, int(train_seed)), world.requests(n_requests, candidates, int(held_seed))
+    return (
+        world,
+        world.sample(n_train, int(train_seed)),
+        world.requests(n_requests, candidates, int(held_seed)),
+    )
 
 
 def take(rows: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:

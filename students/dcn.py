@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from students.base import FieldEmbedding, Features, Student, mlp
+from students.base import Features, FieldEmbedding, Student, mlp
 
 __all__ = ["DCNConfig", "DCNStudent"]
 
@@ -62,8 +62,16 @@ class DCNStudent(Student):
     def logits(self, user_ids, user_dense, user_seq, item_ids, item_dense) -> torch.Tensor:
         """Pre-sigmoid click score [B]."""
         seq = self.item_emb.table(user_seq).mean(dim=1)  # item-id table (field 0)
-        x0 = torch.cat([self.user_emb(user_ids).flatten(1), self.item_emb(item_ids).flatten(1),
-                        seq, user_dense, item_dense], dim=-1)
+        x0 = torch.cat(
+            [
+                self.user_emb(user_ids).flatten(1),
+                self.item_emb(item_ids).flatten(1),
+                seq,
+                user_dense,
+                item_dense,
+            ],
+            dim=-1,
+        )
         x = x0
         for layer in self.cross:
             x = layer(x0, x)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from students.base import FieldEmbedding, Features, Student, mlp
+from students.base import Features, FieldEmbedding, Student, mlp
 
 __all__ = ["RankMixerConfig", "RankMixerStudent", "mix_tokens"]
 
@@ -52,9 +52,13 @@ class RankMixerConfig(Features):
     def __post_init__(self) -> None:
         tokens = self.n_user_tokens + self.n_cand_tokens
         if self.n_user_tokens < 2 or self.n_cand_tokens < 2:
-            raise ValueError(f"RankMixerConfig needs >= 2 user and >= 2 candidate tokens, got {self}")
+            raise ValueError(
+                f"RankMixerConfig needs >= 2 user and >= 2 candidate tokens, got {self}"
+            )
         if self.d_model % tokens:
-            raise ValueError(f"d_model={self.d_model} must be divisible by the {tokens} tokens (head pieces)")
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by the {tokens} tokens (head pieces)"
+            )
         for width, heads in ((self.seq_width, self.seq_heads), (self.seq_width, self.target_heads)):
             if width % heads:
                 raise ValueError(f"seq_width={width} must be divisible by heads={heads}")
@@ -137,7 +141,9 @@ class Tokenizer(nn.Module):
         self.chunk = -(-in_dim // n_tokens)
         self.pad = self.chunk * n_tokens - in_dim
         self.n_tokens = n_tokens
-        self.weight = nn.Parameter(torch.randn(n_tokens, self.chunk, d_model) / math.sqrt(self.chunk))
+        self.weight = nn.Parameter(
+            torch.randn(n_tokens, self.chunk, d_model) / math.sqrt(self.chunk)
+        )
         self.bias = nn.Parameter(torch.zeros(n_tokens, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

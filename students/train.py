@@ -65,8 +65,9 @@ class TrainConfig:
 
 TRAIN_CONFIGS = {
     "tiny": TrainConfig(),
-    "bench": TrainConfig(n_train=40_000, n_requests=200, candidates=100, epochs=1,
-                         teacher_epochs=1, max_steps=60),
+    "bench": TrainConfig(
+        n_train=40_000, n_requests=200, candidates=100, epochs=1, teacher_epochs=1, max_steps=60
+    ),
 }
 
 
@@ -103,8 +104,9 @@ def fit(
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     total = _n_steps(len(rows["label"]), cfg, epochs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1),
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1
+    )
     task = progress.add_task(desc, total=total) if progress is not None else None
     labels = torch.from_numpy(rows["label"])
     soft = None if teacher_logits is None else torch.from_numpy(teacher_logits.astype(np.float32))
@@ -127,12 +129,16 @@ def fit(
 
 
 @torch.no_grad()
-def predict_logits(model: Student, rows: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+def predict_logits(
+    model: Student, rows: dict[str, np.ndarray], batch_size: int = 8192
+) -> np.ndarray:
     """Logits for every row (eval mode)."""
     model.eval()
     n = len(next(iter(rows.values())))
-    out = [model.logits(**model_inputs(model, rows, slice(lo, lo + batch_size))).numpy()
-           for lo in range(0, n, batch_size)]
+    out = [
+        model.logits(**model_inputs(model, rows, slice(lo, lo + batch_size))).numpy()
+        for lo in range(0, n, batch_size)
+    ]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -148,21 +154,47 @@ def _progress(enabled: bool):
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn())
+    return Progress(
+        TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
 
 
-def _train_one(name: str, kind: str, size: str, seed: int, rows, held, cfg: TrainConfig,
-               out: Path, progress, *, epochs: int, teacher_logits=None) -> tuple[Student, dict]:
+def _train_one(
+    name: str,
+    kind: str,
+    size: str,
+    seed: int,
+    rows,
+    held,
+    cfg: TrainConfig,
+    out: Path,
+    progress,
+    *,
+    epochs: int,
+    teacher_logits=None,
+) -> tuple[Student, dict]:
     """Build (seeded), train, evaluate and checkpoint one model."""
     kwargs = model_kwargs(kind, size)
     torch.manual_seed(seed)
     model = build_model(**kwargs)
     start = time.perf_counter()
-    hist = fit(model, rows, cfg, epochs=epochs, seed=seed, teacher_logits=teacher_logits,
-               progress=progress, desc=name)
-    metrics = {**evaluate(model, held), **hist, "train_seconds": time.perf_counter() - start,
-               "distilled": teacher_logits is not None, "train_config": asdict(cfg)}
+    hist = fit(
+        model,
+        rows,
+        cfg,
+        epochs=epochs,
+        seed=seed,
+        teacher_logits=teacher_logits,
+        progress=progress,
+        desc=name,
+    )
+    metrics = {
+        **evaluate(model, held),
+        **hist,
+        "train_seconds": time.perf_counter() - start,
+        "distilled": teacher_logits is not None,
+        "train_config": asdict(cfg),
+    }
     save_checkpoint(model, FACTORY, kwargs, model.feature_spec(), out / name, metrics)
     log.info("%s: held-out AUC %.4f in %.1fs", name, metrics["auc"], metrics["train_seconds"])
     return model, metrics
@@ -197,10 +229,31 @@ def distill(
         with _progress(progress) as bar:
             teacher, t_metrics = _teacher(size, seed, log_rows, held, cfg, out, bar, teacher_dir)
             soft = predict_logits(teacher, rows)
-            student, s_metrics = _train_one("student", kind, size, seed + 1, rows, held, cfg, out,
-                                            bar, epochs=cfg.epochs, teacher_logits=soft)
-            _, c_metrics = _train_one("student_labels_only", kind, size, seed + 1, rows, held, cfg,
-                                      out, bar, epochs=cfg.epochs)
+            student, s_metrics = _train_one(
+                "student",
+                kind,
+                size,
+                seed + 1,
+                rows,
+                held,
+                cfg,
+                out,
+                bar,
+                epochs=cfg.epochs,
+                teacher_logits=soft,
+            )
+            _, c_metrics = _train_one(
+                "student_labels_only",
+                kind,
+                size,
+                seed + 1,
+                rows,
+                held,
+                cfg,
+                out,
+                bar,
+                epochs=cfg.epochs,
+            )
         save_npz(out / "heldout.npz", rename(held, student.input_names))
         report = _report(kind, size, seed, held, t_metrics, s_metrics, c_metrics, out)
         report["total_seconds"] = time.perf_counter() - t0
@@ -212,11 +265,15 @@ def distill(
 
 def _teacher(size, seed, rows, held, cfg, out, bar, teacher_dir) -> tuple[Student, dict]:
     if teacher_dir is None:
-        return _train_one("teacher", "teacher", size, seed, rows, held, cfg, out, bar,
-                          epochs=cfg.teacher_epochs)
+        return _train_one(
+            "teacher", "teacher", size, seed, rows, held, cfg, out, bar, epochs=cfg.teacher_epochs
+        )
     teacher = load_checkpoint(teacher_dir)
-    metrics = {**json.loads((Path(teacher_dir) / "metrics.json").read_text()), **evaluate(teacher, held),
-               "reused_from": str(teacher_dir)}
+    metrics = {
+        **json.loads((Path(teacher_dir) / "metrics.json").read_text()),
+        **evaluate(teacher, held),
+        "reused_from": str(teacher_dir),
+    }
     return teacher, metrics
 
 
@@ -237,8 +294,11 @@ def _report(kind, size, seed, held, t, s, c, out: Path) -> dict[str, Any]:
         "teacher_logloss": t["logloss"],
         "student_logloss": s["logloss"],
         "student_labels_only_logloss": c["logloss"],
-        "train_seconds": {"teacher": t.get("train_seconds"), "student": s["train_seconds"],
-                          "student_labels_only": c["train_seconds"]},
+        "train_seconds": {
+            "teacher": t.get("train_seconds"),
+            "student": s["train_seconds"],
+            "student_labels_only": c["train_seconds"],
+        },
         "checkpoints": {n: str(out / n) for n in ("teacher", "student", "student_labels_only")},
         "heldout": str(out / "heldout.npz"),
     }

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from students.base import FieldEmbedding, Features, Student, mlp
+from students.base import Features, FieldEmbedding, Student, mlp
 
 __all__ = ["TwoTowerConfig", "TwoTowerStudent"]
 
@@ -32,8 +32,13 @@ class TwoTowerConfig(Features):
 class TwoTowerStudent(Student):
     """Dot product of a user tower and an item tower; see the module docstring."""
 
-    input_names = {"user_ids": "user.ids", "user_dense": "user.dense", "user_seq": "user.seq",
-                   "item_ids": "item.ids", "item_dense": "item.dense"}
+    input_names = {
+        "user_ids": "user.ids",
+        "user_dense": "user.dense",
+        "user_seq": "user.seq",
+        "item_ids": "item.ids",
+        "item_dense": "item.dense",
+    }
 
     def __init__(self, config: TwoTowerConfig) -> None:
         super().__init__(config)
@@ -48,11 +53,15 @@ class TwoTowerStudent(Student):
     def user_vector(self, user: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, K] from the user's ids, dense features and behaviour sequence."""
         seq = self.item_emb.table(user["seq"]).mean(dim=1)  # item-id table (field 0)
-        return self.user_tower(torch.cat([self.user_emb(user["ids"]).flatten(1), seq, user["dense"]], -1))
+        return self.user_tower(
+            torch.cat([self.user_emb(user["ids"]).flatten(1), seq, user["dense"]], -1)
+        )
 
     def item_vector(self, item: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, K] from the item's ids and dense features."""
-        return self.item_tower(torch.cat([self.item_emb(item["ids"]).flatten(1), item["dense"]], -1))
+        return self.item_tower(
+            torch.cat([self.item_emb(item["ids"]).flatten(1), item["dense"]], -1)
+        )
 
     def logits(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pre-sigmoid click score [B]."""

@@ -15,7 +15,15 @@ from students.dcn import DCNConfig, DCNStudent
 from students.rankmixer import RankMixerConfig, RankMixerStudent
 from students.two_tower import TwoTowerConfig, TwoTowerStudent
 
-__all__ = ["KINDS", "SIZES", "FACTORY", "build_model", "build_student", "build_teacher", "model_kwargs"]
+__all__ = [
+    "KINDS",
+    "SIZES",
+    "FACTORY",
+    "build_model",
+    "build_student",
+    "build_teacher",
+    "model_kwargs",
+]
 
 FACTORY = "students.zoo:build_model"
 KINDS = {
@@ -29,8 +37,16 @@ SIZES = ("tiny", "bench")
 _HYPER: dict[tuple[str, str], dict[str, Any]] = {
     ("rankmixer", "tiny"): {},
     ("rankmixer", "bench"): dict(
-        emb_dim=16, d_model=128, n_user_tokens=8, n_cand_tokens=8, n_layers=4, ffn_mult=4,
-        seq_width=64, seq_heads=4, seq_layers=2, target_heads=4,
+        emb_dim=16,
+        d_model=128,
+        n_user_tokens=8,
+        n_cand_tokens=8,
+        n_layers=4,
+        ffn_mult=4,
+        seq_width=64,
+        seq_heads=4,
+        seq_layers=2,
+        target_heads=4,
     ),
     ("dcn", "tiny"): {},
     ("dcn", "bench"): dict(emb_dim=16, n_cross=3, deep=(256, 128)),
@@ -55,7 +71,9 @@ def model_kwargs(kind: str, size: str) -> dict[str, Any]:
     if size not in SIZES:
         raise ValueError(f"unknown size '{size}'; expected one of {', '.join(SIZES)}")
     if (kind, size) not in _HYPER:
-        raise ValueError(f"unknown student kind '{kind}'; expected one of {', '.join(KINDS)} or teacher")
+        raise ValueError(
+            f"unknown student kind '{kind}'; expected one of {', '.join(KINDS)} or teacher"
+        )
     arch = "dcn" if kind == "teacher" else kind
     config_cls = KINDS[arch][0]
     config = config_cls.from_data(DATA_CONFIGS[size], name=f"{kind}_{size}", **_HYPER[(kind, size)])

@@ -31,8 +31,13 @@ def test_same_seed_same_data_other_seed_other_data():
 def test_layout_matches_the_config(tiny):
     _, train, held = tiny
     cfg = DATA_CONFIGS["tiny"]
-    widths = {"user_ids": cfg.n_user_fields, "user_dense": cfg.n_user_dense, "user_seq": cfg.seq_len,
-              "item_ids": cfg.n_item_fields, "item_dense": cfg.n_item_dense}
+    widths = {
+        "user_ids": cfg.n_user_fields,
+        "user_dense": cfg.n_user_dense,
+        "user_seq": cfg.seq_len,
+        "item_ids": cfg.n_item_fields,
+        "item_dense": cfg.n_item_dense,
+    }
     for rows, n in ((train, 5000), (held, 40 * 25)):
         for name in INPUT_NAMES:
             assert rows[name].shape == (n, widths[name]), name
@@ -96,8 +101,8 @@ def test_npz_round_trip_and_rename(tmp_path, tiny):
 
 
 def _pairwise_auc(label, score):
-    pos = [s for s, y in zip(score, label) if y == 1]
-    neg = [s for s, y in zip(score, label) if y == 0]
+    pos = [s for s, y in zip(score, label, strict=True) if y == 1]
+    neg = [s for s, y in zip(score, label, strict=True) if y == 0]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
     return wins / (len(pos) * len(neg))
 
@@ -129,7 +134,9 @@ def test_expected_bayes_auc_matches_pairs_and_sampling():
         num += w * (1.0 if prob[i] > prob[j] else 0.5 if prob[i] == prob[j] else 0.0)
     assert expected_bayes_auc(prob) == pytest.approx(num / den, abs=1e-12)
     _, _, held = make_dataset("tiny", n_train=10, n_requests=400, candidates=50, seed=0)
-    draws = [bayes_auc(rng.random(held["prob"].size) < held["prob"], held["prob"]) for _ in range(20)]
+    draws = [
+        bayes_auc(rng.random(held["prob"].size) < held["prob"], held["prob"]) for _ in range(20)
+    ]
     assert expected_bayes_auc(held["prob"]) == pytest.approx(np.mean(draws), abs=0.005)
 
 

@@ -25,8 +25,10 @@ def heldout():
 
 
 def _dynamic_shapes(kwargs, batch):
-    return {k: ({kk: {0: batch} for kk in v} if isinstance(v, dict) else {0: batch})
-            for k, v in kwargs.items()}
+    return {
+        k: ({kk: {0: batch} for kk in v} if isinstance(v, dict) else {0: batch})
+        for k, v in kwargs.items()
+    }
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -39,14 +41,19 @@ def exported(request, heldout):
             p.add_(0.05 * torch.randn_like(p))
     kwargs = model_inputs(model, heldout, slice(0, 3))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    ep = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, batch), strict=False)
+    ep = torch.export.export(
+        model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, batch), strict=False
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=18, optimize=True, verbose=False)
+        onnx_program = torch.onnx.export(
+            ep, (), dynamo=True, opset_version=18, optimize=True, verbose=False
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        onnx_program.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
     return request.param, model, ep, session
 
 
@@ -54,15 +61,21 @@ def _ort_feed(session, kwargs):
     leaves = [t.numpy() for t in pytree.tree_leaves(kwargs)]  # the order export flattens in
     names = [i.name for i in session.get_inputs()]
     assert len(names) == len(leaves)
-    return dict(zip(names, leaves))
+    return dict(zip(names, leaves, strict=True))
 
 
 def test_exported_program_has_a_symbolic_batch(exported, heldout):
     _, model, ep, _ = exported
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    placeholders = [
+        n
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
+    ]
     assert placeholders, "no user inputs in the exported program"
     for node in placeholders:
-        assert not isinstance(node.meta["val"].shape[0], int), f"{node.name}: batch dim was specialised"
+        assert not isinstance(node.meta["val"].shape[0], int), (
+            f"{node.name}: batch dim was specialised"
+        )
     kwargs = model_inputs(model, heldout, slice(0, 7))
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(**kwargs), model(**kwargs), rtol=0, atol=1e-6)

@@ -49,15 +49,25 @@ def test_spec_is_valid_and_addresses_forward_arguments(kind):
     model = build_teacher("tiny") if kind == "teacher" else _model(kind)
     spec = FeatureSpec.from_dict(model.feature_spec())
     assert spec.outputs == ("ctr",)
-    assert {i.name for i in spec.user_inputs} == {model.input_names[n] for n in ("user_ids", "user_dense", "user_seq")}
-    assert {i.name for i in spec.group_inputs} == {model.input_names[n] for n in ("item_ids", "item_dense")}
+    assert {i.name for i in spec.user_inputs} == {
+        model.input_names[n] for n in ("user_ids", "user_dense", "user_seq")
+    }
+    assert {i.name for i in spec.group_inputs} == {
+        model.input_names[n] for n in ("item_ids", "item_dense")
+    }
     args = set(model.forward.__code__.co_varnames[1 : model.forward.__code__.co_argcount])
     assert {i.arg for i in spec.inputs} == args
 
 
 def test_two_tower_takes_dict_arguments(rows):
     spec = FeatureSpec.from_dict(_model("twotower").feature_spec())
-    assert sorted(i.name for i in spec.inputs) == ["item.dense", "item.ids", "user.dense", "user.ids", "user.seq"]
+    assert sorted(i.name for i in spec.inputs) == [
+        "item.dense",
+        "item.ids",
+        "user.dense",
+        "user.ids",
+        "user.seq",
+    ]
     kwargs = model_inputs(_model("twotower"), rows, slice(0, 3))
     assert set(kwargs) == {"user", "item"} and set(kwargs["user"]) == {"ids", "dense", "seq"}
 
@@ -115,7 +125,7 @@ def test_rankmixer_user_path_ignores_candidate_inputs(rows):
         (xu_a, xg_a), (xu_b, xg_b) = seen[layer], seen[n + layer]
         torch.testing.assert_close(xu_a, xu_b, rtol=0, atol=0)
         assert not torch.equal(xg_a, xg_b)
-    for a, b in zip(kv[0], kv[1]):
+    for a, b in zip(kv[0], kv[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -156,9 +166,20 @@ def test_compensation_flows_user_to_candidate_only(rows):
 
 def test_bench_rankmixer_has_the_documented_shape():
     cfg = RankMixerConfig(**model_kwargs("rankmixer", "bench")["config"])
-    assert (cfg.n_user_tokens, cfg.n_cand_tokens, cfg.d_model, cfg.n_layers, cfg.ffn_mult) == (8, 8, 128, 4, 4)
+    assert (cfg.n_user_tokens, cfg.n_cand_tokens, cfg.d_model, cfg.n_layers, cfg.ffn_mult) == (
+        8,
+        8,
+        128,
+        4,
+        4,
+    )
     assert (cfg.seq_len, cfg.seq_layers, cfg.seq_width, cfg.seq_heads) == (64, 2, 64, 4)
-    assert (cfg.n_user_fields, cfg.n_user_dense, cfg.n_item_fields, cfg.n_item_dense) == (12, 4, 6, 2)
+    assert (cfg.n_user_fields, cfg.n_user_dense, cfg.n_item_fields, cfg.n_item_dense) == (
+        12,
+        4,
+        6,
+        2,
+    )
     assert (cfg.vocab, cfg.emb_dim) == (50_000, 16)
 
 
@@ -175,8 +196,15 @@ def test_bad_configs_are_refused_with_a_reason():
 def test_checkpoint_round_trip(kind, rows, tmp_path):
     model = _model(kind, seed=5)
     kwargs = model_kwargs(kind, "tiny")
-    out = save_checkpoint(model, FACTORY, kwargs, model.feature_spec(), tmp_path / kind, {"auc": 0.5})
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "spec.json"]
+    out = save_checkpoint(
+        model, FACTORY, kwargs, model.feature_spec(), tmp_path / kind, {"auc": 0.5}
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "spec.json",
+    ]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["factory"] == FACTORY
     rebuilt = build_model(**cfg["kwargs"]).eval()  # factory(**kwargs), by hand
@@ -193,7 +221,9 @@ def test_checkpoint_loads_through_the_exporter(rows, tmp_path):
     from exporter.load import load_student
 
     model = _model("twotower", seed=2)
-    save_checkpoint(model, FACTORY, model_kwargs("twotower", "tiny"), model.feature_spec(), tmp_path)
+    save_checkpoint(
+        model, FACTORY, model_kwargs("twotower", "tiny"), model.feature_spec(), tmp_path
+    )
     loaded = load_student(tmp_path)
     batch = model_inputs(model, take(rows, slice(0, 5)))
     with torch.no_grad():

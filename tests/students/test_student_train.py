@@ -15,12 +15,33 @@ from students.metrics import auc
 from students.train import distill, predict_logits
 
 REPORT_KEYS = {
-    "kind", "size", "seed", "heldout_rows", "heldout_requests", "bayes_auc", "bayes_auc_expected",
-    "teacher_auc", "student_auc", "student_labels_only_auc", "recovered_share", "teacher_logloss",
-    "student_logloss", "student_labels_only_logloss", "train_seconds", "checkpoints", "heldout",
+    "kind",
+    "size",
+    "seed",
+    "heldout_rows",
+    "heldout_requests",
+    "bayes_auc",
+    "bayes_auc_expected",
+    "teacher_auc",
+    "student_auc",
+    "student_labels_only_auc",
+    "recovered_share",
+    "teacher_logloss",
+    "student_logloss",
+    "student_labels_only_logloss",
+    "train_seconds",
+    "checkpoints",
+    "heldout",
     "total_seconds",
 }
-SMALL = dict(n_train=20_000, teacher_data_factor=2, epochs=1, teacher_epochs=1, n_requests=100, batch_size=256)
+SMALL = dict(
+    n_train=20_000,
+    teacher_data_factor=2,
+    epochs=1,
+    teacher_epochs=1,
+    n_requests=100,
+    batch_size=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +61,11 @@ def test_report_has_every_number_and_they_make_sense(run):
         assert 0.5 < report[name] < report["bayes_auc"], (name, report)
     gain = report["teacher_auc"] - report["student_labels_only_auc"]
     expected = (report["student_auc"] - report["student_labels_only_auc"]) / gain
-    assert report["recovered_share"] == pytest.approx(expected) if gain > 0 else np.isnan(report["recovered_share"])
+    assert (
+        report["recovered_share"] == pytest.approx(expected)
+        if gain > 0
+        else np.isnan(report["recovered_share"])
+    )
 
 
 @pytest.mark.slow
@@ -56,13 +81,25 @@ def test_checkpoints_reload_and_reproduce_the_reported_auc(run):
         with torch.no_grad():
             score = predict_logits(model, held)
         assert auc(held["label"], score) == pytest.approx(report[f"{name}_auc"], abs=1e-9)
-        assert json.loads((ckpt / "metrics.json").read_text())["auc"] == pytest.approx(report[f"{name}_auc"])
+        assert json.loads((ckpt / "metrics.json").read_text())["auc"] == pytest.approx(
+            report[f"{name}_auc"]
+        )
 
 
 @pytest.mark.slow
 def test_two_tower_heldout_uses_dict_leaf_names(tmp_path):
     small = {**SMALL, "n_train": 5_000, "n_requests": 20}
-    report = distill(kind="twotower", size="tiny", out_dir=tmp_path, seed=1, progress=False, **small)
+    report = distill(
+        kind="twotower", size="tiny", out_dir=tmp_path, seed=1, progress=False, **small
+    )
     held = load_npz(tmp_path / "heldout.npz")
-    assert {"user.ids", "user.dense", "user.seq", "item.ids", "item.dense", "label", "request_id"} <= set(held)
+    assert {
+        "user.ids",
+        "user.dense",
+        "user.seq",
+        "item.ids",
+        "item.dense",
+        "label",
+        "request_id",
+    } <= set(held)
     assert report["student_auc"] > 0.55
