@@ -88,6 +88,7 @@ def write_stage_model(
     }
     if backend == "python":
         cfg["instance_group"] = [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}]
+        cfg["parameters"] = parameters({"intra_op_threads": int(opts.intra_op_threads)})
         vdir = python_model(root, model, "onnx_model.py", cfg)
         shutil.copyfile(bundle.stage_path(stage), vdir / "model.onnx")
         return described

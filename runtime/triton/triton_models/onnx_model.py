@@ -21,7 +21,8 @@ class TritonPythonModel:
         from runtime.backends.ort import OrtBackend
 
         here = _common.version_dir(args)
-        self.session = OrtBackend().open_path(str(here / "model.onnx"))
+        threads = int(_common.parameters(args).get("intra_op_threads") or 0) or None
+        self.session = OrtBackend(intra_op_threads=threads).open_path(str(here / "model.onnx"))
 
     def execute(self, requests):
         responses = []
