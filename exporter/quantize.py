@@ -146,6 +146,9 @@ class _Path:
                 for s, w in ws
                 if s == stage and (sel is None or g in sel) and g not in keep
             ]
+            if not names:  # nothing to quantize here: the canonical fp32 graph, as is
+                out[stage] = self.canonical[stage]
+                continue
             res = quantize_onnx(
                 self.canonical[stage],
                 bits=opts.bits,
@@ -163,8 +166,13 @@ class _Path:
 class _Runner:
     """Runs a path's stage protos with ONNX Runtime on the calibration rows."""
 
-    def __init__(self, calib: Calibration, spec: Any) -> None:
+    def __init__(
+        self, calib: Calibration, spec: Any, fixed: Iterable[onnx.ModelProto] = ()
+    ) -> None:
         self.calib, self.spec = calib, spec
+        # outputs of unmodified (canonical fp32) user graphs are computed once
+        self._fixed = {id(p) for p in fixed}
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
         self.groups = request_groups(
             calib.request_ids if calib.request_ids is not None else self._user_index()
         )
@@ -180,7 +188,10 @@ class _Runner:
         from exporter.parity.stages import user_rows
 
         users, user_index = user_rows(self.spec, self.calib.rows)
-        boundary = self._session_run(protos["user"], users)
+        key = id(protos["user"])
+        boundary = self._cache.get(key) or self._session_run(protos["user"], users)
+        if key in self._fixed:
+            self._cache[key] = boundary
         feeds = {**self.calib.rows, **boundary, "user_index": user_index}
         return self._session_run(protos["group"], feeds)
 
@@ -244,7 +255,7 @@ def quantize_bundle_stages(
     canonical = {k: _canonical(k, v) for k, v in stages.items()}
     paths = [_Path(("user", "group"), canonical)] if {"user", "group"} <= set(stages) else []
     paths.append(_Path(("full",), canonical))
-    runner = _Runner(calibration, spec) if calibration is not None else None
+    runner = _Runner(calibration, spec, canonical.values()) if calibration is not None else None
     record: dict[str, Any] = {
         "precision": opts.precision,
         "scheme": opts.scheme(),

@@ -64,14 +64,20 @@ def exported():
     return model, full, Calibration(rows, {"ctr": ref}, labels, rid)
 
 
+@pytest.fixture(scope="module")
+def default_w8a16(exported):
+    _, full, calib = exported
+    return quantize_bundle_stages({"full": full}, SPEC, calibration=calib)
+
+
 def _run(proto: onnx.ModelProto, rows) -> np.ndarray:
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {i.name: rows[i.name] for i in sess.get_inputs()})[0]
 
 
-def test_w8a16_meets_default_budget_and_shrinks_weights(exported):
-    _, full, calib = exported
-    out, record = quantize_bundle_stages({"full": full}, SPEC, calibration=calib)
+def test_w8a16_meets_default_budget_and_shrinks_weights(exported, default_w8a16):
+    _, _, calib = exported
+    out, record = default_w8a16
     ops = [n.op_type for n in out["full"].graph.node]
     assert "MatMulNBits" in ops and "Einsum" not in ops and "Gemm" not in ops
     onnx.checker.check_model(out["full"])
@@ -99,9 +105,11 @@ def test_w8a16_meets_default_budget_and_shrinks_weights(exported):
     )
 
 
-def test_selection_keeps_most_damaging_layers_in_float_to_meet_a_tight_budget(exported):
+def test_selection_keeps_most_damaging_layers_in_float_to_meet_a_tight_budget(
+    exported, default_w8a16
+):
     _, full, calib = exported
-    _, loose = quantize_bundle_stages({"full": full}, SPEC, calibration=calib)
+    _, loose = default_w8a16
     everything = loose["outcome"]["full"]["all_quantized"]["outputs"]["ctr"]["max_abs"]
     # just above the least damaging layer alone: reachable, but not with everything quantized
     least = min(r["effect"]["max_abs"] for r in loose["layers"])
