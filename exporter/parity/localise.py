@@ -157,13 +157,9 @@ def onnx_values(model: onnx.ModelProto, graph: str) -> list[OnnxValue]:
     meta: dict[str, tuple[str, str]] = {}
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
-        scopes = props.get("pkg.torch.onnx.name_scopes")
+        scopes = _scopes(props)
         fx = props.get("pkg.torch.onnx.fx_node", "")
         if not scopes or not node.output:
-            continue
-        try:
-            scopes = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
             continue
         name = scopes[-1]
         target = _TARGET.search(fx)
@@ -176,6 +172,17 @@ def onnx_values(model: onnx.ModelProto, graph: str) -> list[OnnxValue]:
         path, target = meta[name]
         out.append(OnnxValue(name, path, target.replace("torch.ops.", ""), value, graph))
     return out
+
+
+def _scopes(props: dict[str, str]) -> list[str]:
+    """torch.onnx's name scopes of a node: ['', 'mod', 'mod.sub', '<fx node name>'] (or [])."""
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        return []
+    if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+        return []
+    return scopes if len(scopes) >= 2 else []
 
 
 def match(ref: list[RefNode], values: list[OnnxValue]) -> dict[str, OnnxValue]:
@@ -206,6 +213,7 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
     """Walk ``ref`` in order; the first matched tensor with relative error > ``tol``."""
     pairs = match(ref, got["values"])
     compared, last_ok = 0, None
+    agreeing: dict[str, set[str]] = defaultdict(set)
     for r in ref:
         v = pairs.get(r.name)
         if v is None or (v.graph, v.value_name) not in got["arrays"]:
@@ -224,8 +232,10 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
                 "matched": len(pairs),
                 "last_agreeing": last_ok,
                 "first_divergence": _describe(r, v, cand, err),
+                "upstream": upstream_ops(got["models"][v.graph], v.value_name, agreeing[v.graph]),
             }
         last_ok = r.name
+        agreeing[v.graph].add(v.value_name)
     return {
         "tolerance": tol,
         "compared": compared,
@@ -234,6 +244,30 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
         "note": f"no matched tensor diverges by more than {tol:g} (relative); "
         "the error builds up gradually or arises in unmatched tensors",
     }
+
+
+def upstream_ops(
+    model: onnx.ModelProto, value: str, agreeing: set[str], limit: int = 8
+) -> list[dict[str, Any]]:
+    """ONNX nodes between the last agreeing tensors and ``value`` (nearest first).
+
+    Nodes a graph pass made carry ``ugsep.pass`` / ``ugsep.weight`` metadata, so a
+    rewritten or quantized layer with no counterpart in the reference is still named.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, out, frontier = set(), [], [value]
+    while frontier and len(out) < limit:
+        node = producer.get(frontier.pop(0))
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        props = {p.key: p.value for p in node.metadata_props}
+        scopes = _scopes(props)
+        entry = {"op": node.op_type, "node": node.name, "module": scopes[-2] if scopes else ""}
+        entry.update({k.split(".", 1)[1]: v for k, v in props.items() if k.startswith("ugsep.")})
+        out.append(entry)
+        frontier.extend(i for i in node.input if i and i not in agreeing)
+    return out
 
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
@@ -284,14 +318,19 @@ def _run_with_values(model: onnx.ModelProto, graph: str, feeds: Rows):
 def _run_full(bundle: Bundle, rows: Rows):
     model = onnx.load(str(bundle.stage_path("full")))
     values, arrays = _run_with_values(model, "full.onnx", rows)
-    return {"values": values, "arrays": arrays}, {"m": None, "user_index": None}
+    got = {"values": values, "arrays": arrays, "models": {"full.onnx": model}}
+    return got, {"m": None, "user_index": None}
 
 
 def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows):
     users, user_index = user_rows(spec, rows)
-    uv, ua = _run_with_values(onnx.load(str(bundle.stage_path("user"))), "user.onnx", users)
+    user = onnx.load(str(bundle.stage_path("user")))
+    group = onnx.load(str(bundle.stage_path("group")))
+    uv, ua = _run_with_values(user, "user.onnx", users)
     boundary = {k: a for (_, k), a in ua.items()}
     feeds = {**rows, **boundary, USER_INDEX: user_index}
-    gv, ga = _run_with_values(onnx.load(str(bundle.stage_path("group"))), "group.onnx", feeds)
+    gv, ga = _run_with_values(group, "group.onnx", feeds)
     m = len(next(iter(users.values())))
-    return {"values": uv + gv, "arrays": {**ga, **ua}}, {"m": m, "user_index": user_index}
+    models = {"user.onnx": user, "group.onnx": group}
+    got = {"values": uv + gv, "arrays": {**ga, **ua}, "models": models}
+    return got, {"m": m, "user_index": user_index}
