@@ -90,8 +90,11 @@ class SplitUserGroupPass:
 
     def call(self, ep: torch.export.ExportedProgram) -> PassResult:
         forced: dict[str, str] = {}
+        blocked: dict[str, dict[str, Any]] = {}  # across rounds: a demotion must not hide a block
         for _ in range(self.max_rounds):
             facts = SideAnalysisPass(self.spec, set(forced)).call(ep).facts
+            blocked.update({b["node"]: b for b in facts["blocked"]})
+            facts["blocked"] = list(blocked.values())
             gm = graph_module_of(ep)
             boundary = _boundary_nodes(gm)
             if not self._demote(boundary, facts["batch_symbol"], forced):
