@@ -37,7 +37,6 @@ from runtime.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PYTHON = "/usr/bin/python3.11"
 _SOURCE_TREE = Path(__file__).resolve().parents[2]
 # What model.py needs inside Triton: the ugsep runtime is vendored into each repository,
 # so only its two third-party dependencies are installed here.
@@ -164,13 +163,55 @@ def _install_backend(env: TritonEnv) -> None:
             shutil.copy2(src, target)
 
 
+def system_python(install: TritonInstall) -> str:
+    """The system interpreter to build the venv from: one the wheel has a stub for (3.11 first)."""
+    for version in ("3.11", "3.12", "3.10", "3.13", "3.9"):
+        exe = Path(f"/usr/bin/python{version}")
+        if exe.exists() and install.stub(version).exists():
+            return str(exe)
+    raise BackendUnavailableError(
+        "no system Python (/usr/bin/python3.X) matches a Python backend stub of the "
+        "nvidia-pytriton wheel; install python3.11 and python3.11-venv (apt-get)"
+    )
+
+
+def _create_venv(venv: Path, python: str) -> None:
+    """``python -m venv`` + numpy<2 + onnxruntime; without ensurepip, our own pip installs."""
+    if not Path(python).exists():
+        raise BackendUnavailableError(
+            f"'{python}' does not exist: the Python backend stub needs a venv made from the "
+            "system interpreter (apt-get install python3.11-venv)"
+        )
+    log.info("creating the Triton Python environment at %s from %s", venv, python)
+    quiet = ["-q", "--disable-pip-version-check"]
+    try:
+        _run([python, "-m", "venv", "--clear", str(venv)], "creating the Triton venv")
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", *quiet]
+    except BackendUnavailableError as e:  # e.g. Debian without python3.X-venv: no ensurepip
+        log.warning("%s; retrying without pip in the venv", str(e).splitlines()[0])
+        _run(
+            [python, "-m", "venv", "--clear", "--without-pip", str(venv)],
+            "creating the Triton venv",
+        )
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            *quiet,
+        ]
+    _run([*pip, *REQUIREMENTS], "installing numpy<2 and onnxruntime into the Triton venv")
+
+
 def ensure_triton_env(
-    venv: str | Path | None = None, python: str = DEFAULT_PYTHON, *, create: bool = True
+    venv: str | Path | None = None, python: str | None = None, *, create: bool = True
 ) -> TritonEnv:
     """Return a ready ``TritonEnv``, creating or repairing the venv when ``create``.
 
     Idempotent: a venv that already imports numpy<2 and onnxruntime is left alone.
-    ``venv`` defaults to ``default_venv()``.
+    ``venv`` defaults to ``default_venv()``, ``python`` to ``system_python()``.
     """
     venv = Path(venv or default_venv()).absolute()
     install = TritonInstall.find()
@@ -181,22 +222,7 @@ def ensure_triton_env(
                 f"the Triton Python environment '{venv}' is missing or incomplete; create it with "
                 f"`python -m runtime.triton.env --venv {venv}`"
             )
-        if not Path(python).exists():
-            raise BackendUnavailableError(
-                f"'{python}' does not exist: the Python backend stub needs a venv made from the "
-                "system interpreter (apt-get install python3.11-venv)"
-            )
-        log.info("creating the Triton Python environment at %s from %s", venv, python)
-        _run([python, "-m", "venv", "--clear", str(venv)], "creating the Triton venv")
-        pip = [
-            str(venv / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-        ]
-        _run([*pip, *REQUIREMENTS], "installing numpy<2 and onnxruntime into the Triton venv")
+        _create_venv(venv, python or system_python(install))
         info = probe(venv)
         if info is None:
             raise BackendUnavailableError(f"'{venv}' still does not import numpy<2 and onnxruntime")
@@ -215,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         "--venv", default=str(default_venv()), help="where the venv lives (default: %(default)s)"
     )
     ap.add_argument(
-        "--python", default=DEFAULT_PYTHON, help="the system interpreter (default: %(default)s)"
+        "--python",
+        default=None,
+        help="the system interpreter (default: /usr/bin/python3.11, or another with a stub)",
     )
     ap.add_argument("--check", action="store_true", help="only validate; exit 1 when not ready")
     args = ap.parse_args(argv)
