@@ -160,6 +160,21 @@ def summarise(segments: list[dict]) -> list[dict]:
     return rows
 
 
+def paired_ratios(segments: list[dict], variant: str = "ugsep", baseline: str = "eager") -> dict[int, dict]:
+    """Per concurrency: median over rounds of (variant / baseline) within the same round."""
+    out = {}
+    for conc in sorted({s["concurrency"] for s in segments}):
+        cps, p99 = [], []
+        for rnd in sorted({s["round"] for s in segments}):
+            pair = {s["variant"]: s for s in segments if s["concurrency"] == conc and s["round"] == rnd}
+            if variant in pair and baseline in pair and pair[baseline]["candidates_per_s"] > 0:
+                cps.append(pair[variant]["candidates_per_s"] / pair[baseline]["candidates_per_s"])
+                p99.append(pair[variant]["p99_ms"] / pair[baseline]["p99_ms"])
+        out[conc] = {"candidates_per_s_ratio": float(np.median(cps)), "p99_ratio": float(np.median(p99)),
+                     "candidates_per_s_ratio_range": [float(min(cps)), float(max(cps))]}
+    return out
+
+
 def print_table(rows: list[dict], baseline: str = "eager") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -243,6 +258,11 @@ def main(argv=None) -> int:
             stop(proc)
     rows = summarise(segments)
     print_table(rows)
+    paired = paired_ratios(segments)
+    for conc, r in paired.items():
+        print(f"concurrency {conc}: ugsep/eager candidates/s per round, median {r['candidates_per_s_ratio']:.2f}x "
+              f"(range {r['candidates_per_s_ratio_range'][0]:.2f}-{r['candidates_per_s_ratio_range'][1]:.2f}), "
+              f"p99 ratio {r['p99_ratio']:.2f}")
     cache = {ln.split("{")[0]: float(ln.split()[-1]) for ln in metrics.splitlines()
              if ln.startswith("ugsep_cache_") and "{" in ln}
     flops = manifest.get("flops") or {}
@@ -256,7 +276,7 @@ def main(argv=None) -> int:
         "flop_ceiling_cached": ((u + g) / g) if u and g else None,
         "ugsep_cache_at_end": cache, "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                                                  "python": platform.python_version()},
-        "summary": rows, "segments": segments,
+        "summary": rows, "paired_ratios": paired, "segments": segments,
     }
     out = Path(args.out) if args.out else work / "bench_serve.json"
     out.write_text(json.dumps(result, indent=2))

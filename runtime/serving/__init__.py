@@ -9,7 +9,13 @@ until a server is built.
 
 from __future__ import annotations
 
-from runtime.serving.batcher import Batcher, BatchInfo, OverloadedError, ShuttingDownError, run_batch
+from runtime.serving.batcher import (
+    Batcher,
+    BatchInfo,
+    OverloadedError,
+    ShuttingDownError,
+    run_batch,
+)
 from runtime.serving.cache import CacheStats, UserCache, explicit_user_key, user_feature_key
 from runtime.serving.repository import ServeOptions
 

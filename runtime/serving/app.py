@@ -148,7 +148,7 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
         try:
             body = await _read_body(request, options.max_body_bytes)
             req = parse_infer(body, request.headers.get(HEADER_LENGTH))
-            content, headers = await _score(repo, name, req)
+            content, headers = await _score(repo, name, req, version)
         except HttpError as e:
             metrics.failure(label, e.reason)
             return _error(e.status, str(e))
@@ -185,11 +185,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _score(repo: ModelRepository, name: str, req: InferRequest) -> tuple[bytes, dict]:
+async def _score(repo: ModelRepository, name: str, req: InferRequest, version: str | None) -> tuple[bytes, dict]:
     user_key = req.parameters.get("user_key")
     user_key = explicit_user_key(user_key) if user_key is not None else None
     while True:
         model = _model(repo, name)
+        if version is not None and version != model.version:
+            raise HttpError(404, "not_found", f"model '{name}' version {version} is not loaded (current: {model.version})")
         user, cands = _split_inputs(model, req)
         _check_outputs(model, req)
         try:

@@ -77,7 +77,7 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
     keys = [p.user_key or user_feature_key(p.user) for p in prepared]
     slot: dict[str, int] = {}
     first: dict[str, Prepared] = {}
-    for k, p in zip(keys, prepared):
+    for k, p in zip(keys, prepared, strict=True):
         if k not in slot:
             slot[k], first[k] = len(slot), p
     rows = {k: cache.get(k) for k in slot} if cache is not None and cache.enabled else {k: None for k in slot}
@@ -215,7 +215,7 @@ class Batcher:
             )
             info.queue_seconds = [start - p.enqueued for p in live]
             info.run_seconds = time.perf_counter() - start
-            for p, out in zip(live, outputs):
+            for p, out in zip(live, outputs, strict=True):
                 if not p.future.done():
                     p.future.set_result(out)
             if self.on_batch is not None:

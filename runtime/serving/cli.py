@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MB)
     p.add_argument("--token-env", default=None, metavar="VAR",
                    help="require 'Authorization: Bearer $VAR' (the token is read from this env variable)")
+    p.add_argument("--limit-concurrency", type=int, default=1024,
+                   help="open connections before uvicorn answers 503 (bounds memory with --max-body-mb)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info")
 
@@ -61,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     serve(args.bundles, args.host, args.port, log_level=args.log_level,
-          graceful_timeout_s=args.graceful_timeout, **vars(opts))
+          graceful_timeout_s=args.graceful_timeout, limit_concurrency=args.limit_concurrency, **vars(opts))
     return 0

@@ -42,7 +42,7 @@ class ServeOptions:
     max_batch_candidates: int = 8192
     workers: int = 1
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
-    max_body_bytes: int = 32 << 20
+    max_body_bytes: int = 8 << 20
     token: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

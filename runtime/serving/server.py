@@ -21,10 +21,13 @@ from runtime.serving.repository import ServeOptions
 log = logging.getLogger(__name__)
 
 
-def _config(app, host: str, port: int, log_level: str, graceful_timeout_s: float) -> uvicorn.Config:
+def _config(app, host: str, port: int, log_level: str, graceful_timeout_s: float,
+            limit_concurrency: int | None = None) -> uvicorn.Config:
+    # limit_concurrency: connections+tasks beyond it get 503 from uvicorn, which bounds the
+    # bodies held in memory to about limit_concurrency x max_body_bytes
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
-        timeout_graceful_shutdown=graceful_timeout_s, lifespan="on",
+        timeout_graceful_shutdown=graceful_timeout_s, lifespan="on", limit_concurrency=limit_concurrency,
     )
 
 
@@ -35,6 +38,7 @@ def serve(
     *,
     log_level: str = "info",
     graceful_timeout_s: float = 30.0,
+    limit_concurrency: int | None = 1024,
     **options,
 ) -> None:
     """Serve ``bundles`` over KServe v2 HTTP until SIGTERM/SIGINT (blocking).
@@ -48,7 +52,7 @@ def serve(
                     "" if options.get("token") else " and WITHOUT a bearer token")
     names = ", ".join(sorted(app.state.repo.models))
     log.info("serving model(s) %s on http://%s:%d", names, host, port)
-    uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s)).run()
+    uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s, limit_concurrency)).run()
 
 
 class ServerThread:

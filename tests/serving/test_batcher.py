@@ -41,7 +41,7 @@ def test_run_batch_equals_sequential_scores(scorer):
     reqs, prepared = _requests(scorer, 12, n_users=5)
     outs, info = run_batch(scorer, UserCache(1 << 20), prepared)
     assert (info.requests, info.users, info.users_computed) == (12, 5, 5)
-    for (u, c), out in zip(reqs, outs):
+    for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
 
 
@@ -53,7 +53,7 @@ def test_cache_hits_skip_the_user_graph(scorer):
     again, info = run_batch(counting, cache, prepared)
     assert counting.user_rows == [3]  # the second batch found every user cached
     assert info.users_computed == 0 and cache.stats().hits == 3
-    for (u, c), out in zip(reqs, again):
+    for (u, c), out in zip(reqs, again, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
 
 
@@ -80,7 +80,7 @@ def test_concurrent_submits_are_merged_and_exact(scorer):
     outs = asyncio.run(main())
     assert len(counting.group_rows) < len(reqs)  # merged into fewer group calls
     assert sum(counting.user_rows) == 7  # each distinct user ran through the user graph once
-    for (u, c), out in zip(reqs, outs):
+    for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
 
 
@@ -97,7 +97,7 @@ def test_max_batch_candidates_bounds_every_group_call(scorer):
 
     outs = asyncio.run(main())
     assert max(counting.group_rows) <= 40
-    for (u, c), out in zip(reqs, outs):
+    for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
 
 
@@ -128,5 +128,5 @@ def test_non_split_scorer_batches_without_cache(split_bundle):
     reqs, prepared = _requests(full, 5, n_users=2)
     outs, _ = run_batch(full, cache, prepared)
     assert cache.stats().entries == 0
-    for (u, c), out in zip(reqs, outs):
+    for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], full.score(u, c)["ctr"])

@@ -87,7 +87,7 @@ def test_binary_sizes_and_header_lengths(http, index, size_delta, header):
     body = _valid_body()
     arrays = [np.asarray(i["data"], np.int64 if i["datatype"] == "INT64" else np.float32) for i in body["inputs"]]
     blob = b""
-    for i, (inp, arr) in enumerate(zip(body["inputs"], arrays)):
+    for i, (inp, arr) in enumerate(zip(body["inputs"], arrays, strict=True)):
         raw = arr.tobytes()
         inp.pop("data")
         inp["parameters"] = {"binary_data_size": len(raw) + (size_delta if i == index else 0)}

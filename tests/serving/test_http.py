@@ -85,7 +85,7 @@ def test_concurrent_clients_get_their_own_exact_scores(server, scorer):
 
     with cf.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(call, reqs))
-    for (u, c), got in zip(reqs, results):
+    for (u, c), got in zip(reqs, results, strict=True):
         np.testing.assert_array_equal(got, scorer.score(u, c)["ctr"])
 
 

@@ -60,7 +60,7 @@ def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
     finally:
         if proc.poll() is None:
             proc.kill()
-    for (user, cands), r in zip(reqs, responses):
+    for (user, cands), r in zip(reqs, responses, strict=True):
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32),
                                       scorer.score(user, cands)["ctr"])
