@@ -39,10 +39,21 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> No
     raise TimeoutError("the server subprocess did not become ready")
 
 
+def _wait_accepted(url: str, n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics", timeout=5).text
+        line = [ln for ln in text.splitlines() if ln.startswith('ugsep_requests_total{model="toysplit"}')]
+        if line and float(line[0].split()[-1]) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the server did not receive {n} requests")
+
+
 def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
     port = _free_port()
     cmd = [sys.executable, "-m", "runtime.serving", str(split_bundle), "--port", str(port),
-           "--max-delay-ms", "1000", "--log-level", "warning"]
+           "--max-delay-ms", "3000", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -52,7 +63,8 @@ def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
         with cf.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, f"{url}/v2/models/toysplit/infer",
                                    json=json_body(*r), timeout=30) for r in reqs]
-            time.sleep(0.4)  # every request is accepted and waiting in the batcher
+            _wait_accepted(url, len(reqs))  # every request reached the server ...
+            assert not any(f.done() for f in futures)  # ... and waits in the batcher (3 s delay)
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         # uvicorn drains, then re-raises the signal: the conventional "terminated by SIGTERM"
