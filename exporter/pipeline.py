@@ -10,6 +10,7 @@ Later steps slot into PIPELINE where their order is explained.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
 from exporter.progress import console
+from exporter.quantize import step_quantize
 from runtime.manifest import DEFAULT_LIMITS
 from runtime.sample import sample_rows
 
@@ -76,6 +78,19 @@ def step_full_onnx(ctx: ExportContext) -> None:
     ctx.stages["full"] = export_onnx(ctx.program, ctx.input_names, list(ctx.spec.outputs))
 
 
+def step_split(ctx: ExportContext) -> None:
+    """UG split (exporter.split): user.onnx + group.onnx, manifest split/flops; else full only."""
+    from exporter.split import split_to_onnx
+
+    art = split_to_onnx(ctx.program, ctx.spec, seed=ctx.options.seed)
+    ctx.manifest_fields["flops"] = art.flops
+    ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
+        "report": art.report}, indent=2, default=str) + "\n"
+    if art.is_split:
+        ctx.stages["user"], ctx.stages["group"] = art.user, art.group
+        ctx.manifest_fields["split"] = art.manifest_split()
+
+
 def step_write(ctx: ExportContext) -> None:
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
     try:
@@ -99,6 +114,8 @@ Step = Callable[[ExportContext], None]
 PIPELINE: list[tuple[str, Step]] = [
     ("capture", step_capture),
     ("full-onnx", step_full_onnx),
+    ("split", step_split),  # after full.onnx: a model that cannot be split still exports
+    ("quantize", step_quantize),  # w8a16/w4a16 (exporter.quantize): every stage; fp32: no-op
     ("write", step_write),
 ]
 
@@ -112,6 +129,7 @@ def export_bundle(
         raise ExportError(f"precision '{options.precision}' is not one of fp32, w8a16, w4a16")
     ctx = ExportContext(loaded=loaded, out_dir=Path(out_dir), options=options)
     steps = [(n, s) for n, s in PIPELINE if n != "parity" or options.parity]
+    steps = [(n, s) for n, s in steps if n != "split" or options.split]
     for i, (name, step) in enumerate(steps, 1):
         t0 = time.perf_counter()
         with console.status(f"[{i}/{len(steps)}] {name} …"):

@@ -81,16 +81,21 @@ def split_to_onnx(
     out_dir: str | Path | None = None,
     *,
     seed: int = 0,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> SplitArtifacts:
-    """Split ``program`` by ``spec`` and build user/group ONNX; write them when ``out_dir``."""
+    """Split ``program`` by ``spec`` and build user/group ONNX; write them when ``out_dir``.
+
+    ``rows`` (spec-named arrays, >= 5 rows) are valid example inputs for re-capturing
+    each side; by default rows are sampled from the spec.
+    """
     result: SplitResult = SplitUserGroupPass(spec).call(program).graph_module
     art = SplitArtifacts(result)
     if not result.is_split:
         log.warning("no UG split for '%s': %s", spec.name, result.report.get("reason"))
         return art
-    users = _example(spec, result.user_inputs, EXAMPLE_USERS, seed)
+    users = _example(spec, result.user_inputs, EXAMPLE_USERS, seed, rows)
     cands = _example(
-        spec, [n for n in result.group_inputs if _is_input(spec, n)], EXAMPLE_CANDIDATES, seed + 1
+        spec, [n for n in result.group_inputs if _is_input(spec, n)], EXAMPLE_CANDIDATES, seed + 1, rows
     )
     with torch.no_grad():
         boundary = list(result.user(*users.values()))
@@ -117,9 +122,9 @@ def _is_input(spec: FeatureSpec, name: str) -> bool:
     return any(s.name == name for s in spec.inputs)
 
 
-def _example(spec: FeatureSpec, names: list[str], n: int, seed: int) -> dict[str, torch.Tensor]:
-    rows = sample_rows(spec, n, seed)
-    return {name: torch.from_numpy(np.ascontiguousarray(rows[name])) for name in names}
+def _example(spec: FeatureSpec, names: list[str], n: int, seed: int, rows=None):
+    rows = rows if rows is not None else sample_rows(spec, n, seed)
+    return {name: torch.from_numpy(np.ascontiguousarray(rows[name][:n])) for name in names}
 
 
 def _to_onnx(gm, args, input_names, output_names, dims: dict[str, str], out_dim: str):

@@ -134,7 +134,7 @@ class SplitUserGroupPass:
             "hoisted_modules": _hoisted_modules(gm),
         }
         outputs = list(self.spec.outputs)
-        if not boundary or u == 0:
+        if not boundary or not _does_work(gm):
             report["split"] = False
             report["reason"] = _why_not(report["blocked"])
             return SplitResult(None, None, outputs=outputs, report=report)
@@ -164,6 +164,20 @@ def _boundary_nodes(gm: fx.GraphModule) -> list[fx.Node]:
                 out.append(n)
                 break
     return out
+
+
+_LOOKUPS = {aten.embedding.default, aten.index_select.default, aten.gather.default}
+
+
+def _is_work(n: fx.Node) -> bool:
+    """A hoisted node that computes or looks up (not a view or slice)."""
+    return n.meta.get(SIDE_KEY) == "user" and (
+        n.meta.get("ugsep.flops", 0) > 0 or n.target in _LOOKUPS
+    )
+
+
+def _does_work(gm: fx.GraphModule) -> bool:
+    return any(_is_work(n) for n in gm.graph.nodes)
 
 
 def _row_bytes(n: fx.Node, s0) -> int:
@@ -205,12 +219,7 @@ def _boundary_entry(n: fx.Node, name: str) -> dict[str, Any]:
 
 
 def _hoisted_modules(gm: fx.GraphModule) -> list[str]:
-    mods = {
-        module_path(n)
-        for n in gm.graph.nodes
-        if n.meta.get(SIDE_KEY) == "user" and n.meta.get("ugsep.flops", 0) > 0
-    }
-    return sorted(m for m in mods if m)
+    return sorted({module_path(n) for n in gm.graph.nodes if _is_work(n)} - {""})
 
 
 def _why_not(blocked: list[dict[str, Any]]) -> str:
