@@ -125,7 +125,7 @@ def user_only(steps) -> list[bool]:
     return pure
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(programs())
 def test_random_programs_split_equal_the_monolith_and_never_hoist_mixing(program):
     steps, counts = program
