@@ -23,6 +23,8 @@ Python backend. What it needs (see the developer guide):
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -30,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +218,15 @@ def ensure_triton_env(
     """
     venv = Path(venv or default_venv()).absolute()
     install = TritonInstall.find()
+    tag = hashlib.sha1(str(venv).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"ugsep-triton-env-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs: one creates, the others wait
+        return _ensure_locked(venv, install, python, create)
+
+
+def _ensure_locked(
+    venv: Path, install: TritonInstall, python: str | None, create: bool
+) -> TritonEnv:
     info = probe(venv)
     if info is None:
         if not create:
