@@ -60,4 +60,9 @@ def _where(loc: dict[str, Any]) -> str:
     first = loc.get("first_divergence")
     if not first:
         return loc.get("note", "")
-    return f"first diverges at {first['name']} ({first.get('module') or '?'})"
+    text = f"first diverges at {first['name']} ({first.get('module') or 'root module'})"
+    rewritten = [u for u in loc.get("upstream", []) if u.get("weight") or u.get("pass")]
+    if rewritten:  # a pass-made op just upstream (e.g. a quantized MatMul) is the likely origin
+        u = rewritten[0]
+        text += f" after {u['op']}[{u.get('weight') or u.get('pass')}]"
+    return text

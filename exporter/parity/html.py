@@ -131,6 +131,22 @@ def _localisation(loc: dict[str, Any]) -> str:
         f"{_e(first['graph'])}, value <code>{_e(first['onnx_value'])}</code>; relative error "
         f"{first['rel_error']:.3g}, max abs {first['max_abs']:.3g}. Last agreeing tensor: "
         f"<code>{_e(loc.get('last_agreeing'))}</code>.</p><pre>{_e(first['code'])}</pre>"
+        + _upstream(loc.get("upstream") or [])
+    )
+
+
+def _upstream(ops: list[dict[str, Any]]) -> str:
+    if not ops:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(u['op'])}</td><td>{_e(u['node'])}</td><td>{_e(u.get('module') or '')}</td>"
+        f"<td>{_e(u.get('pass', ''))}</td><td>{_e(u.get('weight', ''))}</td></tr>"
+        for u in ops
+    )
+    return (
+        "<p>ONNX ops between the last agreeing tensors and it (nearest first):</p><table>"
+        "<tr><th>op</th><th>node</th><th>module</th><th>made by pass</th><th>weight</th></tr>"
+        f"{rows}</table>"
     )
 
 

@@ -132,3 +132,55 @@ def test_transposed_input(seq_bundle_master, tmp_path):
     first = _first(report, "onnx-full")
     assert (first["graph"], first["module"]) == ("full.onnx", "seq_proj")
     assert "self.seq_proj(user_seq)" in first["code"]
+
+
+@pytest.fixture(scope="module")
+def w8_bundle_master(split_bundle_master, tmp_path_factory):
+    """The split bundle through the real weight-only int8 quantizer (every layer int8)."""
+    import onnx
+
+    from exporter.bundle_writer import BundleWriter
+    from exporter.quantize import quantize_bundle_stages
+
+    m = Manifest.read(split_bundle_master)
+    stages = {k: onnx.load(str(split_bundle_master / v["file"])) for k, v in m.stages.items()}
+    quantized, record = quantize_bundle_stages(stages, m.spec)
+    out = tmp_path_factory.mktemp("w8") / "bundle"
+    w = BundleWriter(out)
+    for stage, proto in quantized.items():
+        w.add_stage(stage, f"{stage}.onnx", proto)
+    w.finish(
+        model_name=m.model_name, spec=m.spec, split=m.split, precision="w8a16", quantization=record
+    )
+    return out
+
+
+def test_wrong_scale_in_a_real_matmulnbits(w8_bundle_master, split_model, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    bundle = shutil.copytree(w8_bundle_master, tmp_path / "b")
+    model = onnx.load(str(bundle / "group.onnx"))
+    nbits = [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+        and any(p.key == "ugsep.weight" and "cross" in p.value for p in n.metadata_props)
+    ]
+    assert len(nbits) == 1, [n.name for n in model.graph.node if n.op_type == "MatMulNBits"]
+    scales = next(t for t in model.graph.initializer if t.name == nbits[0].input[2])
+    arr = numpy_helper.to_array(scales)
+    scales.CopyFrom(numpy_helper.from_array((arr * 3).astype(arr.dtype), scales.name))
+    onnx.save(model, str(bundle / "group.onnx"))
+    rehash(bundle, "group.onnx")
+    report = check_bundle(bundle, split_model, n_rows=300, progress=False)
+    assert report.failed_stages == ["onnx-split-w8a16"], report.summary()
+    loc = report.stage("onnx-split-w8a16").localisation
+    first = loc["first_divergence"]
+    assert first["graph"] == "group.onnx" and first["module"].startswith("group")
+    named = first["module"] == "group.cross" or any(
+        "cross" in u.get("weight", "") for u in loc["upstream"]
+    )
+    assert named, loc
