@@ -151,3 +151,55 @@ def test_w4a16_and_gpu_targets(exported):
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
     got = _run(gpu["full"], calib.rows)
     assert np.abs(got - calib.reference["ctr"]).max() < 0.02
+
+
+class TwoSide(torch.nn.Module):
+    """A user tower (hoistable to user.onnx) crossed with an item tower, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.user = torch.nn.Sequential(
+            torch.nn.Linear(12, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)
+        )
+        self.item = torch.nn.Linear(4, 64)
+        self.head = torch.nn.Linear(64, 1)
+
+    def forward(self, user_dense, item_dense):
+        return torch.sigmoid(self.head(self.user(user_dense) * self.item(item_dense))).squeeze(-1)
+
+
+def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path):
+    from exporter import ExportOptions, LoadedModel, export_bundle
+    from runtime.manifest import Manifest
+
+    model = TwoSide().eval()
+    rows, rid = sample_requests(SPEC, 8, 100, seed=5)
+    opts = ExportOptions(
+        precision="w8a16", parity=False, data={**rows, "request_id": rid}, parity_rows=200
+    )
+    ctx = export_bundle(LoadedModel(spec=SPEC, module=model), tmp_path / "b", opts)
+    m = Manifest.read(tmp_path / "b")
+    assert m.precision == "w8a16" and m.is_split
+    q = m.quantization
+    assert set(q["weight_bytes"]) == {"user", "group", "full"}
+    for side in ("user", "group"):
+        ops = {n.op_type for n in onnx.load(tmp_path / "b" / f"{side}.onnx").graph.node}
+        quantized = q["weight_bytes"][side]["quantized_layers"]
+        assert ("MatMulNBits" in ops) == (quantized > 0)
+    assert q["weight_bytes"]["user"]["quantized_layers"] >= 1  # the user tower's Linears
+    assert q["outcome"]["user+group"]["selected"]["passed"]
+    # the written split stages, run like the runtime, stay within the budget of eager
+    users = {"user_dense": rows["user_dense"][::100]}
+    user_index = np.repeat(np.arange(8), 100)
+    su = ort.InferenceSession(str(tmp_path / "b" / "user.onnx"), providers=["CPUExecutionProvider"])
+    sg = ort.InferenceSession(
+        str(tmp_path / "b" / "group.onnx"), providers=["CPUExecutionProvider"]
+    )
+    boundary = dict(zip([o.name for o in su.get_outputs()], su.run(None, users), strict=True))
+    feeds = {"item_dense": rows["item_dense"], "user_index": user_index, **boundary}
+    got = sg.run(None, {i.name: feeds[i.name] for i in sg.get_inputs()})[0]
+    with torch.no_grad():
+        ref = model(**to_torch_inputs(SPEC, rows)).numpy()
+    assert np.abs(got - ref).max() <= q["budget"]["max_abs"]
+    assert ctx.stages["user"] is not None
