@@ -22,10 +22,11 @@ def split_bundle(tmp_path_factory, split_parts):
 
 
 @pytest.fixture(scope="session")
-def split_bundle_v2(tmp_path_factory):
-    """The same model name with different weights (seed 1): a new version for reloads."""
-    user, group = make_parts(seed=1)
-    return write_split_bundle(tmp_path_factory.mktemp("serving_v2") / "toysplit", user, group, max_candidates=256)
+def split_bundle_v2(tmp_path_factory, split_bundle):
+    """The same model with every weight scaled by 1.25: a new version for reloads."""
+    from tests.serving.split_bundle import perturbed_copy
+
+    return perturbed_copy(split_bundle, tmp_path_factory.mktemp("serving_v2") / "toysplit")
 
 
 @pytest.fixture(scope="session")

@@ -166,3 +166,24 @@ def renamed_copy(src: str | Path, dst: str | Path, model_name: str) -> Path:
     data["model_name"] = model_name
     (dst / "manifest.json").write_text(json.dumps(data, indent=2))
     return dst
+
+
+def perturbed_copy(src: str | Path, dst: str | Path, scale: float = 1.25) -> Path:
+    """A new version of a bundle: every float initializer scaled, sha256s rewritten (no re-export)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    dst = Path(shutil.copytree(src, dst))
+    data = json.loads((dst / "manifest.json").read_text())
+    for rel in ("user.onnx", "group.onnx", "full.onnx"):
+        model = onnx.load(str(dst / rel))
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            if arr.dtype == np.float32:
+                init.CopyFrom(numpy_helper.from_array(arr * np.float32(scale), init.name))
+        onnx.save(model, str(dst / rel))
+        data["files"][rel] = {"sha256": sha256_file(dst / rel), "bytes": (dst / rel).stat().st_size}
+    (dst / "manifest.json").write_text(json.dumps(data, indent=2))
+    return dst
