@@ -49,6 +49,11 @@ def check_bundle(
     parity.json and its summary to ``manifest.parity``. A failing stage is localised to the
     first diverging tensor (``program``: the model's ExportedProgram, captured when None).
     """
+    if write and not Path(bundle_dir).is_dir():
+        raise ExportError(
+            f"cannot write parity.json into '{bundle_dir}': not a bundle directory "
+            "(unpack the archive, or pass write=False)"
+        )
     bundle = Bundle.open(bundle_dir)
     spec = bundle.manifest.spec
     budgets = load_budgets(budgets)
@@ -75,10 +80,6 @@ def check_bundle(
     if localise and not report.passed:
         _localise_failures(report, bundle, model, spec, rows, get_program)
     if write:
-        if not Path(bundle_dir).is_dir():
-            raise ExportError(
-                f"cannot write parity.json into '{bundle_dir}': not a bundle directory"
-            )
         report.write(bundle_dir)
     return report
 

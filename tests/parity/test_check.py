@@ -112,3 +112,21 @@ def test_table_renders_every_stage(split_bundle, split_model):
     for name in ("onnx-full", "onnx-split", "tensorrt", "max abs", "top-10"):
         assert name in text
     assert not (split_bundle / "parity.json").exists()  # write=False leaves the bundle alone
+
+
+def test_archive_bundle_checks_without_writing(split_bundle, split_model, tmp_path):
+    from runtime.bundle import pack
+
+    tar = pack(split_bundle, tmp_path / "b.tar")
+    with pytest.raises(ExportError, match="not a bundle directory"):
+        check_bundle(tar, split_model, n_rows=100, progress=False)
+    report = check_bundle(tar, split_model, n_rows=100, progress=False, write=False)
+    assert report.passed
+
+
+def test_progress_output_does_not_change_the_report(split_bundle_master, split_model, tmp_path):
+    a = shutil.copytree(split_bundle_master, tmp_path / "a")
+    b = shutil.copytree(split_bundle_master, tmp_path / "b")
+    quiet = check_bundle(a, split_model, n_rows=150, progress=False).to_dict()
+    loud = check_bundle(b, split_model, n_rows=150, progress=True).to_dict()
+    assert quiet == loud
