@@ -1,0 +1,221 @@
+"""TensorRT for bundles: the CPU readiness lint, engine builds, and their CLI/pipeline hooks.
+
+    ugsep check --trt-lint BUNDLE          lint_bundle(BUNDLE): every stage graph vs TensorRT's
+                                           documented ONNX support; exit 1 on errors
+    ugsep build-trt BUNDLE [--m 1,8,256]   build_engines(BUNDLE): engines for the GPU here, into
+                                           engines/<gpu>-trt<version>/, recorded in the manifest
+    ugsep export ... --target trt          pipeline steps ``step_trt_lint`` (before writing:
+                                           refuse graphs TensorRT would reject) and
+                                           ``step_trt_build`` (after writing, before parity)
+
+``add_arguments(parser)`` / ``run(args)`` are the ``build-trt`` subcommand (exporter.cli
+delegates to them). Nothing here imports ``tensorrt`` until an engine is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPT_M, DEFAULT_OPT_N = 8, 512
+
+
+# ---- readiness lint ----------------------------------------------------------------------
+
+def lint_models(models: dict[str, Any]) -> dict[str, list]:
+    """{stage: findings} for in-memory ONNX models (``onnx.ModelProto`` or ``onnx_ir.Model``)."""
+    from graph_passes.onnx.trt_support import check_trt_readiness
+
+    return {stage: check_trt_readiness(model) for stage, model in models.items()}
+
+
+def lint_stages(bundle_dir: str | Path) -> dict[str, list]:
+    """{stage: findings} for every ONNX graph of the bundle at ``bundle_dir``."""
+    import onnx
+
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    return lint_models({s: onnx.load(str(bundle.stage_path(s))) for s in bundle.manifest.stages})
+
+
+def lint_report(results: dict[str, list]) -> tuple[str, bool]:
+    """(report text, ok): one section per stage; ok is False when any stage has errors."""
+    from graph_passes.onnx.trt_support import format_report, has_errors
+
+    text = "\n".join(format_report(f, title=f"{stage}.onnx") for stage, f in results.items())
+    return text, not any(has_errors(f) for f in results.values())
+
+
+def lint_bundle(bundle_dir: str | Path) -> int:
+    """``ugsep check --trt-lint``: print the readiness report; 0 when ready, 1 on errors."""
+    from exporter.progress import console
+
+    text, ok = lint_report(lint_stages(bundle_dir))
+    console.print(text, markup=False, highlight=False)
+    return 0 if ok else 1
+
+
+# ---- engine builds -----------------------------------------------------------------------
+
+def build_engines(
+    bundle_dir: str | Path,
+    *,
+    m: str | None = None,
+    n: str | None = None,
+    fp16: bool = True,
+    workspace_gb: float | None = None,
+    cache_dir: str | Path | None = None,
+    stages: list[str] | None = None,
+    lint: bool = True,
+) -> dict[str, Any]:
+    """Build engines for this GPU into ``bundle_dir`` and record them; returns the manifest entry.
+
+    ``m``/``n``: 'min,opt,max' batch ranges for users per call / candidates per call (default
+    1,8,limits.max_users_per_call and 1,512,limits.max_candidates). Quantized bundles build a
+    strongly typed network; fp32 bundles build with fp16 kernels allowed unless ``fp16=False``.
+    """
+    from exporter.bundle_writer import update_bundle
+    from exporter.trt_engine import BuildOptions, EngineFromOnnx
+    from runtime.backends.tensorrt import engine_dir_name, gpu_info, import_tensorrt
+    from runtime.bundle import Bundle
+    from runtime.errors import BackendUnavailableError
+
+    bundle = Bundle.open(bundle_dir)
+    manifest = bundle.manifest
+    stages = stages or (["user", "group"] if manifest.is_split else ["full"])
+    if lint:
+        text, ok = lint_report(lint_stages(bundle.root))
+        if not ok:
+            raise ExportError(f"the bundle's graphs are not ready for TensorRT:\n{text}")
+    try:
+        trt, gpu = import_tensorrt(), gpu_info()
+    except BackendUnavailableError as e:
+        raise ExportError(f"cannot build TensorRT engines here: {e}") from e
+    rel_dir = engine_dir_name(gpu["gpu"], trt.__version__)
+    (bundle.root / rel_dir).mkdir(parents=True, exist_ok=True)
+    log_path = bundle.root / rel_dir / "build.log"
+    log_path.write_text("")
+    ranges = batch_ranges(manifest, m, n)
+    quantized = manifest.precision in ("w8a16", "w4a16")
+    files: dict[str, Any] = {}
+    for stage in stages:
+        path = bundle.stage_path(stage)
+        options = BuildOptions(
+            fp16=fp16, strongly_typed=quantized,
+            workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+            timing_cache=timing_cache_path(cache_dir, rel_dir),
+            log_path=log_path,
+            profiles=stage_profiles(path, stage, manifest, *ranges),
+        )
+        log.info("building TensorRT engine for %s (%s)", stage, path.name)
+        files[f"{rel_dir}/{stage}.plan"] = EngineFromOnnx(path, options)()
+    files[f"{rel_dir}/build.log"] = log_path.read_text()
+    entry = {
+        "dir": rel_dir, **gpu, "trt_version": trt.__version__, "stages": stages,
+        "files": sorted(files),
+        "precision": "strongly-typed" if quantized else ("fp16" if fp16 else "fp32"),
+        "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
+        "built": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    engines = [e for e in manifest.engines if e.get("dir") != rel_dir] + [entry]
+    update_bundle(bundle.root, files, engines=engines)
+    return entry
+
+
+def batch_ranges(manifest, m: str | None, n: str | None):
+    """(M range, N range) from flags or the manifest's limits."""
+    from exporter.trt_engine import BatchRange
+
+    lim = manifest.limits
+    max_m, max_n = int(lim["max_users_per_call"]), int(lim["max_candidates"])
+    m_range = BatchRange.parse(m) if m else BatchRange(1, min(DEFAULT_OPT_M, max_m), max_m)
+    n_range = BatchRange.parse(n) if n else BatchRange(1, min(DEFAULT_OPT_N, max_n), max_n)
+    return m_range, n_range
+
+
+def stage_profiles(path: Path, stage: str, manifest, m_range, n_range) -> dict:
+    """Optimization-profile shapes for every input of one stage graph.
+
+    user.onnx: every input has M rows; group.onnx: the boundary tensors have M rows, the
+    candidate inputs and ``user_index`` N rows; full.onnx: N rows.
+    """
+    import onnx
+
+    from exporter.trt_engine import input_profiles
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = {}
+    for i in graph.input:
+        dims = i.type.tensor_type.shape.dim[1:]
+        if any(not d.HasField("dim_value") for d in dims):
+            raise ExportError(f"{path.name}: input '{i.name}' has a dynamic non-batch dim")
+        inputs[i.name] = tuple(d.dim_value for d in dims)
+    if stage == "user":
+        m_inputs = set(inputs)
+    elif stage == "group":
+        m_inputs = {b["name"] for b in (manifest.split or {}).get("boundary", [])}
+    else:
+        m_inputs = set()
+    return input_profiles(inputs, m_inputs, m_range, n_range)
+
+
+def timing_cache_path(cache_dir: str | Path | None, rel_dir: str) -> Path:
+    """The persistent timing cache for one GPU + TensorRT version (shared by all builds)."""
+    root = Path(cache_dir or os.environ.get("UGSEP_CACHE_DIR") or Path.home() / ".cache" / "ugsep")
+    return root / "tensorrt" / f"{Path(rel_dir).name}.timing-cache"
+
+
+# ---- pipeline steps (exporter.pipeline, --target trt) ------------------------------------
+
+def step_trt_lint(ctx) -> None:
+    """Before writing: refuse a TRT export whose graphs TensorRT would reject (no-op for onnx)."""
+    if (ctx.options.extra or {}).get("target") != "trt":
+        return
+    text, ok = lint_report(lint_models(ctx.stages))
+    if not ok:
+        raise ExportError(f"--target trt: the exported graphs are not ready for TensorRT:\n{text}")
+    log.info("TensorRT readiness: %d graph(s) ready", len(ctx.stages))
+
+
+def step_trt_build(ctx) -> None:
+    """After writing: build engines for this GPU into the bundle (no-op for --target onnx)."""
+    if (ctx.options.extra or {}).get("target") != "trt":
+        return
+    extra = ctx.options.extra
+    build_engines(ctx.out_dir, m=extra.get("trt_m"), n=extra.get("trt_n"), lint=False)
+
+
+# ---- CLI: ugsep build-trt ----------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``ugsep build-trt``."""
+    p.add_argument("bundle", help="bundle directory to add engines to (on the serving GPU)")
+    p.add_argument("--m", help="users per call min,opt,max (default 1,8,limits.max_users_per_call)")
+    p.add_argument("--n", help="candidates per call min,opt,max (default 1,512,limits.max_candidates)")
+    p.add_argument("--fp32", action="store_true", help="no fp16 kernels for fp32 bundles")
+    p.add_argument("--workspace-gb", type=float, help="builder workspace limit (GiB)")
+    p.add_argument("--cache-dir", help="timing cache dir (default $UGSEP_CACHE_DIR or ~/.cache/ugsep)")
+    p.add_argument("--stages", nargs="+", choices=["full", "user", "group"],
+                   help="stages to build (default: user+group when split, else full)")
+    p.add_argument("--skip-lint", action="store_true", help="skip the TensorRT readiness check")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``ugsep build-trt``: build, print the manifest entry."""
+    from exporter.progress import console
+
+    entry = build_engines(args.bundle, m=args.m, n=args.n, fp16=not args.fp32,
+                          workspace_gb=args.workspace_gb, cache_dir=args.cache_dir,
+                          stages=args.stages, lint=not args.skip_lint)
+    console.print_json(json.dumps(entry))
+    return 0
