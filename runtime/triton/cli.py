@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the bundle has them, else onnxruntime)",
     )
     parser.add_argument(
+        "--trt-version",
+        default=None,
+        help="gpu kind with engines: use only engines built by this TensorRT version (the Triton image's)",
+    )
+    parser.add_argument(
         "--allow-unverified",
         action="store_true",
         help="write a repository for a bundle without a passed parity check",
@@ -90,6 +95,7 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         intra_op_threads=args.intra_op_threads,
         allow_unverified=args.allow_unverified,
         stage_backend=args.stage_backend,
+        trt_version=args.trt_version,
         overwrite=args.overwrite,
     )
 

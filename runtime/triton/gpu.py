@@ -103,20 +103,21 @@ def write_stage_model(
             "backend": "tensorrt",
             "platform": "tensorrt_plan",
             **cfg,
-            **_plans(bundle, stage, vdir),
+            **_plans(bundle, stage, vdir, opts.trt_version),
         }
     write_config(root / model, {"name": model, **cfg})
     return described
 
 
-def _plans(bundle: Bundle, stage: str, vdir: Path) -> dict:
+def _plans(bundle: Bundle, stage: str, vdir: Path, trt_version: str | None) -> dict:
     """Copy every engine of ``stage``; Triton picks the one for the GPU's compute capability.
 
     An engine only loads on the TensorRT version it was built with: the Triton image's
-    TensorRT must match the ``trt_version`` recorded in the manifest.
+    TensorRT must match the ``trt_version`` recorded in the manifest (``trt_version``
+    keeps only those engines, and must when one GPU has engines for several versions).
     """
-    cc_files = {}
-    for eng in bundle.manifest.engines:
+    cc_files: dict[str, str] = {}
+    for eng in _engines(bundle, trt_version):
         cc = str(eng.get("compute_capability", ""))
         src = bundle.root / eng["dir"] / f"{stage}.plan"
         if not cc or not src.is_file():
@@ -124,14 +125,32 @@ def _plans(bundle: Bundle, stage: str, vdir: Path) -> dict:
                 f"bundle '{bundle.root}': engine entry {eng.get('dir')!r} has no compute capability "
                 f"or no '{stage}.plan'"
             )
-        fname = f"{stage}_sm{cc.replace('.', '')}.plan"
-        shutil.copyfile(src, vdir / fname)
-        cc_files[cc] = fname
-    first = next(iter(cc_files.values()))
+        if cc in cc_files:
+            raise BundleError(
+                f"bundle '{bundle.root}' has several engines for compute capability {cc} "
+                "(different TensorRT versions); pick the Triton image's with trt_version "
+                "(CLI: --trt-version)"
+            )
+        cc_files[cc] = f"{stage}_sm{cc.replace('.', '')}.plan"
+        shutil.copyfile(src, vdir / cc_files[cc])
     return {
-        "default_model_filename": first,
+        "default_model_filename": next(iter(cc_files.values())),
         "cc_model_filenames": [{"key": k, "value": v} for k, v in cc_files.items()],
     }
+
+
+def _engines(bundle: Bundle, trt_version: str | None) -> list[dict]:
+    engines = bundle.manifest.engines
+    if trt_version is None:
+        return engines
+    kept = [e for e in engines if str(e.get("trt_version")) == trt_version]
+    if not kept:
+        found = sorted({str(e.get("trt_version")) for e in engines})
+        raise BundleError(
+            f"bundle '{bundle.root}' has no TensorRT engines for TensorRT {trt_version} "
+            f"(it has engines for: {', '.join(found)})"
+        )
+    return kept
 
 
 def write_orchestrator(

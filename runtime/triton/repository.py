@@ -26,6 +26,7 @@ needs only numpy and onnxruntime.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -58,6 +59,7 @@ class RepositoryOptions:
     intra_op_threads: int = 0  # ONNX Runtime threads in the CPU model (0: ORT default)
     allow_unverified: bool = False  # serve a bundle with no/failed parity record
     stage_backend: str = "auto"  # gpu: auto | onnxruntime | tensorrt_plan | python
+    trt_version: str | None = None  # gpu + engines: only engines built by this TensorRT version
     overwrite: bool = False
 
 
@@ -86,11 +88,7 @@ def write_repository(
     """
     if kind not in KINDS:
         raise BundleError(f"repository kind '{kind}' is not one of {', '.join(KINDS)}")
-    opts = options or RepositoryOptions()
-    for k, v in overrides.items():
-        if not hasattr(opts, k):
-            raise TypeError(f"write_repository got an unknown option '{k}'")
-        setattr(opts, k, v)
+    opts = dataclasses.replace(options or RepositoryOptions(), **overrides)  # TypeError if unknown
     bundle = Bundle.open(bundle_dir)
     bundle.check_parity(allow_unverified=opts.allow_unverified)
     name = model_name(opts.model_name or bundle.manifest.model_name)

@@ -106,6 +106,20 @@ def test_tensorrt_engines_become_plan_models_per_compute_capability(tmp_path, tr
     assert cfg.platform == "tensorrt_plan"
     assert dict(cfg.cc_model_filenames) == {"8.6": "group_sm86.plan", "9.0": "group_sm90.plan"}
     assert (tmp_path / "repo" / "toysplit_group" / "1" / "group_sm90.plan").is_file()
+    # a second TensorRT version for one GPU: ambiguous unless the image's version is given
+    extra = {**engines[0], "dir": "engines/sm86-trt10.8", "trt_version": "10.8"}
+    update_bundle(
+        b, {f"{extra['dir']}/{s}.plan": b"x" for s in ("user", "group")}, engines=[*engines, extra]
+    )
+    with pytest.raises(
+        BundleError, match="several engines for compute capability 8.6.*--trt-version"
+    ):
+        write_repository(b, tmp_path / "repo2", "gpu")
+    write_repository(b, tmp_path / "repo2", "gpu", trt_version="10.8")
+    cfg = load_config(tmp_path / "repo2" / "toysplit_user")
+    assert dict(cfg.cc_model_filenames) == {"8.6": "user_sm86.plan"}
+    with pytest.raises(BundleError, match=r"no TensorRT engines for TensorRT 9\.0.*10\.3, 10\.8"):
+        write_repository(b, tmp_path / "repo3", "gpu", trt_version="9.0")
 
 
 def test_a_config_outside_the_schema_is_refused_before_writing(tmp_path):

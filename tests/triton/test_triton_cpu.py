@@ -95,8 +95,9 @@ def test_bad_input_is_that_requests_error_and_the_server_keeps_serving(client, t
 
     user, cands = ranking(7, 4)
     bad = {**cands, "item_ids": np.full_like(cands["item_ids"], 999)}
-    with pytest.raises(InferenceServerException, match=r"item_ids.*999.*vocabulary"):
+    with pytest.raises(InferenceServerException, match=r"item_ids.*999.*vocabulary") as err:
         triton_scores(client, "toysplit", [(user, bad)], binary=False)
+    assert err.value.status() == "400"  # INVALID_ARG: the client's fault, not the server's
     too_many = ranking(8, 65)  # limits.max_candidates is 64
     with pytest.raises(InferenceServerException, match="65"):
         triton_scores(client, "toysplit", [too_many], binary=True)
