@@ -48,51 +48,88 @@ def _full_rows(spec, requests):
     for user, items in requests:
         n = len(next(iter(items.values())))
         for s in spec.inputs:
-            rows[s.name].append(np.repeat(user[s.name][None], n, 0) if s.side == "user" else items[s.name])
+            rows[s.name].append(
+                np.repeat(user[s.name][None], n, 0) if s.side == "user" else items[s.name]
+            )
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-@pytest.fixture(scope="module", params=["rankmixer", "dcn", "twotower"])
-def student_bundle(request, tmp_path_factory):
+def _student(kind: str):
     from students.zoo import build_student
 
     torch.manual_seed(0)
-    model = build_student(request.param, "tiny").eval()
-    spec = FeatureSpec.from_dict(model.feature_spec())
-    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    model = build_student(kind, "tiny").eval()
+    return model, FeatureSpec.from_dict(model.feature_spec())
+
+
+@pytest.fixture(scope="module")
+def rankmixer_bundle(tmp_path_factory):
+    """The tiny RankMixer through the whole export pipeline (capture, full, split, write)."""
+    model, spec = _student("rankmixer")
+    out = tmp_path_factory.mktemp("rankmixer") / "bundle"
     export_bundle(LoadedModel(spec=spec, module=model), out, ExportOptions(parity=False))
-    return request.param, model, spec, out
+    return model, spec, out
 
 
-def test_student_bundle_is_split_and_matches_eager_through_ort(student_bundle):
-    kind, model, spec, out = student_bundle
-    scorer = runtime.load(out)
-    assert scorer.split, f"{kind}: expected a split bundle"
+def test_rankmixer_bundle_scores_split_like_eager_through_the_scorer(rankmixer_bundle):
+    model, spec, out = rankmixer_bundle
+    scorer = runtime.load(out, backend="onnxruntime", allow_unverified=True)
+    assert scorer.split and set(scorer.manifest.stages) >= {"full", "user", "group"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split"]["user_index"] == "user_index"
-    assert manifest["flops"]["full_per_row"] == (
-        manifest["flops"]["user_per_row"] + manifest["flops"]["group_per_row"]
-    )
+    flops = manifest["flops"]
+    assert flops["full_per_row"] == flops["user_per_row"] + flops["group_per_row"] > 0
     for counts in ([7], [1], [3, 1, 6, 2]):
         reqs = _requests(spec, counts, seed=len(counts))
         got = np.concatenate([r[spec.outputs[0]] for r in scorer.score_many(reqs)])
         ref = _eager(model, spec, _full_rows(spec, reqs))
-        assert np.abs(got - ref).max() <= TOL, (kind, counts)
+        assert np.abs(got - ref).max() <= TOL, counts
 
 
-def test_rankmixer_split_hoists_encoder_target_kv_and_user_tokens(student_bundle):
-    kind, _model, _spec, out = student_bundle
-    if kind != "rankmixer":
-        pytest.skip("architecture-specific check")
+def test_rankmixer_split_hoists_encoder_target_kv_and_user_tokens(rankmixer_bundle):
+    _model, _spec, out = rankmixer_bundle
     split = json.loads((out / "manifest.json").read_text())["split"]
     hoisted = split["report"]["hoisted_modules"]
     assert any(m.startswith("seq_encoder.blocks") for m in hoisted)
     assert {"target.k", "target.v"} <= set(hoisted)
     layers = {m.split(".")[1] for m in hoisted if m.startswith("layers.")}
-    assert layers == {str(i) for i in range(len(layers))} and layers
+    assert layers and layers == {str(i) for i in range(len(layers))}
+    assert split["report"]["blocked"] == []
     sources = [b["source"] for b in split["boundary"]]
-    assert "target" in sources  # the keys/values cross the cut
+    assert "target" in sources  # the target attention's keys/values cross the cut
+    assert sum(s.startswith("layers.") for s in sources) >= len(layers)  # user tokens per layer
     assert all(b["shape"][0] == "M" for b in split["boundary"])
+
+
+@pytest.mark.parametrize("kind", ["dcn", "twotower"])
+def test_other_students_split_matches_eager_through_ort(kind, tmp_path):
+    from exporter.capture import capture
+
+    model, spec = _student(kind)
+    art = split_to_onnx(capture(model, spec), spec, tmp_path)
+    assert art.is_split, art.report
+    user, group = (_session(art.paths[k]) for k in ("user", "group"))
+    for counts in ([1], [3, 1, 6, 2]):
+        reqs = _requests(spec, counts, seed=len(counts) + 10)
+        got = _run_sessions(spec, user, group, reqs)
+        ref = _eager(model, spec, _full_rows(spec, reqs))
+        assert np.abs(got - ref).max() <= TOL, (kind, counts)
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_sessions(spec, user, group, reqs) -> np.ndarray:
+    """One user call for all M users, one group call for all candidates (as the Scorer does)."""
+    names = [i.name for i in user.get_inputs()]
+    users = {k: np.stack([u[k] for u, _ in reqs]) for k in names}
+    counts = [len(next(iter(c.values()))) for _, c in reqs]
+    boundary = dict(zip([o.name for o in user.get_outputs()], user.run(None, users), strict=True))
+    cands = {s.name: np.concatenate([c[s.name] for _, c in reqs]) for s in spec.group_inputs}
+    index = np.repeat(np.arange(len(reqs)), counts).astype(np.int64)
+    feeds = {**cands, **boundary, "user_index": index}
+    return group.run(None, {i.name: feeds[i.name] for i in group.get_inputs()})[0].reshape(-1)
 
 
 # -- an external CTR library (deepctr-torch, from PyPI) through the columns spec ----------
@@ -114,15 +151,27 @@ def _deepfm():
 DEEPFM_SPEC = {
     "name": "deepfm",
     "outputs": ["ctr"],
-    "inputs": [{"name": "X", "side": "mixed", "dtype": "float32", "shape": [5],
-                "columns": {"user": [[0, 3]], "group": [[3, 5]]}}],
+    "inputs": [
+        {
+            "name": "X",
+            "side": "mixed",
+            "dtype": "float32",
+            "shape": [5],
+            "columns": {"user": [[0, 3]], "group": [[3, 5]]},
+        }
+    ],
 }
 
 
 def _deepfm_rows(n: int, seed: int) -> np.ndarray:
     r = np.random.default_rng(seed)
-    cols = [r.integers(0, 50, n), r.integers(0, 8, n), r.standard_normal(n),
-            r.integers(0, 60, n), r.standard_normal(n)]
+    cols = [
+        r.integers(0, 50, n),
+        r.integers(0, 8, n),
+        r.standard_normal(n),
+        r.integers(0, 60, n),
+        r.standard_normal(n),
+    ]
     return np.stack(cols, 1).astype(np.float32)
 
 
@@ -144,7 +193,9 @@ def test_deepctr_deepfm_splits_through_columns_spec_with_ort_parity(tmp_path):
     cands = _deepfm_rows(sum(counts), 3)
     index = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
     cands[:, :3] = users[index, :3]  # each candidate row carries its user's columns
-    boundary = dict(zip([o.name for o in user.get_outputs()], user.run(None, {"X": users}), strict=True))
+    boundary = dict(
+        zip([o.name for o in user.get_outputs()], user.run(None, {"X": users}), strict=True)
+    )
     feeds = {"X": cands, **boundary, "user_index": index}
     got = group.run(None, {i.name: feeds[i.name] for i in group.get_inputs()})[0].reshape(-1)
     with torch.no_grad():
