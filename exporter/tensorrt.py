@@ -31,6 +31,7 @@ DEFAULT_OPT_M, DEFAULT_OPT_N = 8, 512
 
 # ---- readiness lint ----------------------------------------------------------------------
 
+
 def lint_models(models: dict[str, Any]) -> dict[str, list]:
     """{stage: findings} for in-memory ONNX models (``onnx.ModelProto`` or ``onnx_ir.Model``)."""
     from graph_passes.onnx.trt_support import check_trt_readiness
@@ -66,6 +67,7 @@ def lint_bundle(bundle_dir: str | Path) -> int:
 
 
 # ---- engine builds -----------------------------------------------------------------------
+
 
 def build_engines(
     bundle_dir: str | Path,
@@ -111,7 +113,8 @@ def build_engines(
     for stage in stages:
         path = bundle.stage_path(stage)
         options = BuildOptions(
-            fp16=fp16, strongly_typed=quantized,
+            fp16=fp16,
+            strongly_typed=quantized,
             workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
             timing_cache=timing_cache_path(cache_dir, rel_dir),
             log_path=log_path,
@@ -121,7 +124,10 @@ def build_engines(
         files[f"{rel_dir}/{stage}.plan"] = EngineFromOnnx(path, options)()
     files[f"{rel_dir}/build.log"] = log_path.read_text()
     entry = {
-        "dir": rel_dir, **gpu, "trt_version": trt.__version__, "stages": stages,
+        "dir": rel_dir,
+        **gpu,
+        "trt_version": trt.__version__,
+        "stages": stages,
         "files": sorted(files),
         "precision": "strongly-typed" if quantized else ("fp16" if fp16 else "fp32"),
         "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
@@ -177,6 +183,7 @@ def timing_cache_path(cache_dir: str | Path | None, rel_dir: str) -> Path:
 
 # ---- pipeline steps (exporter.pipeline, --target trt) ------------------------------------
 
+
 def step_trt_lint(ctx) -> None:
     """Before writing: refuse a TRT export whose graphs TensorRT would reject (no-op for onnx)."""
     if (ctx.options.extra or {}).get("target") != "trt":
@@ -197,16 +204,25 @@ def step_trt_build(ctx) -> None:
 
 # ---- CLI: ugsep build-trt ----------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``ugsep build-trt``."""
     p.add_argument("bundle", help="bundle directory to add engines to (on the serving GPU)")
     p.add_argument("--m", help="users per call min,opt,max (default 1,8,limits.max_users_per_call)")
-    p.add_argument("--n", help="candidates per call min,opt,max (default 1,512,limits.max_candidates)")
+    p.add_argument(
+        "--n", help="candidates per call min,opt,max (default 1,512,limits.max_candidates)"
+    )
     p.add_argument("--fp32", action="store_true", help="no fp16 kernels for fp32 bundles")
     p.add_argument("--workspace-gb", type=float, help="builder workspace limit (GiB)")
-    p.add_argument("--cache-dir", help="timing cache dir (default $UGSEP_CACHE_DIR or ~/.cache/ugsep)")
-    p.add_argument("--stages", nargs="+", choices=["full", "user", "group"],
-                   help="stages to build (default: user+group when split, else full)")
+    p.add_argument(
+        "--cache-dir", help="timing cache dir (default $UGSEP_CACHE_DIR or ~/.cache/ugsep)"
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=["full", "user", "group"],
+        help="stages to build (default: user+group when split, else full)",
+    )
     p.add_argument("--skip-lint", action="store_true", help="skip the TensorRT readiness check")
 
 
@@ -214,8 +230,15 @@ def run(args: argparse.Namespace) -> int:
     """``ugsep build-trt``: build, print the manifest entry."""
     from exporter.progress import console
 
-    entry = build_engines(args.bundle, m=args.m, n=args.n, fp16=not args.fp32,
-                          workspace_gb=args.workspace_gb, cache_dir=args.cache_dir,
-                          stages=args.stages, lint=not args.skip_lint)
+    entry = build_engines(
+        args.bundle,
+        m=args.m,
+        n=args.n,
+        fp16=not args.fp32,
+        workspace_gb=args.workspace_gb,
+        cache_dir=args.cache_dir,
+        stages=args.stages,
+        lint=not args.skip_lint,
+    )
     console.print_json(json.dumps(entry))
     return 0

@@ -44,8 +44,9 @@ class BatchRange:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
-            raise ExportError(f"batch range {self.min}/{self.opt}/{self.max} must satisfy "
-                              "1 <= min <= opt <= max")
+            raise ExportError(
+                f"batch range {self.min}/{self.opt}/{self.max} must satisfy 1 <= min <= opt <= max"
+            )
 
     @classmethod
     def parse(cls, text: str) -> BatchRange:
@@ -108,7 +109,11 @@ class EngineFromOnnx:
         logger = _make_capture_logger(trt, o.log_path)
         try:
             builder = trt.Builder(logger)
-            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if o.strongly_typed else 0
+            flags = (
+                1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+                if o.strongly_typed
+                else 0
+            )
             network = builder.create_network(flags)
             self._parse(trt, network, logger)
             config = self._config(trt, builder, network)
@@ -128,7 +133,8 @@ class EngineFromOnnx:
         if not parser.parse_from_file(str(self.onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise ExportError(
-                f"TensorRT's ONNX parser rejected '{self.onnx_path}':\n  " + "\n  ".join(errors)
+                f"TensorRT's ONNX parser rejected '{self.onnx_path}':\n  "
+                + "\n  ".join(errors)
                 + "\nrun `ugsep check --trt-lint` for the producing model code and fixes"
             )
 
@@ -143,8 +149,9 @@ class EngineFromOnnx:
         for i in range(network.num_inputs):
             name = network.get_input(i).name
             if name not in o.profiles:
-                raise ExportError(f"no optimization profile for input '{name}' of "
-                                  f"'{self.onnx_path.name}'")
+                raise ExportError(
+                    f"no optimization profile for input '{name}' of '{self.onnx_path.name}'"
+                )
             profile.set_shape(name, *o.profiles[name])
         config.add_optimization_profile(profile)
         return config

@@ -79,12 +79,15 @@ def format_report(findings: list[Finding], *, title: str = "graph") -> str:
     errors = sum(f.severity == ERROR for f in findings)
     warnings = len(findings) - errors
     verdict = "ready for TensorRT" if not errors else "NOT ready for TensorRT"
-    head = (f"{title}: {verdict} ({errors} error(s), {warnings} warning(s); "
-            f"checked against {trt_ops.SOURCE})")
+    head = (
+        f"{title}: {verdict} ({errors} error(s), {warnings} warning(s); "
+        f"checked against {trt_ops.SOURCE})"
+    )
     return "\n".join([head, *(str(f) for f in findings)])
 
 
 # ---- model preparation -------------------------------------------------------------------
+
 
 def _typed_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
     """An onnx_ir model with value types filled in by ONNX shape inference where possible."""
@@ -114,14 +117,23 @@ def _all_nodes(model: ir.Model):
 
 # ---- graph-level checks ------------------------------------------------------------------
 
+
 def _check_opset(model: ir.Model) -> list[Finding]:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is None or trt_ops.MIN_OPSET <= opset <= trt_ops.MAX_OPSET:
         return []
-    return [Finding(ERROR, "opset", "<model>", "", f"default-domain opset {opset} is outside "
-                    f"TensorRT's supported range {trt_ops.MIN_OPSET}..{trt_ops.MAX_OPSET}",
-                    f"re-export with opset_version between {trt_ops.MIN_OPSET} and "
-                    f"{trt_ops.MAX_OPSET} (torch.onnx.export(..., opset_version=...))")]
+    return [
+        Finding(
+            ERROR,
+            "opset",
+            "<model>",
+            "",
+            f"default-domain opset {opset} is outside "
+            f"TensorRT's supported range {trt_ops.MIN_OPSET}..{trt_ops.MAX_OPSET}",
+            f"re-export with opset_version between {trt_ops.MIN_OPSET} and "
+            f"{trt_ops.MAX_OPSET} (torch.onnx.export(..., opset_version=...))",
+        )
+    ]
 
 
 def _check_graph_io(graph: ir.Graph) -> list[Finding]:
@@ -131,44 +143,94 @@ def _check_graph_io(graph: ir.Graph) -> list[Finding]:
     for value in [*graph.inputs, *graph.outputs]:
         dtype = value.dtype.name if value.dtype is not None else None
         if dtype is not None and dtype not in trt_ops.KNOWN_DTYPES:
-            out.append(Finding(ERROR, "dtype", value.name, "", f"graph input/output has dtype "
-                               f"{dtype}, which TensorRT does not support",
-                               "use float32/float16/int32/int64/bool tensors at the interface"))
+            out.append(
+                Finding(
+                    ERROR,
+                    "dtype",
+                    value.name,
+                    "",
+                    f"graph input/output has dtype {dtype}, which TensorRT does not support",
+                    "use float32/float16/int32/int64/bool tensors at the interface",
+                )
+            )
         elif dtype == "DOUBLE":
-            out.append(Finding(WARNING, "dtype", value.name, "", "graph input/output is DOUBLE;"
-                               " TensorRT casts it to FLOAT, clamping to +-FLT_MAX",
-                               "declare the tensor float32 in the model"))
+            out.append(
+                Finding(
+                    WARNING,
+                    "dtype",
+                    value.name,
+                    "",
+                    "graph input/output is DOUBLE;"
+                    " TensorRT casts it to FLOAT, clamping to +-FLT_MAX",
+                    "declare the tensor float32 in the model",
+                )
+            )
     return out
 
 
 def _check_input_shape(value: ir.Value) -> list[Finding]:
     shape = value.shape
     if shape is None:
-        return [Finding(ERROR, "dynamic-shape", value.name, "", "graph input has no known rank;"
-                        " TensorRT needs the rank to build an optimization profile",
-                        "export with fully specified input shapes (batch dim dynamic only)")]
+        return [
+            Finding(
+                ERROR,
+                "dynamic-shape",
+                value.name,
+                "",
+                "graph input has no known rank;"
+                " TensorRT needs the rank to build an optimization profile",
+                "export with fully specified input shapes (batch dim dynamic only)",
+            )
+        ]
     bad = [i for i, d in enumerate(shape) if i > 0 and not isinstance(d, int)]
     if not bad:
         return []
-    return [Finding(ERROR, "dynamic-shape", value.name, "", f"input dims {bad} of shape "
-                    f"{list(shape)} are dynamic; ugsep's optimization profiles only cover "
-                    "the batch dim 0", "give every non-batch dimension a static size in the "
-                    "feature spec / dynamic_shapes (pad variable-length features)")]
+    return [
+        Finding(
+            ERROR,
+            "dynamic-shape",
+            value.name,
+            "",
+            f"input dims {bad} of shape "
+            f"{list(shape)} are dynamic; ugsep's optimization profiles only cover "
+            "the batch dim 0",
+            "give every non-batch dimension a static size in the "
+            "feature spec / dynamic_shapes (pad variable-length features)",
+        )
+    ]
 
 
 # ---- node checks -------------------------------------------------------------------------
 
+
 def _check_node(node: ir.Node) -> list[Finding]:
     if node.domain not in ("", "ai.onnx"):
-        return [_finding(node, ERROR, "custom-domain", f"op {node.domain}::{node.op_type} is "
-                         "not an ONNX standard op; TensorRT's parser has no importer for it",
-                         _domain_fix(node.domain))]
+        return [
+            _finding(
+                node,
+                ERROR,
+                "custom-domain",
+                f"op {node.domain}::{node.op_type} is "
+                "not an ONNX standard op; TensorRT's parser has no importer for it",
+                _domain_fix(node.domain),
+            )
+        ]
     op = node.op_type
     if op in trt_ops.UNSUPPORTED or op not in trt_ops.OPS:
         known = "marks it unsupported" if op in trt_ops.UNSUPPORTED else "does not list it"
-        return [_finding(node, ERROR, "unsupported-op", f"TensorRT's ONNX support matrix {known}",
-                         trt_ops.FIXES.get(op, "rewrite the model code with supported ops, or "
-                                           "provide a TensorRT plugin named after the op"))]
+        return [
+            _finding(
+                node,
+                ERROR,
+                "unsupported-op",
+                f"TensorRT's ONNX support matrix {known}",
+                trt_ops.FIXES.get(
+                    op,
+                    "rewrite the model code with supported ops, or "
+                    "provide a TensorRT plugin named after the op",
+                ),
+            )
+        ]
     findings = _check_dtypes(node) + _check_constant_inputs(node)
     rule = _OP_RULES.get(op)
     if rule is not None:
@@ -180,67 +242,138 @@ def _check_dtypes(node: ir.Node) -> list[Finding]:
     out = []
     for v in [*node.inputs, *node.outputs]:
         if v is not None and v.dtype is not None and v.dtype.name not in trt_ops.KNOWN_DTYPES:
-            out.append(_finding(node, ERROR, "dtype", f"tensor '{v.name}' has dtype "
-                                f"{v.dtype.name}, which TensorRT does not support",
-                                "cast to a supported type in the model code (float32/float16/"
-                                "int32/int64/bool)"))
+            out.append(
+                _finding(
+                    node,
+                    ERROR,
+                    "dtype",
+                    f"tensor '{v.name}' has dtype {v.dtype.name}, which TensorRT does not support",
+                    "cast to a supported type in the model code (float32/float16/int32/int64/bool)",
+                )
+            )
     values = node.outputs if node.op_type in trt_ops.OUTPUT_TYPED else node.inputs
     data = values[0] if values else None
     if data is None or data.dtype is None or out:
         return out
     dtype, support = data.dtype.name, trt_ops.OPS[node.op_type]
     if dtype not in support.types:
-        out.append(_finding(node, ERROR, "dtype", f"{node.op_type} on {dtype} ('{data.name}') "
-                            f"is not supported; TensorRT supports it for "
-                            f"{', '.join(sorted(support.types))}", _dtype_fix(dtype)))
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "dtype",
+                f"{node.op_type} on {dtype} ('{data.name}') "
+                f"is not supported; TensorRT supports it for "
+                f"{', '.join(sorted(support.types))}",
+                _dtype_fix(dtype),
+            )
+        )
     return out
 
 
 def _check_constant_inputs(node: ir.Node) -> list[Finding]:
     out = []
     for idx, what in trt_ops.CONSTANT_INPUTS.get(node.op_type, {}).items():
-        if idx < len(node.inputs) and node.inputs[idx] is not None and not _is_const(
-                node.inputs[idx]):
-            out.append(_finding(node, ERROR, "constant-input", f"input `{what}` "
-                                f"('{node.inputs[idx].name}') must be a build-time constant",
-                                f"compute `{what}` from Python constants, not from tensors"))
+        if (
+            idx < len(node.inputs)
+            and node.inputs[idx] is not None
+            and not _is_const(node.inputs[idx])
+        ):
+            out.append(
+                _finding(
+                    node,
+                    ERROR,
+                    "constant-input",
+                    f"input `{what}` ('{node.inputs[idx].name}') must be a build-time constant",
+                    f"compute `{what}` from Python constants, not from tensors",
+                )
+            )
     return out
 
 
 # ---- op-specific rules -------------------------------------------------------------------
+
 
 def _dequantize(node: ir.Node) -> list[Finding]:
     x, scale = node.inputs[0], node.inputs[1]
     zp = node.inputs[2] if len(node.inputs) > 2 else None
     out = []
     if scale is not None and not _is_const(scale):
-        out.append(_finding(node, ERROR, "quantize", "the scale must be a build-time constant",
-                            "fold the scale into an initializer"))
-    if scale is not None and scale.dtype is not None and scale.dtype.name not in (
-            "FLOAT", "FLOAT16", "BFLOAT16"):
-        out.append(_finding(node, ERROR, "quantize", f"scale dtype {scale.dtype.name} is not "
-                            "float32/float16/bfloat16", "store scales as float32 or float16"))
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "quantize",
+                "the scale must be a build-time constant",
+                "fold the scale into an initializer",
+            )
+        )
+    if (
+        scale is not None
+        and scale.dtype is not None
+        and scale.dtype.name not in ("FLOAT", "FLOAT16", "BFLOAT16")
+    ):
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "quantize",
+                f"scale dtype {scale.dtype.name} is not float32/float16/bfloat16",
+                "store scales as float32 or float16",
+            )
+        )
     if zp is not None:
         zval = _const(zp)
         if zval is None or np.any(zval.astype(np.float64) != 0):
-            out.append(_finding(node, ERROR, "quantize", "the zero point must be all zeros "
-                                "(TensorRT quantization is symmetric)",
-                                "quantize symmetrically (QuantizeWeightsInt8Pass does) or drop "
-                                "the zero-point input"))
+            out.append(
+                _finding(
+                    node,
+                    ERROR,
+                    "quantize",
+                    "the zero point must be all zeros (TensorRT quantization is symmetric)",
+                    "quantize symmetrically (QuantizeWeightsInt8Pass does) or drop "
+                    "the zero-point input",
+                )
+            )
     granularity = _granularity(node, scale)
     if granularity != "per-tensor" and not _is_const(x):
-        out.append(_finding(node, ERROR, "quantize", f"{granularity} quantization of a "
-                            "non-constant tensor; TensorRT supports it only for weights "
-                            "(activations are per-tensor)",
-                            "quantize activations per-tensor, or only quantize weights"))
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "quantize",
+                f"{granularity} quantization of a "
+                "non-constant tensor; TensorRT supports it only for weights "
+                "(activations are per-tensor)",
+                "quantize activations per-tensor, or only quantize weights",
+            )
+        )
     if granularity == "blocked" and x.shape is not None and len(x.shape) != 2:
-        out.append(_finding(node, ERROR, "quantize", f"blocked quantization of a rank-"
-                            f"{len(x.shape)} weight; TensorRT supports 2-D weights",
-                            "quantize the 2-D MatMul weight, before any reshape"))
-    if node.op_type == "DequantizeLinear" and x.dtype is not None and x.dtype.name == "INT4" \
-            and not _is_const(x):
-        out.append(_finding(node, ERROR, "quantize", "INT4 is weight-only in TensorRT",
-                            "only dequantize constant INT4 weights"))
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "quantize",
+                f"blocked quantization of a rank-"
+                f"{len(x.shape)} weight; TensorRT supports 2-D weights",
+                "quantize the 2-D MatMul weight, before any reshape",
+            )
+        )
+    if (
+        node.op_type == "DequantizeLinear"
+        and x.dtype is not None
+        and x.dtype.name == "INT4"
+        and not _is_const(x)
+    ):
+        out.append(
+            _finding(
+                node,
+                ERROR,
+                "quantize",
+                "INT4 is weight-only in TensorRT",
+                "only dequantize constant INT4 weights",
+            )
+        )
     return out
 
 
@@ -256,11 +389,21 @@ def _granularity(node: ir.Node, scale: ir.Value | None) -> str:
 
 def _unused_extra_outputs(name: str):
     def rule(node: ir.Node) -> list[Finding]:
-        used = [o.name for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
+        used = [
+            o.name for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())
+        ]
         if not used:
             return []
-        return [_finding(node, ERROR, "attribute", f"outputs {used} are used; TensorRT only "
-                         f"supports {name}", "do not use the extra outputs in the model")]
+        return [
+            _finding(
+                node,
+                ERROR,
+                "attribute",
+                f"outputs {used} are used; TensorRT only supports {name}",
+                "do not use the extra outputs in the model",
+            )
+        ]
+
     return rule
 
 
@@ -270,8 +413,16 @@ def _attr_equals(attr: str, allowed: object, default: object):
         value = default if a is None else a.value
         if value == allowed:
             return []
-        return [_finding(node, ERROR, "attribute", f"attribute `{attr}`={value!r}; TensorRT "
-                         f"requires {allowed!r}", trt_ops.OPS[node.op_type].restrictions)]
+        return [
+            _finding(
+                node,
+                ERROR,
+                "attribute",
+                f"attribute `{attr}`={value!r}; TensorRT requires {allowed!r}",
+                trt_ops.OPS[node.op_type].restrictions,
+            )
+        ]
+
     return rule
 
 
@@ -279,16 +430,26 @@ def _dilations_ones(node: ir.Node) -> list[Finding]:
     a = node.attributes.get("dilations")
     if a is None or all(d == 1 for d in a.value):
         return []
-    return [_finding(node, ERROR, "attribute", f"dilations {list(a.value)} are not all ones",
-                     trt_ops.OPS[node.op_type].restrictions)]
+    return [
+        _finding(
+            node,
+            ERROR,
+            "attribute",
+            f"dilations {list(a.value)} are not all ones",
+            trt_ops.OPS[node.op_type].restrictions,
+        )
+    ]
 
 
 def _constant_value(node: ir.Node) -> list[Finding]:
     bad = [k for k in ("sparse_value", "value_string", "value_strings") if k in node.attributes]
     if not bad:
         return []
-    return [_finding(node, ERROR, "attribute", f"Constant uses {bad}",
-                     trt_ops.OPS["Constant"].restrictions)]
+    return [
+        _finding(
+            node, ERROR, "attribute", f"Constant uses {bad}", trt_ops.OPS["Constant"].restrictions
+        )
+    ]
 
 
 def _chain(*rules):
@@ -311,6 +472,7 @@ _OP_RULES = {
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
 
 def _finding(node: ir.Node, severity: str, rule: str, message: str, fix: str) -> Finding:
     name = node.name or (node.outputs[0].name if node.outputs else node.op_type)
@@ -373,8 +535,10 @@ def _dtype_fix(dtype: str) -> str:
     if dtype == "DOUBLE":
         return "use float32 in the model (torch.float64 tensors/constants -> float32)"
     if dtype == "INT64":
-        return ("TensorRT 10 has no INT64 kernel for this op: cast to int32 or float before it "
-                "in the model code")
+        return (
+            "TensorRT 10 has no INT64 kernel for this op: cast to int32 or float before it "
+            "in the model code"
+        )
     if dtype in trt_ops.QUANTIZED_DTYPES:
         return "quantized types only appear as DequantizeLinear inputs; dequantize first"
     return "cast to a dtype the op supports in the model code"
@@ -382,7 +546,9 @@ def _dtype_fix(dtype: str) -> str:
 
 def _domain_fix(domain: str) -> str:
     if domain == "com.microsoft":
-        return ("this is an ONNX Runtime contrib op (e.g. MatMulNBits from the ORT-CPU "
-                "lowering); export the TensorRT bundle with --target trt so quantized weights "
-                "stay as standard DequantizeLinear -> MatMul")
+        return (
+            "this is an ONNX Runtime contrib op (e.g. MatMulNBits from the ORT-CPU "
+            "lowering); export the TensorRT bundle with --target trt so quantized weights "
+            "stay as standard DequantizeLinear -> MatMul"
+        )
     return "replace it with standard ONNX ops, or register a TensorRT plugin for it"

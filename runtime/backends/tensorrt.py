@@ -94,11 +94,16 @@ def select_engine(bundle, gpu: dict, trt_version: str) -> dict:
             f"`ugsep build-trt {bundle.root}`"
         )
     for eng in engines:
-        if (eng.get("gpu") == gpu["gpu"] and str(eng.get("compute_capability")) ==
-                gpu["compute_capability"] and str(eng.get("trt_version")) == trt_version):
+        if (
+            eng.get("gpu") == gpu["gpu"]
+            and str(eng.get("compute_capability")) == gpu["compute_capability"]
+            and str(eng.get("trt_version")) == trt_version
+        ):
             return eng
-    built = "; ".join(f"{e.get('gpu')} (sm {e.get('compute_capability')}, TensorRT "
-                      f"{e.get('trt_version')})" for e in engines)
+    built = "; ".join(
+        f"{e.get('gpu')} (sm {e.get('compute_capability')}, TensorRT {e.get('trt_version')})"
+        for e in engines
+    )
     raise BackendUnavailableError(
         f"bundle '{bundle.root}' has no TensorRT engine for this machine: it has {built}, this "
         f"is {gpu['gpu']} (sm {gpu['compute_capability']}) with TensorRT {trt_version}. A plan "
@@ -146,8 +151,13 @@ def _make_logger(trt):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg) -> None:
-            level = logging.ERROR if severity <= trt.ILogger.Severity.ERROR else (
-                logging.WARNING if severity == trt.ILogger.Severity.WARNING else logging.DEBUG)
+            level = (
+                logging.ERROR
+                if severity <= trt.ILogger.Severity.ERROR
+                else (
+                    logging.WARNING if severity == trt.ILogger.Severity.WARNING else logging.DEBUG
+                )
+            )
             log.log(level, "TensorRT: %s", msg)
 
     return _Logger()
