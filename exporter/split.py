@@ -95,8 +95,25 @@ def split_to_onnx(
         return art
     users = _example(spec, result.user_inputs, EXAMPLE_USERS, seed, rows)
     cands = _example(
-        spec, [n for n in result.group_inputs if _is_input(spec, n)], EXAMPLE_CANDIDATES, seed + 1, rows
+        spec,
+        [n for n in result.group_inputs if _is_input(spec, n)],
+        EXAMPLE_CANDIDATES,
+        seed + 1,
+        rows,
     )
+    try:
+        _build_onnx(art, result, users, cands)
+    except ExportError as e:  # the split is an optimisation: full.onnx still serves
+        log.warning("UG split of '%s' dropped: %s", spec.name, e)
+        art.user = art.group = None
+        result.report.update(split=False, reason=f"building the split graphs failed: {e}")
+        return art
+    if out_dir is not None:
+        art.paths = _write(art, Path(out_dir))
+    return art
+
+
+def _build_onnx(art: SplitArtifacts, result: SplitResult, users, cands) -> None:
     with torch.no_grad():
         boundary = list(result.user(*users.values()))
     index = torch.tensor([i % EXAMPLE_USERS for i in range(EXAMPLE_CANDIDATES)], dtype=torch.int64)
@@ -113,9 +130,6 @@ def split_to_onnx(
         n: ("M" if n in {b["name"] for b in result.boundary} else "N") for n in result.group_inputs
     }
     art.group = _to_onnx(result.group, group_args, result.group_inputs, result.outputs, dims, "N")
-    if out_dir is not None:
-        art.paths = _write(art, Path(out_dir))
-    return art
 
 
 def _is_input(spec: FeatureSpec, name: str) -> bool:

@@ -201,3 +201,61 @@ def test_deepctr_deepfm_splits_through_columns_spec_with_ort_parity(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(cands)).reshape(-1).numpy()
     assert np.abs(got - ref).max() <= TOL
+
+
+# -- small inline models through the pipeline ------------------------------------------
+TWO_INPUTS = {
+    "name": "two",
+    "outputs": ["ctr"],
+    "inputs": [
+        {"name": "u", "side": "user", "dtype": "float32", "shape": [4]},
+        {"name": "g", "side": "group", "dtype": "float32", "shape": [4]},
+    ],
+}
+
+
+class _CentredUser(torch.nn.Module):
+    """All user work is centred over the batch: nothing can be hoisted."""
+
+    def forward(self, u, g):
+        return torch.sigmoid(((u - u.mean(0)) * g).sum(-1))
+
+
+class _RawAndTower(torch.nn.Module):
+    """A raw user input and a user tower both cross the cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = torch.nn.Linear(4, 4)
+
+    def forward(self, u, g):
+        return torch.sigmoid((self.tower(u) * g).sum(-1) + (u * g).sum(-1))
+
+
+def test_unsplittable_model_still_exports_full_and_reports_the_blocking_op(tmp_path):
+    spec = FeatureSpec.from_dict(TWO_INPUTS)
+    out = tmp_path / "bundle"
+    export_bundle(LoadedModel(spec=spec, module=_CentredUser()), out, ExportOptions(parity=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split"] is None and set(manifest["stages"]) == {"full"}
+    assert not (out / "user.onnx").exists()
+    report = json.loads((out / "split_report.json").read_text())["report"]
+    assert report["split"] is False and "mean" in report["reason"]
+    assert "u.mean(0)" in report["blocked"][0]["source"]
+    scorer = runtime.load(out, backend="onnxruntime", allow_unverified=True)
+    reqs = _requests(spec, [3], seed=0)
+    got = scorer.score_many(reqs)[0]["ctr"]
+    assert np.abs(got - _eager(_CentredUser(), spec, _full_rows(spec, reqs))).max() <= TOL
+
+
+def test_raw_user_input_crossing_the_cut_through_ort(tmp_path):
+    from exporter.capture import capture
+
+    torch.manual_seed(0)
+    model, spec = _RawAndTower().eval(), FeatureSpec.from_dict(TWO_INPUTS)
+    art = split_to_onnx(capture(model, spec), spec, tmp_path)
+    assert art.is_split and {b["source"] for b in art.boundary} == {"input", "tower"}
+    user, group = _session(art.paths["user"]), _session(art.paths["group"])
+    reqs = _requests(spec, [2, 1, 4], seed=5)
+    got = _run_sessions(spec, user, group, reqs)
+    assert np.abs(got - _eager(model, spec, _full_rows(spec, reqs))).max() <= TOL
