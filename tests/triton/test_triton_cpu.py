@@ -121,6 +121,29 @@ def test_same_scores_as_ugsep_serve(client, tri_bundle):
     np.testing.assert_allclose(via_triton, via_serve, rtol=0, atol=TOL)
 
 
+def _ugsep_metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    body = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {
+        line.split("{")[0]: float(line.split()[-1])
+        for line in body.splitlines()
+        if line.startswith("ugsep_") and 'model="toysplit"' in line
+    }
+
+
+def test_metrics_count_rankings_and_user_cache_hits(client, cpu_server):
+    before = _ugsep_metrics(cpu_server)
+    user, cands = ranking(4242, 6)
+    for _ in range(2):  # the same user twice: the second is a user-cache hit
+        triton_scores(client, "toysplit", [(user, cands)], binary=True)
+    after = _ugsep_metrics(cpu_server)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["ugsep_rankings_total"] == 2 and delta["ugsep_candidates_total"] == 12
+    assert delta["ugsep_users_total"] == 2 and delta["ugsep_user_graph_rows_total"] == 1
+    assert after["ugsep_user_cache_bytes"] > 0
+
+
 def test_server_binds_loopback_and_stops(cpu_server):
     import urllib.request
 

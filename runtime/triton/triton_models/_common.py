@@ -85,3 +85,53 @@ def _getter(request):
         return None if t is None else t.as_numpy()
 
     return get
+
+
+class RuntimeMetrics:
+    """ugsep counters in Triton's /metrics (Python-backend custom metrics), per model.
+
+    ``ugsep_user_graph_rows_total`` / ``ugsep_users_total`` is the share of users that
+    missed the user cache; ``ugsep_candidates_total`` / ``ugsep_users_total`` is the
+    average fan-out the split saves on.
+    """
+
+    COUNTERS = {
+        "ugsep_rankings_total": "rankings (one user + candidates) scored",
+        "ugsep_candidates_total": "candidates scored",
+        "ugsep_users_total": "distinct users per batch, summed over batches",
+        "ugsep_user_graph_rows_total": "users run through the user graph (user-cache misses)",
+    }
+
+    def __init__(self, model_name: str) -> None:
+        self.enabled = hasattr(pb_utils, "MetricFamily")
+        if not self.enabled:
+            return
+        labels = {"model": model_name}
+        self._families = {
+            n: pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER)
+            for n, d in self.COUNTERS.items()
+        }
+        self._families["ugsep_user_cache_bytes"] = pb_utils.MetricFamily(
+            name="ugsep_user_cache_bytes",
+            description="bytes held by the user cache",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._metrics = {n: f.Metric(labels=labels) for n, f in self._families.items()}
+
+    def observe(self, info, cache) -> None:
+        """Count one batch (a ``runtime.serving.batcher.BatchInfo``)."""
+        if not self.enabled:
+            return
+        m = self._metrics
+        m["ugsep_rankings_total"].increment(info.requests)
+        m["ugsep_candidates_total"].increment(info.candidates)
+        m["ugsep_users_total"].increment(info.users)
+        m["ugsep_user_graph_rows_total"].increment(info.users_computed)
+        if cache is not None:
+            m["ugsep_user_cache_bytes"].set(cache.stats().bytes)
+
+    def close(self) -> None:
+        """Metrics must go before their families (the stub's rule)."""
+        if self.enabled:
+            self._metrics.clear()
+            self._families.clear()

@@ -76,6 +76,7 @@ class TritonPythonModel:
         )
         self.max_batch_candidates = int(params.get("max_batch_candidates") or 8192)
         self._run_batch = run_batch
+        self.metrics = _common.RuntimeMetrics(args["model_name"])
 
     def execute(self, requests):
         return _common.execute_rankings(
@@ -88,8 +89,10 @@ class TritonPythonModel:
         )
 
     def _run(self, prepared):
-        outputs, _info = self._run_batch(self.stages, self.cache, prepared)
+        outputs, info = self._run_batch(self.stages, self.cache, prepared)
+        self.metrics.observe(info, self.cache)
         return outputs
 
     def finalize(self):
+        self.metrics.close()
         self.cache.clear()
