@@ -193,3 +193,11 @@ def test_chunk_by_candidates_bounds_each_group_call(tri_scorer):
     chunks = chunk_by_candidates(rows, 12)
     assert [[r.n for r in c] for c in chunks] == [[5, 5], [7], [20], [1, 2]]
     assert [r for c in chunks for r in c] == rows
+
+
+def test_a_packed_bundle_tar_is_accepted(tmp_path, tri_bundle):
+    import runtime
+
+    tar = runtime.pack(tri_bundle, tmp_path / "toysplit.tar")
+    write_repository(tar, tmp_path / "repo", "cpu")
+    assert runtime.load(tmp_path / "repo" / "toysplit" / "1" / "bundle", "onnxruntime").split
