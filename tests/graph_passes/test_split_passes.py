@@ -329,3 +329,55 @@ def test_flops_by_hand_and_ceiling():
 def _batch_symbol(ep):
     u = next(n for n in ep.graph.nodes if n.name == "u")
     return u.meta["val"].shape[0].node.expr
+
+
+class StraddlingColumns(nn.Module):
+    """A slice over columns 2..6 mixes user (0..4) and item (4..7) columns: not hoistable."""
+
+    def __init__(self):
+        super().__init__()
+        self.user = nn.Linear(2, 3)
+        self.both = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return (self.user(x[:, 0:2]) * self.both(x[:, 2:6])).sum(-1)
+
+
+def test_column_slice_straddling_user_and_item_columns_stays_group_side():
+    spec = make_spec({}, {}, mixed=("x", 7, 4))
+    model = StraddlingColumns()
+    _, res = split(model, spec)
+    r = res.graph_module
+    assert r.report["hoisted_modules"] == ["user"]
+    linears = [n for n in r.user.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 1
+    users, full, index = request_rows(spec, [2, 3])
+    first_rows = {"x": full["x"][np.searchsorted(index, np.arange(2))]}
+    got = run_split(r, first_rows, full, index)
+    assert (got - eager(model, spec, full)).abs().max().item() <= 1e-5
+
+
+class BatchFromGroup(nn.Module):
+    """The user view takes its batch size from a group input: the symbol must not cross."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, u, g):
+        h = self.lin(u).view(g.shape[0], 2, 2).softmax(-1)
+        return (h.flatten(1) * g).sum(-1)
+
+
+def test_batch_size_symbols_are_recomputed_per_side():
+    spec = make_spec({"u": 4}, {"g": 4})
+    model = BatchFromGroup()
+    _, res = split(model, spec)
+    r = res.graph_module
+    assert r.user_inputs == ["u"]  # no group input sneaks into the user graph for its size
+    sizes = [n for n in r.user.graph.nodes if n.target is torch.ops.aten.sym_size.int]
+    assert sizes and all(n.args[0].name == "u" for n in sizes)
+    assert all(n.meta.get(PASS_KEY) == "SplitUserGroupPass" for n in sizes)
+    gsizes = [n for n in r.group.graph.nodes if n.target is torch.ops.aten.sym_size.int]
+    assert all(n.args[0].name == "user_index" for n in gsizes)
+    assert_parity(model, spec, r, counts=(4, 1, 2))
