@@ -32,8 +32,9 @@ class QuantizeResult:
     refusals: list[Refusal] = field(default_factory=list)
 
 
-def linear_layers(model: ir.Model) -> list[str]:
-    """Weight names of the quantizable linear layers (MatMul with a 2-D float32 constant weight).
+def linear_layers(model: ir.Model, min_k: int = 16) -> list[str]:
+    """Weight names of the quantizable linear layers (MatMul with a 2-D float32 constant
+    weight whose reduction dim is at least ``min_k``, as QuantizeWeightsInt8Pass requires).
 
     Call on a canonicalised graph; these names are what ``skip``/``only`` accept.
     """

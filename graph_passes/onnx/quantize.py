@@ -77,6 +77,8 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
         skip: node names (or weight initializer names) to keep in float.
         only: if given, quantize only these node/weight names (used by sensitivity analysis).
         min_elements: weights smaller than this stay float (not worth a kernel change).
+        min_k: weights with a reduction dim below this stay float (MatMulNBits pads K to
+            16, so int8 would not even save bytes there).
 
     After the call, ``self.quantized`` lists the layers it quantized (node name, weight name)
     and ``self.refusals`` the MatMuls it left alone and why.
@@ -89,6 +91,7 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
         skip: Iterable[str] = (),
         only: Iterable[str] | None = None,
         min_elements: int = 0,
+        min_k: int = 16,
     ) -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -101,7 +104,7 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
             raise PassError(f"block_size must be a power of two >= 2, got {block_size}")
         self.bits, self.block_size = bits, block_size
         self.skip, self.only = set(skip), None if only is None else set(only)
-        self.min_elements = min_elements
+        self.min_elements, self.min_k = min_elements, min_k
         self.quantized: list[tuple[str, str]] = []
         self.refusals: list[Refusal] = []
 
@@ -120,11 +123,6 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
 
     def _try_quantize(self, graph: ir.Graph, node: ir.Node, done: dict) -> str | None:
         b = node.inputs[1]
-        names = {node.name, b.name}
-        if names & self.skip:
-            return "listed in skip: kept in float"
-        if self.only is not None and not names & self.only:
-            return "not selected (only=...)"
         w = const_array(b)
         if w is None:
             return f"weight '{b.name}' is not a constant"
@@ -132,8 +130,15 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
             return f"weight '{b.name}' has rank {w.ndim}; run UnrollBatchedMatMulPass first"
         if w.dtype != np.float32:
             return f"weight '{b.name}' is {w.dtype}, expected float32"
+        if w.shape[0] < self.min_k:
+            return f"weight '{b.name}' has K={w.shape[0]} < min_k={self.min_k}: too small to gain"
         if w.size < self.min_elements:
             return f"weight has {w.size} elements < min_elements={self.min_elements}"
+        names = {node.name, b.name}
+        if names & self.skip:
+            return "listed in skip: kept in float"
+        if self.only is not None and not names & self.only:
+            return "not selected (only=...)"
         if b not in done:
             done[b] = self._dequantize_node(graph, node, b, w)
         node.replace_input_with(1, done[b])

@@ -176,3 +176,12 @@ def test_gemm_model_through_whole_pipeline_for_ort():
     np.testing.assert_allclose(
         _run(result.model, x), x @ _ref_dequant(w.T.copy(), 127, None) + b, atol=1e-4
     )
+
+
+def test_quantize_refuses_reduction_dim_too_small_to_gain():
+    w = RNG.normal(size=(8, N)).astype(np.float32)
+    text = f"""<ir_version: 8, opset_import: ["" : 18]>
+    g (float[B, 8] x) => (float[B, {N}] y) {{ y = MatMul (x, w) }}"""
+    p = QuantizeWeightsInt8Pass()
+    assert not p(_model(text, w=w)).modified
+    assert p.refusals[0].reason == "weight 'w' has K=8 < min_k=16: too small to gain"
