@@ -68,7 +68,9 @@ def _load(args):
 def _held_out(size: str, n_requests: int, seed: int):
     from students.data import make_dataset
 
-    _, _, held = make_dataset(size, n_train=1, n_requests=n_requests, candidates=CANDIDATES, seed=seed)
+    _, _, held = make_dataset(
+        size, n_train=1, n_requests=n_requests, candidates=CANDIDATES, seed=seed
+    )
     return held
 
 
@@ -79,7 +81,9 @@ def _take(rows, lo, hi):
 def _export_fp32(loaded, work: Path) -> dict[str, onnx.ModelProto]:
     from exporter.pipeline import ExportOptions, export_bundle
 
-    ctx = export_bundle(loaded, work / "fp32", ExportOptions(precision="fp32", parity=False, overwrite=True))
+    ctx = export_bundle(
+        loaded, work / "fp32", ExportOptions(precision="fp32", parity=False, overwrite=True)
+    )
     return dict(ctx.stages)
 
 
@@ -96,14 +100,21 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
     fp32 = {k: stages[k] for k in names}
     from onnx_ir import serde
 
-    canon = {k: serde.serialize_model(quantize_onnx(v, target="qdq", only=[]).model) for k, v in fp32.items()}
-    ours, record = quantize_bundle_stages(stages, spec, options=QuantizeOptions("w8a16", "ort-cpu"), calibration=calib)
+    canon = {
+        k: serde.serialize_model(quantize_onnx(v, target="qdq", only=[]).model)
+        for k, v in fp32.items()
+    }
+    ours, record = quantize_bundle_stages(
+        stages, spec, options=QuantizeOptions("w8a16", "ort-cpu"), calibration=calib
+    )
     return {
         "fp32": fp32,
         "fp32-canonical": canon,
         "ours-w8a16": {k: ours[k] for k in names},
         "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
-        "ort-8bit": {k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()},
+        "ort-8bit": {
+            k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()
+        },
         # the peer given our canonicalisation (it skips Einsum/Gemm on the graphs as exported)
         "ort-default+canon": {k: _ort_peer(v) for k, v in canon.items()},
     }, record
@@ -116,12 +127,21 @@ class _Pair:
         so = ort.SessionOptions()
         so.intra_op_num_threads = 2
         so.log_severity_level = 3
-        self.sess = {k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]) for k, p in protos.items()}
+        self.sess = {
+            k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            for k, p in protos.items()
+        }
         self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sess.items()}
 
     def _run(self, stage, feeds):
         s = self.sess[stage]
-        return dict(zip([o.name for o in s.get_outputs()], s.run(None, {n: feeds[n] for n in self.inputs[stage]}), strict=True))
+        return dict(
+            zip(
+                [o.name for o in s.get_outputs()],
+                s.run(None, {n: feeds[n] for n in self.inputs[stage]}),
+                strict=True,
+            )
+        )
 
     def score(self, users, cands, user_index):
         if "full" in self.sess:
@@ -147,14 +167,18 @@ def _latency(pairs, spec, rows, n: int, rounds: int) -> dict[str, dict[str, floa
             p.score(*req)
     order = list(pairs)
     for r in range(rounds):
-        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             t0 = time.perf_counter()
             pairs[k].score(*req)
             times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["fp32"])
     return {
-        k: {"median_ms": 1e3 * statistics.median(v), "p90_ms": 1e3 * float(np.percentile(v, 90)),
-            "ratio_vs_fp32": statistics.median(v) / base, "rounds": len(v)}
+        k: {
+            "median_ms": 1e3 * statistics.median(v),
+            "p90_ms": 1e3 * float(np.percentile(v, 90)),
+            "ratio_vs_fp32": statistics.median(v) / base,
+            "rounds": len(v),
+        }
         for k, v in times.items()
     }
 
@@ -166,9 +190,16 @@ def _accuracy(pairs, spec, rows, reference, labels, rids) -> dict[str, dict]:
     out = {}
     for k, p in pairs.items():
         got = p.score(users, cands, user_index)
-        m = output_metrics(reference["ctr"], got["ctr"].reshape(reference["ctr"].shape), labels, groups)
-        out[k] = {"max_abs": m["max_abs"], "mean_abs": m["mean_abs"], "auc_eager": m.get("auc_ref"),
-                  "delta_auc": m.get("delta_auc"), "top10_overlap_mean": (m.get("top10_overlap") or {}).get("mean")}
+        m = output_metrics(
+            reference["ctr"], got["ctr"].reshape(reference["ctr"].shape), labels, groups
+        )
+        out[k] = {
+            "max_abs": m["max_abs"],
+            "mean_abs": m["mean_abs"],
+            "auc_eager": m.get("auc_ref"),
+            "delta_auc": m.get("delta_auc"),
+            "top10_overlap_mean": (m.get("top10_overlap") or {}).get("mean"),
+        }
     return out
 
 
@@ -179,10 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_quant.json"))
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--rounds-512", type=int, default=12)
-    ap.add_argument("--requests", type=int, default=20, help="held-out requests for accuracy (x100 rows)")
+    ap.add_argument(
+        "--requests", type=int, default=20, help="held-out requests for accuracy (x100 rows)"
+    )
     ap.add_argument("--size", default="bench", choices=["tiny", "bench"])
-    ap.add_argument("--data-seed", type=int, default=0, help="world seed: the one the student was trained on")
-    ap.add_argument("--untrained", action="store_true", help="random-init student (smoke test only)")
+    ap.add_argument(
+        "--data-seed", type=int, default=0, help="world seed: the one the student was trained on"
+    )
+    ap.add_argument(
+        "--untrained", action="store_true", help="random-init student (smoke test only)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -194,23 +231,52 @@ def main(argv: list[str] | None = None) -> int:
     evaluation, calib_rows = _take(held, 0, n_eval), _take(held, n_eval, 2 * n_eval)
     ref_eval = eager_outputs(model, spec, {s.name: evaluation[s.name] for s in spec.inputs})
     ref_cal = eager_outputs(model, spec, {s.name: calib_rows[s.name] for s in spec.inputs})
-    calib = Calibration({s.name: calib_rows[s.name] for s in spec.inputs}, ref_cal, calib_rows["label"], calib_rows["request_id"])
+    calib = Calibration(
+        {s.name: calib_rows[s.name] for s in spec.inputs},
+        ref_cal,
+        calib_rows["label"],
+        calib_rows["request_id"],
+    )
     stages = _export_fp32(loaded, work)
     t0 = time.perf_counter()
     variants, record = _variants(stages, spec, calib)
     select_s = time.perf_counter() - t0
     pairs = {k: _Pair(v) for k, v in variants.items()}
     result = {
-        "env": {"onnxruntime": ort.__version__, "threads": 2, "cpu": platform.processor() or platform.machine(),
-                "split": "user" in stages, "model": spec.name, "trained": not args.untrained,
-                "argv": sys.argv[1:]},
-        "weight_bytes": {k: {s: linear_weight_bytes(__import__("onnx_ir").serde.deserialize_model(p)) for s, p in v.items()} for k, v in variants.items()},
-        "selection": {"seconds": select_s, "kept_float": record["kept_float"], "outcome": record.get("outcome"),
-                      "weight_bytes": record["weight_bytes"]},
-        "accuracy": _accuracy(pairs, spec, {s.name: evaluation[s.name] for s in spec.inputs}, ref_eval,
-                              evaluation["label"], evaluation["request_id"]),
-        "latency": {"N=1": _latency(pairs, spec, evaluation, 1, args.rounds),
-                    "N=512": _latency(pairs, spec, evaluation, 512, args.rounds_512)},
+        "env": {
+            "onnxruntime": ort.__version__,
+            "threads": 2,
+            "cpu": platform.processor() or platform.machine(),
+            "split": "user" in stages,
+            "model": spec.name,
+            "trained": not args.untrained,
+            "argv": sys.argv[1:],
+        },
+        "weight_bytes": {
+            k: {
+                s: linear_weight_bytes(__import__("onnx_ir").serde.deserialize_model(p))
+                for s, p in v.items()
+            }
+            for k, v in variants.items()
+        },
+        "selection": {
+            "seconds": select_s,
+            "kept_float": record["kept_float"],
+            "outcome": record.get("outcome"),
+            "weight_bytes": record["weight_bytes"],
+        },
+        "accuracy": _accuracy(
+            pairs,
+            spec,
+            {s.name: evaluation[s.name] for s in spec.inputs},
+            ref_eval,
+            evaluation["label"],
+            evaluation["request_id"],
+        ),
+        "latency": {
+            "N=1": _latency(pairs, spec, evaluation, 1, args.rounds),
+            "N=512": _latency(pairs, spec, evaluation, 512, args.rounds_512),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,11 +286,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(result) -> None:
-    print(f"{'variant':<19}{'N=1 ms':>9}{'ratio':>7}{'N=512 ms':>10}{'ratio':>7}{'dAUC':>11}{'top10':>7}{'max_abs':>9}")
+    print(
+        f"{'variant':<19}{'N=1 ms':>9}{'ratio':>7}{'N=512 ms':>10}{'ratio':>7}{'dAUC':>11}{'top10':>7}{'max_abs':>9}"
+    )
     for k in result["accuracy"]:
-        a, l1, l5 = result["accuracy"][k], result["latency"]["N=1"][k], result["latency"]["N=512"][k]
-        print(f"{k:<19}{l1['median_ms']:>9.2f}{l1['ratio_vs_fp32']:>7.2f}{l5['median_ms']:>10.1f}{l5['ratio_vs_fp32']:>7.2f}"
-              f"{(a['delta_auc'] or 0):>11.2e}{(a['top10_overlap_mean'] or 0):>7.3f}{a['max_abs']:>9.2e}")
+        a, l1, l5 = (
+            result["accuracy"][k],
+            result["latency"]["N=1"][k],
+            result["latency"]["N=512"][k],
+        )
+        print(
+            f"{k:<19}{l1['median_ms']:>9.2f}{l1['ratio_vs_fp32']:>7.2f}{l5['median_ms']:>10.1f}{l5['ratio_vs_fp32']:>7.2f}"
+            f"{(a['delta_auc'] or 0):>11.2e}{(a['top10_overlap_mean'] or 0):>7.3f}{a['max_abs']:>9.2e}"
+        )
 
 
 if __name__ == "__main__":
