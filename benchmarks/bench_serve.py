@@ -37,7 +37,7 @@ from runtime.serving.protocol import HEADER_LENGTH, kserve_datatype  # noqa: E40
 from runtime.spec import FeatureSpec  # noqa: E402
 
 
-def prepare(work: Path, size: str, checkpoint: str | None) -> tuple[Path, Path, dict]:
+def prepare(work: Path, size: str, checkpoint: str | None, precision: str = "fp32") -> tuple[Path, Path, dict]:
     """A checkpoint (given, or the random-init student), its split bundle, and its parity check."""
     import torch
 
@@ -54,10 +54,10 @@ def prepare(work: Path, size: str, checkpoint: str | None) -> tuple[Path, Path, 
         kwargs = model_kwargs("rankmixer", size)
         model = build_model(**kwargs).eval()
         save_checkpoint(model, FACTORY, kwargs, model.feature_spec(), ckpt, {"note": "random init (speed only)"})
-    bundle = work / f"{ckpt.name}-bundle"
+    bundle = work / f"{ckpt.name}-bundle" if precision == "fp32" else work / f"{ckpt.name}-bundle-{precision}"
     if not (bundle / "manifest.json").exists():
         loaded = load_student(ckpt)
-        export_bundle(loaded, bundle, ExportOptions(max_candidates=1024, overwrite=True))
+        export_bundle(loaded, bundle, ExportOptions(precision=precision, max_candidates=1024, overwrite=True))
         report = check_bundle(bundle, loaded.eager(), n_rows=200, progress=False, localise=False)
         if not report.passed:
             raise SystemExit(f"parity failed for {bundle}; refusing to benchmark it")
@@ -207,6 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of user popularity")
     p.add_argument("--threads", type=int, default=1, help="compute threads per server (both)")
     p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--also", default="", help="extra ugsep variants by precision, e.g. 'w8a16'")
     p.add_argument("--quick", action="store_true", help="tiny student, 2 rounds of 3 s")
     args = p.parse_args(argv)
     if args.quick:
@@ -221,14 +222,18 @@ def main(argv=None) -> int:
     ckpt, bundle, manifest = prepare(work, args.size, args.checkpoint)
     spec = FeatureSpec.from_dict(manifest["spec"])
     bodies, who = make_bodies(spec, 1000, args.candidates, args.users, args.zipf, seed=1)
-    ports = {"ugsep": _free_port(), "eager": _free_port()}
     py = sys.executable
+    bundles = {"ugsep": bundle}
+    for precision in filter(None, args.also.split(",")):
+        bundles[f"ugsep-{precision}"] = prepare(work, args.size, args.checkpoint, precision)[1]
+    ports = {name: _free_port() for name in [*bundles, "eager"]}
     cmds = {
-        "ugsep": [py, "-m", "runtime.serving", str(bundle), "--port", str(ports["ugsep"]), "--threads",
-                  str(args.threads), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"],
-        "eager": [py, "benchmarks/eager_server.py", "--checkpoint", str(ckpt), "--port", str(ports["eager"]),
-                  "--threads", str(args.threads)],
+        name: [py, "-m", "runtime.serving", str(b), "--port", str(ports[name]), "--threads",
+               str(args.threads), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"]
+        for name, b in bundles.items()
     }
+    cmds["eager"] = [py, "benchmarks/eager_server.py", "--checkpoint", str(ckpt), "--port", str(ports["eager"]),
+                     "--threads", str(args.threads)]
     procs = {}
     try:
         for name, cmd in cmds.items():
@@ -240,7 +245,7 @@ def main(argv=None) -> int:
         levels = [int(c) for c in args.concurrency.split(",")]
         for rnd in range(args.rounds):
             for conc in levels:
-                order = ["ugsep", "eager"] if (rnd + conc) % 2 == 0 else ["eager", "ugsep"]
+                order = list(cmds) if (rnd + conc) % 2 == 0 else list(cmds)[::-1]
                 for name in order:
                     lat, fails, wall = asyncio.run(run_segment(url[name], bodies, cursor, conc, args.duration, args.max_requests))
                     cursor += len(lat) + fails
@@ -252,24 +257,25 @@ def main(argv=None) -> int:
                     print(f"round {rnd} conc {conc:3d} {name:6s} {seg['candidates_per_s']:8.0f} cand/s "
                           f"p50 {seg['p50_ms']:7.1f} ms p99 {seg['p99_ms']:7.1f} ms ({len(lat)} req, {fails} failed)",
                           flush=True)
-        metrics = httpx.get(f"http://127.0.0.1:{ports['ugsep']}/metrics").text
+        metrics = httpx.get(f"http://127.0.0.1:{ports['ugsep']}/metrics").text  # the fp32 split server
     finally:
         for proc in procs.values():
             stop(proc)
     rows = summarise(segments)
     print_table(rows)
-    paired = paired_ratios(segments)
-    for conc, r in paired.items():
-        print(f"concurrency {conc}: ugsep/eager candidates/s per round, median {r['candidates_per_s_ratio']:.2f}x "
-              f"(range {r['candidates_per_s_ratio_range'][0]:.2f}-{r['candidates_per_s_ratio_range'][1]:.2f}), "
-              f"p99 ratio {r['p99_ratio']:.2f}")
+    paired = {name: paired_ratios(segments, name) for name in bundles}
+    for name, ratios in paired.items():
+        for conc, r in ratios.items():
+            print(f"{name} conc {conc}: {name}/eager candidates/s per round, median {r['candidates_per_s_ratio']:.2f}x "
+                  f"(range {r['candidates_per_s_ratio_range'][0]:.2f}-{r['candidates_per_s_ratio_range'][1]:.2f}), "
+                  f"p99 ratio {r['p99_ratio']:.2f}")
     cache = {ln.split("{")[0]: float(ln.split()[-1]) for ln in metrics.splitlines()
              if ln.startswith("ugsep_cache_") and "{" in ln}
     flops = manifest.get("flops") or {}
     u, g, n = flops.get("user_per_row"), flops.get("group_per_row"), args.candidates
     result = {
         "benchmark": "bench_serve", "student": f"rankmixer-{args.size}", "checkpoint": str(ckpt),
-        "bundle": str(bundle), "candidates": n, "users": args.users, "zipf": args.zipf,
+        "bundles": {k: str(v) for k, v in bundles.items()}, "candidates": n, "users": args.users, "zipf": args.zipf,
         "distinct_users_in_workload": int(len(set(who.tolist()))), "threads": args.threads,
         "duration_s": args.duration, "max_requests": args.max_requests, "rounds": args.rounds,
         "flops": flops, "flop_ceiling_split": (n * (u + g) / (u + n * g)) if u and g else None,
