@@ -62,7 +62,7 @@ def lint_bundle(bundle_dir: str | Path) -> int:
     from exporter.progress import console
 
     text, ok = lint_report(lint_stages(bundle_dir))
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
     return 0 if ok else 1
 
 
