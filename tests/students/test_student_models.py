@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from runtime.spec import FeatureSpec
@@ -150,6 +152,16 @@ def test_token_mixing_is_the_masked_head_piece_regrouping():
     ru, rg = _reference_mix(xu, xg)
     torch.testing.assert_close(mu, ru, rtol=0, atol=0)
     torch.testing.assert_close(mg, rg, rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cu=st.integers(1, 5), cg=st.integers(1, 5), piece=st.integers(1, 3), batch=st.integers(1, 3))
+def test_token_mixing_matches_the_reference_for_any_token_counts(cu, cg, piece, batch):
+    gen = torch.Generator().manual_seed(cu * 100 + cg * 10 + piece)
+    d = (cu + cg) * piece
+    xu, xg = torch.randn(batch, cu, d, generator=gen), torch.randn(batch, cg, d, generator=gen)
+    for got, want in zip(mix_tokens(xu, xg), _reference_mix(xu, xg), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_compensation_flows_user_to_candidate_only(rows):
