@@ -32,7 +32,7 @@ def check_bundle(
     rows: Rows | None = None,
     labels: np.ndarray | None = None,
     request_ids: np.ndarray | None = None,
-    n_rows: int = 1000,
+    n_rows: int | None = 1000,
     seed: int = 0,
     budgets: Budgets | dict | str | Path | None = None,
     stages: list[str] | None = None,
@@ -43,9 +43,9 @@ def check_bundle(
 ) -> ParityReport:
     """Compare every compiled stage of ``bundle_dir`` with ``model`` (eager fp32) and record it.
 
-    ``rows`` (arrays by spec input name; may also carry ``label`` and ``request_id``)
-    default to ``n_rows`` rows sampled from the spec with ``seed``, grouped into requests
-    of one user and up to 100 candidates. With ``write`` the report goes to the bundle's
+    ``rows``: arrays by spec input name, optionally with ``label`` and ``request_id``; the
+    first ``n_rows`` are used (all when None). Without them, ``n_rows`` (default 1000) rows
+    are sampled from the spec with ``seed``, in requests of one user and 100 candidates. With ``write`` the report goes to the bundle's
     parity.json and its summary to ``manifest.parity``. A failing stage is localised to the
     first diverging tensor (``program``: the model's ExportedProgram, captured when None).
     """
@@ -84,15 +84,17 @@ def check_bundle(
     return report
 
 
-def _prepare_rows(spec: FeatureSpec, rows, labels, request_ids, n_rows: int, seed: int):
+def _prepare_rows(spec: FeatureSpec, rows, labels, request_ids, n_rows: int | None, seed: int):
     if rows is None:
+        n_rows = n_rows or 1000
         per = max(1, min(CANDIDATES_PER_REQUEST, n_rows))
         rows, rid = sample_requests(spec, max(1, n_rows // per), per, seed=seed)
         return rows, labels, (rid if request_ids is None else request_ids), "sampled"
     missing = [s.name for s in spec.inputs if s.name not in rows]
     if missing:
         raise ExportError(f"parity rows lack input(s) {missing} of spec '{spec.name}'")
-    n = min(len(rows[spec.inputs[0].name]), n_rows)
+    total = len(rows[spec.inputs[0].name])
+    n = total if n_rows is None else min(total, n_rows)
     if labels is None and "label" in rows:
         labels = rows["label"]
     if request_ids is None and "request_id" in rows:
