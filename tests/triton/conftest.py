@@ -1,8 +1,9 @@
-"""Triton fixtures: real split bundles, the Triton Python env, real tritonservers on loopback.
+"""Triton fixtures: real bundles, the Triton Python env, real tritonservers on loopback.
 
-The split bundle is the serving tests' hand-made user/group ONNX pair (real
-torch.onnx exports of a two-part torch model; see tests/serving/split_bundle.py), so
-scores can be checked against the eager torch model as well as the runtime scorer.
+- ``tri_bundle``: the serving tests' hand-made split bundle (real torch.onnx exports of a
+  two-part torch model; tests/serving/split_bundle.py), fast, with eager halves to compare;
+- ``student_bundle``: the tiny RankMixer student through the real exporter and parity check;
+- ``toy_bundle`` (tests/conftest.py): an unsplit export (full.onnx only).
 """
 
 from __future__ import annotations
@@ -76,29 +77,64 @@ def triton_inputs(rankings: list[tuple[dict, dict]], binary: bool) -> list:
 
 
 def triton_scores(
-    client, model: str, rankings: list[tuple[dict, dict]], binary: bool
+    client, model: str, rankings: list[tuple[dict, dict]], binary: bool, output: str = "ctr"
 ) -> np.ndarray:
+    """Scores [B, N] for B rankings in one request (output ``output``)."""
     import tritonclient.http as th
 
-    outputs = [th.InferRequestedOutput("ctr", binary_data=binary)]
-    return client.infer(model, triton_inputs(rankings, binary), outputs=outputs).as_numpy("ctr")
+    outputs = [th.InferRequestedOutput(output, binary_data=binary)]
+    return client.infer(model, triton_inputs(rankings, binary), outputs=outputs).as_numpy(output)
 
 
 @pytest.fixture(scope="session")
-def toy_split_bundle(tmp_path_factory, toy_checkpoint):
-    """A bundle from the real exporter (capture, UG split, ONNX) with a real parity check."""
+def student_bundle(tmp_path_factory):
+    """The tiny RankMixer student through the real exporter (capture, UG split, ONNX) and a
+    real parity check: several boundary tensors (encoder output, target-attention K/V,
+    user tokens), 3-D and 4-D. Returns (eager model, spec, bundle dir)."""
     import torch
 
-    from exporter import ExportOptions, export_bundle, load_student
+    from exporter.load import LoadedModel
     from exporter.parity.check import check_bundle
+    from exporter.pipeline import ExportOptions, export_bundle
+    from runtime.spec import FeatureSpec
+    from students.zoo import build_student
 
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("toy_split") / "toy"
-    loaded = load_student(toy_checkpoint)
-    export_bundle(loaded, out, ExportOptions(max_candidates=MAX_CANDIDATES))
-    report = check_bundle(out, loaded.eager(), n_rows=200, progress=False, localise=False)
-    assert report.passed, "the toy export failed its parity check"
-    return out
+    torch.manual_seed(0)
+    model = build_student("rankmixer", "tiny").eval()
+    spec = FeatureSpec.from_dict(model.feature_spec())
+    out = tmp_path_factory.mktemp("student") / "rankmixer"
+    export_bundle(
+        LoadedModel(spec=spec, module=model), out, ExportOptions(max_candidates=MAX_CANDIDATES)
+    )
+    report = check_bundle(out, model, n_rows=200, progress=False, localise=False)
+    assert report.passed, "the RankMixer export failed its parity check"
+    return model, spec, out
+
+
+def student_ranking(spec, seed: int, n: int) -> tuple[dict, dict]:
+    """One ranking drawn from the spec: user features [1, ...], n candidates [n, ...]."""
+    from runtime.sample import sample_rows
+
+    user = sample_rows(spec, 1, seed)
+    cands = sample_rows(spec, n, seed + 1)
+    return (
+        {s.name: user[s.name] for s in spec.user_inputs},
+        {s.name: cands[s.name] for s in spec.group_inputs},
+    )
+
+
+def student_eager(model, spec, user: dict, cands: dict) -> np.ndarray:
+    """The eager model on the user row repeated per candidate (what it was trained on)."""
+    import torch
+
+    from exporter.capture import to_torch_inputs
+
+    n = next(iter(cands.values())).shape[0]
+    rows = {k: np.repeat(v, n, axis=0) for k, v in user.items()}
+    rows.update(cands)
+    with torch.no_grad():
+        return model(**to_torch_inputs(spec, rows)).reshape(-1).numpy()
 
 
 def toy_ranking(seed: int, n: int) -> tuple[dict, dict]:

@@ -13,16 +13,16 @@ import pytest
 from runtime.triton import write_repository
 from runtime.triton.server import TritonServer
 from tests.serving.split_bundle import eager_scores
-from tests.triton.conftest import ranking, toy_eager, toy_ranking, triton_scores
+from tests.triton.conftest import ranking, student_eager, student_ranking, triton_scores
 
 pytestmark = pytest.mark.triton
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cpu_server(tmp_path_factory, tri_bundle, toy_split_bundle, triton_env):
+def cpu_server(tmp_path_factory, tri_bundle, student_bundle, triton_env):
     root = tmp_path_factory.mktemp("cpu_repo")
-    write_repository(toy_split_bundle, root, "cpu")  # the real exporter's bundle, model "toy"
+    write_repository(student_bundle[2], root, "cpu", model_name="student", intra_op_threads=1)
     repo = write_repository(
         tri_bundle,
         root,
@@ -53,18 +53,22 @@ def test_scores_match_runtime_and_eager(client, tri_scorer, tri_parts, binary):
     np.testing.assert_allclose(got[0], eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
 
 
-def test_exported_bundle_scores_match_eager_model(client, toy_split_bundle):
-    """The real exporter's split bundle (capture -> UG split -> ONNX -> parity) on Triton."""
+def test_exported_student_scores_match_eager_model(client, student_bundle):
+    """The RankMixer student from the real exporter (split, parity-checked) on Triton."""
     import runtime
 
-    scorer = runtime.load(toy_split_bundle, "onnxruntime")
-    assert scorer.split, "the toy model's user tower should have been split off"
-    rankings = [toy_ranking(s, 3 + s) for s in range(3)]
+    model, spec, bundle = student_bundle
+    scorer = runtime.load(bundle, "onnxruntime")
+    assert scorer.split and len(scorer.boundary_names) > 1
+    out = spec.outputs[0]
     for binary in (False, True):
-        for user, cands in rankings:
-            got = triton_scores(client, "toy", [(user, cands)], binary)[0]
-            np.testing.assert_allclose(got, scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
-            np.testing.assert_allclose(got, toy_eager(user, cands), rtol=0, atol=TOL)
+        for seed, n in ((1, 1), (3, 7), (5, 30)):
+            user, cands = student_ranking(spec, seed, n)
+            got = triton_scores(client, "student", [(user, cands)], binary, output=out)[0]
+            np.testing.assert_allclose(got, scorer.score(user, cands)[out], rtol=0, atol=TOL)
+            np.testing.assert_allclose(
+                got, student_eager(model, spec, user, cands), rtol=0, atol=TOL
+            )
 
 
 def test_one_request_with_several_rankings(client, tri_parts):

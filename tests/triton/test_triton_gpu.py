@@ -20,7 +20,15 @@ import pytest
 from runtime.triton import write_repository
 from runtime.triton.server import TritonServer
 from tests.serving.split_bundle import eager_scores
-from tests.triton.conftest import ranking, toy_eager, toy_ranking, triton_inputs, triton_scores
+from tests.triton.conftest import (
+    ranking,
+    student_eager,
+    student_ranking,
+    toy_eager,
+    toy_ranking,
+    triton_inputs,
+    triton_scores,
+)
 
 TOL = 1e-5
 
@@ -30,8 +38,9 @@ def _stats(client, model: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bls_server(tmp_path_factory, tri_bundle, toy_bundle, triton_env):
+def bls_server(tmp_path_factory, tri_bundle, toy_bundle, student_bundle, triton_env):
     root = tmp_path_factory.mktemp("bls_repo")
+    write_repository(student_bundle[2], root, "gpu", stage_backend="python", model_name="student")
     # an unsplit bundle (full.onnx only; no parity record): models "toy" + "toy_full"
     write_repository(toy_bundle, root, "gpu", stage_backend="python", allow_unverified=True)
     repo = write_repository(
@@ -62,6 +71,17 @@ def test_bls_scores_match_runtime_and_eager(bls_client, tri_scorer, tri_parts, b
     for row, (user, cands) in zip(got, rankings, strict=True):
         np.testing.assert_allclose(row, tri_scorer.score(user, cands)["ctr"], rtol=0, atol=TOL)
         np.testing.assert_allclose(row, eager_scores(*tri_parts, user, cands), rtol=0, atol=TOL)
+
+
+@pytest.mark.triton
+def test_exported_student_through_bls_matches_eager(bls_client, student_bundle):
+    """Several 3-D/4-D boundary tensors travel from the user model to the group model."""
+    model, spec, _ = student_bundle
+    rankings = [student_ranking(spec, 80 + s, 3 + 4 * s) for s in range(3)]
+    pending = [bls_client.async_infer("student", triton_inputs([r], True)) for r in rankings]
+    for p, (user, cands) in zip(pending, rankings, strict=True):
+        got = p.get_result().as_numpy(spec.outputs[0])[0]
+        np.testing.assert_allclose(got, student_eager(model, spec, user, cands), rtol=0, atol=TOL)
 
 
 @pytest.mark.triton
