@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -49,9 +50,12 @@ def run_bench(
     variants = _variants(bundle, threads, eager)
     spec = variants["split"][0].spec if "split" in variants else variants["full"][0].spec
     calls = {n: _calls(variants, spec, n, seed) for n in ns}
+    load_before = os.getloadavg()[0]
     samples = _measure(calls, repeats, seconds_per_n, seed)
     manifest = next(iter(variants.values()))[0].manifest
     result = _summarise(samples, manifest, threads, str(bundle))
+    # a shared machine: say how busy it was, so the numbers can be read in context
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     if out_png:
