@@ -191,3 +191,16 @@ def test_two_bundles_are_two_models(split_bundle, other_bundle):
         b = triton_scores(client, "other", user, cands, binary=True)
         assert not np.array_equal(a, b)
         assert {m["name"] for m in client.get_model_repository_index()} == {MODEL, "other"}
+
+
+def test_cache_bound_holds_over_http_under_distinct_users(split_bundle):
+    bound = 10 * 16 * 4  # ten boundary rows of 16 float32
+    with ServerThread(build_app([split_bundle], cache_bytes=bound)) as srv, httpx.Client(base_url=srv.url) as http:
+        cache = srv.app.state.repo.get(MODEL).cache
+        for i in range(40):
+            r = http.post(f"/v2/models/{MODEL}/infer", json=json_body(*make_request(5000 + i, 3)))
+            assert r.status_code == 200
+            assert cache.stats().bytes <= bound
+        text = http.get("/metrics").text
+    assert f'ugsep_cache_max_bytes{{model="{MODEL}"}} {float(bound)}' in text
+    assert f'ugsep_cache_evictions_total{{model="{MODEL}"}} 30.0' in text
