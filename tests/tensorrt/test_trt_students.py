@@ -78,6 +78,7 @@ def test_student_bundles_are_ready_for_tensorrt(captured, tmp_path, precision, c
     )
 
 
+@pytest.mark.parametrize("captured", ["dcn"], indirect=True)
 def test_ort_cpu_lowering_is_caught_as_not_tensorrt_ready(captured, tmp_path, capsys):
     """w8a16 for ONNX Runtime CPU (MatMulNBits) is exactly what --target trt must avoid."""
     ctx = _bundle(captured, tmp_path, "w8a16", "onnx")
