@@ -107,11 +107,13 @@ class FieldEmbedding(nn.Module):
 
     ``forward(ids [B, F]) -> [B, F, E]``. Field 0 has offset 0, so ``table(ids)`` looks ids
     up in field 0's table (the behaviour sequence shares the item-id table this way).
+    Gradients are sparse (only looked-up rows), so training touches a few rows of a
+    50,000-row table per step instead of all of it; the trainer uses SparseAdam for them.
     """
 
     def __init__(self, n_fields: int, vocab: int, dim: int) -> None:
         super().__init__()
-        self.table = nn.Embedding(n_fields * vocab, dim)
+        self.table = nn.Embedding(n_fields * vocab, dim, sparse=True)
         nn.init.normal_(self.table.weight, std=0.05)
         self.register_buffer("offsets", torch.arange(n_fields) * vocab, persistent=False)
 

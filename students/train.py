@@ -113,11 +113,8 @@ def fit(
 ) -> dict[str, float]:
     """Train ``model`` on ``rows`` (labels, plus teacher logits if given); returns the last loss."""
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     total = _n_steps(len(rows["label"]), cfg, epochs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1
-    )
+    optimizers, schedulers = _optimizers(model, cfg.lr, total)
     task = progress.add_task(desc, total=total) if progress is not None else None
     labels = torch.from_numpy(rows["label"])
     soft = None if teacher_logits is None else torch.from_numpy(teacher_logits.astype(np.float32))
@@ -129,14 +126,31 @@ def fit(
         if soft is not None:
             target = torch.sigmoid(soft[idx] / t)
             loss = loss + cfg.alpha * t * t * F.binary_cross_entropy_with_logits(z / t, target)
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        for opt, sched in zip(optimizers, schedulers, strict=True):
+            opt.step()
+            sched.step()
         if task is not None:
             progress.update(task, advance=1, description=f"{desc} loss {loss.item():.4f}")
     model.eval()
     return {"final_loss": float(loss.item()), "steps": total}
+
+
+def _optimizers(model: Student, lr: float, total: int):
+    """SparseAdam for embedding tables (sparse gradients), Adam for the rest; one-cycle lr."""
+    sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    optimizers = [torch.optim.Adam(dense, lr=lr)] + (
+        [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []
+    )
+    schedulers = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr, total_steps=max(total, 1), pct_start=0.1)
+        for o in optimizers
+    ]
+    return optimizers, schedulers
 
 
 @torch.no_grad()
