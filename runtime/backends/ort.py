@@ -19,6 +19,20 @@ def _ort():
     return onnxruntime
 
 
+def _no_gpu_reason() -> str | None:
+    """None when the CUDA driver sees a GPU, else why not (driver API via ctypes: no deps)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found): no GPU on this machine"
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "the NVIDIA driver reports no usable GPU (cuInit/cuDeviceGetCount failed)"
+    return None if count.value > 0 else "the NVIDIA driver reports 0 GPUs"
+
+
 class OrtSession:
     """An ``onnxruntime.InferenceSession`` with dict-in, dict-out ``run``."""
 
@@ -40,6 +54,7 @@ class OrtBackend:
 
     name = "onnxruntime"
     providers: tuple = ("CPUExecutionProvider",)
+    needs_gpu = False
 
     def __init__(self, intra_op_threads: int | None = None, inter_op_threads: int = 1) -> None:
         self.intra_op_threads = intra_op_threads
@@ -54,6 +69,9 @@ class OrtBackend:
         missing = [p for p in cls.providers if p not in ort.get_available_providers()]
         if missing:
             return f"onnxruntime has no {', '.join(missing)} (install ugsep[gpu] on a GPU machine)"
+        if cls.needs_gpu:
+            # onnxruntime-gpu lists the CUDA/TensorRT providers whether or not a GPU exists
+            return _no_gpu_reason()
         return None
 
     def session_options(self):
@@ -78,6 +96,7 @@ class OrtCudaBackend(OrtBackend):
 
     name = "ort-cuda"
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    needs_gpu = True
 
 
 class OrtTensorrtBackend(OrtBackend):
@@ -85,3 +104,4 @@ class OrtTensorrtBackend(OrtBackend):
 
     name = "ort-tensorrt"
     providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    needs_gpu = True

@@ -148,3 +148,14 @@ def test_import_runtime_backends_tensorrt_imports_no_tensorrt_or_torch():
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
+
+
+def test_ort_gpu_providers_need_a_device_not_just_the_provider_name():
+    import ctypes.util
+
+    from runtime.backends.ort import OrtCudaBackend, _no_gpu_reason
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("an NVIDIA driver is installed here")
+    assert "no NVIDIA driver" in _no_gpu_reason()
+    assert OrtCudaBackend.availability() is not None  # whichever onnxruntime is installed

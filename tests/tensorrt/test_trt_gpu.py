@@ -68,10 +68,9 @@ def test_build_engines_records_them_and_runtime_matches_eager(trt_split_bundle, 
 
 def test_w8a16_engine_matches_eager_within_budget(tmp_path):
     from exporter.load import LoadedModel
-    from exporter.pipeline import (  # noqa: F401
+    from exporter.pipeline import (
         ExportContext,
         ExportOptions,
-        export_bundle,
         step_capture,
         step_full_onnx,
         step_split,
