@@ -85,7 +85,7 @@ def _make_capture_logger(trt, log_path: Path | None):
             if self._file:
                 self._file.write(line + "\n")
                 self._file.flush()
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 log.warning("TensorRT: %s", msg)
 
         def close(self) -> None:
@@ -109,11 +109,7 @@ class EngineFromOnnx:
         logger = _make_capture_logger(trt, o.log_path)
         try:
             builder = trt.Builder(logger)
-            flags = (
-                1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-                if o.strongly_typed
-                else 0
-            )
+            flags = self._network_flags(trt)
             network = builder.create_network(flags)
             self._parse(trt, network, logger)
             config = self._config(trt, builder, network)
@@ -126,6 +122,12 @@ class EngineFromOnnx:
             return bytes(plan)
         finally:
             logger.close()
+
+    def _network_flags(self, trt) -> int:
+        # TensorRT 11 is always strongly typed (the flag is deprecated and ignored there)
+        if self.options.strongly_typed and _major(trt.__version__) < 11:
+            return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return 0
 
     def _parse(self, trt, network, logger) -> None:
         parser = trt.OnnxParser(network, logger)
@@ -144,7 +146,14 @@ class EngineFromOnnx:
         if o.workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, o.workspace_bytes)
         if o.fp16 and not o.strongly_typed:
-            config.set_flag(trt.BuilderFlag.FP16)
+            if _major(trt.__version__) >= 11:  # no weakly typed networks, no FP16 flag
+                log.warning(
+                    "TensorRT %s is always strongly typed: the fp32 graph builds in "
+                    "fp32 (export an fp16 graph for fp16 kernels)",
+                    trt.__version__,
+                )
+            else:
+                config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             name = network.get_input(i).name
@@ -171,6 +180,10 @@ class EngineFromOnnx:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(bytes(cache.serialize()))
         tmp.replace(path)
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
 
 
 def input_profiles(

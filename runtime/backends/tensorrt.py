@@ -57,10 +57,14 @@ def import_cudart():
     return cudart
 
 
+def _code(err) -> int:
+    return int(getattr(err, "value", err))
+
+
 def cuda_call(result):
     """Unwrap a cuda-python ``(err, *values)`` tuple, raising on a CUDA error."""
     err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
+    if _code(err) != 0:
         raise BackendUnavailableError(f"CUDA error {err}")
     return values[0] if len(values) == 1 else tuple(values)
 
@@ -72,7 +76,7 @@ def gpu_info(device: int = 0) -> dict:
     """
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count == 0:
+    if _code(err) != 0 or count == 0:
         raise BackendUnavailableError(f"no NVIDIA GPU is visible to CUDA ({err}); {INSTALL_HINT}")
     prop = cuda_call(cudart.cudaGetDeviceProperties(device))
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
@@ -153,9 +157,11 @@ def _make_logger(trt):
         def log(self, severity, msg) -> None:
             level = (
                 logging.ERROR
-                if severity <= trt.ILogger.Severity.ERROR
+                if int(severity) <= int(trt.ILogger.Severity.ERROR)
                 else (
-                    logging.WARNING if severity == trt.ILogger.Severity.WARNING else logging.DEBUG
+                    logging.WARNING
+                    if int(severity) == int(trt.ILogger.Severity.WARNING)
+                    else logging.DEBUG
                 )
             )
             log.log(level, "TensorRT: %s", msg)
@@ -210,7 +216,7 @@ class TrtSession:
             shape = tuple(self.context.get_tensor_shape(name))
             outs[name] = np.empty(shape, dtype=self.dtypes[name])
             self.context.set_tensor_address(name, self._device_buffer(name, outs[name].nbytes))
-        if not self.context.execute_async_v3(self._stream):
+        if not self.context.execute_async_v3(int(self._stream)):
             raise BackendUnavailableError("TensorRT execute_async_v3 failed (see the log)")
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, host in outs.items():
