@@ -8,6 +8,8 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
     fp32-canonical  our canonicalisation only (Einsum/Gemm -> 2-D MatMul), still fp32:
                     separates what canonicalisation buys from what quantization buys
     ours-w8a16      exporter.quantize (sensitivity-selected int8, MatMulNBits accuracy_level=4)
+    ours-w8a16-user the same, user stage only (group keeps canonical fp32: on this CPU the
+                    weight-only kernel loses to fp32 GEMM at a group batch of 512)
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
     ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
@@ -107,10 +109,17 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
     ours, record = quantize_bundle_stages(
         stages, spec, options=QuantizeOptions("w8a16", "ort-cpu"), calibration=calib
     )
+    user_only, _ = quantize_bundle_stages(
+        stages,
+        spec,
+        options=QuantizeOptions("w8a16", "ort-cpu", stages=("user",)),
+        calibration=calib,
+    )
     return {
         "fp32": fp32,
         "fp32-canonical": canon,
         "ours-w8a16": {k: ours[k] for k in names},
+        "ours-w8a16-user": {k: user_only[k] for k in names},
         "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
         "ort-8bit": {
             k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()

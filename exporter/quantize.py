@@ -66,7 +66,10 @@ class Calibration:
 class QuantizeOptions:
     """How to quantize. ``block_size`` None = int8 per output channel (w4a16 defaults to 32);
     ``accuracy_level`` is MatMulNBits' (ORT CPU only; 4 = int8 activations inside the kernel,
-    the fast path); ``budget`` overrides the parity budget of the precision."""
+    the fast path); ``budget`` overrides the parity budget of the precision; ``stages``
+    limits quantization to some stages (e.g. ``("user", "full")``: on ORT CPU the weight-only
+    kernel pays at the user side's batch 1 but loses to fp32 GEMM at a group batch of 512,
+    see benchmarks/bench_quant_accuracy_level.py); stages left out keep fp32 weights."""
 
     precision: str = "w8a16"
     target: str = "ort-cpu"
@@ -74,6 +77,7 @@ class QuantizeOptions:
     accuracy_level: int = 4
     budget: dict[str, float] | None = None
     select: bool = True
+    stages: tuple[str, ...] = ("full", "user", "group")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -102,6 +106,7 @@ class QuantizeOptions:
             "per-output-channel" if self.block_size is None else f"block-{self.block_size} along K"
         )
         return {
+            "stages": list(self.stages),
             "bits": self.bits,
             "symmetric": True,
             "granularity": grain,
@@ -121,12 +126,15 @@ class _Path:
 
     stages: tuple[str, ...]
     canonical: dict[str, onnx.ModelProto]
+    quantized_stages: tuple[str, ...] = ("full", "user", "group")
     groups: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict
     )  # group -> [(stage, weight)]
 
     def __post_init__(self) -> None:
         for stage in self.stages:
+            if stage not in self.quantized_stages:
+                continue
             for w in linear_layers(ir.serde.deserialize_model(self.canonical[stage])):
                 self.groups.setdefault(f"{stage}:{group_of(w)}", []).append((stage, w))
 
@@ -253,8 +261,9 @@ def quantize_bundle_stages(
     """
     opts = options or QuantizeOptions()
     canonical = {k: _canonical(k, v) for k, v in stages.items()}
-    paths = [_Path(("user", "group"), canonical)] if {"user", "group"} <= set(stages) else []
-    paths.append(_Path(("full",), canonical))
+    split = {"user", "group"} <= set(stages)
+    paths = [_Path(("user", "group"), canonical, opts.stages)] if split else []
+    paths.append(_Path(("full",), canonical, opts.stages))
     runner = _Runner(calibration, spec, canonical.values()) if calibration is not None else None
     record: dict[str, Any] = {
         "precision": opts.precision,
