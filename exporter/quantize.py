@@ -454,7 +454,8 @@ def step_quantize(ctx: Any) -> None:
 
     Reads ``options.extra``: ``target`` ("onnx" -> ORT CPU MatMulNBits, "trt" -> fp16
     activations for TensorRT), ``budgets`` (the parity budgets file; its entry for the
-    precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``.
+    precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``
+    / ``quant_stages`` (e.g. ["user"]).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -471,6 +472,7 @@ def step_quantize(ctx: Any) -> None:
         block_size=extra.get("quant_block_size"),
         accuracy_level=int(extra.get("quant_accuracy_level", 4)),
         budget=budget,
+        stages=tuple(extra.get("quant_stages") or ("full", "user", "group")),
     )
     calib = calibration_for(
         ctx.loaded.eager(), ctx.spec, o.data, skip_rows=o.parity_rows, seed=o.seed
