@@ -22,42 +22,25 @@ Each finding names the node, the model code that produced it (from the
 
 from __future__ import annotations
 
-import ast
 import logging
-import math
-from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from graph_passes.onnx import trt_ops
+from graph_passes.onnx.trt_findings import (
+    ERROR,
+    WARNING,
+    Finding,
+    finding,
+    is_const,
+    producing_code,
+)
+from graph_passes.onnx.trt_rules import OP_RULES
 
 log = logging.getLogger(__name__)
 
-ERROR, WARNING = "error", "warning"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One reason TensorRT would refuse (error) or silently alter (warning) a graph."""
-
-    severity: str
-    rule: str
-    node: str
-    op_type: str
-    message: str
-    fix: str = ""
-    source: str = ""
-
-    def __str__(self) -> str:
-        where = f"{self.op_type} '{self.node}'" if self.op_type else self.node
-        text = f"[{self.severity}] {self.rule}: {where}: {self.message}"
-        if self.source:
-            text += f"\n    produced by: {self.source}"
-        if self.fix:
-            text += f"\n    fix: {self.fix}"
-        return text
+__all__ = ["Finding", "check_trt_readiness", "format_report", "has_errors", "producing_code"]
 
 
 def check_trt_readiness(model: onnx.ModelProto | ir.Model) -> list[Finding]:
@@ -206,7 +189,7 @@ def _check_input_shape(value: ir.Value) -> list[Finding]:
 def _check_node(node: ir.Node) -> list[Finding]:
     if node.domain not in ("", "ai.onnx"):
         return [
-            _finding(
+            finding(
                 node,
                 ERROR,
                 "custom-domain",
@@ -219,7 +202,7 @@ def _check_node(node: ir.Node) -> list[Finding]:
     if op in trt_ops.UNSUPPORTED or op not in trt_ops.OPS:
         known = "marks it unsupported" if op in trt_ops.UNSUPPORTED else "does not list it"
         return [
-            _finding(
+            finding(
                 node,
                 ERROR,
                 "unsupported-op",
@@ -232,7 +215,7 @@ def _check_node(node: ir.Node) -> list[Finding]:
             )
         ]
     findings = _check_dtypes(node) + _check_constant_inputs(node)
-    rule = _OP_RULES.get(op)
+    rule = OP_RULES.get(op)
     if rule is not None:
         findings += rule(node)
     return findings
@@ -243,7 +226,7 @@ def _check_dtypes(node: ir.Node) -> list[Finding]:
     for v in [*node.inputs, *node.outputs]:
         if v is not None and v.dtype is not None and v.dtype.name not in trt_ops.KNOWN_DTYPES:
             out.append(
-                _finding(
+                finding(
                     node,
                     ERROR,
                     "dtype",
@@ -258,7 +241,7 @@ def _check_dtypes(node: ir.Node) -> list[Finding]:
     dtype, support = data.dtype.name, trt_ops.OPS[node.op_type]
     if dtype not in support.types:
         out.append(
-            _finding(
+            finding(
                 node,
                 ERROR,
                 "dtype",
@@ -277,10 +260,10 @@ def _check_constant_inputs(node: ir.Node) -> list[Finding]:
         if (
             idx < len(node.inputs)
             and node.inputs[idx] is not None
-            and not _is_const(node.inputs[idx])
+            and not is_const(node.inputs[idx])
         ):
             out.append(
-                _finding(
+                finding(
                     node,
                     ERROR,
                     "constant-input",
@@ -289,246 +272,6 @@ def _check_constant_inputs(node: ir.Node) -> list[Finding]:
                 )
             )
     return out
-
-
-# ---- op-specific rules -------------------------------------------------------------------
-
-
-def _dequantize(node: ir.Node) -> list[Finding]:
-    x, scale = node.inputs[0], node.inputs[1]
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
-    out = []
-    if scale is not None and not _is_const(scale):
-        out.append(
-            _finding(
-                node,
-                ERROR,
-                "quantize",
-                "the scale must be a build-time constant",
-                "fold the scale into an initializer",
-            )
-        )
-    if (
-        scale is not None
-        and scale.dtype is not None
-        and scale.dtype.name not in ("FLOAT", "FLOAT16", "BFLOAT16")
-    ):
-        out.append(
-            _finding(
-                node,
-                ERROR,
-                "quantize",
-                f"scale dtype {scale.dtype.name} is not float32/float16/bfloat16",
-                "store scales as float32 or float16",
-            )
-        )
-    if zp is not None:
-        zval = _const(zp)
-        if zval is None or np.any(zval.astype(np.float64) != 0):
-            out.append(
-                _finding(
-                    node,
-                    ERROR,
-                    "quantize",
-                    "the zero point must be all zeros (TensorRT quantization is symmetric)",
-                    "quantize symmetrically (QuantizeWeightsInt8Pass does) or drop "
-                    "the zero-point input",
-                )
-            )
-    granularity = _granularity(node, scale)
-    if granularity != "per-tensor" and not _is_const(x):
-        out.append(
-            _finding(
-                node,
-                ERROR,
-                "quantize",
-                f"{granularity} quantization of a "
-                "non-constant tensor; TensorRT supports it only for weights "
-                "(activations are per-tensor)",
-                "quantize activations per-tensor, or only quantize weights",
-            )
-        )
-    if granularity == "blocked" and x.shape is not None and len(x.shape) != 2:
-        out.append(
-            _finding(
-                node,
-                ERROR,
-                "quantize",
-                f"blocked quantization of a rank-"
-                f"{len(x.shape)} weight; TensorRT supports 2-D weights",
-                "quantize the 2-D MatMul weight, before any reshape",
-            )
-        )
-    if (
-        node.op_type == "DequantizeLinear"
-        and x.dtype is not None
-        and x.dtype.name == "INT4"
-        and not _is_const(x)
-    ):
-        out.append(
-            _finding(
-                node,
-                ERROR,
-                "quantize",
-                "INT4 is weight-only in TensorRT",
-                "only dequantize constant INT4 weights",
-            )
-        )
-    return out
-
-
-def _granularity(node: ir.Node, scale: ir.Value | None) -> str:
-    block = node.attributes.get("block_size")
-    if block is not None and block.as_int() > 0:
-        return "blocked"
-    dims = list(scale.shape) if scale is not None and scale.shape is not None else []
-    if dims and not (all(isinstance(d, int) for d in dims) and math.prod(dims) == 1):
-        return "per-channel"
-    return "per-tensor"
-
-
-def _unused_extra_outputs(name: str):
-    def rule(node: ir.Node) -> list[Finding]:
-        used = [
-            o.name for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())
-        ]
-        if not used:
-            return []
-        return [
-            _finding(
-                node,
-                ERROR,
-                "attribute",
-                f"outputs {used} are used; TensorRT only supports {name}",
-                "do not use the extra outputs in the model",
-            )
-        ]
-
-    return rule
-
-
-def _attr_equals(attr: str, allowed: object, default: object):
-    def rule(node: ir.Node) -> list[Finding]:
-        a = node.attributes.get(attr)
-        value = default if a is None else a.value
-        if value == allowed:
-            return []
-        return [
-            _finding(
-                node,
-                ERROR,
-                "attribute",
-                f"attribute `{attr}`={value!r}; TensorRT requires {allowed!r}",
-                trt_ops.OPS[node.op_type].restrictions,
-            )
-        ]
-
-    return rule
-
-
-def _dilations_ones(node: ir.Node) -> list[Finding]:
-    a = node.attributes.get("dilations")
-    if a is None or all(d == 1 for d in a.value):
-        return []
-    return [
-        _finding(
-            node,
-            ERROR,
-            "attribute",
-            f"dilations {list(a.value)} are not all ones",
-            trt_ops.OPS[node.op_type].restrictions,
-        )
-    ]
-
-
-def _constant_value(node: ir.Node) -> list[Finding]:
-    bad = [k for k in ("sparse_value", "value_string", "value_strings") if k in node.attributes]
-    if not bad:
-        return []
-    return [
-        _finding(
-            node, ERROR, "attribute", f"Constant uses {bad}", trt_ops.OPS["Constant"].restrictions
-        )
-    ]
-
-
-def _chain(*rules):
-    return lambda node: [f for r in rules for f in r(node)]
-
-
-_OP_RULES = {
-    "DequantizeLinear": _dequantize,
-    "QuantizeLinear": _dequantize,
-    "LayerNormalization": _unused_extra_outputs("the first output Y"),
-    "MaxPool": _chain(_unused_extra_outputs("the first output"), _dilations_ones),
-    "AveragePool": _dilations_ones,
-    "LpPool": _dilations_ones,
-    "TopK": _attr_equals("sorted", 1, 1),
-    "ScatterND": _attr_equals("reduction", "none", "none"),
-    "Resize": _attr_equals("antialias", 0, 0),
-    "LSTM": _chain(_attr_equals("input_forget", 0, 0), _attr_equals("layout", 0, 0)),
-    "Constant": _constant_value,
-}
-
-
-# ---- helpers -----------------------------------------------------------------------------
-
-
-def _finding(node: ir.Node, severity: str, rule: str, message: str, fix: str) -> Finding:
-    name = node.name or (node.outputs[0].name if node.outputs else node.op_type)
-    return Finding(severity, rule, name, node.op_type, message, fix, producing_code(node))
-
-
-def producing_code(node: ir.Node) -> str:
-    """Where a node came from: module path and user source line (torch.onnx metadata),
-    or the ugsep pass that created it."""
-    meta = node.metadata_props
-    parts = []
-    scopes = meta.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            names = [s for s in ast.literal_eval(scopes) if s]
-        except (ValueError, SyntaxError):
-            names = [scopes]
-        # the last scope is the FX node itself; the ones before it are the module path
-        module = ".".join(names[:-1]) or "<top-level forward>"
-        parts.append(f"module {module} (op {names[-1] if names else '?'})")
-    elif meta.get("namespace"):
-        parts.append(meta["namespace"])
-    frame = _user_frame(meta.get("pkg.torch.onnx.stack_trace", ""))
-    if frame:
-        parts.append(frame)
-    if meta.get("ugsep.pass"):
-        parts.append(f"created by ugsep pass {meta['ugsep.pass']}")
-    return "; ".join(parts)
-
-
-def _user_frame(stack: str) -> str:
-    """The innermost frame of ``stack`` outside torch itself: 'file:line in fn: code'."""
-    lines = stack.splitlines()
-    frames = []
-    for i, line in enumerate(lines):
-        s = line.strip()
-        if s.startswith("File "):
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            frames.append((s, code))
-    user = [f for f in frames if "/torch/" not in f[0]] or frames
-    if not user:
-        return ""
-    head, code = user[-1]
-    head = head.replace("File ", "", 1).replace('", line ', ":").replace('"', "")
-    return f"{head}: {code}" if code else head
-
-
-def _is_const(value: ir.Value | None) -> bool:
-    return _const(value) is not None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _dtype_fix(dtype: str) -> str:
