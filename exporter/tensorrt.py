@@ -87,10 +87,9 @@ def build_engines(
     strongly typed network; fp32 bundles build with fp16 kernels allowed unless ``fp16=False``.
     """
     from exporter.bundle_writer import update_bundle
+    from exporter.progress import console
     from exporter.trt_engine import BuildOptions, EngineFromOnnx
-    from runtime.backends.tensorrt import engine_dir_name, gpu_info, import_tensorrt
     from runtime.bundle import Bundle
-    from runtime.errors import BackendUnavailableError
 
     bundle = Bundle.open(bundle_dir)
     manifest = bundle.manifest
@@ -99,13 +98,9 @@ def build_engines(
         text, ok = lint_report(lint_stages(bundle.root))
         if not ok:
             raise ExportError(f"the bundle's graphs are not ready for TensorRT:\n{text}")
-    try:
-        trt, gpu = import_tensorrt(), gpu_info()
-    except BackendUnavailableError as e:
-        raise ExportError(f"cannot build TensorRT engines here: {e}") from e
-    rel_dir = engine_dir_name(gpu["gpu"], trt.__version__)
-    (bundle.root / rel_dir).mkdir(parents=True, exist_ok=True)
+    trt_version, gpu, rel_dir = _build_target()
     log_path = bundle.root / rel_dir / "build.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     ranges = batch_ranges(manifest, m, n)
     quantized = manifest.precision in ("w8a16", "w4a16")
@@ -120,22 +115,40 @@ def build_engines(
             log_path=log_path,
             profiles=stage_profiles(path, stage, manifest, *ranges),
         )
-        log.info("building TensorRT engine for %s (%s)", stage, path.name)
-        files[f"{rel_dir}/{stage}.plan"] = EngineFromOnnx(path, options)()
+        with console.status(f"building the TensorRT engine for {stage} ({gpu['gpu']}) …"):
+            files[f"{rel_dir}/{stage}.plan"] = EngineFromOnnx(path, options)()
     files[f"{rel_dir}/build.log"] = log_path.read_text()
-    entry = {
-        "dir": rel_dir,
-        **gpu,
-        "trt_version": trt.__version__,
-        "stages": stages,
-        "files": sorted(files),
-        "precision": "strongly-typed" if quantized else ("fp16" if fp16 else "fp32"),
-        "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
-        "built": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
+    precision = "strongly-typed" if quantized else ("fp16" if fp16 else "fp32")
+    entry = _engine_entry(rel_dir, gpu, trt_version, stages, sorted(files), precision, ranges)
     engines = [e for e in manifest.engines if e.get("dir") != rel_dir] + [entry]
     update_bundle(bundle.root, files, engines=engines)
     return entry
+
+
+def _build_target() -> tuple[str, dict, str]:
+    """(TensorRT version, this GPU, the bundle-relative engine dir) or ExportError saying why not."""
+    from runtime.backends.tensorrt import engine_dir_name, gpu_info, import_tensorrt
+    from runtime.errors import BackendUnavailableError
+
+    try:
+        trt, gpu = import_tensorrt(), gpu_info()
+    except BackendUnavailableError as e:
+        raise ExportError(f"cannot build TensorRT engines here: {e}") from e
+    return trt.__version__, gpu, engine_dir_name(gpu["gpu"], trt.__version__)
+
+
+def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -> dict[str, Any]:
+    """The manifest ``engines`` record (see runtime.manifest)."""
+    return {
+        "dir": rel_dir,
+        **gpu,
+        "trt_version": trt_version,
+        "stages": stages,
+        "files": files,
+        "precision": precision,
+        "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
+        "built": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
 
 
 def batch_ranges(manifest, m: str | None, n: str | None):
