@@ -6,10 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= serve,dev,triton
 STAMP  := $(VENV)/.ugsep-installed
+# tritonserver's Python backend runs in its own venv from the system python3.11 (numpy<2):
+# see runtime/triton/env.py. The Triton tests use it from here.
+TRITON_VENV ?= .venv-triton
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean system-deps
 
 install: $(STAMP)
 
@@ -18,13 +21,27 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@echo ">> installing ugsep[$(EXTRAS)] into $(VENV) (torch pinned by constraints.txt)"
 	$(PIP) install -c constraints.txt "torch==2.13.0"
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	@echo ">> preparing the tritonserver Python-backend env in $(TRITON_VENV)"
+	$(BIN)/python -m runtime.triton.env --venv $(TRITON_VENV)
+	@$(MAKE) --no-print-directory system-deps
 	@touch $@
+
+# Headless Chromium renders the parity HTML report in its test. Installed from Debian's
+# packages when missing and we are root (CI); otherwise say what to do.
+system-deps:
+	@if command -v chromium >/dev/null 2>&1 || [ -n "$$UGSEP_CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo ">> installing chromium (Debian package) for the HTML report test"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)) \
+	  || { echo "!! could not install chromium"; exit 1; }; \
+	else echo "!! no chromium: install it (apt-get install chromium) or set UGSEP_CHROMIUM"; fi
 
 demo: $(STAMP)
 	$(BIN)/ugsep demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	UGSEP_TRITON_VENV=$(abspath $(TRITON_VENV)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check exporter graph_passes runtime students tests benchmarks
@@ -33,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache

@@ -87,7 +87,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="feature spec (YAML/JSON); default: the checkpoint's spec.json")
     p.add_argument("--precision", default="fp32", choices=["fp32", "w8a16", "w4a16"])
     p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
-                   help="trt also builds TensorRT engines (needs a GPU)")
+                   help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU is present (else later: ugsep build-trt)")
     p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (runtime will refuse the bundle)")
     p.add_argument("--data", help="held-out rows (.npz/.csv) for parity and quantization calibration")
@@ -102,7 +102,9 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="the eager model (default: the checkpoint recorded in the manifest)")
     p.add_argument("--factory")
     p.add_argument("--data", help="held-out rows (.npz/.csv); default: rows sampled from the spec")
-    p.add_argument("--rows", type=int, default=1000, help="rows to sample when no --data")
+    p.add_argument("--rows", type=int, default=None,
+                   help="with --data: use its first N rows (default: all, as export's parity "
+                   "step does); without: sample N rows from the spec (default 1000)")
     p.add_argument("--budgets", help="budgets file (JSON/YAML) overriding the defaults")
     p.add_argument("--report", help="write a self-contained HTML report here")
     p.add_argument("--trt-lint", action="store_true", help="only run the TensorRT readiness check")
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # graph-pass libraries log every pass at INFO
+        for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except UgsepError as e:

@@ -3,9 +3,16 @@
     capture    torch.export with a dynamic batch dim on every input
     full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
     write      the bundle directory: ONNX files, manifest.json with every sha256
+    split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
+    quantize   w8a16/w4a16 weight-only passes with sensitivity-guided selection
+    trt-lint   --target trt: refuse graphs TensorRT would reject, before anything is written
+    write      the bundle directory: ONNX files, manifest.json with every sha256
+    trt-build  --target trt: TensorRT engines for this GPU into the bundle
     parity     eager fp32 vs every compiled stage -> parity.json + manifest.parity
 
-Later steps slot into PIPELINE where their order is explained.
+Held-out rows (``options.data``) are divided once, here: the first rows are the parity
+rows, the tail is the quantizer's calibration set, so the parity verdict is measured on
+rows the selection never saw.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from exporter.capture import capture, flat_input_names, to_torch_inputs
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
+from exporter.optimize import step_optimize
 from exporter.progress import console
 from exporter.quantize import step_quantize
+from exporter.tensorrt import step_trt_build, step_trt_lint
 from runtime.manifest import DEFAULT_LIMITS
 from runtime.sample import sample_rows
 
@@ -41,7 +50,7 @@ class ExportOptions:
     precision: str = "fp32"
     split: bool = True
     parity: bool = True
-    parity_rows: int = 1000
+    parity_rows: int | None = None  # None: all data rows but the calibration tail; 1000 sampled
     data: dict[str, np.ndarray] | None = None  # held-out rows (+ label, request_id)
     max_candidates: int = DEFAULT_LIMITS["max_candidates"]
     overwrite: bool = False
@@ -66,6 +75,32 @@ class ExportContext:
     @property
     def spec(self):
         return self.loaded.spec
+
+
+CALIBRATION_ROWS = 2000
+
+
+def row_budget(options: ExportOptions, n_data: int | None) -> tuple[int | None, int]:
+    """(parity rows, calibration rows) for ``n_data`` held-out rows (None: sampled rows).
+
+    Quantized exports keep up to 2000 rows (a quarter of small files) for calibration at
+    the END of the data; parity takes the rest (or ``options.parity_rows`` if set). AUC
+    deltas of 1e-4 need many rows to be resolved, so parity defaults to every row it can.
+    """
+    calib = 0 if options.precision == "fp32" else CALIBRATION_ROWS
+    if n_data is None:
+        return (options.parity_rows or 1000), calib
+    if calib:
+        calib = min(calib, n_data // 4)
+    parity = n_data - calib
+    if options.parity_rows is not None:
+        parity = min(parity, options.parity_rows)
+    return parity, calib
+
+
+def _n_data(ctx: "ExportContext") -> int | None:
+    data = ctx.options.data
+    return None if data is None else len(data[ctx.spec.inputs[0].name])
 
 
 def step_capture(ctx: ExportContext) -> None:
@@ -110,13 +145,36 @@ def step_write(ctx: ExportContext) -> None:
         raise
 
 
+def step_parity(ctx: ExportContext) -> None:
+    """Eager fp32 vs every stage just written; parity.json + manifest.parity in the bundle."""
+    from exporter.parity import check_bundle
+
+    o = ctx.options
+    n_parity, _ = row_budget(o, _n_data(ctx))
+    ctx.parity_report = check_bundle(
+        ctx.out_dir,
+        ctx.loaded.eager(),
+        rows=o.data,
+        n_rows=n_parity,
+        seed=o.seed,
+        budgets=o.extra.get("budgets"),
+        program=ctx.program,
+        progress=False,
+    )
+    console.print(ctx.parity_report.table())
+
+
 Step = Callable[[ExportContext], None]
 PIPELINE: list[tuple[str, Step]] = [
     ("capture", step_capture),
     ("full-onnx", step_full_onnx),
     ("split", step_split),  # after full.onnx: a model that cannot be split still exports
+    ("optimize", step_optimize),  # every stage, every precision: per-token Einsum -> MatMul
     ("quantize", step_quantize),  # w8a16/w4a16 (exporter.quantize): every stage; fp32: no-op
+    ("trt-lint", step_trt_lint),  # before write: a graph TensorRT rejects is never written
     ("write", step_write),
+    ("trt-build", step_trt_build),  # engines need the written bundle (manifest entry, files)
+    ("parity", step_parity),  # last: it measures what was written, engines included
 ]
 
 
@@ -130,6 +188,8 @@ def export_bundle(
     ctx = ExportContext(loaded=loaded, out_dir=Path(out_dir), options=options)
     steps = [(n, s) for n, s in PIPELINE if n != "parity" or options.parity]
     steps = [(n, s) for n, s in steps if n != "split" or options.split]
+    target = options.extra.get("target", "onnx")
+    steps = [(n, s) for n, s in steps if not n.startswith("trt-") or target == "trt"]
     for i, (name, step) in enumerate(steps, 1):
         t0 = time.perf_counter()
         with console.status(f"[{i}/{len(steps)}] {name} …"):

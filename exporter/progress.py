@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# Piped output (CI logs, `| tee`) gets 120 columns rather than rich's 80, so the parity
+# and results tables stay readable; a terminal keeps its own width; $COLUMNS wins.
+_width = None if os.environ.get("COLUMNS") else (None if os.isatty(2) else 120)
+console = Console(stderr=True, highlight=False, width=_width)

@@ -474,8 +474,11 @@ def step_quantize(ctx: Any) -> None:
         budget=budget,
         stages=tuple(extra.get("quant_stages") or ("full", "user", "group")),
     )
+    from exporter.pipeline import _n_data, row_budget
+
+    n_parity, n_calib = row_budget(o, _n_data(ctx))
     calib = calibration_for(
-        ctx.loaded.eager(), ctx.spec, o.data, skip_rows=o.parity_rows, seed=o.seed
+        ctx.loaded.eager(), ctx.spec, o.data, skip_rows=n_parity, n_rows=n_calib, seed=o.seed
     )
     stages, record = quantize_bundle_stages(ctx.stages, ctx.spec, options=opts, calibration=calib)
     ctx.stages.update(stages)

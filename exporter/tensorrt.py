@@ -212,6 +212,18 @@ def step_trt_build(ctx) -> None:
     if (ctx.options.extra or {}).get("target") != "trt":
         return
     extra = ctx.options.extra
+    if not extra.get("trt_require_gpu"):
+        try:
+            _build_target()
+        except ExportError as e:  # a CPU build box: the graphs are linted, engines come later
+            from exporter.progress import console
+
+            console.print(
+                f"[yellow]TensorRT engines not built[/yellow]: {e}\n"
+                f"  the bundle's graphs passed the TensorRT readiness check; run "
+                f"`ugsep build-trt {ctx.out_dir}` on the serving GPU to add engines"
+            )
+            return
     build_engines(ctx.out_dir, m=extra.get("trt_m"), n=extra.get("trt_n"), lint=False)
 
 

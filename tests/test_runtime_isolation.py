@@ -1,16 +1,55 @@
-"""`import runtime` must never pull in torch (serving hosts may not have it)."""
+"""`import runtime` (and every runtime submodule a serving host loads) must never pull in torch.
+
+Serving hosts and the Triton Python backend may not have torch (or the exporter) installed.
+Each check runs in a fresh interpreter and inspects ``sys.modules``.
+"""
 
 from __future__ import annotations
 
+import pkgutil
 import subprocess
 import sys
 
+import pytest
 
-def test_import_runtime_does_not_import_torch():
+import runtime
+
+FORBIDDEN = ("torch", "tensorrt", "exporter", "graph_passes", "students")
+
+
+def _runtime_modules() -> list[str]:
+    """Every module under runtime/, found by walking the package (new ones are covered too)."""
+    names = [runtime.__name__]
+    for m in pkgutil.walk_packages(runtime.__path__, prefix="runtime."):
+        if ".triton_models" in m.name:  # runs inside tritonserver (imports triton_python_backend_utils)
+            continue
+        names.append(m.name)
+    return sorted(names)
+
+
+def _imports_in_fresh_interpreter(modules: list[str]) -> list[str]:
     code = (
-        "import sys, runtime, runtime.bundle, runtime.scorer, runtime.backends.ort, runtime.sample;"
-        "bad = [m for m in ('torch', 'tensorrt', 'exporter', 'graph_passes') if m in sys.modules];"
-        "print(bad); sys.exit(1 if bad else 0)"
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(','.join(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+    return [m for m in r.stdout.strip().split(",") if m]
+
+
+def test_import_runtime_does_not_import_torch():
+    assert _imports_in_fresh_interpreter(["runtime"]) == []
+
+
+def test_walk_finds_the_serving_and_triton_modules():
+    mods = _runtime_modules()
+    for expected in ("runtime.scorer", "runtime.serving.app", "runtime.triton.repository",
+                     "runtime.backends.ort", "runtime.backends.tensorrt"):
+        assert expected in mods
+
+
+@pytest.mark.parametrize("module", _runtime_modules())
+def test_runtime_module_does_not_import_torch(module):
+    bad = _imports_in_fresh_interpreter([module])
+    assert bad == [], f"importing {module} pulled in {bad}"
