@@ -3,6 +3,8 @@
 Layout (``.npz``, written by ``numpy.savez``): one array per spec input, named exactly
 as the spec names it (``user_ids``, ``user.ids`` …), batch first; optional ``label``
 (0/1) and ``request_id`` (int, equal for rows of one request: one user, its candidates).
+A dict-leaf input (``user.ids``, the argument ``user``'s key ``ids``) may also be
+stored under its flat name ``user_ids``, as the students' data generator names it.
 ``.csv``: a header row; a scalar-per-row input is one column named as the input, a
 vector input of width K is K columns ``name[0]`` … ``name[K-1]``; ``label`` and
 ``request_id`` as plain columns.
@@ -49,25 +51,70 @@ def _read_csv(path: Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
     col = {h: i for i, h in enumerate(header)}
     rows: dict[str, np.ndarray] = {}
     for s in spec.inputs:
-        width = int(np.prod(s.shape)) if s.shape else 1
-        names = [s.name] if not s.shape else [f"{s.name}[{i}]" for i in range(width)]
+        names = _columns(s.name, s.shape)
+        if any(n not in col for n in names):
+            names = _columns(_flat(s.name), s.shape) if s.name != _flat(s.name) else names
         missing = [n for n in names if n not in col]
         if missing:
-            raise ExportError(f"data file '{path}' lacks column(s) {missing[:4]} for input '{s.name}'")
+            raise ExportError(
+                f"data file '{path}' lacks column(s) {missing[:4]} for input '{s.name}' "
+                f"(header starts {header[:6]})"
+            )
         block = table[:, [col[n] for n in names]].astype(np.float64)
         rows[s.name] = block.reshape(-1, *s.shape).astype(s.dtype)
     for extra in ("label", "request_id"):
         if extra in col:
-            rows[extra] = table[:, col[extra]].astype(np.float64).astype(
-                np.float32 if extra == "label" else np.int64
+            rows[extra] = (
+                table[:, col[extra]]
+                .astype(np.float64)
+                .astype(np.float32 if extra == "label" else np.int64)
             )
     return rows
 
 
-def _check(rows: dict[str, np.ndarray], spec: FeatureSpec, path: Path) -> dict[str, np.ndarray]:
-    missing = [s.name for s in spec.inputs if s.name not in rows]
+def _columns(name: str, shape: tuple[int, ...]) -> list[str]:
+    width = int(np.prod(shape)) if shape else 1
+    return [name] if not shape else [f"{name}[{i}]" for i in range(width)]
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_").replace("/", "_")
+
+
+def _match_names(
+    rows: dict[str, np.ndarray], spec: FeatureSpec, path: Path
+) -> dict[str, np.ndarray]:
+    """Rename arrays stored under an input's flat name (``user_ids``) to the spec's (``user.ids``)."""
+    by_flat: dict[str, list[str]] = {}
+    for k in rows:
+        by_flat.setdefault(_flat(k), []).append(k)
+    out = dict(rows)
+    missing = []
+    for s in spec.inputs:
+        if s.name in rows:
+            continue
+        found = [k for k in by_flat.get(_flat(s.name), []) if k not in RESERVED]
+        if len(found) == 1:
+            out[s.name] = out.pop(found[0])
+        elif len(found) > 1:
+            raise ExportError(
+                f"data file '{path}': input '{s.name}' is ambiguous, arrays {found} all match it; "
+                f"keep one, named '{s.name}'"
+            )
+        else:
+            missing.append(s.name)
     if missing:
-        raise ExportError(f"data file '{path}' has no array for input(s) {missing}")
+        known = sorted(k for k in rows if k not in RESERVED)
+        raise ExportError(
+            f"data file '{path}' has no array for input(s) {missing} of spec '{spec.name}' "
+            f"(it has {known}); name each array as the spec's input "
+            f"(or its flat form, e.g. '{_flat(missing[0])}')"
+        )
+    return out
+
+
+def _check(rows: dict[str, np.ndarray], spec: FeatureSpec, path: Path) -> dict[str, np.ndarray]:
+    rows = _match_names(rows, spec, path)
     n = len(rows[spec.inputs[0].name])
     for s in spec.inputs:
         a = rows[s.name]

@@ -35,7 +35,9 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
     )
     src = m.source or {}
     if src.get("checkpoint"):
-        console.print(f"source: {src['checkpoint']} (sha256 {str(src.get('checkpoint_sha256'))[:12]}…)")
+        console.print(
+            f"source: {src['checkpoint']} (sha256 {str(src.get('checkpoint_sha256'))[:12]}…)"
+        )
     t = Table(title="inputs")
     for c in ("name", "side", "dtype", "shape", "vocab"):
         t.add_column(c)
@@ -47,13 +49,21 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
         t.add_column(c)
     for name, st in m.stages.items():
         size = m.files.get(st["file"], {}).get("bytes")
-        t.add_row(name, st["file"], _mib(size), ", ".join(st.get("inputs", [])), ", ".join(st.get("outputs", [])))
+        t.add_row(
+            name,
+            st["file"],
+            _mib(size),
+            ", ".join(st.get("inputs", [])),
+            ", ".join(st.get("outputs", [])),
+        )
     console.print(t)
     _print_split(m)
     _print_quantization(m)
     _print_parity(m)
     for e in m.engines:
-        console.print(f"engine: {e.get('dir')} gpu={e.get('gpu')} sm={e.get('compute_capability')} trt={e.get('trt_version')}")
+        console.print(
+            f"engine: {e.get('dir')} gpu={e.get('gpu')} sm={e.get('compute_capability')} trt={e.get('trt_version')}"
+        )
     return 0
 
 
@@ -77,22 +87,122 @@ def _print_split(m) -> None:
         )
 
 
+# int8 payload + fp32 scales of the quantized layers, against their fp32 bytes (issue 4)
+BYTES_RATIO_TARGET = 0.27
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def quantized_ratio(wb: dict) -> float | None:
+    """int8 + scales over fp32 bytes, counting only the layers that were quantized."""
+    fp32 = wb.get("quantized_layers_fp32")
+    return wb["quantized_layers_bytes"] / fp32 if fp32 else None
+
+
 def _print_quantization(m) -> None:
     q = m.quantization or {}
-    wb = q.get("weight_bytes")
-    if not wb:
+    if not q.get("weight_bytes") and not q.get("layers"):
         return
-    t = Table(title=f"weight bytes ({m.precision})")
-    for c in ("graph", "float", "quantized", "ratio"):
-        t.add_column(c)
-    for side, v in wb.items():
-        before, after = v.get("fp32"), v.get("quantized")
-        ratio = f"{after / before:.3f}" if before else "-"
-        t.add_row(side, _mib(before), _mib(after), ratio)
+    _print_weight_bytes(m.precision, q.get("weight_bytes") or {})
+    _print_layers(q)
+
+
+def _print_weight_bytes(precision: str, weight_bytes: dict) -> None:
+    t = Table(
+        title=f"linear-layer weight bytes before/after {precision}, per side "
+        "(ratio: int8 + scales over fp32, quantized layers only)"
+    )
+    cols = (
+        "side",
+        "layers q/all",
+        "before (all)",
+        "after (all)",
+        "quantized fp32",
+        "quantized int8+scales",
+        "ratio",
+        f"<= {BYTES_RATIO_TARGET}",
+    )
+    for c in cols:
+        t.add_column(c, justify="left" if c == "side" else "right")
+    for side, v in weight_bytes.items():
+        r = quantized_ratio(v)
+        ok = (
+            "-"
+            if r is None
+            else ("[green]yes[/green]" if r <= BYTES_RATIO_TARGET else "[red]no[/red]")
+        )
+        t.add_row(
+            side,
+            f"{v.get('quantized_layers', 0)}/{v.get('layers', 0)}",
+            _size(v.get("fp32")),
+            _size(v.get("quantized")),
+            _size(v.get("quantized_layers_fp32")),
+            _size(v.get("quantized_layers_bytes")),
+            "-" if r is None else f"{r:.4f}",
+            ok,
+        )
     console.print(t)
-    kept = [layer["name"] for layer in q.get("layers", []) if layer.get("precision") == "fp32"]
-    if kept:
-        console.print(f"kept in float by sensitivity: {', '.join(kept)}")
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_layers(q: dict) -> None:
+    """The manifest's per-layer record: precision chosen and the damage measured alone."""
+    layers = q.get("layers") or []
+    if not layers:
+        return
+    t = Table(
+        title="layers: precision and measured effect (that layer alone quantized, vs eager fp32)"
+    )
+    for c in (
+        "layer",
+        "stage",
+        "weights",
+        "precision",
+        "max abs",
+        "mean abs",
+        "ΔAUC",
+        "top-10",
+        "τ",
+    ):
+        t.add_column(c, justify="left" if c in ("layer", "stage", "precision") else "right")
+    for row in layers:
+        e = row.get("effect") or {}
+        prec = row.get("precision", "?")
+        t.add_row(
+            str(row.get("name")),
+            str(row.get("stage", "")),
+            str(row.get("weights", "")),
+            f"[yellow]{prec}[/yellow]" if prec == "fp32" else prec,
+            _fmt(e.get("max_abs"), ".2e"),
+            _fmt(e.get("mean_abs"), ".2e"),
+            _fmt(e.get("delta_auc"), "+.1e"),
+            _fmt(e.get("top10_overlap_mean"), ".4f"),
+            _fmt(e.get("kendall_tau_mean"), ".4f"),
+        )
+    console.print(t)
+    if not any(r.get("effect") for r in layers):
+        console.print("effects: not measured (quantized without held-out rows)")
+    for path, o in (q.get("outcome") or {}).items():
+        verdict = {
+            k: "passed" if (o.get(k) or {}).get("passed") else "missed"
+            for k in ("all_quantized", "selected")
+        }
+        console.print(
+            f"selection on {path}: all layers quantized {verdict['all_quantized']} the budget, selected {verdict['selected']} it"
+        )
+    kept = q.get("kept_float") or [r["name"] for r in layers if r.get("precision") == "fp32"]
+    budget = q.get("budget")
+    console.print(
+        f"kept in float by sensitivity: {', '.join(kept) if kept else 'none'}"
+        + (f"  (selection budget {json.dumps(budget)})" if budget else "")
+    )
 
 
 def _print_parity(m) -> None:

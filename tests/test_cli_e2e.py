@@ -1,0 +1,121 @@
+"""The whole CLI path of a quantized student: train -> export --data w8a16 -> check -> inspect
+-> runtime.load (its parity guard) -> scores like the eager model within the w8a16 budget.
+
+The two-tower student: dict-leaf inputs (``user.ids``) exercise the data naming; its K = 64
+layers cost 0.2656x their fp32 bytes as int8 + per-channel scales (its first layers, K = 42,
+are padded to a 64-row MatMulNBits block and cost more: inspect must say so).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import runtime
+from exporter.cli import main
+from exporter.parity.budgets import DEFAULTS
+from runtime.manifest import Manifest
+from students.base import model_inputs
+from students.checkpoint import load_checkpoint
+from students.data import load_npz
+from students.train import distill
+
+pytestmark = pytest.mark.slow
+
+W8A16_MAX_ABS = DEFAULTS["w8a16"]["max_abs"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A briefly trained two-tower student and its held-out requests (5000 rows, labels)."""
+    out = tmp_path_factory.mktemp("twotower")
+    distill(
+        "twotower",
+        "tiny",
+        out,
+        progress=False,
+        n_train=20_000,
+        teacher_data_factor=1,
+        max_steps=30,
+        control=False,
+        n_requests=100,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "tt-w8a16"
+    data = str(trained / "heldout.npz")
+    argv = ["export", str(trained / "student"), "--out", str(out), "--data", data]
+    assert main([*argv, "--precision", "w8a16"]) == 0
+    return out
+
+
+def test_check_passes_on_every_data_row(trained, bundle, capsys):
+    capsys.readouterr()
+    assert main(["check", str(bundle), "--data", str(trained / "heldout.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "parity passed" in err
+    n = len(load_npz(trained / "heldout.npz")["label"])
+    parity = Manifest.read(bundle).parity
+    assert parity["passed"], parity
+    assert f"{n} rows" in err  # all rows of --data, not a 1000-row default
+
+
+def _nbits_layers(path) -> list[tuple[int, int, int]]:
+    """(K, N, int8 payload + scale bytes) of every MatMulNBits in an ONNX file, read directly."""
+    model = onnx.load(path)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            out.append((a["K"], a["N"], init[node.input[1]].nbytes + init[node.input[2]].nbytes))
+    return out
+
+
+def test_inspect_shows_weight_bytes_and_the_quantized_layers_ratio(bundle, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(bundle)]) == 0
+    err = capsys.readouterr().err
+    q = Manifest.read(bundle).quantization
+    table = err[err.index("weight bytes before/after w8a16") :]
+    for side in ("user", "group", "full"):
+        layers = _nbits_layers(bundle / f"{side}.onnx")
+        assert layers, side  # each side has quantized layers
+        fp32 = sum(k * n * 4 for k, n, _ in layers)
+        ratio = sum(b for *_, b in layers) / fp32
+        assert q["weight_bytes"][side]["quantized_layers_fp32"] == fp32
+        row = next(line for line in table.splitlines() if re.match(rf"\W*{side}\b", line))
+        assert f"{ratio:.4f}" in row and ("yes" if ratio <= 0.27 else "no") in row, row
+        # int8 + per-channel scales: 0.25 + 1/K, and no block padding when K is a full block
+        for k, n, nbytes in layers:
+            if k % 64 == 0:
+                assert nbytes <= 0.27 * k * n * 4, (side, k, n, nbytes)
+    assert "layers: precision and measured effect" in err
+    for layer in q["layers"]:
+        assert layer["name"] in err and layer["effect"] is not None
+
+
+def test_runtime_loads_the_checked_bundle_and_scores_like_eager(trained, bundle):
+    scorer = runtime.load(bundle, backend="onnxruntime")  # the parity guard must accept it
+    assert scorer.split
+    rows = load_npz(trained / "heldout.npz")
+    model = load_checkpoint(trained / "student").eval()
+    spec = scorer.spec
+    for rid in (0, 7, 99):
+        idx = np.flatnonzero(rows["request_id"] == rid)
+        user = {s.name: rows[s.name][idx[0]] for s in spec.user_inputs}
+        cands = {s.name: rows[s.name][idx] for s in spec.group_inputs}
+        got = scorer.score(user, cands)["ctr"].reshape(-1)
+        with torch.no_grad():
+            ref = model(**model_inputs(model, rows, idx)).numpy().reshape(-1)
+        assert got.shape == ref.shape == (len(idx),)
+        assert np.abs(got - ref).max() <= W8A16_MAX_ABS, rid
+        assert np.corrcoef(got, ref)[0, 1] > 0.999
