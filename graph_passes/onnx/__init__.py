@@ -1,4 +1,8 @@
-"""ONNX graph passes (onnx-ir): canonicalisation, weight-only quantization, backend lowering.
+"""ONNX graph passes (onnx-ir): inference rewrites, canonicalisation, weight-only quantization,
+backend lowering.
+
+Every exported stage, at every precision, first gets ``optimize_inference`` (per_token.py:
+per-token Einsum -> broadcast MatMul, which ONNX Runtime runs faster).
 
 The quantization pipeline, in order (see ``pipelines.quantize_onnx``):
 
@@ -21,6 +25,11 @@ from graph_passes.onnx.canonicalize import (
 )
 from graph_passes.onnx.errors import PassError
 from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass, pack_matmul_nbits
+from graph_passes.onnx.per_token import (
+    PerTokenEinsumToMatMulPass,
+    optimize_inference,
+    per_token_plan,
+)
 from graph_passes.onnx.pipelines import linear_layers, quantize_onnx
 from graph_passes.onnx.quantize import QuantizedWeight, QuantizeWeightsInt8Pass, quantize_weight
 
@@ -30,6 +39,7 @@ __all__ = [
     "GemmToMatMulPass",
     "LowerToMatMulNBitsPass",
     "PassError",
+    "PerTokenEinsumToMatMulPass",
     "QuantizeWeightsInt8Pass",
     "QuantizedWeight",
     "Refusal",
@@ -37,7 +47,9 @@ __all__ = [
     "canonicalize_linear",
     "linear_layers",
     "linear_weight_bytes",
+    "optimize_inference",
     "pack_matmul_nbits",
+    "per_token_plan",
     "quantize_onnx",
     "quantize_weight",
 ]

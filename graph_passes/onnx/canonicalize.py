@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, tag
+from graph_passes.onnx.per_token import per_token_plan
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
     """Unroll a per-token matmul with a constant 3-D weight ``W[T, D, H]`` into T 2-D MatMuls.
 
     Handles ``MatMul(x[T, B, D], W)`` (bmm exports) and ``Einsum`` of the form
-    ``"btd,tdh->bth"`` (any letters/token position; the weight may be ``[T, H, D]``).
+    ``"btd,tdh->bth"`` (any letters/token position; the weight may be ``[T, H, D]``; the plan
+    is ``per_token.per_token_plan``). Exported stages arrive with the einsums already in
+    MatMul form (``per_token.PerTokenEinsumToMatMulPass``, token axis 0), which this unrolls.
     Per-token FFN weights (RankMixer-style) are a batched matmul that no 2-D weight-only
     kernel accepts; ``Split`` along the token axis, ``x[t] @ W[t]`` per token (MatMul
     broadcasts over the kept unit axis) and ``Concat`` back is the same computation in
@@ -105,7 +108,7 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
             w = const_array(node.inputs[1])
             if w is None or w.ndim != 3:
                 continue  # not a batched constant weight: nothing to unroll (not a refusal)
-            plan = _einsum_plan(node) if node.op_type == "Einsum" else _matmul_plan(node, w)
+            plan = per_token_plan(node) if node.op_type == "Einsum" else _matmul_plan(node, w)
             reason = (
                 plan if isinstance(plan, str) else self._try_unroll(model.graph, node, w, *plan)
             )
@@ -155,27 +158,6 @@ def _matmul_plan(node: ir.Node, w: np.ndarray) -> tuple[int, bool] | str:
     if x.shape is None or len(x.shape) != 3:
         return f"activation '{x.name}' is not known to be rank 3 (shape {x.shape})"
     return 0, False
-
-
-def _einsum_plan(node: ir.Node) -> tuple[int, bool] | str:
-    """(token axis of x and of the output, transpose W[t]) for a per-token einsum."""
-    eq = node.attributes["equation"].value.replace(" ", "")
-    try:
-        lhs, out = eq.split("->")
-        xs, ws = lhs.split(",")
-    except ValueError:
-        return f"einsum '{eq}' is not of the form 'x,w->y'"
-    if len(xs) != 3 or len(ws) != 3 or len(out) != 3 or "." in eq:
-        return f"einsum '{eq}' is not a rank-3 per-token matmul"
-    t, rest = ws[0], ws[1:]
-    contracted = [c for c in rest if c in xs and c not in out]
-    kept = [c for c in rest if c in out and c not in xs]
-    if t not in xs or t not in out or len(contracted) != 1 or len(kept) != 1:
-        return f"einsum '{eq}' is not 'b t d, t d h -> b t h' up to letters"
-    d, h = contracted[0], kept[0]
-    if xs[-1] != d or out != xs.replace(d, h):
-        return f"einsum '{eq}' would need a transpose of the activation"
-    return xs.index(t), rest == h + d
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: ir.Value) -> None:
