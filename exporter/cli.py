@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UgsepError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one unbroken line: greppable
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

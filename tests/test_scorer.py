@@ -95,6 +95,17 @@ def test_validation_does_not_mutate_inputs(scorer):
         np.testing.assert_array_equal(v, before[k])
 
 
-def test_bundle_without_parity_is_refused_by_default(toy_bundle):
+def test_export_records_parity_and_the_runtime_accepts_it(toy_bundle):
+    """export_bundle runs the parity step last: the bundle it writes is served as is."""
+    scorer = runtime.load(toy_bundle)
+    assert scorer.manifest.parity["passed"] is True
+
+
+def test_bundle_without_parity_is_refused_by_default(tmp_path, toy_checkpoint):
+    from exporter import ExportOptions, export_bundle, load_student
+
+    out = tmp_path / "unchecked"
+    export_bundle(load_student(toy_checkpoint), out, ExportOptions(split=False, parity=False))
     with pytest.raises(ParityError, match="has no parity record"):
-        runtime.load(toy_bundle)
+        runtime.load(out)
+    assert runtime.load(out, allow_unverified=True).score is not None
