@@ -1,8 +1,8 @@
 """The dynamic batcher: concurrent requests merged into one user call and one group call.
 
 Requests wait in a bounded queue. A collector task takes the first waiting request,
-waits up to ``max_delay_s`` for more (or until ``max_batch_candidates`` are queued),
-and hands the batch to a worker thread, which
+waits until it has been queued ``max_delay_s`` for more to join (or until
+``max_batch_candidates`` are queued), and hands the batch to a worker thread, which
 
 1. keys every request's user (explicit key, else a hash of the features) and
    deduplicates: M distinct users;
@@ -100,7 +100,7 @@ class Batcher:
 
     Create it, ``await start()`` inside the event loop, ``await submit(prepared)`` per
     request, and ``await close()`` to drain. ``on_batch`` (called on the event loop)
-    receives a ``BatchInfo`` per executed batch.
+    receives a ``BatchInfo`` per executed batch. ``clock`` (seconds) is for tests.
     """
 
     def __init__(
@@ -113,6 +113,7 @@ class Batcher:
         max_batch_candidates: int = 8192,
         workers: int = 1,
         on_batch: Callable[[BatchInfo], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if max_queue < 1 or max_delay_s < 0 or max_batch_candidates < 1 or workers < 1:
             raise ValueError("Batcher needs max_queue >= 1, max_delay_s >= 0, max_batch_candidates >= 1, workers >= 1")
@@ -121,6 +122,7 @@ class Batcher:
         self.max_batch_candidates = max_batch_candidates
         self.max_users = int(scorer.manifest.limits.get("max_users_per_call", 256))
         self.workers, self.on_batch = workers, on_batch
+        self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"ugsep-{scorer.name}")
         self._inflight: set[asyncio.Task] = set()
@@ -147,7 +149,7 @@ class Batcher:
                 f"(limit {self.max_queue}); retry later"
             )
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(prepared, fut, time.perf_counter()))
+        self._queue.append(_Pending(prepared, fut, self._clock()))
         self._wakeup.set()
         return await fut
 
@@ -176,11 +178,15 @@ class Batcher:
             task.add_done_callback(self._inflight.discard)
 
     async def _wait_for_more(self) -> None:
-        """Wait up to max_delay_s for the batch to fill (not when draining)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_delay_s
+        """Wait for more requests until the oldest has queued max_delay_s (not when draining).
+
+        The delay counts from the oldest request's arrival, not from now: requests that queued
+        while the previous batch ran have waited already and go at once, so the worker does not
+        sit idle for max_delay_s before every batch under load.
+        """
+        deadline = self._queue[0].enqueued + self.max_delay_s
         while not self._closing and self._queued_candidates() < self.max_batch_candidates:
-            remaining = deadline - loop.time()
+            remaining = deadline - self._clock()
             if remaining <= 0 or len(self._queue) >= self.max_users:
                 return
             self._wakeup.clear()
@@ -205,7 +211,7 @@ class Batcher:
 
     async def _dispatch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
+        start = self._clock()
         try:
             live = [p for p in batch if not p.future.cancelled()]  # clients that went away
             if not live:
@@ -214,7 +220,7 @@ class Batcher:
                 self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live]
             )
             info.queue_seconds = [start - p.enqueued for p in live]
-            info.run_seconds = time.perf_counter() - start
+            info.run_seconds = self._clock() - start
             for p, out in zip(live, outputs, strict=True):
                 if not p.future.done():
                     p.future.set_result(out)

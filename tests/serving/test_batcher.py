@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
 import pytest
@@ -82,6 +83,22 @@ def test_concurrent_submits_are_merged_and_exact(scorer):
     assert sum(counting.user_rows) == 7  # each distinct user ran through the user graph once
     for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
+
+
+def test_max_delay_counts_from_the_oldest_request(scorer):
+    # a request that has already queued max_delay_s (it arrived while a batch ran) goes at once
+    ticks = itertools.chain([0.0], itertools.repeat(3600.0))  # enqueued at 0, then an hour later
+    _, prepared = _requests(scorer, 1, n_users=1)
+
+    async def main():
+        b = Batcher(scorer, None, max_delay_s=600.0, clock=lambda: next(ticks))
+        await b.start()
+        out = await asyncio.wait_for(b.submit(prepared[0]), timeout=60)  # not the 600 s delay
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out["ctr"].shape == (prepared[0].n,)
 
 
 def test_max_batch_candidates_bounds_every_group_call(scorer):
