@@ -8,8 +8,10 @@ waits until it has been queued ``max_delay_s`` for more to join (or until
    deduplicates: M distinct users;
 2. looks each user up in the cache; only the misses go through the user graph, in
    ONE call, and their boundary rows are cached;
-3. runs the group graph ONCE on all candidates with ``user_index`` mapping each
-   candidate to its user's boundary row;
+3. runs the group graph on all candidates with ``user_index`` mapping each
+   candidate to its user's boundary row: once, or in equal chunks of at most
+   ``group_chunk`` candidates (on CPU a group call of thousands of candidates costs
+   more per candidate than a few hundred: its activations no longer stay in cache);
 4. cuts the outputs back into per-request pieces.
 
 A full queue is refused at once (``OverloadedError`` -> HTTP 429) instead of letting
@@ -62,9 +64,10 @@ class _Pending:
     enqueued: float
 
 
-def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepared]):
+def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepared], group_chunk: int = 0):
     """Score validated requests with one user call (deduplicated misses) and one group call.
 
+    ``group_chunk > 0`` runs the group call in equal chunks of at most that many candidates.
     Returns (per-request outputs, BatchInfo). Synchronous: called on a worker thread.
     """
     counts = [p.n for p in prepared]
@@ -91,8 +94,26 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
                 cache.put(k, rows[k])
     boundary = {n: np.concatenate([rows[k][n] for k in slot]) for n in scorer.boundary_names}
     index = np.repeat(np.array([slot[k] for k in keys], dtype=np.int64), counts)
-    out = scorer.run_group(cands, boundary, index)
+    out = run_group_chunked(scorer, cands, boundary, index, group_chunk)
     return split_outputs(out, counts), BatchInfo(len(prepared), len(slot), len(missing), sum(counts))
+
+
+def run_group_chunked(scorer: Scorer, cands: dict, boundary: dict, index: np.ndarray, chunk: int) -> dict:
+    """The group graph on N candidates as ceil(N / chunk) calls of equal size (one call if chunk <= 0).
+
+    Exact: the group graph is row-wise in the candidates (the split proves it), and every
+    call gets all M boundary rows, so any cut of the candidates gives the same rows.
+    """
+    n = len(index)
+    if chunk <= 0 or n <= chunk:
+        return scorer.run_group(cands, boundary, index)
+    parts = -(-n // chunk)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]  # equal sizes: no tiny last call
+    outs = [
+        scorer.run_group({k: v[a:b] for k, v in cands.items()}, boundary, index[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 class Batcher:
@@ -100,7 +121,8 @@ class Batcher:
 
     Create it, ``await start()`` inside the event loop, ``await submit(prepared)`` per
     request, and ``await close()`` to drain. ``on_batch`` (called on the event loop)
-    receives a ``BatchInfo`` per executed batch. ``clock`` (seconds) is for tests.
+    receives a ``BatchInfo`` per executed batch. ``group_chunk``: see ``run_batch``.
+    ``clock`` (seconds) is for tests.
     """
 
     def __init__(
@@ -113,6 +135,7 @@ class Batcher:
         max_batch_candidates: int = 8192,
         workers: int = 1,
         on_batch: Callable[[BatchInfo], None] | None = None,
+        group_chunk: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if max_queue < 1 or max_delay_s < 0 or max_batch_candidates < 1 or workers < 1:
@@ -122,6 +145,7 @@ class Batcher:
         self.max_batch_candidates = max_batch_candidates
         self.max_users = int(scorer.manifest.limits.get("max_users_per_call", 256))
         self.workers, self.on_batch = workers, on_batch
+        self.group_chunk = group_chunk
         self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"ugsep-{scorer.name}")
@@ -217,7 +241,7 @@ class Batcher:
             if not live:
                 return
             outputs, info = await loop.run_in_executor(
-                self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live]
+                self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live], self.group_chunk
             )
             info.queue_seconds = [start - p.enqueued for p in live]
             info.run_seconds = self._clock() - start

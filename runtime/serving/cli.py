@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 429")
     p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms, help="batcher wait for more requests")
     p.add_argument("--max-batch-candidates", type=int, default=d.max_batch_candidates)
+    p.add_argument("--group-chunk", type=int, default=d.group_chunk_candidates,
+                   help="candidates per group-graph call within a batch (0: one call; default: backend's)")
     p.add_argument("--workers", type=int, default=d.workers, help="batches run concurrently")
     p.add_argument("--max-candidates", type=int, default=None, help="per-request limit (default: the bundle's)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MB)
@@ -52,7 +54,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         backend=args.backend, allow_unverified=args.allow_unverified, use_split=not args.no_split,
         intra_op_threads=args.threads, cache_bytes=int(args.cache_mb * MB), cache_ttl_s=args.cache_ttl,
         max_queue=args.max_queue, max_delay_ms=args.max_delay_ms,
-        max_batch_candidates=args.max_batch_candidates, workers=args.workers,
+        max_batch_candidates=args.max_batch_candidates, group_chunk_candidates=args.group_chunk,
+        workers=args.workers,
         max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
     )
 

@@ -40,6 +40,7 @@ class ServeOptions:
     max_queue: int = 512
     max_delay_ms: float = 2.0
     max_batch_candidates: int = 8192
+    group_chunk_candidates: int | None = None  # None: the backend's default (256 on ORT CPU, 0 = one call)
     workers: int = 1
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
     max_body_bytes: int = 8 << 20
@@ -100,6 +101,12 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs)
 
 
+def _group_chunk(options: ServeOptions, scorer: Scorer) -> int:
+    if options.group_chunk_candidates is not None:
+        return int(options.group_chunk_candidates)
+    return int(getattr(scorer.backend, "group_chunk_candidates", 0))
+
+
 class ModelRepository:
     """The models a server holds, by name; reloads swap versions atomically."""
 
@@ -132,6 +139,7 @@ class ModelRepository:
         m.batcher = Batcher(
             m.scorer, m.cache, max_queue=o.max_queue, max_delay_s=o.max_delay_ms / 1000,
             max_batch_candidates=max(o.max_batch_candidates, m.scorer.max_candidates), workers=o.workers,
+            group_chunk=_group_chunk(o, m.scorer),
             on_batch=(lambda info, name=m.name: self.on_batch(name, info)) if self.on_batch else None,
         )
         await m.batcher.start()

@@ -8,7 +8,13 @@ import itertools
 import numpy as np
 import pytest
 
-from runtime.serving.batcher import Batcher, OverloadedError, ShuttingDownError, run_batch
+from runtime.serving.batcher import (
+    Batcher,
+    OverloadedError,
+    ShuttingDownError,
+    run_batch,
+    run_group_chunked,
+)
 from runtime.serving.cache import UserCache
 from tests.serving.conftest import make_request
 
@@ -44,6 +50,32 @@ def test_run_batch_equals_sequential_scores(scorer):
     assert (info.requests, info.users, info.users_computed) == (12, 5, 5)
     for (u, c), out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
+
+
+def test_group_call_in_chunks_is_exact(scorer):
+    counting = CountingScorer(scorer)
+    reqs, prepared = _requests(scorer, 12, n_users=5)  # 12 requests of 1..23 candidates
+    outs, info = run_batch(counting, UserCache(1 << 20), prepared, group_chunk=7)
+    assert counting.user_rows == [5]  # still one user call for the batch
+    total = sum(p.n for p in prepared)
+    assert len(counting.group_rows) == -(-total // 7) and sum(counting.group_rows) == total
+    assert (
+        max(counting.group_rows) <= 7 and max(counting.group_rows) - min(counting.group_rows) <= 1
+    )
+    for (u, c), out in zip(reqs, outs, strict=True):  # chunks cut requests: still exact
+        np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
+
+
+def test_group_chunk_off_or_larger_than_the_batch_is_one_call(scorer):
+    counting = CountingScorer(scorer)
+    u, c = make_request(1, 9)
+    p = scorer.prepare(u, c)
+    boundary = scorer.run_user(p.user)
+    index = np.zeros(p.n, dtype=np.int64)
+    for chunk in (0, 9, 100):
+        out = run_group_chunked(counting, p.candidates, boundary, index, chunk)
+        np.testing.assert_array_equal(out["ctr"], scorer.score(u, c)["ctr"])
+    assert counting.group_rows == [9, 9, 9]
 
 
 def test_cache_hits_skip_the_user_graph(scorer):

@@ -183,6 +183,18 @@ def test_full_queue_answers_429_and_accepted_requests_finish(split_bundle, score
         assert 'ugsep_request_failures_total{model="toysplit",reason="overloaded"} 3.0' in httpx.get(srv.url + "/metrics").text
 
 
+def test_group_chunk_option_reaches_the_batcher_and_scores_stay_exact(split_bundle, scorer):
+    with ServerThread(build_app([split_bundle])) as srv:  # ORT CPU's default
+        assert srv.app.state.repo.get(MODEL).batcher.group_chunk == 256
+    with ServerThread(build_app([split_bundle], group_chunk_candidates=3)) as srv:
+        assert srv.app.state.repo.get(MODEL).batcher.group_chunk == 3
+        req = make_request(4, 10)
+        r = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json=json_body(*req), timeout=30)
+        assert r.status_code == 200
+        got = np.array(r.json()["outputs"][0]["data"], np.float32)
+        np.testing.assert_array_equal(got, scorer.score(*req)["ctr"])
+
+
 def test_two_bundles_are_two_models(split_bundle, other_bundle):
     with ServerThread(build_app([split_bundle, other_bundle])) as srv:
         client = triton.InferenceServerClient(f"127.0.0.1:{srv.port}")
