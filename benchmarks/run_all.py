@@ -500,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         type=Path,
-        help="use this trained RankMixer checkpoint instead of training one",
+        help="a trained RankMixer checkpoint to use instead of training one (bench size; tiny with --quick)",
     )
     p.add_argument(
         "--summary-only", action="store_true", help="run nothing; rebuild the summary from OUT"
