@@ -206,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=2000, help="user pool size")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of user popularity")
     p.add_argument("--threads", type=int, default=1, help="compute threads per server (both)")
-    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-delay-ms", type=float, default=0.0, help="batcher delay of ugsep serve (its default)")
     p.add_argument("--also", default="", help="extra ugsep variants by precision, e.g. 'w8a16'")
     p.add_argument("--quick", action="store_true", help="tiny student, 2 rounds of 3 s")
     args = p.parse_args(argv)

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=float, default=d.cache_bytes / MB, help="user cache bound in MiB (0: off)")
     p.add_argument("--cache-ttl", type=float, default=d.cache_ttl_s, help="user cache TTL in seconds")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 429")
-    p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms, help="batcher wait for more requests")
+    p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms, help="batcher wait for more requests (default 0: a batch is what queued while the last one ran; try 1-5 on GPUs)")
     p.add_argument("--max-batch-candidates", type=int, default=d.max_batch_candidates)
     p.add_argument("--group-chunk", type=int, default=d.group_chunk_candidates,
                    help="candidates per group-graph call within a batch (0: one call; default: backend's)")

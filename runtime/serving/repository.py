@@ -38,7 +38,7 @@ class ServeOptions:
     cache_bytes: int = 64 << 20
     cache_ttl_s: float = 300.0
     max_queue: int = 512
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 0.0  # continuous batching: a batch is what queued while the last ran
     max_batch_candidates: int = 8192
     group_chunk_candidates: int | None = None  # None: the backend's default (256 on ORT CPU, 0 = one call)
     workers: int = 1
