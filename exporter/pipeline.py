@@ -4,6 +4,7 @@
     full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
     write      the bundle directory: ONNX files, manifest.json with every sha256
     split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
+    optimize   inference rewrites on every stage alike (per-token Einsum -> MatMul)
     quantize   w8a16/w4a16 weight-only passes with sensitivity-guided selection
     trt-lint   --target trt: refuse graphs TensorRT would reject, before anything is written
     write      the bundle directory: ONNX files, manifest.json with every sha256
