@@ -31,7 +31,7 @@ from runtime.errors import BackendUnavailableError, BundleError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'ugsep[gpu]' (tensorrt + cuda-python) on a machine with an NVIDIA GPU"
+INSTALL_HINT = "pip install 'ugsep[gpu]' (tensorrt-cu12 + cuda-python 12) on a machine with an NVIDIA GPU"
 
 
 def import_tensorrt():
