@@ -259,4 +259,6 @@ def _print_results(summary: dict[str, Any]) -> None:
     console.print(t)
     load = summary["bench"].get("load_average", {})
     console.print(f"load average during the bench: {load.get('before', 0):.1f} → "
-                  f"{load.get('after', 0):.1f} (a shared machine: read ratios, not ms)")
+                  f"{load.get('after', 0):.1f} (a shared machine: read ratios, not ms); "
+                  f"eager PyTorch ran with {summary['bench'].get('eager_threads', '?')} "
+                  f"thread(s), its faster setting here")

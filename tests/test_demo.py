@@ -36,6 +36,8 @@ def test_demo_runs_end_to_end_and_reports_every_number(tmp_path, capsys):
     assert summary["request"]["max_abs_error_vs_eager"] <= 1e-5
     rows = {r["n"]: r for r in summary["bench"]["results"]}
     assert set(rows) == {1, 16} and all(r["speedup"] > 0 and r["ceiling"] >= 1 for r in rows.values())
+    assert all(r["eager_ms"] > 0 for r in rows.values())  # eager PyTorch measured beside ONNX
+    assert summary["bench"]["eager_threads"] in (1, 2)  # at its faster thread count, recorded
     err = capsys.readouterr().err
     for heading in ("distillation", "bundles (parity", "latency", "recovered share"):
         assert heading in err
