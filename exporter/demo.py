@@ -32,11 +32,13 @@ def run_demo(
     train_overrides: dict[str, Any] | None = None,
     parity_rows: int | None = None,
     bench_ns: tuple[int, ...] | None = None,
+    budgets: dict[str, Any] | None = None,
 ) -> int:
     """Run the demo into ``out_dir``; 0 when every bundle passed parity, else 1.
 
     ``train_overrides`` (students.train.TrainConfig fields), ``parity_rows`` and
-    ``bench_ns`` shrink the run (the test of the demo uses them); the defaults are the demo.
+    ``bench_ns`` shrink the run (the test of the demo uses them, with ``budgets`` to match
+    what a small sample can resolve); the defaults are the demo.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,8 @@ def run_demo(
     for kind, precision in jobs:
         name = f"{kind}-{precision}"
         summary["bundles"][name] = _export(
-            out_dir / "train" / kind, out_dir / "bundles" / name, precision, seed, parity_rows
+            out_dir / "train" / kind, out_dir / "bundles" / name, precision, seed, parity_rows,
+            budgets,
         )
 
     _section("3/4 score: one held-out request through runtime.load")
@@ -93,7 +96,8 @@ def _train(kind: str, out: Path, seed: int, teacher_dir: Path | None, overrides)
 
 
 def _export(
-    train_dir: Path, bundle: Path, precision: str, seed: int, parity_rows: int | None
+    train_dir: Path, bundle: Path, precision: str, seed: int, parity_rows: int | None,
+    budgets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from exporter.data import load_rows
     from exporter.load import load_student
@@ -108,7 +112,8 @@ def _export(
         loaded,
         bundle,
         ExportOptions(
-            precision=precision, data=data, overwrite=True, seed=seed, parity_rows=parity_rows
+            precision=precision, data=data, overwrite=True, seed=seed, parity_rows=parity_rows,
+            extra={"budgets": budgets} if budgets else {},
         ),
     )
     manifest = Manifest.read(bundle)

