@@ -12,7 +12,7 @@ TRITON_VENV ?= .venv-triton
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench clean system-deps
+.PHONY: demo test install lint bench bench-quick clean system-deps
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache
