@@ -5,11 +5,15 @@
 Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no split):
 
     fp32            the split bundle as exported (the baseline)
-    fp32-canonical  our canonicalisation only (Einsum/Gemm -> 2-D MatMul), still fp32:
-                    separates what canonicalisation buys from what quantization buys
+    fp32-canonical  our canonicalisation only (Gemm -> MatMul, per-token chains unrolled to
+                    2-D MatMuls), still fp32: what canonicalisation costs or buys by itself
     ours-w8a16      exporter.quantize (sensitivity-selected int8, MatMulNBits accuracy_level=4)
-    ours-w8a16-user the same, user stage only (group keeps canonical fp32: on this CPU the
-                    weight-only kernel loses to fp32 GEMM at a group batch of 512)
+                    with the speed choices measured on ORT CPU: weights under
+                    NBITS_MIN_ELEMENTS stay fp32; per-token FFN weights are unrolled and
+                    quantized on the user side only (batch 1), the group keeps them as one
+                    fp32 batched MatMul (per_token_stages=("user",))
+    ours-w8a16-pt-all  the same with per-token weights quantized in every stage (the
+                    group too): shows what that choice costs at N=512
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
     ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
@@ -44,6 +48,8 @@ from exporter.parity.metrics import request_groups  # noqa: E402
 from exporter.parity.stages import eager_outputs, user_rows  # noqa: E402
 from exporter.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
 from graph_passes.onnx import linear_weight_bytes, quantize_onnx  # noqa: E402
+from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS  # noqa: E402
+from runtime.backends.ort import OrtBackend  # noqa: E402
 
 CANDIDATES = 100
 
@@ -102,24 +108,28 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
     fp32 = {k: stages[k] for k in names}
     from onnx_ir import serde
 
+    small = NBITS_MIN_ELEMENTS
     canon = {
-        k: serde.serialize_model(quantize_onnx(v, target="qdq", only=[]).model)
+        k: serde.serialize_model(quantize_onnx(v, target="qdq", only=[], min_elements=small).model)
         for k, v in fp32.items()
     }
     ours, record = quantize_bundle_stages(
-        stages, spec, options=QuantizeOptions("w8a16", "ort-cpu"), calibration=calib
-    )
-    user_only, _ = quantize_bundle_stages(
         stages,
         spec,
-        options=QuantizeOptions("w8a16", "ort-cpu", stages=("user",)),
+        options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small, per_token_stages=("user",)),
+        calibration=calib,
+    )
+    pt_all, _ = quantize_bundle_stages(
+        stages,
+        spec,
+        options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small),
         calibration=calib,
     )
     return {
         "fp32": fp32,
         "fp32-canonical": canon,
         "ours-w8a16": {k: ours[k] for k in names},
-        "ours-w8a16-user": {k: user_only[k] for k in names},
+        "ours-w8a16-pt-all": {k: pt_all[k] for k in names},
         "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
         "ort-8bit": {
             k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()
@@ -133,9 +143,8 @@ class _Pair:
     """Sessions of one variant; ``score(users, cands, user_index)`` runs it as the runtime does."""
 
     def __init__(self, protos: dict[str, onnx.ModelProto]) -> None:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        so.log_severity_level = 3
+        # the runtime's own session settings (no thread spinning, etc.): measured as served
+        so = OrtBackend(intra_op_threads=2).session_options()
         self.sess = {
             k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"])
             for k, p in protos.items()
@@ -271,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "selection": {
             "seconds": select_s,
             "kept_float": record["kept_float"],
+            "kept_float_for_speed": record["kept_float_for_speed"],
+            "layers": record["layers"],
             "outcome": record.get("outcome"),
             "weight_bytes": record["weight_bytes"],
         },

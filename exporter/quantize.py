@@ -14,8 +14,9 @@ Procedure (per serving path: user+group together when split, full on its own):
     (the parity budgets for the precision: |ΔAUC|, top-10 overlap, max abs error);
  3. measure each layer group alone (a 2-D weight, or all tokens of one per-token weight),
     quantized with everything else in float: its effect is the table in the manifest;
- 4. if step 2 missed the budget, keep in float the most damaging groups, one more at a
-    time, until the budget is met: the fewest layers in float this ranking allows.
+ 4. if step 2 missed the budget, keep in float the most damaging groups (ranked by the
+    share of the budget each uses alone, ``budget_damage``), one more at a time, until the
+    budget is met: the fewest layers in float this ranking allows.
 
 The record (``manifest.quantization``) holds the scheme, the budget, the outcome of the
 all-layers and the selected configurations, the per-layer table and weight bytes per stage.
@@ -23,6 +24,7 @@ all-layers and the selected configurations, the per-layer table and weight bytes
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Iterable
@@ -69,7 +71,16 @@ class QuantizeOptions:
     the fast path); ``budget`` overrides the parity budget of the precision; ``stages``
     limits quantization to some stages (e.g. ``("user", "full")``: on ORT CPU the weight-only
     kernel pays at the user side's batch 1 but loses to fp32 GEMM at a group batch of 512,
-    see benchmarks/bench_quant_accuracy_level.py); stages left out keep fp32 weights."""
+    see benchmarks/bench_quant_accuracy_level.py); stages left out keep fp32 weights.
+    ``min_elements``: weights (per-token: per token) smaller than this stay fp32 for speed
+    (not unrolled, not quantized); on ort-cpu ``NBITS_MIN_ELEMENTS`` is the measured point
+    below which MatMulNBits is no faster than fp32 GEMM (benchmarks/bench_quant.py uses it).
+    None = 0: every layer is a candidate (tiny test models have only small layers).
+    ``per_token_stages``: stages whose per-token weights ``W[T, D, H]`` are unrolled and
+    quantized; elsewhere they stay one fp32 batched MatMul. On ORT CPU per-token weights pay
+    at the user side's batch 1 (MatMulNBits chains 0.56x the fp32 user graph) but not at a
+    group batch of 512 (1.23-1.33x the fp32 group graph; bench RankMixer, ORT 1.32, 2
+    threads), hence ``("user",)`` in benchmarks/bench_quant.py."""
 
     precision: str = "w8a16"
     target: str = "ort-cpu"
@@ -78,8 +89,12 @@ class QuantizeOptions:
     budget: dict[str, float] | None = None
     select: bool = True
     stages: tuple[str, ...] = ("full", "user", "group")
+    min_elements: int | None = None
+    per_token_stages: tuple[str, ...] = ("full", "user", "group")
 
     def __post_init__(self) -> None:
+        if self.min_elements is None:
+            self.min_elements = 0
         if self.precision not in PRECISIONS:
             raise ExportError(
                 f"precision '{self.precision}' is not quantized; use one of {list(PRECISIONS)}"
@@ -112,6 +127,8 @@ class QuantizeOptions:
             "granularity": grain,
             "target": self.target,
             "lowering": lowering,
+            "min_elements": self.min_elements,
+            "per_token_stages": list(self.per_token_stages),
         }
 
 
@@ -127,6 +144,9 @@ class _Path:
     stages: tuple[str, ...]
     canonical: dict[str, onnx.ModelProto]
     quantized_stages: tuple[str, ...] = ("full", "user", "group")
+    min_elements: int = 0
+    # (stage, weight, why) left fp32 for speed: below min_elements, or per-token off
+    small: list[tuple[str, str, str]] = field(default_factory=list)
     groups: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict
     )  # group -> [(stage, weight)]
@@ -135,8 +155,10 @@ class _Path:
         for stage in self.stages:
             if stage not in self.quantized_stages:
                 continue
-            for w in linear_layers(ir.serde.deserialize_model(self.canonical[stage])):
+            model = ir.serde.deserialize_model(self.canonical[stage])
+            for w in linear_layers(model, min_elements=self.min_elements):
                 self.groups.setdefault(f"{stage}:{group_of(w)}", []).append((stage, w))
+            self.small += [(stage, w, why) for w, why in _small_weights(model, self.min_elements)]
 
     def build(
         self,
@@ -144,7 +166,10 @@ class _Path:
         keep_float: Iterable[str] = (),
         only: Iterable[str] | None = None,
     ):
-        """Quantized stage protos with the groups in ``keep_float`` (or outside ``only``) in float."""
+        """Quantized stage protos with the groups in ``keep_float`` (or outside ``only``) in float.
+
+        Selection measures these (kept-float per-token weights unrolled, same numbers);
+        the bundle gets ``final_build``."""
         keep, sel = set(keep_float), None if only is None else set(only)
         out, refusals = {}, []
         for stage in self.stages:
@@ -165,10 +190,59 @@ class _Path:
                 only=names,
                 accuracy_level=opts.accuracy_level,
                 canonicalize=False,
+                min_elements=self.min_elements,
             )
             out[stage] = ir.serde.serialize_model(res.model)
             refusals += [f"{stage}: {line}" for line in describe(res.refusals)]
         return out, refusals
+
+    def final_build(self, opts: QuantizeOptions, stages: dict[str, onnx.ModelProto], keep):
+        """``build`` for the bundle: per-token weights kept in float are not unrolled (the
+        batched MatMul runs faster in fp32 than T MatMuls with a Split and a Concat)."""
+        skip = {s: _kept_weights(self, set(keep), s) for s in self.stages}
+        final = copy.copy(self)
+        final.canonical = dict(self.canonical)
+        for s in self.stages:
+            if not any(g not in keep for g, ws in self.groups.items() for st, _ in ws if st == s):
+                final.canonical[s] = stages[s]  # nothing quantized: the stage as exported
+            elif skip[s]:
+                final.canonical[s] = _canonical(
+                    s, stages[s], self.min_elements, skip[s], s in opts.per_token_stages
+                )
+        return final.build(opts, keep_float=keep)
+
+
+def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
+    """(weight, why) of constant MatMul weights left in fp32 for speed: below
+    ``min_elements``, or per-token weights this stage keeps batched."""
+    from graph_passes.onnx._util import const_array
+
+    out: list[tuple[str, int]] = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain != "":
+            continue
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim not in (2, 3) or w.dtype != np.float32:
+            continue
+        n = int(w[0].size if w.ndim == 3 else w.size)
+        if any(node.inputs[1].name == name for name, _ in out):
+            continue
+        if n < min_elements:
+            why = f"{n} elements < min_elements={min_elements} (on ORT CPU MatMulNBits is no "
+            why += (
+                "faster than fp32 GEMM below that, graph_passes.onnx.pipelines.NBITS_MIN_ELEMENTS)"
+            )
+            out.append((node.inputs[1].name or "", why))
+        elif w.ndim == 3:
+            why = "per-token weight in a stage outside per_token_stages: one fp32 batched "
+            why += "MatMul beats T MatMulNBits at large batch (QuantizeOptions.per_token_stages)"
+            out.append((node.inputs[1].name or "", why))
+    return out
+
+
+def _kept_weights(path: _Path, keep: set[str], stage: str) -> set[str]:
+    """Base weight names (``w`` of ``w.t3``) of the groups of ``stage`` kept in float."""
+    return {group_of(w) for g in keep for s, w in path.groups.get(g, []) if s == stage}
 
 
 class _Runner:
@@ -242,8 +316,30 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _damage(measured: dict[str, Any]) -> float:
-    return max((o.get("mean_abs", 0.0) for o in measured["outputs"].values()), default=0.0)
+def budget_damage(measured: dict[str, Any], limits: dict[str, float]) -> tuple[float, float]:
+    """(share of the budget used at its tightest metric, mean abs error) of a measurement.
+
+    1.0 = exactly at a limit. "max" metrics use value / limit; "min" metrics in [0, 1]
+    (top-10 overlap) use (1 - value) / (1 - limit). Ranking layers by this, rather than by
+    raw error, keeps in float the layers that hurt what the budget checks: on the bench
+    RankMixer a user-side layer shifts every candidate alike (large abs error, top-10
+    unchanged) while a group-side head layer reorders candidates (small error, top-10 0.72).
+    """
+    from exporter.parity.budgets import LIMITS
+
+    worst = 0.0
+    for out in measured["outputs"].values():
+        for key, limit in limits.items():
+            value = out.get(key)
+            if key not in LIMITS or not isinstance(value, int | float) or value != value:
+                continue
+            if LIMITS[key][1] == "max":
+                use = value / limit if limit > 0 else (float("inf") if value > 0 else 0.0)
+            else:
+                use = (1 - value) / (1 - limit) if limit < 1 else float(value < 1) * 1e9
+            worst = max(worst, use)
+    mean_abs = max((o.get("mean_abs", 0.0) for o in measured["outputs"].values()), default=0.0)
+    return worst, mean_abs
 
 
 def quantize_bundle_stages(
@@ -260,10 +356,13 @@ def quantize_bundle_stages(
     with it, layers are selected against the budget as described in the module docstring.
     """
     opts = options or QuantizeOptions()
-    canonical = {k: _canonical(k, v) for k, v in stages.items()}
+    canonical = {
+        k: _canonical(k, v, opts.min_elements, unroll=k in opts.per_token_stages)
+        for k, v in stages.items()
+    }
     split = {"user", "group"} <= set(stages)
-    paths = [_Path(("user", "group"), canonical, opts.stages)] if split else []
-    paths.append(_Path(("full",), canonical, opts.stages))
+    paths = [_Path(("user", "group"), canonical, opts.stages, opts.min_elements)] if split else []
+    paths.append(_Path(("full",), canonical, opts.stages, opts.min_elements))
     runner = _Runner(calibration, spec, canonical.values()) if calibration is not None else None
     record: dict[str, Any] = {
         "precision": opts.precision,
@@ -277,14 +376,15 @@ def quantize_bundle_stages(
     for path in paths:
         keep, table, outcome = _select(path, opts, runner, prior) if runner else (set(), {}, None)
         prior = {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
-        protos, refused = path.build(opts, keep_float=keep)
+        protos, refused = path.final_build(opts, stages, keep)
         out.update(protos)
         refusals += refused
-        layers += _layer_rows(path, keep, table, f"int{opts.bits}")
+        layers += _layer_rows(path, keep, table, opts)
         if outcome is not None:
             record.setdefault("outcome", {})["+".join(path.stages)] = outcome
     record["layers"] = layers
-    record["kept_float"] = [r["name"] for r in layers if r["precision"] == "fp32"]
+    record["kept_float"] = [r["name"] for r in layers if r["why"].startswith("accuracy")]
+    record["kept_float_for_speed"] = [r["name"] for r in layers if r["why"].startswith("speed")]
     record["refusals"] = sorted(set(refusals))
     record["weight_bytes"] = {k: _bytes(stages[k], out[k]) for k in out}
     return out, record
@@ -297,10 +397,21 @@ _PASSES = {
 }
 
 
-def _canonical(stage: str, proto: onnx.ModelProto) -> onnx.ModelProto:
+def _canonical(
+    stage: str,
+    proto: onnx.ModelProto,
+    min_elements: int = 0,
+    keep_batched: Iterable[str] = (),
+    unroll: bool = True,
+) -> onnx.ModelProto:
     model = ir.serde.deserialize_model(proto)
     try:
-        canonicalize_linear(model)
+        canonicalize_linear(
+            model,
+            unroll_batched=unroll,
+            unroll_min_elements=min_elements,
+            keep_batched=frozenset(keep_batched),
+        )
     except Exception as e:  # noqa: BLE001 - name the stage, keep the cause
         raise ExportError(
             f"cannot canonicalise {stage}.onnx for quantization: {type(e).__name__}: {e}"
@@ -325,7 +436,7 @@ def _select(path: _Path, opts: QuantizeOptions, runner: _Runner, prior: dict[str
         if trial["passed"]:
             keep, current = hinted, trial
     if opts.select and not current["passed"]:
-        ranked = sorted(path.groups, key=lambda g: _damage(table[g]), reverse=True)
+        ranked = sorted(path.groups, key=lambda g: budget_damage(table[g], limits), reverse=True)
         keep, current = _bisect(path, opts, runner, limits, ranked)
     outcome["selected"], outcome["kept_float"] = current, keep
     if not current["passed"]:
@@ -373,8 +484,14 @@ def _bisect(path: _Path, opts, runner: _Runner, limits, ranked: list[str]):
 
 
 def _layer_rows(
-    path: _Path, keep: set[str], table: dict[str, Any], label: str
+    path: _Path, keep: set[str], table: dict[str, Any], opts: QuantizeOptions
 ) -> list[dict[str, Any]]:
+    """One manifest row per layer group: precision, kernel, why, and its measured effect."""
+    kernel = {
+        "ort-cpu": f"MatMulNBits(bits={opts.bits}, accuracy_level={opts.accuracy_level})",
+        "gpu": "DequantizeLinear(fp16) -> MatMul(fp16)",
+        "qdq": "DequantizeLinear -> MatMul",
+    }[opts.target]
     rows = []
     for g, members in path.groups.items():
         effect = table.get(g)
@@ -383,13 +500,29 @@ def _layer_rows(
                 "name": g,
                 "stage": members[0][0],
                 "weights": len(members),
-                "precision": "fp32" if g in keep else label,
+                "precision": "fp32" if g in keep else f"int{opts.bits}",
+                "kernel": "fp32 MatMul" if g in keep else kernel,
+                "why": "accuracy: kept in float by the selection to meet the budget"
+                if g in keep
+                else "quantized: within the budget",
                 "effect": None
                 if effect is None
                 else {
                     **{k: v for o in effect["outputs"].values() for k, v in o.items()},
                     "measured_on": effect["measured_on"],
                 },
+            }
+        )
+    for stage, weight, why in path.small:
+        rows.append(
+            {
+                "name": f"{stage}:{weight}",
+                "stage": stage,
+                "weights": 1,
+                "precision": "fp32",
+                "kernel": "fp32 MatMul",
+                "why": f"speed: {why}",
+                "effect": None,
             }
         )
     return rows
@@ -455,7 +588,8 @@ def step_quantize(ctx: Any) -> None:
     Reads ``options.extra``: ``target`` ("onnx" -> ORT CPU MatMulNBits, "trt" -> fp16
     activations for TensorRT), ``budgets`` (the parity budgets file; its entry for the
     precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``
-    / ``quant_stages`` (e.g. ["user"]).
+    / ``quant_stages`` (e.g. ["user"]) / ``quant_min_elements`` / ``quant_per_token_stages``
+    (the ORT CPU speed choices benchmarks/bench_quant.py measures: 16384 and ["user"]).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -473,6 +607,8 @@ def step_quantize(ctx: Any) -> None:
         accuracy_level=int(extra.get("quant_accuracy_level", 4)),
         budget=budget,
         stages=tuple(extra.get("quant_stages") or ("full", "user", "group")),
+        min_elements=extra.get("quant_min_elements"),
+        per_token_stages=tuple(extra.get("quant_per_token_stages") or ("full", "user", "group")),
     )
     from exporter.pipeline import _n_data, row_budget
 

@@ -15,7 +15,13 @@ import torch
 
 from exporter.capture import capture, flat_input_names, to_torch_inputs
 from exporter.onnx_build import export_onnx
-from exporter.quantize import Calibration, QuantizeOptions, quantize_bundle_stages
+from exporter.quantize import (
+    Calibration,
+    QuantizeOptions,
+    budget_damage,
+    quantize_bundle_stages,
+)
+from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS
 from runtime.sample import sample_requests, sample_rows
 from runtime.spec import FeatureSpec
 
@@ -67,7 +73,10 @@ def exported():
 @pytest.fixture(scope="module")
 def default_w8a16(exported):
     _, full, calib = exported
-    return quantize_bundle_stages({"full": full}, SPEC, calibration=calib)
+    # min_elements=0: every layer of this tiny model is a candidate (on ORT CPU the default
+    # keeps weights under NBITS_MIN_ELEMENTS in fp32 for speed; see the test below)
+    opts = QuantizeOptions(min_elements=0)
+    return quantize_bundle_stages({"full": full}, SPEC, options=opts, calibration=calib)
 
 
 def _run(proto: onnx.ModelProto, rows) -> np.ndarray:
@@ -116,14 +125,18 @@ def test_selection_keeps_most_damaging_layers_in_float_to_meet_a_tight_budget(
     assert everything > 1.01 * least
     budget = {"max_abs": 1.01 * least, "abs_delta_auc": 1.0, "top10_overlap_mean": 0.0}
     out, record = quantize_bundle_stages(
-        {"full": full}, SPEC, options=QuantizeOptions(budget=budget), calibration=calib
+        {"full": full},
+        SPEC,
+        options=QuantizeOptions(budget=budget, min_elements=0),
+        calibration=calib,
     )
     outcome = record["outcome"]["full"]
     assert not outcome["all_quantized"]["passed"]
     assert outcome["selected"]["passed"]
     kept = record["kept_float"]
     assert 0 < len(kept) < len(record["layers"])
-    damage = {r["name"]: r["effect"]["mean_abs"] for r in record["layers"]}
+    # ranked by the share of the budget each layer uses alone (here: max_abs / its limit)
+    damage = {r["name"]: r["effect"]["max_abs"] / budget["max_abs"] for r in record["layers"]}
     ranked = sorted(damage, key=damage.get, reverse=True)
     assert set(kept) == set(ranked[: len(kept)])
     got = _run(out["full"], calib.rows)
@@ -133,7 +146,10 @@ def test_selection_keeps_most_damaging_layers_in_float_to_meet_a_tight_budget(
 def test_w4a16_and_gpu_targets(exported):
     _, full, calib = exported
     out4, rec4 = quantize_bundle_stages(
-        {"full": full}, SPEC, options=QuantizeOptions(precision="w4a16"), calibration=None
+        {"full": full},
+        SPEC,
+        options=QuantizeOptions(precision="w4a16", min_elements=0),
+        calibration=None,
     )
     assert rec4["scheme"]["bits"] == 4 and rec4["layers"][0]["precision"] == "int4"
     bits = [
@@ -203,3 +219,37 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
         ref = model(**to_torch_inputs(SPEC, rows)).numpy()
     assert np.abs(got - ref).max() <= q["budget"]["max_abs"]
     assert ctx.stages["user"] is not None
+
+
+def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
+    _, full, calib = exported
+    out, record = quantize_bundle_stages(
+        {"full": full}, SPEC, options=QuantizeOptions(min_elements=4096), calibration=None
+    )
+    # tok [16, 256] (4096) and w1/w2 per token [64, 64] (4096) reach it; head [256, 1] not
+    assert record["scheme"]["min_elements"] == 4096
+    assert record["kept_float_for_speed"] == ["full:head.weight_kn"]
+    row = next(r for r in record["layers"] if r["name"] == "full:head.weight_kn")
+    assert row["precision"] == "fp32" and row["why"].startswith(
+        "speed: 256 elements < min_elements=4096"
+    )
+    assert {r["kernel"] for r in record["layers"] if r["precision"] == "int8"} == {
+        "MatMulNBits(bits=8, accuracy_level=4)"
+    }
+    nbits = [n for n in out["full"].graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 + 2 * 4  # tok + w1, w2 per token; the head stays a float MatMul
+    assert QuantizeOptions().min_elements == 0  # every layer a candidate by default
+    assert NBITS_MIN_ELEMENTS == 16384
+    assert QuantizeOptions(target="gpu").min_elements == 0
+    got = _run(out["full"], calib.rows)
+    assert np.abs(got - calib.reference["ctr"]).max() < 0.02
+
+
+def test_budget_damage_is_the_share_of_the_tightest_limit():
+    limits = {"max_abs": 0.05, "abs_delta_auc": 1e-4, "top10_overlap_mean": 0.95}
+    shift = {"outputs": {"ctr": {"max_abs": 3e-4, "mean_abs": 5e-5, "abs_delta_auc": 3e-5}}}
+    shift["outputs"]["ctr"]["top10_overlap_mean"] = 1.0
+    reorder = {"outputs": {"ctr": {"max_abs": 3e-4, "mean_abs": 8e-5, "abs_delta_auc": 2e-5}}}
+    reorder["outputs"]["ctr"]["top10_overlap_mean"] = 0.72
+    assert budget_damage(shift, limits) == pytest.approx((0.3, 5e-5))
+    assert budget_damage(reorder, limits) == pytest.approx((0.28 / 0.05, 8e-5))

@@ -6,7 +6,8 @@ per-token Einsum -> broadcast MatMul, which ONNX Runtime runs faster).
 
 The quantization pipeline, in order (see ``pipelines.quantize_onnx``):
 
-    canonicalize_linear         fold constants, Gemm -> MatMul, unroll per-token weights, DCE
+    canonicalize_linear         fold constants, Gemm -> MatMul, unroll per-token weights (whole
+                                per-token chains at once: UnrollPerTokenChainPass), DCE
     QuantizeWeightsInt8Pass     MatMul(A, W) -> MatMul(A, DequantizeLinear(Wq, scale))
     LowerToMatMulNBitsPass      ORT CPU: -> com.microsoft.MatMulNBits
     Fp16ActivationsPass         GPU: fp16 activations around the quantized MatMuls
@@ -21,6 +22,7 @@ from graph_passes.onnx.accounting import linear_weight_bytes
 from graph_passes.onnx.canonicalize import (
     GemmToMatMulPass,
     UnrollBatchedMatMulPass,
+    UnrollPerTokenChainPass,
     canonicalize_linear,
 )
 from graph_passes.onnx.errors import PassError
@@ -44,6 +46,7 @@ __all__ = [
     "QuantizedWeight",
     "Refusal",
     "UnrollBatchedMatMulPass",
+    "UnrollPerTokenChainPass",
     "canonicalize_linear",
     "linear_layers",
     "linear_weight_bytes",

@@ -1,9 +1,20 @@
 """Canonicalise linear layers so every constant-weight matmul is a quantizable 2-D MatMul.
 
     GemmToMatMulPass            Gemm(A, B, C) with constant B  ->  MatMul(A, B') [+ Add(C')]
-    UnrollBatchedMatMulPass     MatMul(x[T,B,D], W[T,D,H]) with constant W (per-token FFN
-                                weights from einsum/bmm)  ->  T MatMuls on W[t] + Concat
-    canonicalize_linear(model)  constant folding, the two rewrites above, dead-code removal
+    UnrollPerTokenChainPass     a chain of per-token layers on x[B,T,D] (Transpose -> MatMul
+                                W[T,D,H] -> Transpose -> Add/Mul const -> Relu -> ... as
+                                optimize_inference leaves a per-token FFN)  ->  one Split of
+                                x[B,T*D], per token the whole chain on [B,D] 2-D, one Concat
+    UnrollBatchedMatMulPass     the fallback for a lone MatMul(x[T,B,D], W[T,D,H]) with
+                                constant W  ->  Split + T MatMuls on W[t] + Concat
+    canonicalize_linear(model)  constant folding, the rewrites above, dead-code removal
+
+Why the chain form (measured, benchmarks/results/bench_quant.json and the note in
+UnrollPerTokenChainPass): unrolling each per-token MatMul on its own costs a Split, a Concat
+and the two Transposes ORT could otherwise fold, per layer; on the bench RankMixer that made
+the canonical fp32 graphs 23-31% slower than the graphs as exported, more than int8 weights
+gained. Unrolled once per chain, a per-token FFN is T independent 2-D chains whose bias Add
+folds into MatMulNBits.
 
 ORT's MatMulNBits quantizer, TensorRT's weight-only path and our QuantizeWeightsInt8Pass all
 look for MatMul(activation, 2-D constant); these passes bring Gemm and per-token weights into
@@ -19,7 +30,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, tag
-from graph_passes.onnx.per_token import per_token_plan
+from graph_passes.onnx.per_token import PerTokenEinsumToMatMulPass, per_token_plan
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +101,11 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
     quantizable form (2 + T ops).
     """
 
-    def __init__(self, max_tokens: int = 64) -> None:
+    def __init__(
+        self, max_tokens: int = 64, min_elements: int = 0, keep: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
-        self.max_tokens = max_tokens
+        self.max_tokens, self.min_elements, self.keep = max_tokens, min_elements, keep
         self.refusals: list[Refusal] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -106,8 +119,10 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
             ):
                 continue
             w = const_array(node.inputs[1])
-            if w is None or w.ndim != 3:
-                continue  # not a batched constant weight: nothing to unroll (not a refusal)
+            if w is None or w.ndim != 3 or w[0].size < self.min_elements:
+                continue  # not a batched constant weight (or too small to quantize): not a refusal
+            if node.inputs[1].name in self.keep:
+                continue  # kept in float by the selection: the batched form is faster
             plan = per_token_plan(node) if node.op_type == "Einsum" else _matmul_plan(node, w)
             reason = (
                 plan if isinstance(plan, str) else self._try_unroll(model.graph, node, w, *plan)
@@ -153,6 +168,195 @@ class UnrollBatchedMatMulPass(ir.passes.InPlacePass):
         return None
 
 
+_SWAP = [1, 0, 2]  # [B, T, F] <-> [T, B, F]
+_UNARY = ("Relu", "Sigmoid", "Tanh")
+
+
+class UnrollPerTokenChainPass(ir.passes.InPlacePass):
+    """Unroll a chain of per-token ops on ``x[B, T, D]`` into T independent 2-D chains.
+
+    The chain starts at ``Transpose<perm=[1,0,2]>(x)`` feeding a per-token ``MatMul`` with a
+    constant ``W[T, D, H]`` and follows single-use values through further transposes
+    ``[1,0,2]``, per-token MatMuls, ``Add``/``Mul`` with a constant that broadcasts per token
+    (a bias ``[T, H]``, ``[H]``, ``[T, 1, H]``...) and ``Relu``/``Sigmoid``/``Tanh``; it ends
+    at the last value in ``[B, T, F]`` layout. That becomes::
+
+        Reshape(x, [0, -1]) -> Split(axis=1, T x D) -> per token t: the chain on [B, D] with
+        W[t] ("<weight>.t<t>", 2-D), bias[t]... -> Concat(axis=1) -> Reshape([0, T, F])
+
+    No transposes are left, one Split and one Concat per chain (not per layer), and each
+    token's MatMul is followed by its own bias Add, which ``LowerToMatMulNBitsPass`` folds
+    into MatMulNBits. Measured on a 4-block, T=8, 128->512->128 per-token FFN (ORT CPU,
+    2 threads, MatMulNBits int8 accuracy_level=4): 0.55x the fp32 broadcast-MatMul latency
+    at batch 1 and 0.90-1.02x at batch 512, against 0.60-0.62x and 1.21x for the per-layer
+    Split/Concat unroll. Chains it cannot take are left for ``UnrollBatchedMatMulPass``.
+    """
+
+    def __init__(
+        self, max_tokens: int = 64, min_elements: int = 0, keep: frozenset[str] = frozenset()
+    ) -> None:
+        super().__init__()
+        self.max_tokens, self.min_elements, self.keep = max_tokens, min_elements, keep
+        self.refusals: list[Refusal] = []
+        self.chains: list[list[str]] = []  # node names of each chain unrolled
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.refusals, self.chains = [], []
+        for node in list(model.graph):
+            if node.graph is None or not _is_swap(node):
+                continue
+            plan = self._walk(node)
+            if isinstance(plan, str):
+                if plan:
+                    self.refusals.append(Refusal(node_name(node), node.op_type, plan))
+                    log.info("UnrollPerTokenChainPass: left %s alone: %s", node_name(node), plan)
+                continue
+            self._unroll(model.graph, node, *plan)
+        return ir.passes.PassResult(model, bool(self.chains))
+
+    def _walk(self, start: ir.Node):
+        """(steps, tokens, width in, end index) of the chain from ``start``, or why not ('' = no chain)."""
+        x = start.inputs[0]
+        first = _single_use(start.outputs[0])
+        w0 = (
+            const_array(first.inputs[1])
+            if first is not None and first.op_type == "MatMul"
+            else None
+        )
+        if first is None or first.domain != "" or w0 is None or w0.ndim != 3:
+            return ""  # not the start of a per-token chain
+        tokens, width = w0.shape[0], w0.shape[1]
+        if w0[0].size < self.min_elements:
+            return ""  # too small to quantize (min_elements): the batched form is faster in fp32
+        if x.shape is None or len(x.shape) != 3 or x.shape[1] != tokens or x.shape[2] != width:
+            return (
+                f"activation '{x.name}' is not known to be [B, {tokens}, {width}] (shape {x.shape})"
+            )
+        if tokens > self.max_tokens:
+            return f"{tokens} tokens exceed max_tokens={self.max_tokens}"
+        steps: list[tuple[ir.Node, str, object, str]] = [(start, "swap", None, "T")]
+        layout, value, f = "T", start.outputs[0], width
+        while (node := _single_use(value)) is not None and node.domain == "":
+            step = self._step(node, value, layout, tokens, f)
+            if step is None:
+                break
+            kind, data = step
+            if kind == "swap":
+                layout = "B" if layout == "T" else "T"
+            elif kind == "matmul":
+                f = data.shape[2]
+            steps.append((node, kind, data, layout))
+            value = node.outputs[0]
+        weights = {node.inputs[1].name for node, kind, _, _ in steps if kind == "matmul"}
+        if weights <= self.keep:
+            return ""  # every weight of the chain stays float (keep): no reason to unroll
+        ends = [
+            i
+            for i, s in enumerate(steps)
+            if s[3] == "B" and any(k == "matmul" for _, k, _, _ in steps[: i + 1])
+        ]
+        if not ends:
+            return "the per-token chain does not come back to [B, T, F] layout"
+        return steps[: ends[-1] + 1], tokens, width
+
+    @staticmethod
+    def _step(node: ir.Node, value: ir.Value, layout: str, tokens: int, f: int):
+        """(kind, data) if ``node`` (consuming ``value``) extends the chain, else None."""
+        if _is_swap(node):
+            return "swap", None
+        if node.op_type in _UNARY and len(node.inputs) == 1:
+            return node.op_type, None
+        if node.op_type == "MatMul" and layout == "T" and node.inputs[0] is value:
+            w = const_array(node.inputs[1])
+            if (
+                w is not None
+                and w.ndim == 3
+                and w.shape[:2] == (tokens, f)
+                and w.dtype == np.float32
+            ):
+                return "matmul", w
+            return None
+        if node.op_type in ("Add", "Mul") and len(node.inputs) == 2:
+            other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+            c = const_array(other)
+            if c is None or c.ndim > 3 or other is value:
+                return None
+            full = (1, tokens, f) if layout == "B" else (tokens, 1, f)
+            try:
+                per = np.broadcast_to(c.reshape((1,) * (3 - c.ndim) + c.shape), full)
+            except ValueError:
+                return None
+            if np.broadcast_shapes(c.reshape((1,) * (3 - c.ndim) + c.shape).shape, full) != full:
+                return None
+            slices = [
+                np.ascontiguousarray(per[0, t] if layout == "B" else per[t, 0])
+                for t in range(tokens)
+            ]
+            return node.op_type, (other.name or node_name(node), slices)
+        return None
+
+    def _unroll(self, graph: ir.Graph, start: ir.Node, steps, tokens: int, width: int) -> None:
+        name = self.__class__.__name__
+        chain_nodes = [s[0] for s in steps]
+        base = node_name(steps[1][0])
+        x, old_out = start.inputs[0], steps[-1][0].outputs[0]
+        flat_shape = add_initializer(graph, f"{base}_flat", np.array([0, -1], dtype=np.int64))
+        sizes = add_initializer(graph, f"{base}_split", np.full(tokens, width, dtype=np.int64))
+        flat = tag(ir.Node("", "Reshape", [x, flat_shape], name=f"{base}_flat"), name)
+        split = ir.Node(
+            "",
+            "Split",
+            [flat.outputs[0], sizes],
+            attributes=[ir.AttrInt64("axis", 1)],
+            num_outputs=tokens,
+            name=f"{base}_split",
+        )
+        new_nodes, pieces, f = [flat, tag(split, name)], [], width
+        for t in range(tokens):
+            v, f = split.outputs[t], width
+            for node, kind, data, _ in steps:
+                if kind == "swap":
+                    continue
+                if kind == "matmul":
+                    w_name = f"{node.inputs[1].name}.t{t}"  # layer names in reports: "ffn.w1.t3"
+                    w = add_initializer(graph, w_name, np.ascontiguousarray(data[t]))
+                    new = ir.Node("", "MatMul", [v, w], name=f"{node_name(node)}_tok{t}")
+                    f = data.shape[2]
+                elif kind in ("Add", "Mul"):
+                    c = add_initializer(graph, f"{data[0]}.t{t}", data[1][t])
+                    new = ir.Node("", kind, [v, c], name=f"{node_name(node)}_tok{t}")
+                else:
+                    new = ir.Node("", kind, [v], name=f"{node_name(node)}_tok{t}")
+                new_nodes.append(tag(new, name, token=t))
+                v = new.outputs[0]
+            pieces.append(v)
+        cat = ir.Node(
+            "", "Concat", pieces, attributes=[ir.AttrInt64("axis", 1)], name=f"{base}_cat"
+        )
+        shape = add_initializer(graph, f"{base}_unflat", np.array([0, tokens, f], dtype=np.int64))
+        back = ir.Node("", "Reshape", [cat.outputs[0], shape], name=f"{base}_unflat")
+        new_nodes += [tag(cat, name), tag(back, name)]
+        ir.convenience.replace_nodes_and_values(
+            graph, start, chain_nodes, new_nodes, [old_out], [back.outputs[0]]
+        )
+        self.chains.append([node_name(n) for n in chain_nodes])
+
+
+def _is_swap(node: ir.Node) -> bool:
+    if node.op_type != "Transpose" or node.domain != "":
+        return False
+    perm = node.attributes.get("perm")
+    return perm is not None and list(perm.value) == _SWAP
+
+
+def _single_use(value: ir.Value) -> ir.Node | None:
+    """The one node using ``value`` (None if several, none, or it is a graph output)."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
 def _matmul_plan(node: ir.Node, w: np.ndarray) -> tuple[int, bool] | str:
     x = node.inputs[0]
     if x.shape is None or len(x.shape) != 3:
@@ -167,11 +371,20 @@ def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: i
     )
 
 
-def canonicalize_linear(model: ir.Model, *, unroll_batched: bool = True) -> ir.passes.PassResult:
+def canonicalize_linear(
+    model: ir.Model,
+    *,
+    unroll_batched: bool = True,
+    unroll_min_elements: int = 0,
+    keep_batched: frozenset[str] = frozenset(),
+) -> ir.passes.PassResult:
     """Fold constants, canonicalise linear layers, remove dead code (in place, one place in order).
 
     Order: folding first exposes constant weights hidden behind Transpose/Reshape/Constant
     nodes; the rewrites then see plain constants; dead code (old weights, folded chains) last.
+    Per-token weights whose slices ``W[t]`` have fewer than ``unroll_min_elements`` elements
+    are not unrolled (they will not be quantized, and the batched form is faster in fp32),
+    nor are the per-token weights named in ``keep_batched`` (kept in float by the selection).
     """
     from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
@@ -182,7 +395,13 @@ def canonicalize_linear(model: ir.Model, *, unroll_batched: bool = True) -> ir.p
         GemmToMatMulPass(),
     ]
     if unroll_batched:
-        passes.append(UnrollBatchedMatMulPass())
+        # einsums first in the MatMul form optimize_inference gives every exported stage
+        # (stages that skipped it, tests), then whole chains, then lone per-token MatMuls
+        passes += [
+            PerTokenEinsumToMatMulPass(),
+            UnrollPerTokenChainPass(min_elements=unroll_min_elements, keep=keep_batched),
+            UnrollBatchedMatMulPass(min_elements=unroll_min_elements, keep=keep_batched),
+        ]
     passes += [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),

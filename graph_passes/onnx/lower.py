@@ -85,8 +85,12 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
     Args:
         accuracy_level: MatMulNBits' compute type for A: 0 = unset (fp32), 4 = A quantized
             to int8 per block (the fast CPU path; adds activation rounding, so budgets are
-            measured on the lowered graph).
+            measured on the lowered graph). Measured on a per-token FFN (4 blocks, T=8,
+            128->512->128, int8, ORT 1.32, 2 threads, vs fp32): level 4 0.55x at batch 1 and
+            0.90-1.02x at 512; level 0 3.0-3.3x at batch 1 (it dequantizes B every call) and
+            0.74-0.86x at 512. Level 4 is the default: only it gains at the user side's M=1.
         block_size: blocking used for per-channel weights (block-wise weights keep theirs).
+            Same measurement: 128 beats 32 (1.04-1.10x slower) and 256 (1.12x slower).
         fuse_bias: fold a following ``Add`` of a constant [N] bias into MatMulNBits' bias input.
     """
 
