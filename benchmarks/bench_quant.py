@@ -14,6 +14,8 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
                     fp32 batched MatMul (per_token_stages=("user",))
     ours-w8a16-pt-all  the same with per-token weights quantized in every stage (the
                     group too): shows what that choice costs at N=512
+    ours-w8a16-2d   the same with no per-token weight quantized (only 2-D layers, e.g. the
+                    user side's [1024, 1024] linears): is unrolling per-token FFNs worth it?
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
     ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
@@ -125,11 +127,18 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
         options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small),
         calibration=calib,
     )
+    only_2d, _ = quantize_bundle_stages(
+        stages,
+        spec,
+        options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small, per_token_stages=()),
+        calibration=calib,
+    )
     return {
         "fp32": fp32,
         "fp32-canonical": canon,
         "ours-w8a16": {k: ours[k] for k in names},
         "ours-w8a16-pt-all": {k: pt_all[k] for k in names},
+        "ours-w8a16-2d": {k: only_2d[k] for k in names},
         "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
         "ort-8bit": {
             k: _ort_peer(v, bits=8, is_symmetric=True, accuracy_level=4) for k, v in fp32.items()
