@@ -50,7 +50,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_candidates=args.max_candidates,
         overwrite=args.overwrite,
         seed=args.seed,
-        extra={"target": args.target, "budgets": args.budgets},
+        extra={
+            "target": args.target,
+            "budgets": args.budgets,
+            "quant_min_elements": args.quant_min_elements,
+            "quant_per_token_stages": args.quant_per_token_stages,
+        },
     )
     ctx = export_bundle(loaded, args.out, options)
     console.print(f"bundle written to [bold]{args.out}[/bold]")
@@ -92,6 +97,13 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (runtime will refuse the bundle)")
     p.add_argument("--data", help="held-out rows (.npz/.csv) for parity and quantization calibration")
     p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
+    p.add_argument("--quant-min-elements", type=int, default=None, metavar="N",
+                   help="w8a16/w4a16: keep weights with fewer than N elements in float "
+                   "(ORT CPU measured 16384 as the break-even)")
+    p.add_argument("--quant-per-token-stages", nargs="*", default=None, metavar="STAGE",
+                   choices=["full", "user", "group"],
+                   help="w8a16/w4a16: stages whose per-token FFN weights are quantized "
+                   "(default: all; ORT CPU measured fastest: user; none: give the flag no values)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

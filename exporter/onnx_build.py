@@ -65,10 +65,10 @@ def rename_io(
             f"{len(output_names)} ({list(output_names)}); fix the spec's 'outputs'"
         )
     symbols: dict[str, str] = {}
-    for value, name in zip(g.inputs, input_names):
+    for value, name in zip(g.inputs, input_names, strict=True):
         value.name = name
         _rename_dim0(value, batch_dims.get(name, "batch"), symbols)
-    for value, name in zip(g.outputs, output_names):
+    for value, name in zip(g.outputs, output_names, strict=True):
         value.name = name
         _rename_dim0(value, batch_dims.get(name, "batch"), symbols)
 

@@ -99,7 +99,7 @@ def row_budget(options: ExportOptions, n_data: int | None) -> tuple[int | None, 
     return parity, calib
 
 
-def _n_data(ctx: "ExportContext") -> int | None:
+def _n_data(ctx: ExportContext) -> int | None:
     data = ctx.options.data
     return None if data is None else len(data[ctx.spec.inputs[0].name])
 

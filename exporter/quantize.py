@@ -608,7 +608,11 @@ def step_quantize(ctx: Any) -> None:
         budget=budget,
         stages=tuple(extra.get("quant_stages") or ("full", "user", "group")),
         min_elements=extra.get("quant_min_elements"),
-        per_token_stages=tuple(extra.get("quant_per_token_stages") or ("full", "user", "group")),
+        per_token_stages=(
+            ("full", "user", "group")
+            if extra.get("quant_per_token_stages") is None
+            else tuple(extra["quant_per_token_stages"])
+        ),
     )
     from exporter.pipeline import _n_data, row_budget
 

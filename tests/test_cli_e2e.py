@@ -119,3 +119,22 @@ def test_runtime_loads_the_checked_bundle_and_scores_like_eager(trained, bundle)
         assert got.shape == ref.shape == (len(idx),)
         assert np.abs(got - ref).max() <= W8A16_MAX_ABS, rid
         assert np.corrcoef(got, ref)[0, 1] > 0.999
+
+
+def test_quant_speed_flags_keep_small_weights_float_and_say_why(trained, tmp_path):
+    """--quant-min-elements above every weight: nothing lowered, each layer says why."""
+    import onnx
+
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "tt-w8a16-float"
+    argv = ["export", str(trained / "student"), "--out", str(out), "--no-split",
+            "--precision", "w8a16", "--quant-min-elements", str(10**9),
+            "--quant-per-token-stages"]
+    assert main(argv) == 0
+    q = Manifest.read(out).quantization
+    assert q["layers"], "every linear layer is listed"
+    assert all(r["precision"] == "fp32" for r in q["layers"])
+    assert q.get("kept_float_for_speed"), q.keys()
+    ops = {n.op_type for n in onnx.load(str(out / "full.onnx")).graph.node}
+    assert not ops & {"MatMulNBits", "DequantizeLinear"}

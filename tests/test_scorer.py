@@ -51,7 +51,7 @@ def test_user_without_leading_dim_and_lists(scorer):
 def test_score_many_equals_individual_calls(scorer):
     reqs = [_request(n, seed=n) for n in (1, 4, 9)]
     many = scorer.score_many(reqs)
-    for (u, c), got in zip(reqs, many):
+    for (u, c), got in zip(reqs, many, strict=True):
         np.testing.assert_allclose(got["ctr"], scorer.score(u, c)["ctr"], atol=1e-6)
 
 
