@@ -314,17 +314,22 @@ def _md_accuracy_level(s: dict) -> list[str]:
     return lines
 
 
-def _md_serve(s: dict) -> list[str]:
+def _ratio_table(per_variant: dict, against: str) -> list[str]:
+    """Candidates/s and p99 ratios per variant and concurrency, against one baseline."""
     lines = [
-        "| variant | concurrency | candidates/s vs eager | p99 vs eager |",
+        f"| variant | concurrency | candidates/s vs {against} | p99 vs {against} |",
         "|---|---:|---:|---:|",
     ]
-    for variant, per in s["vs_eager"].items():
+    for variant, per in per_variant.items():
         for conc, r in per.items():
             lines.append(
                 f"| {variant} | {conc} | {_x(r['candidates_per_s_ratio'])} | {_x(r['p99_ratio'])} |"
             )
-    return lines + [
+    return lines
+
+
+def _md_serve(s: dict) -> list[str]:
+    return _ratio_table(s["vs_eager"], "eager") + [
         "",
         f"{s['student']}, N={s['candidates']}; FLOP ceiling of the split {_x(s['flop_ceiling_split'])}; "
         f"user-cache hit ratio {_x(s['cache_hit_ratio'], '.0%', '')}.",
@@ -332,16 +337,7 @@ def _md_serve(s: dict) -> list[str]:
 
 
 def _md_triton(s: dict) -> list[str]:
-    lines = [
-        "| variant | concurrency | candidates/s vs ugsep serve | p99 vs ugsep serve |",
-        "|---|---:|---:|---:|",
-    ]
-    for variant, per in s["vs_ugsep_serve"].items():
-        for conc, r in per.items():
-            lines.append(
-                f"| {variant} | {conc} | {_x(r['candidates_per_s_ratio'])} | {_x(r['p99_ratio'])} |"
-            )
-    return lines + ["", f"{s['student']}, N={s['candidates']}."]
+    return _ratio_table(s["vs_ugsep_serve"], "ugsep serve") + ["", f"{s['student']}, N={s['candidates']}."]
 
 
 _MD = {

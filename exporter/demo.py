@@ -100,6 +100,7 @@ def _export(
     budgets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from exporter.data import load_rows
+    from exporter.inspect import ceiling
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
     from runtime.manifest import Manifest
@@ -124,11 +125,11 @@ def _export(
         "precision": precision,
         "split": manifest.is_split,
         "boundary_tensors": len((manifest.split or {}).get("boundary", [])),
-        "ceiling_n512": _ceiling(manifest, 512),
+        "ceiling_n512": _round(ceiling(manifest.flops or {}, 512)),
         "parity_passed": bool(report.passed),
         "parity_rows": report.rows["n"],
         "worst_stage": worst,
-        "weight_bytes": _weight_bytes(manifest),
+        "weight_bytes": (manifest.quantization or {}).get("weight_bytes"),
         "export_seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -150,11 +151,11 @@ def _score_request(bundle: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     got = scorer.score(user, cands)
     eager = eager_outputs(load_student(train_dir / "student").eager(), spec,
                           {s.name: rows[s.name][pick] for s in spec.inputs})
-    out = spec.outputs[0] if isinstance(spec.outputs, list) else next(iter(spec.outputs))
+    out = spec.outputs[0]
     scores, ref = np.asarray(got[out]).reshape(-1), np.asarray(eager[out]).reshape(-1)
     top = np.argsort(-scores)[:5]
     console.print(f"request {int(rid[pick[0]])}: 1 user, {len(pick)} candidates, "
-                  f"backend {scorer.backend.name if hasattr(scorer.backend, 'name') else 'onnxruntime'}, "
+                  f"backend {scorer.backend.name}, "
                   f"split={scorer.split}")
     console.print("  top-5 candidates (row: score / eager): " + ", ".join(
         f"{int(i)}: {scores[i]:.4f}/{ref[i]:.4f}" for i in top))
@@ -195,17 +196,8 @@ def _worst_stage(report) -> dict[str, Any]:
     return best
 
 
-def _weight_bytes(manifest) -> Any:
-    q = manifest.quantization or {}
-    return q.get("weight_bytes") or q.get("bytes") or q.get("summary")
-
-
-def _ceiling(manifest, n: int) -> float | None:
-    f = manifest.flops or {}
-    u, g = f.get("user_per_row"), f.get("group_per_row")
-    if not (u and g):
-        return None
-    return round((u + g) / (u / n + g), 2)
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
 
 def _jsonable(x: Any) -> Any:

@@ -11,10 +11,6 @@ from exporter.progress import console
 from runtime.bundle import Bundle
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f} MiB"
-
-
 def ceiling(flops: dict, n: int) -> float | None:
     """(U+G)/(U/N+G): the speedup bound of the split for a request of N candidates."""
     u, g = flops.get("user_per_row"), flops.get("group_per_row")
@@ -52,7 +48,7 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
         t.add_row(
             name,
             st["file"],
-            _mib(size),
+            _size(size),
             ", ".join(st.get("inputs", [])),
             ", ".join(st.get("outputs", [])),
         )

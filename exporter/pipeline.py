@@ -36,7 +36,7 @@ from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
 from exporter.optimize import step_optimize
 from exporter.progress import console
-from exporter.quantize import step_quantize
+from exporter.quantize import CALIBRATION_ROWS, step_quantize
 from exporter.tensorrt import step_trt_build, step_trt_lint
 from runtime.manifest import DEFAULT_LIMITS
 from runtime.sample import sample_rows
@@ -77,31 +77,25 @@ class ExportContext:
     def spec(self):
         return self.loaded.spec
 
+    def row_budget(self) -> tuple[int, int]:
+        """(parity rows, calibration rows) of the held-out data (sampled rows without data).
 
-CALIBRATION_ROWS = 2000
+        Quantized exports keep up to 2000 rows (a quarter of small files) for calibration at
+        the END of the data; parity takes the rest (or ``options.parity_rows`` if set). AUC
+        deltas of 1e-4 need many rows to be resolved, so parity defaults to every row it can.
+        """
+        o = self.options
+        calib = 0 if o.precision == "fp32" else CALIBRATION_ROWS
+        if o.data is None:
+            return (o.parity_rows or 1000), calib
+        n_data = len(o.data[self.spec.inputs[0].name])
+        if calib:
+            calib = min(calib, n_data // 4)
+        parity = n_data - calib
+        if o.parity_rows is not None:
+            parity = min(parity, o.parity_rows)
+        return parity, calib
 
-
-def row_budget(options: ExportOptions, n_data: int | None) -> tuple[int | None, int]:
-    """(parity rows, calibration rows) for ``n_data`` held-out rows (None: sampled rows).
-
-    Quantized exports keep up to 2000 rows (a quarter of small files) for calibration at
-    the END of the data; parity takes the rest (or ``options.parity_rows`` if set). AUC
-    deltas of 1e-4 need many rows to be resolved, so parity defaults to every row it can.
-    """
-    calib = 0 if options.precision == "fp32" else CALIBRATION_ROWS
-    if n_data is None:
-        return (options.parity_rows or 1000), calib
-    if calib:
-        calib = min(calib, n_data // 4)
-    parity = n_data - calib
-    if options.parity_rows is not None:
-        parity = min(parity, options.parity_rows)
-    return parity, calib
-
-
-def _n_data(ctx: ExportContext) -> int | None:
-    data = ctx.options.data
-    return None if data is None else len(data[ctx.spec.inputs[0].name])
 
 
 def step_capture(ctx: ExportContext) -> None:
@@ -151,7 +145,7 @@ def step_parity(ctx: ExportContext) -> None:
     from exporter.parity import check_bundle
 
     o = ctx.options
-    n_parity, _ = row_budget(o, _n_data(ctx))
+    n_parity, _ = ctx.row_budget()
     ctx.parity_report = check_bundle(
         ctx.out_dir,
         ctx.loaded.eager(),

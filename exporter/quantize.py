@@ -614,9 +614,7 @@ def step_quantize(ctx: Any) -> None:
             else tuple(extra["quant_per_token_stages"])
         ),
     )
-    from exporter.pipeline import _n_data, row_budget
-
-    n_parity, n_calib = row_budget(o, _n_data(ctx))
+    n_parity, n_calib = ctx.row_budget()
     calib = calibration_for(
         ctx.loaded.eager(), ctx.spec, o.data, skip_rows=n_parity, n_rows=n_calib, seed=o.seed
     )
