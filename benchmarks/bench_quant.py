@@ -7,8 +7,9 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
     fp32            the split bundle as exported (the baseline)
     fp32-canonical  our canonicalisation only (Gemm -> MatMul, per-token chains unrolled to
                     2-D MatMuls), still fp32: what canonicalisation costs or buys by itself
-    ours-w8a16      exporter.quantize (sensitivity-selected int8, MatMulNBits accuracy_level=4)
-                    with the speed choices measured on ORT CPU: weights under
+    ours-w8a16      exporter.quantize at its ort-cpu defaults, i.e. `ugsep export --precision
+                    w8a16` (sensitivity-selected int8, MatMulNBits accuracy_level=4) with the
+                    speed choices measured on ORT CPU: weights under
                     NBITS_MIN_ELEMENTS stay fp32; per-token FFN weights are unrolled and
                     quantized on the user side only (batch 1), the group keeps them as one
                     fp32 batched MatMul (per_token_stages=("user",))
@@ -118,13 +119,15 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
     ours, record = quantize_bundle_stages(
         stages,
         spec,
-        options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small, per_token_stages=("user",)),
+        options=QuantizeOptions("w8a16", "ort-cpu"),  # the ORT-CPU defaults (TARGET_DEFAULTS)
         calibration=calib,
     )
     pt_all, _ = quantize_bundle_stages(
         stages,
         spec,
-        options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small),
+        options=QuantizeOptions(
+            "w8a16", "ort-cpu", min_elements=small, per_token_stages=("full", "user", "group")
+        ),
         calibration=calib,
     )
     only_2d, _ = quantize_bundle_stages(

@@ -99,11 +99,13 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
     p.add_argument("--quant-min-elements", type=int, default=None, metavar="N",
                    help="w8a16/w4a16: keep weights with fewer than N elements in float "
-                   "(ORT CPU measured 16384 as the break-even)")
+                   "(default by target: ort-cpu 16384, the measured break-even; gpu/qdq 0; "
+                   "0 quantizes every layer)")
     p.add_argument("--quant-per-token-stages", nargs="*", default=None, metavar="STAGE",
                    choices=["full", "user", "group"],
                    help="w8a16/w4a16: stages whose per-token FFN weights are quantized "
-                   "(default: all; ORT CPU measured fastest: user; none: give the flag no values)")
+                   "(default by target: ort-cpu user, measured fastest; gpu/qdq all three; "
+                   "none: give the flag no values)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -41,11 +41,18 @@ from exporter.parity.budgets import DEFAULTS, evaluate
 from exporter.parity.check import output_metrics
 from exporter.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
-from graph_passes.onnx.pipelines import describe
+from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"w8a16": 8, "w4a16": 4}
 TARGETS = ("ort-cpu", "gpu", "qdq")
+_ALL_STAGES = ("full", "user", "group")
+# Per target, the speed choices QuantizeOptions defaults to (measured: benchmarks/bench_quant.py).
+TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ort-cpu": {"min_elements": NBITS_MIN_ELEMENTS, "per_token_stages": ("user",)},
+    "gpu": {"min_elements": 0, "per_token_stages": _ALL_STAGES},
+    "qdq": {"min_elements": 0, "per_token_stages": _ALL_STAGES},
+}
 Rows = dict[str, np.ndarray]
 
 
@@ -73,14 +80,17 @@ class QuantizeOptions:
     kernel pays at the user side's batch 1 but loses to fp32 GEMM at a group batch of 512,
     see benchmarks/bench_quant_accuracy_level.py); stages left out keep fp32 weights.
     ``min_elements``: weights (per-token: per token) smaller than this stay fp32 for speed
-    (not unrolled, not quantized); on ort-cpu ``NBITS_MIN_ELEMENTS`` is the measured point
-    below which MatMulNBits is no faster than fp32 GEMM (benchmarks/bench_quant.py uses it).
-    None = 0: every layer is a candidate (tiny test models have only small layers).
-    ``per_token_stages``: stages whose per-token weights ``W[T, D, H]`` are unrolled and
-    quantized; elsewhere they stay one fp32 batched MatMul. On ORT CPU per-token weights pay
-    at the user side's batch 1 (MatMulNBits chains 0.56x the fp32 user graph) but not at a
-    group batch of 512 (1.23-1.33x the fp32 group graph; bench RankMixer, ORT 1.32, 2
-    threads), hence ``("user",)`` in benchmarks/bench_quant.py."""
+    (not unrolled, not quantized). ``per_token_stages``: stages whose per-token weights
+    ``W[T, D, H]`` are unrolled and quantized; elsewhere they stay one fp32 batched MatMul.
+
+    Both default by target (``TARGET_DEFAULTS``), to what was measured fastest there:
+    on ort-cpu ``NBITS_MIN_ELEMENTS`` (16384; below it MatMulNBits is no faster than fp32
+    GEMM) and per-token weights only on the user side (MatMulNBits chains are 0.56x the fp32
+    user graph at batch 1 but 1.23-1.33x the fp32 group graph at a batch of 512; bench
+    RankMixer, ORT 1.32, 2 threads; benchmarks/bench_quant.py). On gpu / qdq every layer is a
+    candidate (TensorRT fuses DequantizeLinear into the GEMM). ``min_elements=0`` and all
+    three ``per_token_stages`` quantize every eligible layer: smallest bundle, slower on ORT
+    CPU. When the defaults leave nothing to quantize (a tiny model), export stops and says so."""
 
     precision: str = "w8a16"
     target: str = "ort-cpu"
@@ -90,11 +100,15 @@ class QuantizeOptions:
     select: bool = True
     stages: tuple[str, ...] = ("full", "user", "group")
     min_elements: int | None = None
-    per_token_stages: tuple[str, ...] = ("full", "user", "group")
+    per_token_stages: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.min_elements is None:
-            self.min_elements = 0
+        if self.target in TARGET_DEFAULTS:
+            defaults = TARGET_DEFAULTS[self.target]
+            if self.min_elements is None:
+                self.min_elements = defaults["min_elements"]
+            if self.per_token_stages is None:
+                self.per_token_stages = defaults["per_token_stages"]
         if self.precision not in PRECISIONS:
             raise ExportError(
                 f"precision '{self.precision}' is not quantized; use one of {list(PRECISIONS)}"
@@ -363,6 +377,16 @@ def quantize_bundle_stages(
     split = {"user", "group"} <= set(stages)
     paths = [_Path(("user", "group"), canonical, opts.stages, opts.min_elements)] if split else []
     paths.append(_Path(("full",), canonical, opts.stages, opts.min_elements))
+    if not any(p.groups for p in paths):
+        small = sorted({w for p in paths for _, w, _ in p.small})
+        raise ExportError(
+            f"{opts.precision}: no linear layer is worth quantizing for target '{opts.target}' "
+            f"({len(small)} layer(s) below min_elements={opts.min_elements} or per-token in a "
+            f"stage outside per_token_stages={list(opts.per_token_stages)}: the measured speed "
+            "choice keeps them fp32). Export fp32, or quantize them anyway with "
+            "--quant-min-elements 0 --quant-per-token-stages full user group "
+            "(smaller bundle; slower on ORT CPU)"
+        )
     runner = _Runner(calibration, spec, canonical.values()) if calibration is not None else None
     record: dict[str, Any] = {
         "precision": opts.precision,
@@ -589,7 +613,7 @@ def step_quantize(ctx: Any) -> None:
     activations for TensorRT), ``budgets`` (the parity budgets file; its entry for the
     precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``
     / ``quant_stages`` (e.g. ["user"]) / ``quant_min_elements`` / ``quant_per_token_stages``
-    (the ORT CPU speed choices benchmarks/bench_quant.py measures: 16384 and ["user"]).
+    (None: the target's measured defaults, ``TARGET_DEFAULTS``).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -609,7 +633,7 @@ def step_quantize(ctx: Any) -> None:
         stages=tuple(extra.get("quant_stages") or ("full", "user", "group")),
         min_elements=extra.get("quant_min_elements"),
         per_token_stages=(
-            ("full", "user", "group")
+            None
             if extra.get("quant_per_token_stages") is None
             else tuple(extra["quant_per_token_stages"])
         ),

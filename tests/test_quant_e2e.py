@@ -35,6 +35,7 @@ SPEC = FeatureSpec.from_dict(
         "outputs": ["ctr"],
     }
 )
+EVERY_LAYER = {"min_elements": 0, "per_token_stages": ("full", "user", "group")}
 
 
 class PerTokenRanker(torch.nn.Module):
@@ -73,9 +74,9 @@ def exported():
 @pytest.fixture(scope="module")
 def default_w8a16(exported):
     _, full, calib = exported
-    # min_elements=0: every layer of this tiny model is a candidate (on ORT CPU the default
-    # keeps weights under NBITS_MIN_ELEMENTS in fp32 for speed; see the test below)
-    opts = QuantizeOptions(min_elements=0)
+    # every layer of this tiny model a candidate (on ORT CPU the default keeps weights under
+    # NBITS_MIN_ELEMENTS and per-token weights outside the user side in fp32 for speed)
+    opts = QuantizeOptions(**EVERY_LAYER)
     return quantize_bundle_stages({"full": full}, SPEC, options=opts, calibration=calib)
 
 
@@ -127,7 +128,7 @@ def test_selection_keeps_most_damaging_layers_in_float_to_meet_a_tight_budget(
     out, record = quantize_bundle_stages(
         {"full": full},
         SPEC,
-        options=QuantizeOptions(budget=budget, min_elements=0),
+        options=QuantizeOptions(budget=budget, **EVERY_LAYER),
         calibration=calib,
     )
     outcome = record["outcome"]["full"]
@@ -192,7 +193,11 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
     model = TwoSide().eval()
     rows, rid = sample_requests(SPEC, 8, 100, seed=5)
     opts = ExportOptions(
-        precision="w8a16", parity=False, data={**rows, "request_id": rid}, parity_rows=200
+        precision="w8a16",
+        parity=False,
+        data={**rows, "request_id": rid},
+        parity_rows=200,
+        extra={"quant_min_elements": 0},  # the tiny towers sit below the ORT CPU default
     )
     ctx = export_bundle(LoadedModel(spec=SPEC, module=model), tmp_path / "b", opts)
     m = Manifest.read(tmp_path / "b")
@@ -224,7 +229,8 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
 def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     _, full, calib = exported
     out, record = quantize_bundle_stages(
-        {"full": full}, SPEC, options=QuantizeOptions(min_elements=4096), calibration=None
+        {"full": full}, SPEC, options=QuantizeOptions(min_elements=4096, per_token_stages=("full",)),
+        calibration=None,
     )
     # tok [16, 256] (4096) and w1/w2 per token [64, 64] (4096) reach it; head [256, 1] not
     assert record["scheme"]["min_elements"] == 4096
@@ -238,9 +244,12 @@ def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     }
     nbits = [n for n in out["full"].graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 1 + 2 * 4  # tok + w1, w2 per token; the head stays a float MatMul
-    assert QuantizeOptions().min_elements == 0  # every layer a candidate by default
+    # the measured ORT CPU choices are the defaults there; on GPU every layer is a candidate
     assert NBITS_MIN_ELEMENTS == 16384
+    assert QuantizeOptions().min_elements == NBITS_MIN_ELEMENTS
+    assert QuantizeOptions().per_token_stages == ("user",)
     assert QuantizeOptions(target="gpu").min_elements == 0
+    assert QuantizeOptions(target="gpu").per_token_stages == ("full", "user", "group")
     got = _run(out["full"], calib.rows)
     assert np.abs(got - calib.reference["ctr"]).max() < 0.02
 
@@ -253,3 +262,17 @@ def test_budget_damage_is_the_share_of_the_tightest_limit():
     reorder["outputs"]["ctr"]["top10_overlap_mean"] = 0.72
     assert budget_damage(shift, limits) == pytest.approx((0.3, 5e-5))
     assert budget_damage(reorder, limits) == pytest.approx((0.28 / 0.05, 8e-5))
+
+
+def test_defaults_that_leave_nothing_to_quantize_stop_the_export_and_say_how_to_force_it(
+    exported,
+):
+    from exporter.errors import ExportError
+
+    _, full, calib = exported
+    # every weight of this model is under NBITS_MIN_ELEMENTS: on ORT CPU quantizing them is
+    # slower than fp32, and a "w8a16" bundle with nothing in int8 would be a lie
+    with pytest.raises(ExportError, match="no linear layer is worth quantizing") as err:
+        quantize_bundle_stages({"full": full}, SPEC, options=QuantizeOptions(), calibration=calib)
+    assert "--quant-min-elements 0" in str(err.value)
+    assert "min_elements=16384" in str(err.value)

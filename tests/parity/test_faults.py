@@ -140,11 +140,12 @@ def w8_bundle_master(split_bundle_master, tmp_path_factory):
     import onnx
 
     from exporter.bundle_writer import BundleWriter
-    from exporter.quantize import quantize_bundle_stages
+    from exporter.quantize import QuantizeOptions, quantize_bundle_stages
 
     m = Manifest.read(split_bundle_master)
     stages = {k: onnx.load(str(split_bundle_master / v["file"])) for k, v in m.stages.items()}
-    quantized, record = quantize_bundle_stages(stages, m.spec)
+    every = QuantizeOptions(min_elements=0, per_token_stages=("full", "user", "group"))
+    quantized, record = quantize_bundle_stages(stages, m.spec, options=every)
     out = tmp_path_factory.mktemp("w8") / "bundle"
     w = BundleWriter(out)
     for stage, proto in quantized.items():
