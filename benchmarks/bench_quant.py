@@ -9,13 +9,13 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
                     2-D MatMuls), still fp32: what canonicalisation costs or buys by itself
     ours-w8a16      exporter.quantize at its ort-cpu defaults, i.e. `ugsep export --precision
                     w8a16` (sensitivity-selected int8, MatMulNBits accuracy_level=4) with the
-                    speed choices measured on ORT CPU: weights under
-                    NBITS_MIN_ELEMENTS stay fp32; per-token FFN weights are unrolled and
-                    quantized on the user side only (batch 1), the group keeps them as one
-                    fp32 batched MatMul (per_token_stages=("user",))
-    ours-w8a16-pt-all  the same with per-token weights quantized in every stage (the
+                    speed choices timed per stage on this CPU (exporter/quant_tune.py: which
+                    weights are big enough to pay, whether per-token FFN weights are unrolled
+                    and quantized; user side at batch 1, group and full at 256); the choice
+                    is in the JSON under selection.speed_tuning
+    ours-w8a16-pt-all  NBITS_MIN_ELEMENTS with per-token weights quantized in every stage (the
                     group too): shows what that choice costs at N=512
-    ours-w8a16-2d   the same with no per-token weight quantized (only 2-D layers, e.g. the
+    ours-w8a16-2d   NBITS_MIN_ELEMENTS with no per-token weight quantized (only 2-D layers, e.g. the
                     user side's [1024, 1024] linears): is unrolling per-token FFNs worth it?
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             "layers": record["layers"],
             "outcome": record.get("outcome"),
             "weight_bytes": record["weight_bytes"],
+            "scheme": record["scheme"],
+            "speed_tuning": record.get("speed_tuning"),
         },
         "accuracy": _accuracy(
             pairs,

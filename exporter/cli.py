@@ -55,6 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "budgets": args.budgets,
             "quant_min_elements": args.quant_min_elements,
             "quant_per_token_stages": args.quant_per_token_stages,
+            "quant_tune": not args.no_quant_tune,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -99,13 +100,16 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
     p.add_argument("--quant-min-elements", type=int, default=None, metavar="N",
                    help="w8a16/w4a16: keep weights with fewer than N elements in float "
-                   "(default by target: ort-cpu 16384, the measured break-even; gpu/qdq 0; "
+                   "(default: ort-cpu timed per stage on this CPU, else 16384; gpu/qdq 0; "
                    "0 quantizes every layer)")
     p.add_argument("--quant-per-token-stages", nargs="*", default=None, metavar="STAGE",
                    choices=["full", "user", "group"],
                    help="w8a16/w4a16: stages whose per-token FFN weights are quantized "
-                   "(default by target: ort-cpu user, measured fastest; gpu/qdq all three; "
+                   "(default: ort-cpu timed per stage on this CPU, else user; gpu/qdq all three; "
                    "none: give the flag no values)")
+    p.add_argument("--no-quant-tune", action="store_true",
+                   help="w8a16/w4a16 on ORT CPU: use the fixed speed defaults (16384, user) instead "
+                   "of timing each stage on this CPU (tuning is off anyway when either knob above is given)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ all-layers and the selected configurations, the per-layer table and weight bytes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable
@@ -83,14 +84,17 @@ class QuantizeOptions:
     (not unrolled, not quantized). ``per_token_stages``: stages whose per-token weights
     ``W[T, D, H]`` are unrolled and quantized; elsewhere they stay one fp32 batched MatMul.
 
-    Both default by target (``TARGET_DEFAULTS``), to what was measured fastest there:
-    on ort-cpu ``NBITS_MIN_ELEMENTS`` (16384; below it MatMulNBits is no faster than fp32
-    GEMM) and per-token weights only on the user side (MatMulNBits chains are 0.56x the fp32
-    user graph at batch 1 but 1.23-1.33x the fp32 group graph at a batch of 512; bench
-    RankMixer, ORT 1.32, 2 threads; benchmarks/bench_quant.py). On gpu / qdq every layer is a
-    candidate (TensorRT fuses DequantizeLinear into the GEMM). ``min_elements=0`` and all
-    three ``per_token_stages`` quantize every eligible layer: smallest bundle, slower on ORT
-    CPU. When the defaults leave nothing to quantize (a tiny model), export stops and says so."""
+    ``tune`` (default: on for ort-cpu unless either knob is given): choose both per stage by
+    timing each stage graph on this CPU (``tune_for_speed``, exporter/quant_tune.py): what
+    pays depends on the CPU (a per-token [128, 512] weight at batch 1 ran 0.55x fp32 on one
+    x86-64 machine and 0.94x on a Zen 3 without VNNI). ``tune_threads``: intra-op threads
+    timed (None: ONNX Runtime's default, as the runtime uses). With ``tune`` off the knobs
+    default by target (``TARGET_DEFAULTS``): on ort-cpu ``NBITS_MIN_ELEMENTS`` and per-token
+    weights only on the user side (measured on the first machine; benchmarks/bench_quant.py);
+    on gpu / qdq every layer is a candidate (TensorRT fuses DequantizeLinear into the GEMM).
+    ``min_elements=0`` and all three ``per_token_stages`` quantize every eligible layer:
+    smallest bundle, slower on ORT CPU. When fixed knobs leave nothing to quantize (a tiny
+    model), export stops and says so."""
 
     precision: str = "w8a16"
     target: str = "ort-cpu"
@@ -101,8 +105,14 @@ class QuantizeOptions:
     stages: tuple[str, ...] = ("full", "user", "group")
     min_elements: int | None = None
     per_token_stages: tuple[str, ...] | None = None
+    tune: bool | None = None
+    tune_threads: int | None = None
+    stage_min_elements: dict[str, int] | None = None  # per stage, set by speed tuning
 
     def __post_init__(self) -> None:
+        if self.tune is None:  # explicit speed knobs are the user's choice: no tuning
+            explicit = self.min_elements is not None or self.per_token_stages is not None
+            self.tune = self.target == "ort-cpu" and not explicit
         if self.target in TARGET_DEFAULTS:
             defaults = TARGET_DEFAULTS[self.target]
             if self.min_elements is None:
@@ -121,6 +131,11 @@ class QuantizeOptions:
     @property
     def bits(self) -> int:
         return PRECISIONS[self.precision]
+
+    def min_elements_for(self, stage: str) -> int:
+        if self.stage_min_elements and stage in self.stage_min_elements:
+            return self.stage_min_elements[stage]
+        return int(self.min_elements or 0)
 
     def limits(self) -> dict[str, float]:
         return {**DEFAULTS[self.precision], **(self.budget or {})}
@@ -141,7 +156,9 @@ class QuantizeOptions:
             "granularity": grain,
             "target": self.target,
             "lowering": lowering,
-            "min_elements": self.min_elements,
+            "min_elements": dict(self.stage_min_elements)
+            if self.stage_min_elements
+            else self.min_elements,
             "per_token_stages": list(self.per_token_stages),
         }
 
@@ -158,7 +175,7 @@ class _Path:
     stages: tuple[str, ...]
     canonical: dict[str, onnx.ModelProto]
     quantized_stages: tuple[str, ...] = ("full", "user", "group")
-    min_elements: int = 0
+    min_elements: dict[str, int] = field(default_factory=dict)  # per stage; missing = 0
     # (stage, weight, why) left fp32 for speed: below min_elements, or per-token off
     small: list[tuple[str, str, str]] = field(default_factory=list)
     groups: dict[str, list[tuple[str, str]]] = field(
@@ -170,9 +187,10 @@ class _Path:
             if stage not in self.quantized_stages:
                 continue
             model = ir.serde.deserialize_model(self.canonical[stage])
-            for w in linear_layers(model, min_elements=self.min_elements):
+            m = self.min_elements.get(stage, 0)
+            for w in linear_layers(model, min_elements=m):
                 self.groups.setdefault(f"{stage}:{group_of(w)}", []).append((stage, w))
-            self.small += [(stage, w, why) for w, why in _small_weights(model, self.min_elements)]
+            self.small += [(stage, w, why) for w, why in _small_weights(model, m)]
 
     def build(
         self,
@@ -204,7 +222,7 @@ class _Path:
                 only=names,
                 accuracy_level=opts.accuracy_level,
                 canonicalize=False,
-                min_elements=self.min_elements,
+                min_elements=self.min_elements.get(stage, 0),
             )
             out[stage] = ir.serde.serialize_model(res.model)
             refusals += [f"{stage}: {line}" for line in describe(res.refusals)]
@@ -221,7 +239,7 @@ class _Path:
                 final.canonical[s] = stages[s]  # nothing quantized: the stage as exported
             elif skip[s]:
                 final.canonical[s] = _canonical(
-                    s, stages[s], self.min_elements, skip[s], s in opts.per_token_stages
+                    s, stages[s], self.min_elements.get(s, 0), skip[s], s in opts.per_token_stages
                 )
         return final.build(opts, keep_float=keep)
 
@@ -242,10 +260,8 @@ def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
         if any(node.inputs[1].name == name for name, _ in out):
             continue
         if n < min_elements:
-            why = f"{n} elements < min_elements={min_elements} (on ORT CPU MatMulNBits is no "
-            why += (
-                "faster than fp32 GEMM below that, graph_passes.onnx.pipelines.NBITS_MIN_ELEMENTS)"
-            )
+            why = f"{n} elements < min_elements={min_elements}, this stage's speed choice "
+            why += "(smaller weights ran faster as fp32 GEMM; manifest quantization.speed_tuning)"
             out.append((node.inputs[1].name or "", why))
         elif w.ndim == 3:
             why = "per-token weight in a stage outside per_token_stages: one fp32 batched "
@@ -370,13 +386,17 @@ def quantize_bundle_stages(
     with it, layers are selected against the budget as described in the module docstring.
     """
     opts = options or QuantizeOptions()
+    tuning = None
+    if opts.tune:
+        opts, tuning = tune_for_speed(stages, opts)
     canonical = {
-        k: _canonical(k, v, opts.min_elements, unroll=k in opts.per_token_stages)
+        k: _canonical(k, v, opts.min_elements_for(k), unroll=k in opts.per_token_stages)
         for k, v in stages.items()
     }
     split = {"user", "group"} <= set(stages)
-    paths = [_Path(("user", "group"), canonical, opts.stages, opts.min_elements)] if split else []
-    paths.append(_Path(("full",), canonical, opts.stages, opts.min_elements))
+    per_stage = {k: opts.min_elements_for(k) for k in stages}
+    paths = [_Path(("user", "group"), canonical, opts.stages, per_stage)] if split else []
+    paths.append(_Path(("full",), canonical, opts.stages, per_stage))
     if not any(p.groups for p in paths):
         small = sorted({w for p in paths for _, w, _ in p.small})
         raise ExportError(
@@ -394,6 +414,8 @@ def quantize_bundle_stages(
         "passes": _PASSES[opts.target],
     }
     record["budget"] = opts.limits() if runner else None
+    if tuning is not None:
+        record["speed_tuning"] = tuning
     out: dict[str, onnx.ModelProto] = {}
     layers, refusals = [], []
     prior: dict[str, Any] = {}  # the split path's findings, reused for full
@@ -412,6 +434,71 @@ def quantize_bundle_stages(
     record["refusals"] = sorted(set(refusals))
     record["weight_bytes"] = {k: _bytes(stages[k], out[k]) for k in out}
     return out, record
+
+
+def tune_for_speed(
+    stages: dict[str, onnx.ModelProto], opts: QuantizeOptions
+) -> tuple[QuantizeOptions, dict[str, Any]]:
+    """Pick each stage's speed configuration by timing it on this CPU (exporter.quant_tune).
+
+    Returns the options with the chosen per-stage ``min_elements``, ``per_token_stages`` and
+    ``stages`` (a stage whose fp32 graph is fastest is not quantized) and the record for
+    ``manifest.quantization.speed_tuning``. When no stage is faster quantized, each stage
+    takes its fastest quantized configuration (the bundle is quantized for size) and the
+    record and a warning say so.
+    """
+    from exporter import quant_tune
+
+    record: dict[str, Any] = {
+        "cpu": quant_tune.cpu_name(),
+        "threads": opts.tune_threads or "onnxruntime default",
+        "accuracy_level": opts.accuracy_level,
+        "stages": {},
+    }
+    for stage in (s for s in ("user", "group", "full") if s in stages and s in opts.stages):
+        proto = stages[stage]
+
+        def build(m: int, per_token: bool, stage=stage, proto=proto):
+            canon = _canonical(stage, proto, m, unroll=per_token)
+            names = linear_layers(ir.serde.deserialize_model(canon), min_elements=m)
+            if not names:
+                return None
+            res = quantize_onnx(
+                canon,
+                bits=opts.bits,
+                block_size=opts.block_size,
+                target=opts.target,
+                only=names,
+                accuracy_level=opts.accuracy_level,
+                canonicalize=False,
+                min_elements=m,
+            )
+            q = ir.serde.serialize_model(res.model)
+            return q, names, quant_tune.quantized_elements(canon, names)
+
+        record["stages"][stage] = quant_tune.tune_stage(
+            stage, proto, build, threads=opts.tune_threads
+        )
+    tuned = record["stages"]
+    if tuned and all(r["chosen"] == quant_tune.FP32 for r in tuned.values()):
+        fallback = {s: r for s, r in tuned.items() if r["fastest_quantized"] is not None}
+        for r in fallback.values():
+            row = next(c for c in r["configs"] if c["config"] == r["fastest_quantized"])
+            r.update(chosen=row["config"], min_elements=row["min_elements"], per_token=row["per_token"])
+        record["fallback"] = (
+            f"{opts.precision} is slower than fp32 on this CPU in every stage: each stage "
+            "takes its fastest quantized configuration (quantized for size)"
+        )
+        log.warning("speed tuning: %s", record["fallback"])
+    chosen = {s: r for s, r in tuned.items() if r["chosen"] != quant_tune.FP32}
+    tuned_opts = dataclasses.replace(
+        opts,
+        stages=tuple(s for s in opts.stages if s in chosen or s not in tuned),
+        per_token_stages=tuple(s for s, r in chosen.items() if r["per_token"]),
+        stage_min_elements={s: int(r["min_elements"]) for s, r in chosen.items()},
+        tune=False,
+    )
+    return tuned_opts, record
 
 
 _PASSES = {
@@ -613,7 +700,8 @@ def step_quantize(ctx: Any) -> None:
     activations for TensorRT), ``budgets`` (the parity budgets file; its entry for the
     precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``
     / ``quant_stages`` (e.g. ["user"]) / ``quant_min_elements`` / ``quant_per_token_stages``
-    (None: the target's measured defaults, ``TARGET_DEFAULTS``).
+    (None: timed per stage on this CPU for ort-cpu, ``tune_for_speed``) / ``quant_tune``
+    (False: the fixed ``TARGET_DEFAULTS`` instead of timing).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -637,6 +725,7 @@ def step_quantize(ctx: Any) -> None:
             if extra.get("quant_per_token_stages") is None
             else tuple(extra["quant_per_token_stages"])
         ),
+        tune=None if extra.get("quant_tune", True) else False,
     )
     n_parity, n_calib = ctx.row_budget()
     calib = calibration_for(

@@ -8,6 +8,7 @@ are padded to a 64-row MatMulNBits block and cost more: inspect must say so).
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -123,16 +124,42 @@ def test_runtime_loads_the_checked_bundle_and_scores_like_eager(trained, bundle)
         assert np.corrcoef(got, ref)[0, 1] > 0.999
 
 
-def test_w8a16_defaults_on_a_model_too_small_to_gain_refuse_and_name_the_flags(
+def test_w8a16_fixed_defaults_on_a_model_too_small_to_gain_refuse_and_name_the_flags(
     trained, tmp_path, capsys
 ):
-    """The ORT CPU defaults keep weights under 16384 elements fp32 (faster there); every
-    weight of the tiny two-tower is that small, so the export stops instead of writing a
-    "w8a16" bundle with nothing in int8, and says how to force it."""
+    """With speed tuning off, the fixed ORT CPU defaults keep weights under 16384 elements
+    fp32; every weight of the tiny two-tower is that small, so the export stops instead of
+    writing a "w8a16" bundle with nothing in int8, and says how to force it."""
     out = tmp_path / "tt-w8a16-default"
     argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]
-    assert main(argv) != 0
+    assert main([*argv, "--no-quant-tune"]) != 0
     err = capsys.readouterr().err
     assert "no linear layer is worth quantizing for target 'ort-cpu'" in err
     assert "--quant-min-elements 0" in err
     assert not (out / "manifest.json").exists()
+
+
+def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(trained, tmp_path):
+    """By default the ORT CPU speed choices are timed per stage (exporter.quant_tune); the
+    manifest records every configuration timed, and the bundle is what was chosen."""
+    out = tmp_path / "tt-w8a16-tuned"
+    argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]
+    assert main(argv) == 0
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    tuning = q["speed_tuning"]
+    assert set(tuning["stages"]) == {"user", "group", "full"}
+    quantized = []
+    for stage, r in tuning["stages"].items():
+        ratios = {c["config"]: c["ratio_vs_fp32"] for c in r["configs"]}
+        assert ratios["fp32"] == 1.0 and len(ratios) >= 2, (stage, ratios)
+        if r["chosen"] != "fp32":
+            quantized.append(stage)
+            assert q["scheme"]["min_elements"][stage] == r["min_elements"]
+            assert (stage in q["scheme"]["per_token_stages"]) == r["per_token"]
+    assert quantized and sorted(q["scheme"]["stages"]) == sorted(quantized)
+    for stage in ("user", "group", "full"):
+        ops = {n.op_type for n in onnx.load(out / f"{stage}.onnx").graph.node}
+        int8 = [r for r in q["layers"] if r["stage"] == stage and r["precision"] == "int8"]
+        assert ("MatMulNBits" in ops) == bool(int8), (stage, ops)
+        if stage not in quantized:
+            assert not int8, stage

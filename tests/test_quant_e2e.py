@@ -250,6 +250,11 @@ def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     assert QuantizeOptions().per_token_stages == ("user",)
     assert QuantizeOptions(target="gpu").min_elements == 0
     assert QuantizeOptions(target="gpu").per_token_stages == ("full", "user", "group")
+    # ... and timed per stage on this CPU unless a knob is given (exporter.quant_tune)
+    assert QuantizeOptions().tune is True
+    assert QuantizeOptions(min_elements=0).tune is False
+    assert QuantizeOptions(per_token_stages=()).tune is False
+    assert QuantizeOptions(target="gpu").tune is False
     got = _run(out["full"], calib.rows)
     assert np.abs(got - calib.reference["ctr"]).max() < 0.02
 
@@ -264,7 +269,7 @@ def test_budget_damage_is_the_share_of_the_tightest_limit():
     assert budget_damage(reorder, limits) == pytest.approx((0.28 / 0.05, 8e-5))
 
 
-def test_defaults_that_leave_nothing_to_quantize_stop_the_export_and_say_how_to_force_it(
+def test_fixed_defaults_that_leave_nothing_to_quantize_stop_the_export_and_say_how(
     exported,
 ):
     from exporter.errors import ExportError
@@ -273,6 +278,8 @@ def test_defaults_that_leave_nothing_to_quantize_stop_the_export_and_say_how_to_
     # every weight of this model is under NBITS_MIN_ELEMENTS: on ORT CPU quantizing them is
     # slower than fp32, and a "w8a16" bundle with nothing in int8 would be a lie
     with pytest.raises(ExportError, match="no linear layer is worth quantizing") as err:
-        quantize_bundle_stages({"full": full}, SPEC, options=QuantizeOptions(), calibration=calib)
+        quantize_bundle_stages(
+            {"full": full}, SPEC, options=QuantizeOptions(tune=False), calibration=calib
+        )
     assert "--quant-min-elements 0" in str(err.value)
     assert "min_elements=16384" in str(err.value)

@@ -1,0 +1,201 @@
+"""Which layers pay to run as MatMulNBits on this CPU: measured per stage, not assumed.
+
+Whether ONNX Runtime's weight-only int8 kernel beats fp32 GEMM depends on the CPU, the
+weight's shape and the batch. Measured on two x86-64 machines (2 threads, ORT 1.32,
+accuracy_level=4): a per-token FFN weight [128, 512] at batch 1 ran 0.55x fp32 on one and
+0.94x on an AMD EPYC (Zen 3, AVX2, no VNNI), where the T extra nodes of an unrolled
+per-token chain then cost more than the bytes they save; [1024, 1024] at batch 1 ran
+0.21x / 0.30x; every shape lost at batch 256. A fixed threshold tuned on one machine is
+wrong on the other, so, as TensorRT picks tactics by timing them, ``tune_speed`` times each
+stage graph the way it will run:
+
+  for every stage: the fp32 graph as exported, and the graph quantized under each speed
+  configuration (``min_elements`` in ``MIN_ELEMENTS_GRID`` x per-token weights unrolled and
+  quantized or kept as one fp32 batched MatMul), at the stage's batch (user side 1: one
+  user per request; group and full ``TUNE_CANDIDATES`` candidates), interleaved rounds,
+  medians; the fastest configuration wins (on a tie, and never slower than fp32, the one
+  that quantizes the most weight elements: the smaller bundle).
+
+Whole-graph timing (not per-layer microbenchmarks) counts what a layer costs in place:
+the Split/Concat and per-node dispatch an unrolled chain adds. The result (every
+configuration's median and ratio to fp32) goes into ``manifest.quantization.speed_tuning``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+MIN_ELEMENTS_GRID = (0, 16384, 131072)
+TUNE_CANDIDATES = 256
+TIE = 0.0  # exact ties only: measured, a 2.6% tuner gap was 9% in the benchmark
+FP32 = "fp32"
+
+
+@dataclass
+class Config:
+    """One speed configuration of a stage and the graph it produces."""
+
+    name: str
+    min_elements: int | None  # None: the fp32 graph as exported
+    per_token: bool
+    proto: onnx.ModelProto
+    quantized_elements: int = 0
+    layers: int = 0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stage_batch(stage: str) -> int:
+    """The batch a stage is timed at: the user side runs once per distinct user."""
+    return 1 if stage == "user" else TUNE_CANDIDATES
+
+
+def _feeds(sess, batch: int) -> dict[str, np.ndarray]:
+    """Valid inputs for any stage: ids 0 (in every vocabulary), floats N(0, 1), one user."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else (1 if d == "M" else batch) for d in i.shape]
+        if i.name == "user_index" or "int" in i.type:
+            feeds[i.name] = np.zeros(shape, np.int64 if "int64" in i.type else np.int32)
+        elif "float16" in i.type:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float16)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def time_configs(
+    configs: list[Config], batch: int, *, threads: int | None = None, budget_s: float = 4.0
+) -> dict[str, float]:
+    """Median seconds per run of each config's graph at ``batch``, interleaved round by round."""
+    import onnxruntime as ort
+
+    from runtime.backends.ort import OrtBackend
+
+    so = OrtBackend(intra_op_threads=threads).session_options()
+    so.log_severity_level = 3
+    sessions = {
+        c.name: ort.InferenceSession(c.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for c in configs
+    }
+    feeds = {name: _feeds(s, batch) for name, s in sessions.items()}
+    first = {}
+    for name, s in sessions.items():  # warm up; the first timed run sizes the rounds
+        s.run(None, feeds[name])
+        t = time.perf_counter()
+        s.run(None, feeds[name])
+        first[name] = time.perf_counter() - t
+    per_round = sum(first.values())
+    reps = max(1, min(20, int(0.02 / max(min(first.values()), 1e-6))))
+    rounds = int(min(25, max(5, budget_s / max(per_round * reps, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - t) / reps)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def choose(configs: list[Config], medians: dict[str, float], tie: float = TIE) -> Config:
+    """The fastest config; among those within ``tie`` of it and no slower than fp32, the one
+    quantizing the most weight elements (speed first, then the smaller bundle)."""
+    best = min(medians.values())
+    fp32 = medians.get(FP32, float("inf"))
+    near = [
+        c
+        for c in configs
+        if medians[c.name] <= best * (1 + tie) and (c.name == FP32 or medians[c.name] <= fp32)
+    ]
+    return max(near, key=lambda c: (c.quantized_elements, -medians[c.name]))
+
+
+def tune_stage(
+    stage: str,
+    proto: onnx.ModelProto,
+    build: Callable[[int, bool], tuple[onnx.ModelProto, list[str], int] | None],
+    *,
+    batch: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Time the fp32 stage and its quantized configurations; return the record of the choice.
+
+    ``build(min_elements, per_token)`` gives (quantized proto, quantized weight names, weight
+    elements quantized) or None when that configuration quantizes nothing.
+    """
+    batch = stage_batch(stage) if batch is None else batch
+    configs = [Config(FP32, None, False, proto)]
+    seen: set[frozenset[str]] = set()
+    for m in MIN_ELEMENTS_GRID:
+        for per_token in (False, True):
+            built = build(m, per_token)
+            if built is None:
+                continue
+            q, names, elements = built
+            key = frozenset(names)
+            if key in seen:  # e.g. per_token on a stage without per-token weights
+                continue
+            seen.add(key)
+            tag = f"min_elements={m},per_token={'on' if per_token else 'off'}"
+            configs.append(Config(tag, m, per_token, q, elements, len(names)))
+    medians = time_configs(configs, batch, threads=threads) if len(configs) > 1 else {FP32: 0.0}
+    chosen = choose(configs, medians)
+    base = medians[FP32] or 1.0
+    rows = [
+        {
+            "config": c.name,
+            "min_elements": c.min_elements,
+            "per_token": c.per_token,
+            "layers": c.layers,
+            "quantized_elements": c.quantized_elements,
+            "median_ms": round(medians[c.name] * 1e3, 4),
+            "ratio_vs_fp32": round(medians[c.name] / base, 4),
+        }
+        for c in configs
+    ]
+    fastest_quantized = min(
+        (c for c in configs if c.name != FP32), key=lambda c: medians[c.name], default=None
+    )
+    log.info(
+        "speed tuning %s (batch %d): %s -> %s",
+        stage,
+        batch,
+        ", ".join(f"{r['config']} {r['ratio_vs_fp32']:.2f}x" for r in rows[1:]) or "nothing to quantize",
+        chosen.name,
+    )
+    return {
+        "batch": batch,
+        "chosen": chosen.name,
+        "min_elements": chosen.min_elements,
+        "per_token": chosen.per_token,
+        "fastest_quantized": None if fastest_quantized is None else fastest_quantized.name,
+        "configs": rows,
+    }
+
+
+def quantized_elements(proto: onnx.ModelProto, names: list[str]) -> int:
+    """Elements of the named initializers (the weights a configuration quantizes)."""
+    wanted = set(names)
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.name in wanted)

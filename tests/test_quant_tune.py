@@ -1,0 +1,125 @@
+"""Speed tuning of the ORT CPU quantization choices (exporter.quant_tune): real graphs, real
+ONNX Runtime timings; the tests check what was decided against what was measured, never a
+timing threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.quant_tune import FP32, Config, choose
+from exporter.quantize import QuantizeOptions, quantize_bundle_stages, tune_for_speed
+
+
+def _chain(dims: list[int], per_token: int = 0, batch: str = "M") -> onnx.ModelProto:
+    """A stage graph (M: user side, N: full): x[batch, dims[0]] through MatMul+Add+Relu layers, then (optionally) a
+    per-token FFN on [M, T, D] with einsum-style batched weights."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "user_dense"
+    for i, (k, n) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((k, n)) / k**0.5).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(np.zeros(n, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"y{i}"]),
+        ]
+        x = f"y{i}"
+    if per_token:
+        t, d = per_token, dims[-1] // per_token
+        inits += [
+            numpy_helper.from_array(np.array([-1, t, d], np.int64), "shape3"),
+            numpy_helper.from_array(np.array([-1, t * d], np.int64), "shape2"),
+            numpy_helper.from_array((rng.standard_normal((t, d, d)) / d**0.5).astype(np.float32), "wt"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", [x, "shape3"], ["x3"]),
+            helper.make_node("Einsum", ["x3", "wt"], ["e"], equation="btd,tdh->bth"),
+            helper.make_node("Reshape", ["e", "shape2"], ["pt"]),
+        ]
+        x = "pt"
+    graph = helper.make_graph(
+        nodes,
+        "user",
+        [helper.make_tensor_value_info("user_dense", TensorProto.FLOAT, [batch, dims[0]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, dims[-1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _cfg(name: str, elements: int) -> Config:
+    return Config(name, None if name == FP32 else 0, False, onnx.ModelProto(), elements)
+
+
+def test_choose_takes_the_fastest_then_the_smaller_bundle_never_a_slower_one():
+    cfgs = [_cfg(FP32, 0), _cfg("a", 100), _cfg("b", 400)]
+    # clear winner
+    assert choose(cfgs, {FP32: 1.0, "a": 0.7, "b": 0.9}).name == "a"
+    # speed first: b quantizes more but is slower
+    assert choose(cfgs, {FP32: 1.0, "a": 0.70, "b": 0.71}).name == "a"
+    # with a tolerance, the one quantizing more weight elements among the near-fastest ...
+    assert choose(cfgs, {FP32: 1.0, "a": 0.70, "b": 0.71}, tie=0.02).name == "b"
+    # ... but never one slower than fp32
+    assert choose(cfgs, {FP32: 1.0, "a": 1.5, "b": 1.01}, tie=0.02).name == FP32
+    # b ties fp32 exactly: the smaller bundle at no cost
+    assert choose(cfgs, {FP32: 1.0, "a": 1.5, "b": 1.0}).name == "b"
+
+
+def test_tuning_times_every_configuration_and_applies_the_measured_choice():
+    # two [1024, 1024] layers (weight-bandwidth bound at batch 1) and small ones (64 x 256,
+    # 16k elements; 256 x 64) and a per-token FFN: the grid's configurations differ here
+    proto = _chain([64, 256, 1024, 1024, 64], per_token=4)
+    opts, record = tune_for_speed({"user": proto}, QuantizeOptions())
+    r = record["stages"]["user"]
+    assert r["batch"] == 1 and record["cpu"]
+    rows = {c["config"]: c for c in r["configs"]}
+    assert rows[FP32]["ratio_vs_fp32"] == 1.0
+    # every grid point that quantizes a distinct set of weights was built, run and timed
+    assert len(rows) >= 4
+    assert all(c["median_ms"] > 0 and c["layers"] > 0 for n, c in rows.items() if n != FP32)
+    # the choice is the rule applied to the medians recorded
+    cfgs = [Config(n, c["min_elements"], c["per_token"], onnx.ModelProto(), c["quantized_elements"])
+            for n, c in rows.items()]
+    expected = choose(cfgs, {n: c["median_ms"] for n, c in rows.items()})
+    if "fallback" not in record:
+        assert r["chosen"] == expected.name
+    else:  # fp32 was fastest: the stage takes its fastest quantized configuration
+        assert expected.name == FP32
+        assert r["chosen"] == min((n for n in rows if n != FP32), key=lambda n: rows[n]["median_ms"])
+    # ... and the options now carry it
+    assert opts.tune is False and "user" in opts.stages
+    assert opts.stage_min_elements == {"user": r["min_elements"]}
+    assert opts.per_token_stages == (("user",) if r["per_token"] else ())
+
+
+def test_tuned_quantization_builds_the_chosen_graph_and_records_the_table():
+    proto = _chain([64, 1024, 1024, 64], batch="N")
+    out, record = quantize_bundle_stages({"full": proto}, None, options=QuantizeOptions())
+    tuning = record["speed_tuning"]["stages"]["full"]
+    assert tuning["batch"] == 256
+    assert record["scheme"]["min_elements"] == {"full": tuning["min_elements"]}
+    ops = [n.op_type for n in out["full"].graph.node]
+    rows = [r for r in record["layers"] if r["precision"] == "int8"]
+    assert ops.count("MatMulNBits") == len(rows) > 0
+    for r in record["layers"]:  # every layer left fp32 says it was the stage's speed choice
+        if r["precision"] == "fp32":
+            assert r["why"].startswith("speed: ") and f"min_elements={tuning['min_elements']}" in r["why"]
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"user_dense": x})[0]
+    got = ort.InferenceSession(out["full"].SerializeToString()).run(None, {"user_dense": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("knob", [{"min_elements": 0}, {"per_token_stages": ("user",)}])
+def test_an_explicit_knob_is_the_users_choice_and_nothing_is_timed(knob):
+    out, record = quantize_bundle_stages(
+        {"full": _chain([64, 1024, 64], batch="N")}, None, options=QuantizeOptions(**knob)
+    )
+    assert "speed_tuning" not in record
+    assert any(n.op_type == "MatMulNBits" for n in out["full"].graph.node)
