@@ -93,11 +93,19 @@ def _binary_body(tensors: dict, outputs: list[str]) -> tuple[bytes, str]:
 
 
 async def run_segment(url: str, bodies, start: int, concurrency: int, duration: float, max_requests: int):
-    """Closed-loop clients; stops issuing after ``duration`` s or ``max_requests``."""
+    """Closed-loop clients; stops issuing after ``duration`` s or ``max_requests``.
+
+    aiohttp, not httpx: the load generator's own cost is in every latency measured, and
+    aiohttp's is ~1.3 ms less per request here (p50 32.1-32.6 vs 33.3-35.7 ms against the
+    same ugsep server at N=200, three interleaved rounds of 100 sequential requests).
+    """
+    import aiohttp
+
     latencies, failures, issued = [], 0, 0
     t0 = time.perf_counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
 
         async def worker():
             nonlocal issued, failures
@@ -105,8 +113,10 @@ async def run_segment(url: str, bodies, start: int, concurrency: int, duration: 
                 body, hlen = bodies[(start + issued) % len(bodies)]
                 issued += 1
                 t = time.perf_counter()
-                r = await client.post(url, content=body, headers={HEADER_LENGTH: hlen})
-                if r.status_code == 200:
+                async with client.post(url, data=body, headers={HEADER_LENGTH: hlen}) as r:
+                    await r.read()
+                    ok = r.status == 200
+                if ok:
                     latencies.append(time.perf_counter() - t)
                 else:
                     failures += 1
@@ -121,8 +131,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# glibc malloc serves big blocks with mmap and gives them back at free: eager PyTorch then
+# page-faults its large activations in on every request, at a cost the VM decides. Measured
+# in-process (bench RankMixer, N=200, 1 thread): 176-205 ms per forward with glibc's
+# defaults, 151-153 ms with these (what a tuned deployment sets, or jemalloc/tcmalloc). The
+# baseline gets its best; ugsep serve (ONNX Runtime keeps its own arena) gets the same.
+SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+
+
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **SERVER_ENV}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -277,6 +295,7 @@ def main(argv=None) -> int:
         "benchmark": "bench_serve", "student": f"rankmixer-{args.size}", "checkpoint": str(ckpt),
         "bundles": {k: str(v) for k, v in bundles.items()}, "candidates": n, "users": args.users, "zipf": args.zipf,
         "distinct_users_in_workload": int(len(set(who.tolist()))), "threads": args.threads,
+        "server_env": SERVER_ENV,
         "duration_s": args.duration, "max_requests": args.max_requests, "rounds": args.rounds,
         "flops": flops, "flop_ceiling_split": (n * (u + g) / (u + n * g)) if u and g else None,
         "flop_ceiling_cached": ((u + g) / g) if u and g else None,
