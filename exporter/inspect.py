@@ -104,7 +104,25 @@ def _print_quantization(m) -> None:
     if not q.get("weight_bytes") and not q.get("layers"):
         return
     _print_weight_bytes(m.precision, q.get("weight_bytes") or {})
+    _print_speed_tuning(q.get("speed_tuning"))
     _print_layers(q)
+
+
+def _print_speed_tuning(tuning: dict | None) -> None:
+    """Per stage: each speed configuration timed at export (exporter/quant_tune.py)."""
+    if not tuning:
+        return
+    t = Table(title=f"speed tuning at export: {tuning.get('cpu', '?')}, threads {tuning.get('threads')}")
+    for c in ("stage", "batch", "configuration", "layers", "median ms", "vs fp32", "chosen"):
+        t.add_column(c, justify="left" if c in ("stage", "configuration") else "right")
+    for stage, r in (tuning.get("stages") or {}).items():
+        for c in r.get("configs", []):
+            t.add_row(stage, str(r.get("batch")), c["config"], str(c.get("layers", 0)),
+                      f"{c['median_ms']:.3f}", f"{c['ratio_vs_fp32']:.2f}×",
+                      "✓" if c["config"] == r.get("chosen") else "")
+    console.print(t)
+    if tuning.get("fallback"):
+        console.print(f"[yellow]{tuning['fallback']}[/yellow]")
 
 
 def _print_weight_bytes(precision: str, weight_bytes: dict) -> None:

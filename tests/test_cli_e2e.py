@@ -139,7 +139,9 @@ def test_w8a16_fixed_defaults_on_a_model_too_small_to_gain_refuse_and_name_the_f
     assert not (out / "manifest.json").exists()
 
 
-def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(trained, tmp_path):
+def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
+    trained, tmp_path, capsys
+):
     """By default the ORT CPU speed choices are timed per stage (exporter.quant_tune); the
     manifest records every configuration timed, and the bundle is what was chosen."""
     out = tmp_path / "tt-w8a16-tuned"
@@ -163,3 +165,8 @@ def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(train
         assert ("MatMulNBits" in ops) == bool(int8), (stage, ops)
         if stage not in quantized:
             assert not int8, stage
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().err
+    assert "speed tuning at export" in shown
+    assert shown.count("✓") == len(tuning["stages"])  # one chosen configuration per stage
