@@ -59,6 +59,7 @@ class Manifest:
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     quantization: dict[str, Any] | None = None
     engines: list[dict[str, Any]] = field(default_factory=list)
+    optimize: dict[str, Any] | None = None  # what the export's optimize step chose, and why
     format_version: int = FORMAT_VERSION
 
     @property
@@ -83,6 +84,7 @@ class Manifest:
             "limits": self.limits,
             "quantization": self.quantization,
             "engines": self.engines,
+            "optimize": self.optimize,
         }
 
     def dumps(self) -> str:
@@ -135,6 +137,7 @@ class Manifest:
             limits={**DEFAULT_LIMITS, **(d.get("limits") or {})},
             quantization=d.get("quantization"),
             engines=d.get("engines") or [],
+            optimize=d.get("optimize"),
             format_version=version,
         )
 

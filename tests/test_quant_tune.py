@@ -123,3 +123,29 @@ def test_an_explicit_knob_is_the_users_choice_and_nothing_is_timed(knob):
     )
     assert "speed_tuning" not in record
     assert any(n.op_type == "MatMulNBits" for n in out["full"].graph.node)
+
+
+def test_fp32_per_token_layout_is_timed_and_the_choice_is_what_was_measured():
+    """exporter.optimize: per-token weights stay one batched MatMul or are unrolled into 2-D
+    GEMMs, whichever ran faster here (geometric mean over 1 thread and ORT's default)."""
+    from exporter.optimize import choose_per_token_layout, unrolled_fp32
+
+    plain = _chain([64, 256])  # no per-token weight: nothing to choose
+    assert unrolled_fp32(plain) is None
+    assert choose_per_token_layout("user", plain) == (plain, None)
+
+    proto = _chain([64, 256], per_token=4, batch="N")
+    out, record = choose_per_token_layout("group", proto)
+    assert record["batch"] == 256 and set(record["threads"]) >= {"1"}
+    ratios = [v["ratio"] for v in record["threads"].values()]
+    assert all(v["batched_ms"] > 0 and v["unrolled_ms"] > 0 for v in record["threads"].values())
+    geo = float(np.exp(np.mean(np.log(ratios))))
+    assert record["unrolled_vs_batched"] == pytest.approx(geo, rel=1e-3)
+    assert record["chosen"] == ("unrolled" if geo < 1 else "batched")
+    ops = [n.op_type for n in out.graph.node]
+    assert ("Einsum" in ops) == (record["chosen"] == "batched")
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"user_dense": x})[0]
+    unrolled = unrolled_fp32(proto)
+    got = ort.InferenceSession(unrolled.SerializeToString()).run(None, {"user_dense": x})[0]
+    assert np.abs(got - ref).max() < 1e-5
