@@ -15,8 +15,10 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
                     is in the JSON under selection.speed_tuning
     ours-w8a16-pt-all  NBITS_MIN_ELEMENTS with per-token weights quantized in every stage (the
                     group too): shows what that choice costs at N=512
-    ours-w8a16-2d   NBITS_MIN_ELEMENTS with no per-token weight quantized (only 2-D layers, e.g. the
-                    user side's [1024, 1024] linears): is unrolling per-token FFNs worth it?
+    ours-w8a16-2d   NBITS_MIN_ELEMENTS with no batched per-token weight quantized (only 2-D
+                    layers, e.g. the user side's [1024, 1024] linears): is unrolling per-token
+                    FFNs worth it? A stage whose per-token weights the export's optimize step
+                    already unrolled (exporter/optimize.py) has them as 2-D layers here too.
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
     ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
