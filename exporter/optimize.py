@@ -42,14 +42,16 @@ def unrolled_fp32(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """``proto`` with its per-token weights ``W[T, D, H]`` unrolled into T 2-D MatMuls (and
     Gemms as MatMul + Add: ONNX Runtime fuses them back, with bias and ReLU, into one GEMM);
     None when it has none. Numerically the same layers, fp32."""
-    from graph_passes.onnx import canonicalize_linear
+    from graph_passes.onnx import (
+        UnrollBatchedMatMulPass,
+        UnrollPerTokenChainPass,
+        canonicalize_linear,
+    )
 
     model = ir.serde.deserialize_model(proto)
     canonicalize_linear(model, unroll_batched=True, unroll_min_elements=0)
-    unrolled = any(
-        n.metadata_props.get(PASS_KEY) in ("UnrollPerTokenChainPass", "UnrollBatchedMatMulPass")
-        for n in model.graph
-    )
+    unroll_passes = {UnrollPerTokenChainPass.__name__, UnrollBatchedMatMulPass.__name__}
+    unrolled = any(n.metadata_props.get(PASS_KEY) in unroll_passes for n in model.graph)
     if not unrolled:
         return None
     out = ir.serde.serialize_model(model)
@@ -115,7 +117,6 @@ def step_optimize(ctx: ExportContext) -> None:
             if record is not None:
                 layouts[stage] = record
     if layouts:
-        ctx.manifest_fields["optimize"] = {
-            "per_token_layout": layouts,
-            "cpu": __import__("exporter.quant_tune", fromlist=["cpu_name"]).cpu_name(),
-        }
+        from exporter.quant_tune import cpu_name
+
+        ctx.manifest_fields["optimize"] = {"per_token_layout": layouts, "cpu": cpu_name()}

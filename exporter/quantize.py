@@ -214,15 +214,8 @@ class _Path:
             if not names:  # nothing to quantize here: the canonical fp32 graph, as is
                 out[stage] = self.canonical[stage]
                 continue
-            res = quantize_onnx(
-                self.canonical[stage],
-                bits=opts.bits,
-                block_size=opts.block_size,
-                target=opts.target,
-                only=names,
-                accuracy_level=opts.accuracy_level,
-                canonicalize=False,
-                min_elements=self.min_elements.get(stage, 0),
+            res = _quantize_canonical(
+                self.canonical[stage], opts, names, self.min_elements.get(stage, 0)
             )
             out[stage] = ir.serde.serialize_model(res.model)
             refusals += [f"{stage}: {line}" for line in describe(res.refusals)]
@@ -268,6 +261,22 @@ def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
             why += "MatMul beats T MatMulNBits at large batch (QuantizeOptions.per_token_stages)"
             out.append((node.inputs[1].name or "", why))
     return out
+
+
+def _quantize_canonical(
+    canon: onnx.ModelProto, opts: QuantizeOptions, names: list[str], min_elements: int
+):
+    """``quantize_onnx`` of an already canonical stage: the named weights, as ``opts`` says."""
+    return quantize_onnx(
+        canon,
+        bits=opts.bits,
+        block_size=opts.block_size,
+        target=opts.target,
+        only=names,
+        accuracy_level=opts.accuracy_level,
+        canonicalize=False,
+        min_elements=min_elements,
+    )
 
 
 def _kept_weights(path: _Path, keep: set[str], stage: str) -> set[str]:
@@ -463,17 +472,7 @@ def tune_for_speed(
             names = linear_layers(ir.serde.deserialize_model(canon), min_elements=m)
             if not names:
                 return None
-            res = quantize_onnx(
-                canon,
-                bits=opts.bits,
-                block_size=opts.block_size,
-                target=opts.target,
-                only=names,
-                accuracy_level=opts.accuracy_level,
-                canonicalize=False,
-                min_elements=m,
-            )
-            q = ir.serde.serialize_model(res.model)
+            q = ir.serde.serialize_model(_quantize_canonical(canon, opts, names, m).model)
             return q, names, quant_tune.quantized_elements(canon, names)
 
         record["stages"][stage] = quant_tune.tune_stage(
