@@ -12,7 +12,13 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
                     speed choices timed per stage on this CPU (exporter/quant_tune.py: which
                     weights are big enough to pay, whether per-token FFN weights are unrolled
                     and quantized; user side at batch 1, group and full at 256); the choice
-                    is in the JSON under selection.speed_tuning
+                    is in the JSON under selection.speed_tuning. When the tuner also built a
+                    group_small graph (the group tuned at 1 candidate), calls of up to its
+                    max_rows candidates run it, as the runtime's Scorer does
+    ours-w8a16-one-group  the same bundle without group_small: every call on the group graph
+    ours-w8a16-small-only the same bundle with group_small on every call (its accuracy: the
+                    accuracy rows are scored in one large call, which ours-w8a16 runs on the
+                    group graph; and what group_small would cost at N=512)
     ours-w8a16-pt-all  NBITS_MIN_ELEMENTS with per-token weights quantized in every stage (the
                     group too): shows what that choice costs at N=512
     ours-w8a16-2d   NBITS_MIN_ELEMENTS with no batched per-token weight quantized (only 2-D
@@ -57,6 +63,7 @@ from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
 
 CANDIDATES = 100
+WARM_BLOCK = 6  # warm latency: requests in a row per variant per round (the first dropped)
 
 
 def _load(args):
@@ -138,10 +145,19 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
         options=QuantizeOptions("w8a16", "ort-cpu", min_elements=small, per_token_stages=()),
         calibration=calib,
     )
+    small = {"group_small": ours["group_small"]} if "group_small" in ours else {}
     return {
         "fp32": fp32,
         "fp32-canonical": canon,
-        "ours-w8a16": {k: ours[k] for k in names},
+        "ours-w8a16": {**{k: ours[k] for k in names}, **small},
+        **(
+            {
+                "ours-w8a16-one-group": {k: ours[k] for k in names},
+                "ours-w8a16-small-only": {"user": ours["user"], "group": ours["group_small"]},
+            }
+            if small
+            else {}
+        ),
         "ours-w8a16-pt-all": {k: pt_all[k] for k in names},
         "ours-w8a16-2d": {k: only_2d[k] for k in names},
         "ort-default": {k: _ort_peer(v) for k, v in fp32.items()},
@@ -156,8 +172,9 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
 class _Pair:
     """Sessions of one variant; ``score(users, cands, user_index)`` runs it as the runtime does."""
 
-    def __init__(self, protos: dict[str, onnx.ModelProto]) -> None:
+    def __init__(self, protos: dict[str, onnx.ModelProto], small_rows: int = 0) -> None:
         # the runtime's own session settings (no thread spinning, etc.): measured as served
+        self.small_rows = small_rows if "group_small" in protos else 0
         so = OrtBackend(intra_op_threads=2).session_options()
         self.sess = {
             k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -180,7 +197,8 @@ class _Pair:
             feeds = {**{k: v[user_index] for k, v in users.items()}, **cands}
             return self._run("full", feeds)
         boundary = self._run("user", users)
-        return self._run("group", {**cands, **boundary, "user_index": user_index})
+        group = "group_small" if len(user_index) <= self.small_rows else "group"
+        return self._run(group, {**cands, **boundary, "user_index": user_index})
 
 
 def _request(spec, rows, n: int):
@@ -191,7 +209,15 @@ def _request(spec, rows, n: int):
     return users, cands, np.zeros(n, dtype=np.int64)
 
 
-def _latency(pairs, spec, rows, n: int, rounds: int) -> dict[str, dict[str, float]]:
+def _latency(pairs, spec, rows, n: int, rounds: int, block: int = 1) -> dict[str, dict[str, float]]:
+    """Median request latency per variant, variants interleaved round by round.
+
+    ``block=1`` (cold): one request per variant per round, so every request starts with the
+    other variants' weights in the CPU caches (a host serving many models). ``block=k`` (warm):
+    k requests in a row per variant per round, the first dropped (it pays for what the previous
+    variant left in cache): the steady state of a server running one model, where a bundle
+    whose weights fit in the last-level cache keeps them there between requests.
+    """
     req = _request(spec, rows, n)
     times = {k: [] for k in pairs}
     for p in pairs.values():
@@ -200,16 +226,19 @@ def _latency(pairs, spec, rows, n: int, rounds: int) -> dict[str, dict[str, floa
     order = list(pairs)
     for r in range(rounds):
         for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            pairs[k].score(*req)
-            times[k].append(time.perf_counter() - t0)
+            for j in range(block):
+                t0 = time.perf_counter()
+                pairs[k].score(*req)
+                if block == 1 or j > 0:
+                    times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["fp32"])
     return {
         k: {
             "median_ms": 1e3 * statistics.median(v),
             "p90_ms": 1e3 * float(np.percentile(v, 90)),
             "ratio_vs_fp32": statistics.median(v) / base,
-            "rounds": len(v),
+            "rounds": rounds,
+            "requests_timed": len(v),
         }
         for k, v in times.items()
     }
@@ -240,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="trained student dir (default: train the bench RankMixer)")
     ap.add_argument("--work", default="/tmp/ugsep_bench_quant")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_quant.json"))
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=300, help="rounds at N=1 (cheap: noise needs many)")
     ap.add_argument("--rounds-512", type=int, default=12)
     ap.add_argument(
         "--requests", type=int, default=20, help="held-out requests for accuracy (x100 rows)"
@@ -273,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     variants, record = _variants(stages, spec, calib)
     select_s = time.perf_counter() - t0
-    pairs = {k: _Pair(v) for k, v in variants.items()}
+    small_rows = (record.get("group_small") or {}).get("max_rows", 0)
+    pairs = {k: _Pair(v, small_rows) for k, v in variants.items()}
     result = {
         "env": {
             "onnxruntime": ort.__version__,
@@ -300,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes": record["weight_bytes"],
             "scheme": record["scheme"],
             "speed_tuning": record.get("speed_tuning"),
+            "group_small": record.get("group_small"),
         },
         "accuracy": _accuracy(
             pairs,
@@ -312,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency": {
             "N=1": _latency(pairs, spec, evaluation, 1, args.rounds),
             "N=512": _latency(pairs, spec, evaluation, 512, args.rounds_512),
+            "N=1 warm": _latency(pairs, spec, evaluation, 1, args.rounds, WARM_BLOCK),
+            "N=512 warm": _latency(pairs, spec, evaluation, 512, args.rounds_512, WARM_BLOCK),
         },
     }
     out = Path(args.out)
@@ -322,18 +355,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(result) -> None:
-    print(
-        f"{'variant':<19}{'N=1 ms':>9}{'ratio':>7}{'N=512 ms':>10}{'ratio':>7}{'dAUC':>11}{'top10':>7}{'max_abs':>9}"
-    )
-    for k in result["accuracy"]:
-        a, l1, l5 = (
-            result["accuracy"][k],
-            result["latency"]["N=1"][k],
-            result["latency"]["N=512"][k],
+    lat = result["latency"]
+    cols = [c for c in ("N=1", "N=512", "N=1 warm", "N=512 warm") if c in lat]
+    print(f"{'variant':<22}" + "".join(f"{c + ' ms':>14}{'ratio':>7}" for c in cols)
+          + f"{'dAUC':>11}{'top10':>7}{'max_abs':>9}")
+    for k, a in result["accuracy"].items():
+        times = "".join(
+            f"{lat[c][k]['median_ms']:>14.2f}{lat[c][k]['ratio_vs_fp32']:>7.2f}" for c in cols
         )
         print(
-            f"{k:<19}{l1['median_ms']:>9.2f}{l1['ratio_vs_fp32']:>7.2f}{l5['median_ms']:>10.1f}{l5['ratio_vs_fp32']:>7.2f}"
-            f"{(a['delta_auc'] or 0):>11.2e}{(a['top10_overlap_mean'] or 0):>7.3f}{a['max_abs']:>9.2e}"
+            f"{k:<22}{times}{(a['delta_auc'] or 0):>11.2e}{(a['top10_overlap_mean'] or 0):>7.3f}"
+            f"{a['max_abs']:>9.2e}"
         )
 
 

@@ -83,7 +83,7 @@ def _quant_args(ctx: Context) -> list[str]:
     if ctx.quick:
         return args + ["--rounds", "5", "--rounds-512", "2", "--requests", "3"]
     # the committed argv (100 requests: 10000 rows, so |dAUC| is not sampling noise)
-    return args + ["--rounds", "40", "--rounds-512", "10", "--requests", "100"]
+    return args + ["--rounds", "300", "--rounds-512", "12", "--requests", "100"]
 
 
 def _serve_args(ctx: Context, name: str) -> list[str]:
@@ -134,6 +134,9 @@ def summarise_quant(d: dict) -> dict:
         k: {
             "latency_ratio_n1": lat["N=1"][k]["ratio_vs_fp32"],
             "latency_ratio_n512": lat["N=512"][k]["ratio_vs_fp32"],
+            # warm: requests in a row per variant (a server running one model); older runs lack it
+            "latency_ratio_n1_warm": (lat.get("N=1 warm") or {}).get(k, {}).get("ratio_vs_fp32"),
+            "latency_ratio_n512_warm": (lat.get("N=512 warm") or {}).get(k, {}).get("ratio_vs_fp32"),
             "delta_auc": acc[k]["delta_auc"],
             "top10_overlap": acc[k]["top10_overlap_mean"],
             "max_abs": acc[k]["max_abs"],
@@ -285,19 +288,25 @@ def _md_split(s: dict) -> list[str]:
 
 def _md_quant(s: dict) -> list[str]:
     lines = [
-        "| variant | latency N=1 | latency N=512 | ΔAUC | top-10 overlap | weight bytes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | latency N=1 | latency N=512 | warm N=1 | warm N=512 | ΔAUC | top-10 overlap "
+        "| weight bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, v in s["variants"].items():
         auc = "-" if v["delta_auc"] is None else f"{v['delta_auc']:+.1e}"
         top = "-" if v["top10_overlap"] is None else f"{v['top10_overlap']:.3f}"
+        warm = [v.get("latency_ratio_n1_warm"), v.get("latency_ratio_n512_warm")]
+        warm_s = " | ".join("-" if w is None else _x(w) for w in warm)
         lines.append(
-            f"| {k} | {_x(v['latency_ratio_n1'])} | {_x(v['latency_ratio_n512'])} | {auc} | {top} "
-            f"| {_x(v['bytes_ratio'])} |"
+            f"| {k} | {_x(v['latency_ratio_n1'])} | {_x(v['latency_ratio_n512'])} | {warm_s} "
+            f"| {auc} | {top} | {_x(v['bytes_ratio'])} |"
         )
     return lines + [
         "",
-        "Latency relative to the fp32 split bundle; weight bytes: the variant's linear-layer bytes over the "
+        "Latency relative to the fp32 split bundle (cold: variants interleaved request by request, "
+        "so each request finds the others' weights in cache; warm: several requests in a row per "
+        "variant, the first dropped: a server running one model); weight bytes: the variant's "
+        "linear-layer bytes over the "
         f"same layers in fp32; accuracy vs eager ({s['model']}, trained={s['trained']}).",
     ]
 

@@ -67,12 +67,14 @@ class BundleWriter:
         write_file(path, content)
         return path
 
-    def add_stage(self, stage: str, rel: str, model: onnx.ModelProto) -> None:
+    def add_stage(self, stage: str, rel: str, model: onnx.ModelProto, **meta: Any) -> None:
+        """Write a stage's graph; ``meta`` adds keys to its manifest entry (e.g. max_rows)."""
         self.add(rel, model)
         self.stages[stage] = {
             "file": rel,
             "inputs": [i.name for i in model.graph.input],
             "outputs": [o.name for o in model.graph.output],
+            **meta,
         }
 
     def finish(self, *, model_name: str, spec: FeatureSpec, **fields: Any) -> Manifest:

@@ -56,6 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "quant_min_elements": args.quant_min_elements,
             "quant_per_token_stages": args.quant_per_token_stages,
             "quant_tune": not args.no_quant_tune,
+            "quant_small_batch": args.quant_small_batch,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -84,6 +85,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
 
 
+def _small_batch(value: str) -> int | None:
+    """--quant-small-batch: auto -> None (timed), off -> 0, N -> N (> 0)."""
+    if value == "auto":
+        return None
+    if value == "off":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a candidate count > 0, got {value!r}")
+    return n
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint dir (config.json + model.safetensors + spec.json), "
                    "a weights file (with --factory and --spec), or a .pt2 program")
@@ -110,6 +126,11 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-quant-tune", action="store_true",
                    help="w8a16/w4a16 on ORT CPU: use the fixed speed defaults (16384, user) instead "
                    "of timing each stage on this CPU (tuning is off anyway when either knob above is given)")
+    p.add_argument("--quant-small-batch", type=_small_batch, default=None, metavar="auto|off|N",
+                   help="w8a16/w4a16 on ORT CPU with tuning: a second group graph (group_small) "
+                   "tuned at 1 candidate, run for calls up to the measured crossover (auto, the "
+                   "default; built only when it wins), never (off), or always for calls of up "
+                   "to N candidates")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,11 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
             ", ".join(st.get("outputs", [])),
         )
     console.print(t)
+    if m.small_group_rows:
+        console.print(
+            f"group_small runs group calls of at most {m.small_group_rows} candidates "
+            "(on CPU backends); group runs the larger ones"
+        )
     _print_split(m)
     _print_quantization(m)
     _print_parity(m)
@@ -123,6 +128,14 @@ def _print_speed_tuning(tuning: dict | None) -> None:
     console.print(t)
     if tuning.get("fallback"):
         console.print(f"[yellow]{tuning['fallback']}[/yellow]")
+    small = (tuning.get("stages") or {}).get("group_small")
+    if small:
+        console.print(f"group_small: {small.get('why', '')}")
+        for r in small.get("crossover") or []:
+            console.print(
+                f"  N={r['candidates']:>4}: group_small {r['small_ms']:.3f} ms vs group "
+                f"{r['large_ms']:.3f} ms ({r['ratio']:.2f}×)"
+            )
 
 
 def _print_weight_bytes(precision: str, weight_bytes: dict) -> None:

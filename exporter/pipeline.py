@@ -69,6 +69,7 @@ class ExportContext:
     program: Any = None
     input_names: list[str] = field(default_factory=list)
     stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
+    stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra manifest keys
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Any] = field(default_factory=dict)
     parity_report: Any = None
@@ -125,7 +126,7 @@ def step_write(ctx: ExportContext) -> None:
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
     try:
         for stage, model in ctx.stages.items():
-            writer.add_stage(stage, f"{stage}.onnx", model)
+            writer.add_stage(stage, f"{stage}.onnx", model, **ctx.stage_meta.get(stage, {}))
         for rel, content in ctx.extra_files.items():
             writer.add(rel, content)
         fields = {

@@ -17,6 +17,13 @@ stage graph the way it will run:
   medians; the fastest configuration wins (on a tie, and never slower than fp32, the one
   that quantizes the most weight elements: the smaller bundle).
 
+A group graph serves any candidate count, and what pays at N=256 (often: fp32 GEMM) loses
+at N=1 (where weight bytes dominate, as on the user side). So the group stage is also
+tuned at batch 1 (``SMALL_BATCH``); when that choice differs from the large-batch one and
+runs faster at N=1, ``crossover`` times both graphs at growing N (``CROSSOVER_GRID``) and the
+bundle gets a ``group_small`` stage serving calls of up to the last N where it still won
+(the runtime picks the graph per call, as TensorRT picks an optimization profile).
+
 Whole-graph timing (not per-layer microbenchmarks) counts what a layer costs in place:
 the Split/Concat and per-node dispatch an unrolled chain adds. The result (every
 configuration's median and ratio to fp32) goes into ``manifest.quantization.speed_tuning``.
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MIN_ELEMENTS_GRID = (0, 16384, 131072)
 TUNE_CANDIDATES = 256
+SMALL_BATCH = 1
+CROSSOVER_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TIE = 0.0  # exact ties only: measured, a 2.6% tuner gap was 9% in the benchmark
 FP32 = "fp32"
 
@@ -194,6 +203,40 @@ def tune_stage(
         "fastest_quantized": None if fastest_quantized is None else fastest_quantized.name,
         "configs": rows,
     }
+
+
+def crossover(
+    small: onnx.ModelProto,
+    large: onnx.ModelProto,
+    *,
+    threads: int | None = None,
+    grid: tuple[int, ...] = CROSSOVER_GRID,
+    budget_s: float = 1.0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """(largest N of ``grid`` up to which ``small`` ran faster than ``large`` at every grid
+    point, 0 if not even at the first; the timings). Stops at the first N it loses."""
+    configs = [Config("small", 0, False, small), Config("large", None, False, large)]
+    rows, max_rows = [], 0
+    for n in grid:
+        med = time_configs(configs, n, threads=threads, budget_s=budget_s)
+        ratio = med["small"] / (med["large"] or 1e-9)
+        rows.append(
+            {
+                "candidates": n,
+                "small_ms": round(med["small"] * 1e3, 4),
+                "large_ms": round(med["large"] * 1e3, 4),
+                "ratio": round(ratio, 4),
+            }
+        )
+        if ratio >= 1.0:
+            break
+        max_rows = n
+    log.info(
+        "group graph for small calls: %s -> serves up to %d candidates",
+        ", ".join(f"N={r['candidates']} {r['ratio']:.2f}x" for r in rows),
+        max_rows,
+    )
+    return max_rows, rows
 
 
 def quantized_elements(proto: onnx.ModelProto, names: list[str]) -> int:

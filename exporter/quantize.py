@@ -43,9 +43,11 @@ from exporter.parity.check import output_metrics
 from exporter.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
+from runtime.manifest import SMALL_GROUP
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"w8a16": 8, "w4a16": 4}
+SMALL = SMALL_GROUP
 TARGETS = ("ort-cpu", "gpu", "qdq")
 _ALL_STAGES = ("full", "user", "group")
 # Per target, the speed choices QuantizeOptions defaults to (measured: benchmarks/bench_quant.py).
@@ -94,7 +96,13 @@ class QuantizeOptions:
     on gpu / qdq every layer is a candidate (TensorRT fuses DequantizeLinear into the GEMM).
     ``min_elements=0`` and all three ``per_token_stages`` quantize every eligible layer:
     smallest bundle, slower on ORT CPU. When fixed knobs leave nothing to quantize (a tiny
-    model), export stops and says so."""
+    model), export stops and says so.
+
+    ``small_batch`` (tuning only): None = the group stage is also tuned at batch 1 and, when
+    a different configuration wins there, the bundle gets a ``group_small`` stage serving
+    group calls up to the measured crossover (``quant_tune.crossover``); 0 = never; K > 0 =
+    always, serving calls of up to K candidates with the configuration fastest at batch 1.
+    The tuner sets ``group_small_rows`` (0: no such stage)."""
 
     precision: str = "w8a16"
     target: str = "ort-cpu"
@@ -108,6 +116,8 @@ class QuantizeOptions:
     tune: bool | None = None
     tune_threads: int | None = None
     stage_min_elements: dict[str, int] | None = None  # per stage, set by speed tuning
+    small_batch: int | None = None
+    group_small_rows: int = 0  # set by speed tuning: group_small serves calls up to this N
 
     def __post_init__(self) -> None:
         if self.tune is None:  # explicit speed knobs are the user's choice: no tuning
@@ -127,6 +137,13 @@ class QuantizeOptions:
             raise ExportError(f"quantization target '{self.target}' is not one of {list(TARGETS)}")
         if self.precision == "w4a16" and self.block_size is None:
             self.block_size = 32
+        if self.small_batch is not None and (
+            isinstance(self.small_batch, bool) or int(self.small_batch) < 0
+        ):
+            raise ExportError(
+                f"small_batch must be None (timed), 0 (off) or a candidate count > 0, "
+                f"got {self.small_batch!r}"
+            )
 
     @property
     def bits(self) -> int:
@@ -314,7 +331,11 @@ class _Runner:
         if key in self._fixed:
             self._cache[key] = boundary
         feeds = {**self.calib.rows, **boundary, "user_index": user_index}
-        return self._session_run(protos["group"], feeds)
+        return self._session_run(protos[SMALL if SMALL in protos else "group"], feeds)
+
+    def fix(self, proto: onnx.ModelProto) -> None:
+        """``proto`` (a user graph) will not change: compute its outputs once."""
+        self._fixed.add(id(proto))
 
     @staticmethod
     def _session_run(proto: onnx.ModelProto, feeds: Rows) -> dict[str, np.ndarray]:
@@ -398,14 +419,18 @@ def quantize_bundle_stages(
     tuning = None
     if opts.tune:
         opts, tuning = tune_for_speed(stages, opts)
+    stages = {k: v for k, v in stages.items() if k != SMALL}
+    if opts.group_small_rows and {"user", "group"} <= set(stages):
+        stages[SMALL] = stages["group"]  # quantized its own way (opts.*_for(SMALL))
     canonical = {
         k: _canonical(k, v, opts.min_elements_for(k), unroll=k in opts.per_token_stages)
         for k, v in stages.items()
     }
     split = {"user", "group"} <= set(stages)
     per_stage = {k: opts.min_elements_for(k) for k in stages}
-    paths = [_Path(("user", "group"), canonical, opts.stages, per_stage)] if split else []
-    paths.append(_Path(("full",), canonical, opts.stages, per_stage))
+    quantized = tuple(s for s in opts.stages if s != SMALL)
+    paths = [_Path(("user", "group"), canonical, quantized, per_stage)] if split else []
+    paths.append(_Path(("full",), canonical, quantized, per_stage))
     if not any(p.groups for p in paths):
         small = sorted({w for p in paths for _, w, _ in p.small})
         raise ExportError(
@@ -427,16 +452,35 @@ def quantize_bundle_stages(
         record["speed_tuning"] = tuning
     out: dict[str, onnx.ModelProto] = {}
     layers, refusals = [], []
-    prior: dict[str, Any] = {}  # the split path's findings, reused for full
-    for path in paths:
+
+    def run_path(path: _Path, originals: dict[str, onnx.ModelProto], prior: dict[str, Any]):
         keep, table, outcome = _select(path, opts, runner, prior) if runner else (set(), {}, None)
-        prior = {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
-        protos, refused = path.final_build(opts, stages, keep)
-        out.update(protos)
-        refusals += refused
-        layers += _layer_rows(path, keep, table, opts)
+        protos, refused = path.final_build(opts, originals, keep)
+        out.update({k: v for k, v in protos.items() if SMALL not in protos or k == SMALL})
+        refusals.extend(refused)
+        layers.extend(_layer_rows(path, keep, table, opts))
         if outcome is not None:
             record.setdefault("outcome", {})["+".join(path.stages)] = outcome
+        return {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
+
+    prior: dict[str, Any] = {}  # the split path's findings, reused for group_small and full
+    for path in paths:
+        found = run_path(path, stages, prior)
+        if path.stages == ("user", "group"):
+            prior = found
+            if opts.group_small_rows:  # on the user graph just chosen: as it will be served
+                small = _Path(
+                    ("user", SMALL), {"user": out["user"], SMALL: canonical[SMALL]}, (SMALL,), per_stage
+                )
+                if runner is not None:
+                    runner.fix(out["user"])
+                kept = run_path(small, {"user": out["user"], SMALL: stages[SMALL]}, prior)["keep"]
+                if {_bare(g) for g in small.groups} <= kept:  # all float: the group graph again
+                    del out[SMALL]
+                    layers[:] = [r for r in layers if r["stage"] != SMALL]
+                    log.warning("group_small: every layer had to stay float for accuracy; not built")
+    if SMALL in out:
+        record[SMALL] = {"max_rows": opts.group_small_rows}
     record["layers"] = layers
     record["kept_float"] = [r["name"] for r in layers if r["why"].startswith("accuracy")]
     record["kept_float_for_speed"] = [r["name"] for r in layers if r["why"].startswith("speed")]
@@ -464,19 +508,11 @@ def tune_for_speed(
         "accuracy_level": opts.accuracy_level,
         "stages": {},
     }
+    builders = {}
     for stage in (s for s in ("user", "group", "full") if s in stages and s in opts.stages):
-        proto = stages[stage]
-
-        def build(m: int, per_token: bool, stage=stage, proto=proto):
-            canon = _canonical(stage, proto, m, unroll=per_token)
-            names = linear_layers(ir.serde.deserialize_model(canon), min_elements=m)
-            if not names:
-                return None
-            q = ir.serde.serialize_model(_quantize_canonical(canon, opts, names, m).model)
-            return q, names, quant_tune.quantized_elements(canon, names)
-
+        builders[stage] = _config_builder(stage, stages[stage], opts)
         record["stages"][stage] = quant_tune.tune_stage(
-            stage, proto, build, threads=opts.tune_threads
+            stage, stages[stage], builders[stage], threads=opts.tune_threads
         )
     tuned = record["stages"]
     if tuned and all(r["chosen"] == quant_tune.FP32 for r in tuned.values()):
@@ -489,15 +525,92 @@ def tune_for_speed(
             "takes its fastest quantized configuration (quantized for size)"
         )
         log.warning("speed tuning: %s", record["fallback"])
+    small_rows = 0
+    if "group" in builders and opts.small_batch != 0:
+        small_rows, tuned[SMALL] = _tune_small_group(stages["group"], builders["group"], tuned["group"], opts)
     chosen = {s: r for s, r in tuned.items() if r["chosen"] != quant_tune.FP32}
+    if not small_rows:
+        chosen.pop(SMALL, None)
     tuned_opts = dataclasses.replace(
         opts,
-        stages=tuple(s for s in opts.stages if s in chosen or s not in tuned),
+        stages=tuple(s for s in opts.stages if s in chosen or s not in tuned)
+        + ((SMALL,) if small_rows else ()),
         per_token_stages=tuple(s for s, r in chosen.items() if r["per_token"]),
         stage_min_elements={s: int(r["min_elements"]) for s, r in chosen.items()},
         tune=False,
+        group_small_rows=small_rows,
     )
     return tuned_opts, record
+
+
+def _config_builder(stage: str, proto: onnx.ModelProto, opts: QuantizeOptions):
+    """``build(min_elements, per_token)`` for ``quant_tune.tune_stage``, memoised (the small-batch
+    tuning of the group stage times the same configurations again)."""
+    from exporter import quant_tune
+
+    memo: dict[tuple[int, bool], Any] = {}
+
+    def build(m: int, per_token: bool):
+        if (m, per_token) not in memo:
+            canon = _canonical(stage, proto, m, unroll=per_token)
+            names = linear_layers(ir.serde.deserialize_model(canon), min_elements=m)
+            memo[m, per_token] = None
+            if names:
+                q = ir.serde.serialize_model(_quantize_canonical(canon, opts, names, m).model)
+                memo[m, per_token] = (q, names, quant_tune.quantized_elements(canon, names))
+        return memo[m, per_token]
+
+    return build
+
+
+def _tune_small_group(
+    proto: onnx.ModelProto, build, large: dict[str, Any], opts: QuantizeOptions
+) -> tuple[int, dict[str, Any]]:
+    """(max_rows of a ``group_small`` stage, 0 for none; its tuning record).
+
+    The group graph's configurations timed again at ``SMALL_BATCH`` candidates; if another
+    one than the large-batch choice wins there, both graphs are timed at growing N and the
+    small graph serves calls up to the crossover. ``opts.small_batch`` K > 0 forces the
+    stage (the configuration fastest at batch 1 among the quantized ones) for up to K."""
+    from exporter import quant_tune
+
+    rec = quant_tune.tune_stage(
+        SMALL, proto, build, batch=quant_tune.SMALL_BATCH, threads=opts.tune_threads
+    )
+    if opts.small_batch:  # forced: the fastest quantized configuration at batch 1
+        name = rec["chosen"] if rec["chosen"] != quant_tune.FP32 else rec["fastest_quantized"]
+        if name is None:
+            rec["why"] = "the group stage has no layer to quantize"
+            return 0, rec
+        row = next(c for c in rec["configs"] if c["config"] == name)
+        rec.update(chosen=name, min_elements=row["min_elements"], per_token=row["per_token"])
+        rec.update(max_rows=int(opts.small_batch), why=f"forced (small_batch={opts.small_batch})")
+        return int(opts.small_batch), rec
+    if rec["chosen"] in (quant_tune.FP32, large["chosen"]):
+        rec["why"] = (
+            f"at batch {quant_tune.SMALL_BATCH} the choice is {rec['chosen']}, as for large "
+            "calls: one group graph serves every call"
+            if rec["chosen"] == large["chosen"]
+            else f"fp32 is fastest at batch {quant_tune.SMALL_BATCH} too"
+        )
+        rec["max_rows"] = 0
+        return 0, rec
+    small_proto = build(int(rec["min_elements"]), bool(rec["per_token"]))[0]
+    large_proto = (
+        proto
+        if large["chosen"] == quant_tune.FP32
+        else build(int(large["min_elements"]), bool(large["per_token"]))[0]
+    )
+    rows, timings = quant_tune.crossover(small_proto, large_proto, threads=opts.tune_threads)
+    rec.update(max_rows=rows, crossover=timings)
+    rec["why"] = (
+        f"{rec['chosen']} beats the large-batch choice ({large['chosen']}) up to {rows} "
+        "candidates per call"
+        if rows
+        else f"{rec['chosen']} lost to the large-batch graph at N={quant_tune.SMALL_BATCH} when "
+        "timed against it"
+    )
+    return rows, rec
 
 
 _PASSES = {
@@ -700,7 +813,8 @@ def step_quantize(ctx: Any) -> None:
     precision is the selection budget), optional ``quant_block_size`` / ``quant_accuracy_level``
     / ``quant_stages`` (e.g. ["user"]) / ``quant_min_elements`` / ``quant_per_token_stages``
     (None: timed per stage on this CPU for ort-cpu, ``tune_for_speed``) / ``quant_tune``
-    (False: the fixed ``TARGET_DEFAULTS`` instead of timing).
+    (False: the fixed ``TARGET_DEFAULTS`` instead of timing) / ``quant_small_batch``
+    (``QuantizeOptions.small_batch``: None timed, 0 off, K forced).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -725,6 +839,7 @@ def step_quantize(ctx: Any) -> None:
             else tuple(extra["quant_per_token_stages"])
         ),
         tune=None if extra.get("quant_tune", True) else False,
+        small_batch=extra.get("quant_small_batch"),
     )
     n_parity, n_calib = ctx.row_budget()
     calib = calibration_for(
@@ -732,4 +847,6 @@ def step_quantize(ctx: Any) -> None:
     )
     stages, record = quantize_bundle_stages(ctx.stages, ctx.spec, options=opts, calibration=calib)
     ctx.stages.update(stages)
+    if SMALL in stages:
+        ctx.stage_meta[SMALL] = {"max_rows": record[SMALL]["max_rows"]}
     ctx.manifest_fields["quantization"] = record

@@ -11,7 +11,12 @@
     spec               FeatureSpec.to_dict()
     precision          "fp32" | "w8a16" | "w4a16"
     stages             {stage: {"file": str, "inputs": [...], "outputs": [...]}}
-                       stage in "full" (always), "user" and "group" (when split)
+                       stage in "full" (always), "user" and "group" (when split), and
+                       "group_small" (optional, split only): a second group graph the
+                       runtime runs instead of "group" for calls of at most its
+                       "max_rows" candidates (an int >= 1 in its entry); the export
+                       builds it when a graph tuned at batch 1 beats the group graph
+                       tuned for large batches (exporter/quant_tune.py)
     split              null | {"boundary": [{"name", "dtype", "shape", "source"}],
                                "user_index": "user_index", "report": {...}}
     flops              {"full_per_row", "user_per_row", "group_per_row"} (ints, may be null)
@@ -37,7 +42,8 @@ FORMAT = "ugsep-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
-STAGES = ("full", "user", "group")
+STAGES = ("full", "user", "group", "group_small")
+SMALL_GROUP = "group_small"
 DEFAULT_LIMITS = {"max_candidates": 4096, "max_users_per_call": 256}
 
 
@@ -65,6 +71,12 @@ class Manifest:
     @property
     def is_split(self) -> bool:
         return self.split is not None and "user" in self.stages and "group" in self.stages
+
+    @property
+    def small_group_rows(self) -> int:
+        """Calls of at most this many candidates run ``group_small`` (0: no such stage)."""
+        st = self.stages.get(SMALL_GROUP)
+        return int(st["max_rows"]) if st and self.is_split else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +127,17 @@ class Manifest:
         for name, st in stages.items():
             if name not in STAGES or not isinstance(st, dict) or "file" not in st:
                 raise BundleError(f"{where}: stage {name!r} is malformed: {st!r}")
+        if SMALL_GROUP in stages:
+            rows = stages[SMALL_GROUP].get("max_rows")
+            if not {"user", "group"} <= set(stages) or d.get("split") is None:
+                raise BundleError(
+                    f"{where}: stage '{SMALL_GROUP}' needs a split bundle (user and group stages)"
+                )
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                raise BundleError(
+                    f"{where}: stage '{SMALL_GROUP}' needs 'max_rows', an int >= 1 (the largest "
+                    f"candidate count it serves), got {rows!r}"
+                )
         if d.get("precision", "fp32") not in PRECISIONS:
             raise BundleError(f"{where}: precision {d.get('precision')!r} not in {PRECISIONS}")
         files = d["files"]

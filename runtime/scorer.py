@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import InternalError, RequestError
+from runtime.manifest import SMALL_GROUP
 from runtime.validate import check_candidates, check_user
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,17 @@ class Scorer:
     On a split bundle every call runs the user graph once per distinct user and the
     group graph once for all candidates (``user_index`` maps candidates to users);
     otherwise ``full.onnx`` runs on user rows repeated per candidate.
+
+    A bundle with a ``group_small`` stage (a group graph tuned at batch 1, e.g. with more
+    layers as int8 MatMulNBits) runs it for group calls of at most its ``max_rows``
+    candidates, on CPU backends (it was timed on a CPU); ``group_variant`` forces one graph
+    ("group" or "group_small", as parity does) instead of choosing by size ("auto").
+    ``stage_runs`` counts the graph runs per stage.
     """
 
-    def __init__(self, bundle: Bundle, backend, *, use_split: bool = True) -> None:
+    def __init__(
+        self, bundle: Bundle, backend, *, use_split: bool = True, group_variant: str = "auto"
+    ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.spec = bundle.manifest.spec
@@ -43,10 +54,24 @@ class Scorer:
         self.split = use_split and self.manifest.is_split
         self.max_candidates = int(self.manifest.limits["max_candidates"])
         self.output_names = list(self.spec.outputs)
+        if group_variant not in ("auto", "group", SMALL_GROUP):
+            raise InternalError(f"group_variant {group_variant!r} is not auto, group or {SMALL_GROUP}")
+        self.small_rows = 0  # group calls of at most this many candidates run group_small
+        self.stage_runs: Counter[str] = Counter()
         if self.split:
             self.user_session = backend.open(bundle, "user")
             self.group_session = backend.open(bundle, "group")
             self.boundary_names = [b["name"] for b in self.manifest.split["boundary"]]
+            rows = self.manifest.small_group_rows
+            if group_variant == SMALL_GROUP and not rows:
+                raise InternalError(f"bundle '{bundle.root}' has no {SMALL_GROUP} stage")
+            if group_variant == SMALL_GROUP:
+                rows = sys.maxsize  # every group call
+            elif group_variant == "group" or getattr(backend, "needs_gpu", False):
+                rows = 0  # tuned on a CPU: GPU backends run the group graph
+            if rows:
+                self.small_session = backend.open(bundle, SMALL_GROUP)
+                self.small_rows = rows
         else:
             self.full_session = backend.open(bundle, "full")
             self.boundary_names = []
@@ -99,6 +124,7 @@ class Scorer:
         if not self.split:
             raise InternalError("run_user called on a scorer without a split")
         out = self.user_session.run({k: users[k] for k in self.user_session.input_names})
+        self.stage_runs["user"] += 1
         return {k: out[k] for k in self.boundary_names}
 
     def run_group(
@@ -106,7 +132,10 @@ class Scorer:
     ) -> dict[str, np.ndarray]:
         """Group graph on N candidates + boundary tensors [M, ...] -> outputs [N, ...]."""
         feeds = {**cands, **boundary, USER_INDEX: np.ascontiguousarray(user_index, dtype=np.int64)}
-        out = self.group_session.run({k: feeds[k] for k in self.group_session.input_names})
+        stage = SMALL_GROUP if len(feeds[USER_INDEX]) <= self.small_rows else "group"
+        session = self.small_session if stage == SMALL_GROUP else self.group_session
+        out = session.run({k: feeds[k] for k in session.input_names})
+        self.stage_runs[stage] += 1
         return {k: out[k] for k in self.output_names}
 
     def run_full(
@@ -116,6 +145,7 @@ class Scorer:
         feeds = {k: np.ascontiguousarray(v[user_index]) for k, v in users.items()}
         feeds.update(cands)  # mixed inputs come whole from the candidates
         out = self.full_session.run({k: feeds[k] for k in self.full_session.input_names})
+        self.stage_runs["full"] += 1
         return {k: out[k] for k in self.output_names}
 
 

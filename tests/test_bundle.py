@@ -85,3 +85,23 @@ def test_tar_with_path_traversal_is_refused(tmp_path):
     with pytest.raises(BundleError, match="cannot unpack"):
         Bundle.open(evil)
     assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_group_small_stage_needs_a_split_and_a_candidate_bound(bundle_copy):
+    """``group_small`` (the group graph for small calls) is only valid beside user + group,
+    with ``max_rows`` >= 1: a manifest saying otherwise is refused with the reason."""
+    from runtime.manifest import Manifest
+
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    entry = {"file": "full.onnx", "inputs": [], "outputs": []}
+    unsplit = {**m, "stages": {**m["stages"], "group_small": {**entry, "max_rows": 8}}}
+    with pytest.raises(BundleError, match="'group_small' needs a split bundle"):
+        Manifest.from_dict(unsplit)
+    split = {**m, "split": {"boundary": []}, "stages": {**m["stages"], "user": entry, "group": entry}}
+    assert Manifest.from_dict(split).small_group_rows == 0
+    for bad in (None, 0, -3, 2.5, True, "8"):
+        small = {**entry} if bad is None else {**entry, "max_rows": bad}
+        with pytest.raises(BundleError, match="needs 'max_rows', an int >= 1"):
+            Manifest.from_dict({**split, "stages": {**split["stages"], "group_small": small}})
+    good = {**split, "stages": {**split["stages"], "group_small": {**entry, "max_rows": 32}}}
+    assert Manifest.from_dict(good).small_group_rows == 32

@@ -147,9 +147,13 @@ def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
     out = tmp_path / "tt-w8a16-tuned"
     argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]
     assert main(argv) == 0
-    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quantization"]
     tuning = q["speed_tuning"]
-    assert set(tuning["stages"]) == {"user", "group", "full"}
+    assert set(tuning["stages"]) == {"user", "group", "full", "group_small"}
+    small = tuning["stages"].pop("group_small")  # the group at 1 candidate: see its own test
+    assert small["batch"] == 1
+    assert ("group_small" in manifest["stages"]) == bool(small["max_rows"])
     quantized = []
     for stage, r in tuning["stages"].items():
         ratios = {c["config"]: c["ratio_vs_fp32"] for c in r["configs"]}
@@ -158,7 +162,8 @@ def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
             quantized.append(stage)
             assert q["scheme"]["min_elements"][stage] == r["min_elements"]
             assert (stage in q["scheme"]["per_token_stages"]) == r["per_token"]
-    assert quantized and sorted(q["scheme"]["stages"]) == sorted(quantized)
+    built = ["group_small"] if small["max_rows"] else []
+    assert quantized and sorted(q["scheme"]["stages"]) == sorted(quantized + built)
     for stage in ("user", "group", "full"):
         ops = {n.op_type for n in onnx.load(out / f"{stage}.onnx").graph.node}
         int8 = [r for r in q["layers"] if r["stage"] == stage and r["precision"] == "int8"]
@@ -169,4 +174,56 @@ def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().err
     assert "speed tuning at export" in shown
-    assert shown.count("✓") == len(tuning["stages"])  # one chosen configuration per stage
+    assert shown.count("✓") == len(tuning["stages"]) + 1  # one choice per stage (+ group_small)
+
+
+def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_path, capsys):
+    """--quant-small-batch 8: a second group graph (tuned at one candidate) serves group calls
+    of up to 8 candidates. Parity checks it on every row (onnx-split-small), the manifest
+    lists it with its bound, the runtime runs it exactly for calls within the bound, and
+    its scores stay within the w8a16 budget of the eager model."""
+    out = tmp_path / "tt-small"
+    data = str(trained / "heldout.npz")
+    argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]
+    assert main([*argv, "--data", data, "--quant-small-batch", "8"]) == 0
+    m = Manifest.read(out)
+    assert m.stages["group_small"]["max_rows"] == 8 and m.small_group_rows == 8
+    assert "group_small.onnx" in m.files
+    small_ops = {n.op_type for n in onnx.load(out / "group_small.onnx").graph.node}
+    assert "MatMulNBits" in small_ops
+    q = m.quantization
+    assert q["group_small"] == {"max_rows": 8}
+    assert q["outcome"]["user+group_small"]["selected"]["passed"]
+    assert q["weight_bytes"]["group_small"]["quantized_layers"] > 0
+    assert any(r["stage"] == "group_small" and r["precision"] == "int8" for r in q["layers"])
+    assert m.parity["passed"] and m.parity["summary"]["onnx-split-small-w8a16"]["status"] == "passed"
+    parity = json.loads((out / "parity.json").read_text())
+    small_stage = next(s for s in parity["stages"] if s["name"] == "onnx-split-small-w8a16")
+    assert small_stage["outputs"]["ctr"]["max_abs"] <= W8A16_MAX_ABS
+
+    scorer = runtime.load(out, backend="onnxruntime")
+    assert scorer.small_rows == 8
+    from runtime.backends.ort import OrtBackend
+    from runtime.scorer import Scorer
+
+    only = {v: Scorer(scorer.bundle, OrtBackend(), group_variant=v) for v in ("group", "group_small")}
+    rows = load_npz(trained / "heldout.npz")
+    model = load_checkpoint(trained / "student").eval()
+    idx = np.flatnonzero(rows["request_id"] == 3)
+    user = {s.name: rows[s.name][idx[0]] for s in scorer.spec.user_inputs}
+    with torch.no_grad():
+        ref = model(**model_inputs(model, rows, idx)).numpy().reshape(-1)
+    for n, stage in ((1, "group_small"), (8, "group_small"), (9, "group"), (len(idx), "group")):
+        cands = {s.name: rows[s.name][idx[:n]] for s in scorer.spec.group_inputs}
+        before = dict(scorer.stage_runs)
+        got = scorer.score(user, cands)["ctr"].reshape(-1)
+        assert scorer.stage_runs[stage] == before.get(stage, 0) + 1, (n, stage)
+        other = "group" if stage == "group_small" else "group_small"
+        assert scorer.stage_runs[other] == before.get(other, 0), (n, stage)
+        np.testing.assert_array_equal(got, only[stage].score(user, cands)["ctr"].reshape(-1))
+        assert np.abs(got - ref[:n]).max() <= W8A16_MAX_ABS, n
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().err
+    assert "group_small runs group calls of at most 8 candidates" in shown
+    assert "forced (small_batch=8)" in shown

@@ -149,3 +149,68 @@ def test_fp32_per_token_layout_is_timed_and_the_choice_is_what_was_measured():
     unrolled = unrolled_fp32(proto)
     got = ort.InferenceSession(unrolled.SerializeToString()).run(None, {"user_dense": x})[0]
     assert np.abs(got - ref).max() < 1e-5
+
+
+def _expected_max_rows(rows: list[dict]) -> int:
+    """The crossover rule applied to recorded timings: the last N before the first loss."""
+    best = 0
+    for r in rows:
+        if r["ratio"] >= 1.0:
+            break
+        best = r["candidates"]
+    return best
+
+
+def test_crossover_times_both_graphs_at_growing_n_and_stops_at_the_first_loss():
+    from exporter.quant_tune import crossover
+
+    fp32 = _chain([64, 1024, 1024, 64], batch="N")
+    int8 = quantize_bundle_stages(
+        {"full": fp32}, None, options=QuantizeOptions(min_elements=0, per_token_stages=())
+    )[0]["full"]
+    grid = (1, 4, 16, 256)
+    max_rows, rows = crossover(int8, fp32, grid=grid, budget_s=0.3)
+    assert [r["candidates"] for r in rows] == list(grid[: len(rows)]) and rows
+    for r in rows:
+        assert r["small_ms"] > 0 and r["large_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["small_ms"] / r["large_ms"], rel=1e-2)
+    assert all(r["ratio"] < 1.0 for r in rows[:-1])  # it stopped at the first loss, if any
+    assert max_rows == _expected_max_rows(rows)
+    # a graph against itself never wins by much: it can't be given the whole range for free
+    same, _ = crossover(fp32, fp32, grid=(1, 4), budget_s=0.2)
+    assert same in (0, 1, 4)
+
+
+def test_group_is_tuned_at_one_candidate_too_and_group_small_follows_what_was_measured():
+    """The group stage is tuned at 256 candidates and again at 1; a different, faster choice
+    at 1 is timed against the large-batch graph at growing N (quant_tune.crossover) and the
+    options carry ``group_small_rows``: every branch is the rule applied to recorded timings."""
+    stages = {"user": _chain([64, 256]), "group": _chain([64, 1024, 1024, 64], batch="N")}
+    opts, record = tune_for_speed(stages, QuantizeOptions())
+    large, small = record["stages"]["group"], record["stages"]["group_small"]
+    assert large["batch"] == 256 and small["batch"] == 1 and small["why"]
+    rows = {c["config"]: c for c in small["configs"]}
+    cfgs = [Config(n, c["min_elements"], c["per_token"], onnx.ModelProto(), c["quantized_elements"])
+            for n, c in rows.items()]
+    assert small["chosen"] == choose(cfgs, {n: c["median_ms"] for n, c in rows.items()}).name
+    if small["chosen"] in (FP32, large["chosen"]):
+        assert small["max_rows"] == 0 and "crossover" not in small
+    else:
+        assert small["max_rows"] == _expected_max_rows(small["crossover"])
+        assert small["crossover"][0]["candidates"] == 1
+    assert opts.group_small_rows == small["max_rows"]
+    assert ("group_small" in opts.stages) == bool(small["max_rows"])
+    if small["max_rows"]:
+        assert opts.min_elements_for("group_small") == small["min_elements"]
+    # off: not even timed
+    opts_off, rec_off = tune_for_speed(stages, QuantizeOptions(small_batch=0))
+    assert "group_small" not in rec_off["stages"] and opts_off.group_small_rows == 0
+    # forced: built for up to K candidates with the fastest quantized configuration at 1
+    opts_k, rec_k = tune_for_speed(stages, QuantizeOptions(small_batch=8))
+    forced = rec_k["stages"]["group_small"]
+    quantized = {n: c for n, c in ((c["config"], c) for c in forced["configs"]) if n != FP32}
+    assert forced["chosen"] == min(quantized, key=lambda n: quantized[n]["median_ms"])
+    assert forced["max_rows"] == 8 and "forced" in forced["why"]
+    assert opts_k.group_small_rows == 8 and "group_small" in opts_k.stages
+    with pytest.raises(Exception, match="small_batch must be"):
+        QuantizeOptions(small_batch=-1)

@@ -84,7 +84,8 @@ def localise_stage(
     if stage.startswith("onnx-full"):
         got, where = _run_full(bundle, rows)
     elif stage.startswith("onnx-split"):
-        got, where = _run_split(bundle, spec, rows)
+        group = "group_small" if stage.startswith("onnx-split-small") else "group"
+        got, where = _run_split(bundle, spec, rows, group)
     else:
         return {"stage": stage, "note": f"localisation does not support stage '{stage}'"}
     return first_divergence(ref, got, where, tol) | {"stage": stage, "rows": n}
@@ -322,15 +323,16 @@ def _run_full(bundle: Bundle, rows: Rows):
     return got, {"m": None, "user_index": None}
 
 
-def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows):
+def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows, stage: str = "group"):
     users, user_index = user_rows(spec, rows)
     user = onnx.load(str(bundle.stage_path("user")))
-    group = onnx.load(str(bundle.stage_path("group")))
+    group = onnx.load(str(bundle.stage_path(stage)))
     uv, ua = _run_with_values(user, "user.onnx", users)
     boundary = {k: a for (_, k), a in ua.items()}
     feeds = {**rows, **boundary, USER_INDEX: user_index}
-    gv, ga = _run_with_values(group, "group.onnx", feeds)
+    gname = f"{stage}.onnx"
+    gv, ga = _run_with_values(group, gname, feeds)
     m = len(next(iter(users.values())))
-    models = {"user.onnx": user, "group.onnx": group}
+    models = {"user.onnx": user, gname: group}
     got = {"values": uv + gv, "arrays": {**ga, **ua}, "models": models}
     return got, {"m": m, "user_index": user_index}

@@ -19,6 +19,7 @@ from exporter.capture import to_torch_inputs
 from exporter.errors import ExportError
 from runtime.backends.ort import OrtBackend
 from runtime.bundle import Bundle
+from runtime.manifest import SMALL_GROUP
 from runtime.scorer import USER_INDEX, Scorer
 from runtime.spec import FeatureSpec
 
@@ -101,7 +102,11 @@ def bundle_stages(
         stages.append(Stage("split-eager", "fp32", _split_eager(m.spec, program)))
     stages.append(Stage(f"onnx-full{suffix}", m.precision, _lazy(bundle, backend, False)))
     if m.is_split:
-        stages.append(Stage(f"onnx-split{suffix}", m.precision, _lazy(bundle, backend, True)))
+        stages.append(Stage(f"onnx-split{suffix}", m.precision, _lazy(bundle, backend, True, "group")))
+    if m.small_group_rows:  # every row through group_small, whatever the batch: its numbers
+        stages.append(
+            Stage(f"onnx-split-small{suffix}", m.precision, _lazy(bundle, backend, True, SMALL_GROUP))
+        )
     stages.append(_trt_stage(bundle, f"tensorrt{suffix}"))
     if names:
         known = {s.name for s in stages}
@@ -114,13 +119,13 @@ def bundle_stages(
     return stages
 
 
-def _lazy(bundle: Bundle, backend, split: bool) -> Callable[[Rows], Outputs]:
+def _lazy(bundle: Bundle, backend, split: bool, group: str = "auto") -> Callable[[Rows], Outputs]:
     """A runner that opens its sessions on first use (skipped stages cost nothing)."""
     holder: dict[str, Callable[[Rows], Outputs]] = {}
 
     def run(rows: Rows) -> Outputs:
         if "run" not in holder:
-            scorer = Scorer(bundle, backend, use_split=split)
+            scorer = Scorer(bundle, backend, use_split=split, group_variant=group)
             holder["run"] = _scorer_runner(scorer, bundle.manifest.spec)
         return holder["run"](rows)
 
