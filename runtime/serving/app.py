@@ -60,7 +60,7 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     if not bundles:
         raise BundleError("serve needs at least one bundle")
     repo = ModelRepository(options)
-    metrics = ServingMetrics(repo.cache_stats)
+    metrics = ServingMetrics(repo.cache_stats, repo.graph_runs)
     repo.on_batch = metrics.observe_batch
     for path in bundles:
         repo.add(load_model(path, options))

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,7 +29,11 @@ _CANDS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
 class ServingMetrics:
     """All server metrics in a private registry (so several apps can live in one process)."""
 
-    def __init__(self, cache_stats: Callable[[], Iterable[tuple[str, CacheStats]]] = lambda: ()) -> None:
+    def __init__(
+        self,
+        cache_stats: Callable[[], Iterable[tuple[str, CacheStats]]] = lambda: (),
+        graph_runs: Callable[[], Iterable[tuple[str, Mapping[str, int]]]] = lambda: (),
+    ) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("ugsep_requests", "Infer requests received", ["model"], registry=r)
         self.failures = Counter(
@@ -51,6 +55,7 @@ class ServingMetrics:
             "ugsep_batch_candidates", "Candidates per batch (N of the group call)", ["model"], buckets=_CANDS, registry=r
         )
         r.register(_CacheCollector(cache_stats))
+        r.register(_GraphRunCollector(graph_runs))
 
     def observe_batch(self, model: str, info: BatchInfo) -> None:
         self.batch_requests.labels(model).observe(info.requests)
@@ -65,6 +70,26 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _GraphRunCollector:
+    """Graph runs per model and stage (user, group, group_small, full), read from the scorers
+    at scrape time: which group graph served the traffic, for bundles with group_small."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, Mapping[str, int]]]]) -> None:
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = CounterMetricFamily(
+            "ugsep_graph_runs", "Compiled graph runs, by stage", labels=["model", "stage"]
+        )
+        for model, runs in self.source():
+            for stage, n in sorted(runs.items()):
+                fam.add_metric([model, stage], n)
+        yield fam
 
 
 class _CacheCollector:

@@ -168,3 +168,6 @@ class ModelRepository:
 
     def cache_stats(self):
         return [(n, m.cache.stats()) for n, m in list(self.models.items())]
+
+    def graph_runs(self):
+        return [(n, dict(m.scorer.stage_runs)) for n, m in list(self.models.items())]

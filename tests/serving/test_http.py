@@ -102,6 +102,14 @@ def test_repeat_user_hits_the_cache_and_metrics_say_so(http):
     assert metric(after, "ugsep_cache_hits_total") - metric(before, "ugsep_cache_hits_total") == 2
     assert metric(after, "ugsep_cache_misses_total") - metric(before, "ugsep_cache_misses_total") == 1
     assert metric(after, "ugsep_requests_total") - metric(before, "ugsep_requests_total") == 3
+
+    def runs(text: str, stage: str) -> float:
+        key = f'ugsep_graph_runs_total{{model="{MODEL}",stage="{stage}"}}'
+        return next((float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(key)), 0.0)
+
+    # one user-graph run (the two repeats hit the cache), one group-graph run per request
+    assert runs(after, "user") - runs(before, "user") == 1
+    assert runs(after, "group") - runs(before, "group") == 3
     for family in ("ugsep_request_latency_seconds_bucket", "ugsep_queue_time_seconds_bucket",
                    "ugsep_batch_users_bucket", "ugsep_batch_candidates_bucket"):
         assert family in after
