@@ -176,9 +176,6 @@ def test_crossover_times_both_graphs_at_growing_n_and_stops_at_the_first_loss():
         assert r["ratio"] == pytest.approx(r["small_ms"] / r["large_ms"], rel=1e-2)
     assert all(r["ratio"] < 1.0 for r in rows[:-1])  # it stopped at the first loss, if any
     assert max_rows == _expected_max_rows(rows)
-    # a graph against itself never wins by much: it can't be given the whole range for free
-    same, _ = crossover(fp32, fp32, grid=(1, 4), budget_s=0.2)
-    assert same in (0, 1, 4)
 
 
 def test_group_is_tuned_at_one_candidate_too_and_group_small_follows_what_was_measured():
