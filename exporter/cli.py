@@ -57,6 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "quant_per_token_stages": args.quant_per_token_stages,
             "quant_tune": not args.no_quant_tune,
             "quant_small_batch": args.quant_small_batch,
+            "serve_threads": args.serve_threads,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -83,6 +84,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from exporter.demo import run_demo
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value!r}")
+    return n
 
 
 def _small_batch(value: str) -> int | None:
@@ -131,6 +142,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    "tuned at 1 candidate, run for calls up to the measured crossover (auto, the "
                    "default; built only when it wins), never (off), or always for calls of up "
                    "to N candidates")
+    p.add_argument("--serve-threads", type=_positive, default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
+                   "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
+                   "1 and ORT's default for the layout, ORT's default for w8a16)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

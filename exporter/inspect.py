@@ -58,6 +58,7 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
             f"group_small runs group calls of at most {m.small_group_rows} candidates "
             "(on CPU backends); group runs the larger ones"
         )
+    _print_layout(m.optimize)
     _print_split(m)
     _print_quantization(m)
     _print_parity(m)
@@ -111,6 +112,19 @@ def _print_quantization(m) -> None:
     _print_weight_bytes(m.precision, q.get("weight_bytes") or {})
     _print_speed_tuning(q.get("speed_tuning"))
     _print_layers(q)
+
+
+def _print_layout(optimize: dict | None) -> None:
+    """The per-token layout each stage got at export (exporter/optimize.py), and why."""
+    layouts = (optimize or {}).get("per_token_layout") or {}
+    if not layouts:
+        return
+    threads = optimize.get("serve_threads") or "1 and onnxruntime default"
+    parts = [
+        f"{stage} {r['chosen']} (unrolled/batched {r['unrolled_vs_batched']:.2f}× at batch {r['batch']})"
+        for stage, r in layouts.items()
+    ]
+    console.print(f"per-token layout, timed with {threads} thread(s): " + "; ".join(parts))
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:

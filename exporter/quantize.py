@@ -814,7 +814,9 @@ def step_quantize(ctx: Any) -> None:
     / ``quant_stages`` (e.g. ["user"]) / ``quant_min_elements`` / ``quant_per_token_stages``
     (None: timed per stage on this CPU for ort-cpu, ``tune_for_speed``) / ``quant_tune``
     (False: the fixed ``TARGET_DEFAULTS`` instead of timing) / ``quant_small_batch``
-    (``QuantizeOptions.small_batch``: None timed, 0 off, K forced).
+    (``QuantizeOptions.small_batch``: None timed, 0 off, K forced) / ``serve_threads`` (the
+    intra-op threads the bundle will be served with: the speed choices are timed with them;
+    None: ONNX Runtime's default).
     """
     o = ctx.options
     if o.precision == "fp32":
@@ -840,6 +842,7 @@ def step_quantize(ctx: Any) -> None:
         ),
         tune=None if extra.get("quant_tune", True) else False,
         small_batch=extra.get("quant_small_batch"),
+        tune_threads=extra.get("serve_threads"),
     )
     n_parity, n_calib = ctx.row_budget()
     calib = calibration_for(

@@ -177,6 +177,17 @@ def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
     assert shown.count("✓") == len(tuning["stages"]) + 1  # one choice per stage (+ group_small)
 
 
+def test_serve_threads_sets_the_threads_the_speed_choices_are_timed_with(trained, tmp_path, capsys):
+    argv = ["export", str(trained / "student"), "--precision", "w8a16"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "bad"), "--serve-threads", "0"])
+    assert "expected an integer > 0" in capsys.readouterr().err
+    out = tmp_path / "tt-1thread"
+    assert main([*argv, "--out", str(out), "--serve-threads", "1", "--quant-small-batch", "off"]) == 0
+    tuning = Manifest.read(out).quantization["speed_tuning"]
+    assert tuning["threads"] == 1 and set(tuning["stages"]) == {"user", "group", "full"}
+
+
 def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_path, capsys):
     """--quant-small-batch 8: a second group graph (tuned at one candidate) serves group calls
     of up to 8 candidates. Parity checks it on every row (onnx-split-small), the manifest

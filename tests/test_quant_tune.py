@@ -211,3 +211,19 @@ def test_group_is_tuned_at_one_candidate_too_and_group_small_follows_what_was_me
     assert opts_k.group_small_rows == 8 and "group_small" in opts_k.stages
     with pytest.raises(Exception, match="small_batch must be"):
         QuantizeOptions(small_batch=-1)
+
+
+def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_path):
+    """export --serve-threads N: optimize times the per-token layouts with N intra-op threads
+    only and records N in manifest.optimize (default: 1 thread and ORT's default)."""
+    from exporter.optimize import step_optimize
+    from exporter.pipeline import ExportContext, ExportOptions
+
+    proto = _chain([64, 256], per_token=4, batch="N")
+    for extra, timed in (({"serve_threads": 2}, {"2"}), ({}, {"1", "default"})):
+        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(extra=extra))
+        ctx.stages = {"group": proto}
+        step_optimize(ctx)
+        rec = ctx.manifest_fields["optimize"]
+        assert rec["serve_threads"] == extra.get("serve_threads")
+        assert set(rec["per_token_layout"]["group"]["threads"]) == timed
