@@ -63,6 +63,7 @@ from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
 
 CANDIDATES = 100
+THREADS = 2  # intra-op threads: every variant is served, and the bundle exported, with these
 WARM_BLOCK = 6  # warm latency: requests in a row per variant per round (the first dropped)
 
 
@@ -99,11 +100,13 @@ def _take(rows, lo, hi):
 
 
 def _export_fp32(loaded, work: Path) -> dict[str, onnx.ModelProto]:
+    """The fp32 bundle as `ugsep export --serve-threads 2` writes it (the threads measured here)."""
     from exporter.pipeline import ExportOptions, export_bundle
 
-    ctx = export_bundle(
-        loaded, work / "fp32", ExportOptions(precision="fp32", parity=False, overwrite=True)
+    options = ExportOptions(
+        precision="fp32", parity=False, overwrite=True, extra={"serve_threads": THREADS}
     )
+    ctx = export_bundle(loaded, work / "fp32", options)
     return dict(ctx.stages)
 
 
@@ -128,7 +131,8 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
     ours, record = quantize_bundle_stages(
         stages,
         spec,
-        options=QuantizeOptions("w8a16", "ort-cpu"),  # the ORT-CPU defaults (TARGET_DEFAULTS)
+        # the ORT-CPU defaults: tuned on this CPU, with the threads measured here
+        options=QuantizeOptions("w8a16", "ort-cpu", tune_threads=THREADS),
         calibration=calib,
     )
     pt_all, _ = quantize_bundle_stages(
@@ -175,7 +179,7 @@ class _Pair:
     def __init__(self, protos: dict[str, onnx.ModelProto], small_rows: int = 0) -> None:
         # the runtime's own session settings (no thread spinning, etc.): measured as served
         self.small_rows = small_rows if "group_small" in protos else 0
-        so = OrtBackend(intra_op_threads=2).session_options()
+        so = OrtBackend(intra_op_threads=THREADS).session_options()
         self.sess = {
             k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"])
             for k, p in protos.items()
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "env": {
             "onnxruntime": ort.__version__,
-            "threads": 2,
+            "threads": THREADS,
             "cpu": platform.processor() or platform.machine(),
             "split": "user" in stages,
             "model": spec.name,
