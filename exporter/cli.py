@@ -86,13 +86,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
 
 
-def _positive(value: str) -> int:
+def _positive(value: str, expected: str = "an integer > 0") -> int:
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return n
 
 
@@ -102,13 +102,7 @@ def _small_batch(value: str) -> int | None:
         return None
     if value == "off":
         return 0
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected auto, off or a candidate count > 0, got {value!r}")
-    return n
+    return _positive(value, "auto, off or a candidate count > 0")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:

@@ -43,11 +43,10 @@ from exporter.parity.check import output_metrics
 from exporter.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
-from runtime.manifest import SMALL_GROUP
+from runtime.manifest import SMALL_GROUP as SMALL
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"w8a16": 8, "w4a16": 4}
-SMALL = SMALL_GROUP
 TARGETS = ("ort-cpu", "gpu", "qdq")
 _ALL_STAGES = ("full", "user", "group")
 # Per target, the speed choices QuantizeOptions defaults to (measured: benchmarks/bench_quant.py).
@@ -453,10 +452,11 @@ def quantize_bundle_stages(
     out: dict[str, onnx.ModelProto] = {}
     layers, refusals = [], []
 
-    def run_path(path: _Path, originals: dict[str, onnx.ModelProto], prior: dict[str, Any]):
+    def run_path(path: _Path, originals, prior: dict[str, Any], take: tuple[str, ...] | None = None):
+        """Select and build ``path``; its stages (or only those in ``take``) go to ``out``."""
         keep, table, outcome = _select(path, opts, runner, prior) if runner else (set(), {}, None)
         protos, refused = path.final_build(opts, originals, keep)
-        out.update({k: v for k, v in protos.items() if SMALL not in protos or k == SMALL})
+        out.update({k: v for k, v in protos.items() if take is None or k in take})
         refusals.extend(refused)
         layers.extend(_layer_rows(path, keep, table, opts))
         if outcome is not None:
@@ -474,7 +474,8 @@ def quantize_bundle_stages(
                 )
                 if runner is not None:
                     runner.fix(out["user"])
-                kept = run_path(small, {"user": out["user"], SMALL: stages[SMALL]}, prior)["keep"]
+                originals = {"user": out["user"], SMALL: stages[SMALL]}
+                kept = run_path(small, originals, prior, take=(SMALL,))["keep"]
                 if {_bare(g) for g in small.groups} <= kept:  # all float: the group graph again
                     del out[SMALL]
                     layers[:] = [r for r in layers if r["stage"] != SMALL]

@@ -63,9 +63,9 @@ class Scorer:
             self.group_session = backend.open(bundle, "group")
             self.boundary_names = [b["name"] for b in self.manifest.split["boundary"]]
             rows = self.manifest.small_group_rows
-            if group_variant == SMALL_GROUP and not rows:
-                raise InternalError(f"bundle '{bundle.root}' has no {SMALL_GROUP} stage")
             if group_variant == SMALL_GROUP:
+                if not rows:
+                    raise InternalError(f"bundle '{bundle.root}' has no {SMALL_GROUP} stage")
                 rows = sys.maxsize  # every group call
             elif group_variant == "group" or getattr(backend, "needs_gpu", False):
                 rows = 0  # tuned on a CPU: GPU backends run the group graph

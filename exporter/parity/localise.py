@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from exporter.capture import capture, to_torch_inputs
 from exporter.parity.stages import Rows, user_rows
 from runtime.bundle import Bundle
+from runtime.manifest import SMALL_GROUP
 from runtime.scorer import USER_INDEX
 from runtime.spec import FeatureSpec
 
@@ -84,7 +85,7 @@ def localise_stage(
     if stage.startswith("onnx-full"):
         got, where = _run_full(bundle, rows)
     elif stage.startswith("onnx-split"):
-        group = "group_small" if stage.startswith("onnx-split-small") else "group"
+        group = SMALL_GROUP if stage.startswith("onnx-split-small") else "group"
         got, where = _run_split(bundle, spec, rows, group)
     else:
         return {"stage": stage, "note": f"localisation does not support stage '{stage}'"}
