@@ -32,7 +32,10 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
 
 A request is one user and N candidates: user graph at M=1, group graph at N (as the
 runtime's split path). Latency: 2 intra-op threads, variants interleaved round by round,
-medians. Accuracy: every variant vs the EAGER fp32 model on held-out synthetic requests
+medians. Every variant, the fp32 baseline included, gets the export's thread choice
+(exporter/stage_threads.py: its user and group_small graphs timed at batch 1 on 2 and 1
+threads, the faster kept, as the runtime then runs them); the choice is in the JSON under
+stage_threads. Accuracy: every variant vs the EAGER fp32 model on held-out synthetic requests
 (disjoint from the rows the selection calibrated on): |ΔAUC|, mean top-10 overlap, max abs.
 """
 
@@ -58,6 +61,7 @@ from exporter.parity.check import output_metrics  # noqa: E402
 from exporter.parity.metrics import request_groups  # noqa: E402
 from exporter.parity.stages import eager_outputs, user_rows  # noqa: E402
 from exporter.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
+from exporter.stage_threads import choose_stage_threads  # noqa: E402
 from graph_passes.onnx import linear_weight_bytes, quantize_onnx  # noqa: E402
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
@@ -176,12 +180,22 @@ def _variants(stages, spec, calib) -> tuple[dict, dict]:
 class _Pair:
     """Sessions of one variant; ``score(users, cands, user_index)`` runs it as the runtime does."""
 
-    def __init__(self, protos: dict[str, onnx.ModelProto], small_rows: int = 0) -> None:
-        # the runtime's own session settings (no thread spinning, etc.): measured as served
+    def __init__(
+        self,
+        protos: dict[str, onnx.ModelProto],
+        small_rows: int = 0,
+        threads: dict[str, int] | None = None,
+    ) -> None:
+        # the runtime's own session settings (no thread spinning, per-stage thread caps...):
+        # measured as served
         self.small_rows = small_rows if "group_small" in protos else 0
-        so = OrtBackend(intra_op_threads=THREADS).session_options()
+        backend = OrtBackend(intra_op_threads=THREADS)
         self.sess = {
-            k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            k: ort.InferenceSession(
+                p.SerializeToString(),
+                backend.session_options((threads or {}).get(k)),
+                providers=["CPUExecutionProvider"],
+            )
             for k, p in protos.items()
         }
         self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sess.items()}
@@ -307,7 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     variants, record = _variants(stages, spec, calib)
     select_s = time.perf_counter() - t0
     small_rows = (record.get("group_small") or {}).get("max_rows", 0)
-    pairs = {k: _Pair(v, small_rows) for k, v in variants.items()}
+    threads, pairs = {}, {}
+    for k, v in variants.items():  # the export's thread choice, for every variant alike
+        chosen, rows, rec = choose_stage_threads(
+            v, THREADS, group_small_rows=small_rows if "group_small" in v else 0
+        )
+        threads[k] = {"chosen": chosen, "group_small_rows": rows, "timed": rec["stages"]}
+        pairs[k] = _Pair(v, rows, chosen)
     result = {
         "env": {
             "onnxruntime": ort.__version__,
@@ -336,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "speed_tuning": record.get("speed_tuning"),
             "group_small": record.get("group_small"),
         },
+        "stage_threads": threads,
         "accuracy": _accuracy(
             pairs,
             spec,

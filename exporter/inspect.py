@@ -59,6 +59,7 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
             "(on CPU backends); group runs the larger ones"
         )
     _print_layout(m.optimize)
+    _print_stage_threads(m)
     _print_split(m)
     _print_quantization(m)
     _print_parity(m)
@@ -125,6 +126,22 @@ def _print_layout(optimize: dict | None) -> None:
         for stage, r in layouts.items()
     ]
     console.print(f"per-token layout, timed with {threads} thread(s): " + "; ".join(parts))
+
+
+def _print_stage_threads(m) -> None:
+    """Intra-op threads per small-batch stage (exporter/stage_threads.py): timed, and the cap."""
+    rec = (m.optimize or {}).get("stage_threads") or {}
+    if not rec.get("stages"):
+        return
+    parts = []
+    for stage, r in rec["stages"].items():
+        timed = ", ".join(f"{k}: {v:.3f} ms" for k, v in r["median_ms"].items())
+        cap = m.stage_threads(stage)
+        runs = f"runs on {cap} thread(s)" if cap else "runs on the serving threads"
+        parts.append(f"{stage} {runs} ({timed} at batch {r['batch']})")
+    console.print(
+        f"threads, timed against the serving {rec['serve_threads']}: " + "; ".join(parts)
+    )
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:

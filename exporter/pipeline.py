@@ -6,6 +6,7 @@
     split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
     optimize   inference rewrites on every stage alike (per-token Einsum -> MatMul)
     quantize   w8a16/w4a16 weight-only passes with sensitivity-guided selection
+    threads    ORT CPU: the small-batch stages' intra-op threads, timed (exporter.stage_threads)
     trt-lint   --target trt: refuse graphs TensorRT would reject, before anything is written
     write      the bundle directory: ONNX files, manifest.json with every sha256
     trt-build  --target trt: TensorRT engines for this GPU into the bundle
@@ -35,6 +36,7 @@ from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
 from exporter.optimize import step_optimize
+from exporter.stage_threads import step_stage_threads
 from exporter.progress import console
 from exporter.quantize import CALIBRATION_ROWS, step_quantize
 from exporter.tensorrt import step_trt_build, step_trt_lint
@@ -167,6 +169,7 @@ PIPELINE: list[tuple[str, Step]] = [
     ("split", step_split),  # after full.onnx: a model that cannot be split still exports
     ("optimize", step_optimize),  # every stage, every precision: per-token Einsum -> MatMul
     ("quantize", step_quantize),  # w8a16/w4a16 (exporter.quantize): every stage; fp32: no-op
+    ("threads", step_stage_threads),  # ORT CPU: small-batch stages timed on fewer threads
     ("trt-lint", step_trt_lint),  # before write: a graph TensorRT rejects is never written
     ("write", step_write),
     ("trt-build", step_trt_build),  # engines need the written bundle (manifest entry, files)

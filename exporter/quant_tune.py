@@ -62,6 +62,7 @@ class Config:
     proto: onnx.ModelProto
     quantized_elements: int = 0
     layers: int = 0
+    threads: int | None = None  # intra-op threads for this config; None: the timing call's
 
 
 def cpu_name() -> str:
@@ -98,15 +99,21 @@ def _feeds(sess, batch: int) -> dict[str, np.ndarray]:
 def time_configs(
     configs: list[Config], batch: int, *, threads: int | None = None, budget_s: float = 4.0
 ) -> dict[str, float]:
-    """Median seconds per run of each config's graph at ``batch``, interleaved round by round."""
+    """Median seconds per run of each config's graph at ``batch``, interleaved round by round
+    (each config with its own ``threads`` if set, else ``threads``; None: ORT's default)."""
     import onnxruntime as ort
 
     from runtime.backends.ort import OrtBackend
 
-    so = OrtBackend(intra_op_threads=threads).session_options()
-    so.log_severity_level = 3
+    def options(c: Config):
+        so = OrtBackend(intra_op_threads=c.threads or threads).session_options()
+        so.log_severity_level = 3
+        return so
+
     sessions = {
-        c.name: ort.InferenceSession(c.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        c.name: ort.InferenceSession(
+            c.proto.SerializeToString(), options(c), providers=["CPUExecutionProvider"]
+        )
         for c in configs
     }
     feeds = {name: _feeds(s, batch) for name, s in sessions.items()}
@@ -210,12 +217,17 @@ def crossover(
     large: onnx.ModelProto,
     *,
     threads: int | None = None,
+    small_threads: int | None = None,
     grid: tuple[int, ...] = CROSSOVER_GRID,
     budget_s: float = 1.0,
 ) -> tuple[int, list[dict[str, Any]]]:
     """(largest N of ``grid`` up to which ``small`` ran faster than ``large`` at every grid
-    point, 0 if not even at the first; the timings). Stops at the first N it loses."""
-    configs = [Config("small", 0, False, small), Config("large", None, False, large)]
+    point, 0 if not even at the first; the timings). Stops at the first N it loses.
+    ``small_threads`` runs ``small`` with its own intra-op thread count."""
+    configs = [
+        Config("small", 0, False, small, threads=small_threads),
+        Config("large", None, False, large),
+    ]
     rows, max_rows = [], 0
     for n in grid:
         med = time_configs(configs, n, threads=threads, budget_s=budget_s)

@@ -16,7 +16,10 @@
                        runtime runs instead of "group" for calls of at most its
                        "max_rows" candidates (an int >= 1 in its entry); the export
                        builds it when a graph tuned at batch 1 beats the group graph
-                       tuned for large batches (exporter/quant_tune.py)
+                       tuned for large batches (exporter/quant_tune.py). Any stage may
+                       carry "intra_op_threads" (an int >= 1): the CPU backend runs that
+                       stage on at most that many intra-op threads, the fastest count
+                       timed at export for the small-batch stages (exporter/stage_threads.py)
     split              null | {"boundary": [{"name", "dtype", "shape", "source"}],
                                "user_index": "user_index", "report": {...}}
     flops              {"full_per_row", "user_per_row", "group_per_row"} (ints, may be null)
@@ -26,6 +29,8 @@
     limits             {"max_candidates": int, "max_users_per_call": int}
     quantization       null | {...}   written by the quantization passes
     engines            [{"dir", "gpu", "compute_capability", "trt_version", "files"}]
+    optimize           null | {"per_token_layout", "cpu", "serve_threads", "stage_threads"}:
+                       the speed choices the export timed (layouts, threads per stage)
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class Manifest:
         st = self.stages.get(SMALL_GROUP)
         return int(st["max_rows"]) if st and self.is_split else 0
 
+    def stage_threads(self, stage: str) -> int | None:
+        """The most intra-op threads worth using for ``stage`` on a CPU (None: no cap)."""
+        return (self.stages.get(stage) or {}).get("intra_op_threads")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -127,6 +136,14 @@ class Manifest:
         for name, st in stages.items():
             if name not in STAGES or not isinstance(st, dict) or "file" not in st:
                 raise BundleError(f"{where}: stage {name!r} is malformed: {st!r}")
+            threads = st.get("intra_op_threads")
+            if threads is not None and (
+                isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+            ):
+                raise BundleError(
+                    f"{where}: stage {name!r} has 'intra_op_threads' {threads!r}, expected an "
+                    "int >= 1 (the most threads to run it on) or no such key"
+                )
         if SMALL_GROUP in stages:
             rows = stages[SMALL_GROUP].get("max_rows")
             if not {"user", "group"} <= set(stages) or d.get("split") is None:

@@ -214,6 +214,21 @@ def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_p
 
     scorer = runtime.load(out, backend="onnxruntime")
     assert scorer.small_rows == 8
+    # threads step: user and group_small timed at batch 1 on the serving threads and fewer;
+    # the faster count is the stage's cap, and the Scorer's sessions run with it
+    from exporter.stage_threads import DEFAULT, pick
+
+    timed = m.optimize["stage_threads"]["stages"]
+    assert set(timed) == {"user", "group_small"}
+    sessions = {"user": scorer.user_session, "group_small": scorer.small_session}
+    for stage, r in timed.items():
+        medians = {(None if k == DEFAULT else int(k)): v for k, v in r["median_ms"].items()}
+        fastest = pick(medians)
+        assert r["chosen"] == (DEFAULT if fastest is None else str(fastest))
+        assert m.stage_threads(stage) == (None if fastest == next(iter(medians)) else fastest)
+        if m.stage_threads(stage):
+            got = sessions[stage]._sess.get_session_options().intra_op_num_threads
+            assert got == m.stage_threads(stage), stage
     from runtime.backends.ort import OrtBackend
     from runtime.scorer import Scorer
 

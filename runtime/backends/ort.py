@@ -71,13 +71,17 @@ class OrtBackend:
         *,
         allow_spinning: bool = False,
         disabled_optimizers: tuple[str, ...] | None = None,
+        stage_threads: bool = True,
     ) -> None:
         """``allow_spinning`` (default off): ORT's idle intra-op threads busy-wait for work.
         A split bundle runs two sessions back to back, each with its own pool, so on a small
         CPU the idle pool's spinning steals cores from the running one (measured on 2 cores:
         split speedup at N=512 2.6x with spinning, 4.1-5.1x without). Turn it on only for a
-        single session on dedicated cores.
+        single session on dedicated cores. ``stage_threads`` (default on): run a stage whose
+        manifest entry has ``intra_op_threads`` on at most that many threads (the export
+        timed the small-batch stages faster on fewer threads than they are served with).
         """
+        self.stage_threads = stage_threads
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self.allow_spinning = allow_spinning
@@ -99,12 +103,17 @@ class OrtBackend:
             return _no_gpu_reason()
         return None
 
-    def session_options(self):
+    def session_options(self, max_threads: int | None = None):
+        """ORT session options; ``max_threads`` caps the intra-op threads (a stage's
+        ``intra_op_threads`` from the manifest)."""
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.intra_op_threads:
-            so.intra_op_num_threads = self.intra_op_threads
+        threads = self.intra_op_threads
+        if max_threads:
+            threads = min(threads or max_threads, max_threads)
+        if threads:
+            so.intra_op_num_threads = threads
         so.inter_op_num_threads = self.inter_op_threads
         so.log_severity_level = 3
         so.add_session_config_entry(
@@ -118,10 +127,15 @@ class OrtBackend:
         return so
 
     def open(self, bundle, stage: str) -> OrtSession:
-        return self.open_path(str(bundle.stage_path(stage)))
+        """A session for ``stage``; on the CPU with at most the stage's ``intra_op_threads``
+        (timed at export: exporter/stage_threads.py) unless ``stage_threads=False``."""
+        cap = None
+        if self.stage_threads and not self.needs_gpu:
+            cap = bundle.manifest.stage_threads(stage)
+        return self.open_path(str(bundle.stage_path(stage)), max_threads=cap)
 
-    def open_path(self, path: str) -> OrtSession:
-        return OrtSession(path, list(self.providers), self.session_options())
+    def open_path(self, path: str, max_threads: int | None = None) -> OrtSession:
+        return OrtSession(path, list(self.providers), self.session_options(max_threads))
 
 
 class OrtCudaBackend(OrtBackend):

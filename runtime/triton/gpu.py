@@ -88,7 +88,10 @@ def write_stage_model(
     }
     if backend == "python":
         cfg["instance_group"] = [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}]
-        cfg["parameters"] = parameters({"intra_op_threads": int(opts.intra_op_threads)})
+        threads, cap = int(opts.intra_op_threads), bundle.manifest.stage_threads(stage)
+        if cap:  # the stage ran faster on fewer threads at export (exporter/stage_threads.py)
+            threads = min(threads or cap, cap)
+        cfg["parameters"] = parameters({"intra_op_threads": threads})
         vdir = python_model(root, model, "onnx_model.py", cfg)
         shutil.copyfile(bundle.stage_path(stage), vdir / "model.onnx")
         return described

@@ -87,6 +87,24 @@ def test_gpu_configs_validate_and_wire_the_split(tmp_path, tri_bundle):
         assert (tmp_path / m / "1" / "model.onnx").is_file()
 
 
+def test_python_stage_models_keep_a_stage_thread_cap_from_the_manifest(tmp_path, tri_bundle):
+    """A stage timed faster on fewer threads at export (manifest intra_op_threads) keeps that
+    cap in its CPU stage model; the other stage gets the repository's thread count."""
+    bundle = tmp_path / "capped"
+    shutil.copytree(tri_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["stages"]["user"]["intra_op_threads"] = 1
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    for asked, user_threads, group_threads in ((2, "1", "2"), (0, "1", "0")):
+        root = tmp_path / f"repo{asked}"
+        repo = write_repository(
+            bundle, root, "gpu", stage_backend="python", intra_op_threads=asked
+        )
+        user, group = (load_config(root / name) for name in repo.models[1:])
+        assert user.parameters["intra_op_threads"].string_value == user_threads
+        assert group.parameters["intra_op_threads"].string_value == group_threads
+
+
 def test_tensorrt_engines_become_plan_models_per_compute_capability(tmp_path, tri_bundle):
     from exporter.bundle_writer import update_bundle
 
