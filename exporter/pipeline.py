@@ -36,9 +36,9 @@ from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
 from exporter.optimize import step_optimize
-from exporter.stage_threads import step_stage_threads
 from exporter.progress import console
 from exporter.quantize import CALIBRATION_ROWS, step_quantize
+from exporter.stage_threads import step_stage_threads
 from exporter.tensorrt import step_trt_build, step_trt_lint
 from runtime.manifest import DEFAULT_LIMITS
 from runtime.sample import sample_rows
