@@ -142,6 +142,13 @@ def _print_stage_threads(m) -> None:
     console.print(
         f"threads, timed against the serving {rec['serve_threads']}: " + "; ".join(parts)
     )
+    small = rec["stages"].get("group_small") or {}
+    if small.get("crossover"):
+        ratios = ", ".join(f"N={r['candidates']} {r['ratio']:.2f}×" for r in small["crossover"])
+        console.print(
+            f"group_small on {small['chosen']} thread(s) re-timed against group: {ratios} -> "
+            + (f"serves up to {small['max_rows']} candidates" if small["max_rows"] else small["why"])
+        )
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:

@@ -103,6 +103,9 @@ class Scorer:
         return self.run_prepared([self.prepare(u, c) for u, c in requests])
 
     def run_prepared(self, prepared: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
+        if len(prepared) == 1:  # one request: nothing to concatenate or cut back
+            p = prepared[0]
+            return [self.run_batch(p.user, p.candidates, np.zeros(p.n, dtype=np.int64))]
         users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
         cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
         counts = [p.n for p in prepared]

@@ -154,3 +154,35 @@ def test_a_malformed_intra_op_threads_is_refused(toy_bundle, tmp_path, bad):
     d = json.loads((_with_manifest(toy_bundle, tmp_path, intra_op_threads=bad) / "manifest.json").read_text())
     with pytest.raises(BundleError, match="intra_op_threads"):
         Manifest.from_dict(d)
+
+
+def test_inspect_prints_the_timed_threads_and_the_re_timed_crossover(toy_bundle, tmp_path, capsys):
+    from exporter.cli import main
+
+    rec = {
+        "cpu": "x",
+        "serve_threads": "2",
+        "stages": {
+            "full": {"batch": 1, "median_ms": {"2": 0.5, "1": 0.25}, "chosen": "1"},
+            "group_small": {
+                "batch": 1,
+                "median_ms": {"2": 0.4, "1": 0.3},
+                "chosen": "1",
+                "crossover": [
+                    {"candidates": 1, "small_ms": 0.3, "large_ms": 0.5, "ratio": 0.6},
+                    {"candidates": 2, "small_ms": 0.6, "large_ms": 0.5, "ratio": 1.2},
+                ],
+                "max_rows": 1,
+            },
+        },
+    }
+    d = _with_manifest(toy_bundle, tmp_path, intra_op_threads=1)
+    m = json.loads((d / "manifest.json").read_text())
+    m["optimize"] = {**(m.get("optimize") or {}), "stage_threads": rec}
+    (d / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["inspect", str(d)]) == 0
+    shown = " ".join(capsys.readouterr().err.split())
+    assert "threads, timed against the serving 2: full runs on 1 thread(s) (2: 0.500 ms, 1: 0.250 ms" in shown
+    assert "group_small runs on the serving threads" in shown  # no cap in this manifest
+    assert "re-timed against group: N=1 0.60×, N=2 1.20× -> serves up to 1 candidates" in shown
