@@ -58,6 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "quant_tune": not args.no_quant_tune,
             "quant_small_batch": args.quant_small_batch,
             "serve_threads": args.serve_threads,
+            "stage_threads": not args.no_stage_threads,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -139,7 +140,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-threads", type=_positive, default=None, metavar="N",
                    help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
                    "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
-                   "1 and ORT's default for the layout, ORT's default for w8a16)")
+                   "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
+                   "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
+                   "stage's cap at serving time)")
+    p.add_argument("--no-stage-threads", action="store_true",
+                   help="do not time the small-batch stages on fewer threads: every stage runs on "
+                   "the serving threads")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -184,8 +184,18 @@ def test_serve_threads_sets_the_threads_the_speed_choices_are_timed_with(trained
     assert "expected an integer > 0" in capsys.readouterr().err
     out = tmp_path / "tt-1thread"
     assert main([*argv, "--out", str(out), "--serve-threads", "1", "--quant-small-batch", "off"]) == 0
-    tuning = Manifest.read(out).quantization["speed_tuning"]
+    m = Manifest.read(out)
+    tuning = m.quantization["speed_tuning"]
     assert tuning["threads"] == 1 and set(tuning["stages"]) == {"user", "group", "full"}
+    # served on one thread: no stage is timed on fewer, none is capped
+    assert m.optimize["stage_threads"]["why"] == "served with 1 thread: nothing to choose"
+    assert not any("intra_op_threads" in st for st in m.stages.values())
+    # --no-stage-threads: the threads step does not run
+    plain = tmp_path / "tt-no-stage-threads"
+    assert main(["export", str(trained / "student"), "--out", str(plain), "--no-stage-threads"]) == 0
+    m = Manifest.read(plain)
+    assert "stage_threads" not in (m.optimize or {})
+    assert not any("intra_op_threads" in st for st in m.stages.values())
 
 
 def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_path, capsys):
