@@ -101,25 +101,9 @@ def choose_stage_threads(
             "median_ms": {_label(t): round(m * 1e3, 4) for t, m in medians.items()},
             "chosen": _label(best),
         }
-        if best is not None and best != serve_threads and stage == SMALL_GROUP and "group" in stages:
-            if forced_small_rows:
-                entry["max_rows"] = rows
-                entry["why"] = f"max_rows {rows} was given (--quant-small-batch): not re-timed"
-            else:
-                new_rows, timings = quant_tune.crossover(
-                    stages[SMALL_GROUP], stages["group"], threads=serve_threads, small_threads=best
-                )
-                entry.update(crossover=timings, max_rows=new_rows)
-                if new_rows:
-                    rows = new_rows
-                else:
-                    entry["why"] = (
-                        f"on {best} thread(s) it lost to the group graph at N=1: keeps the "
-                        "serving threads"
-                    )
-                    entry["chosen"] = _label(serve_threads)
-                    best = serve_threads
-        if best is not None and best != serve_threads:
+        if best != serve_threads and stage == SMALL_GROUP and "group" in stages:
+            best, rows = _retime_small(stages, serve_threads, best, rows, forced_small_rows, entry)
+        if best != serve_threads:  # options[0] is the serving count: any other is fewer
             chosen[stage] = best
         record["stages"][stage] = entry
         log.info(
@@ -130,6 +114,34 @@ def choose_stage_threads(
             entry["chosen"],
         )
     return chosen, rows, record
+
+
+def _retime_small(
+    stages: Mapping[str, onnx.ModelProto],
+    serve_threads: int | None,
+    best: int,
+    rows: int,
+    forced: bool,
+    entry: dict[str, Any],
+) -> tuple[int | None, int]:
+    """(threads, max_rows) for group_small once it ran faster on ``best`` threads: its
+    crossover against ``group`` (serving threads) timed again on them, unless ``forced``;
+    if it then loses at N=1 it keeps the serving threads and ``rows``. Fills ``entry``."""
+    from exporter import quant_tune
+
+    if forced:
+        entry["max_rows"] = rows
+        entry["why"] = f"max_rows {rows} was given (--quant-small-batch): not re-timed"
+        return best, rows
+    new_rows, timings = quant_tune.crossover(
+        stages[SMALL_GROUP], stages["group"], threads=serve_threads, small_threads=best
+    )
+    entry.update(crossover=timings, max_rows=new_rows)
+    if new_rows:
+        return best, new_rows
+    entry["why"] = f"on {best} thread(s) it lost to the group graph at N=1: keeps the serving threads"
+    entry["chosen"] = _label(serve_threads)
+    return serve_threads, rows
 
 
 def step_stage_threads(ctx: Any) -> None:

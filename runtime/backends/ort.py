@@ -33,6 +33,12 @@ def _no_gpu_reason() -> str | None:
     return None if count.value > 0 else "the NVIDIA driver reports 0 GPUs"
 
 
+def capped_threads(threads: int | None, cap: int | None) -> int | None:
+    """Intra-op threads under a stage's cap (None/0 threads: ORT's default, which the cap
+    replaces; None cap: no cap)."""
+    return min(threads or cap, cap) if cap else threads
+
+
 class OrtSession:
     """An ``onnxruntime.InferenceSession`` with dict-in, dict-out ``run``."""
 
@@ -109,9 +115,7 @@ class OrtBackend:
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = self.intra_op_threads
-        if max_threads:
-            threads = min(threads or max_threads, max_threads)
+        threads = capped_threads(self.intra_op_threads, max_threads)
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = self.inter_op_threads

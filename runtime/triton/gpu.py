@@ -29,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+from runtime.backends.ort import capped_threads
 from runtime.bundle import Bundle
 from runtime.errors import BundleError
 from runtime.triton.config import Enum, write_config
@@ -88,10 +89,9 @@ def write_stage_model(
     }
     if backend == "python":
         cfg["instance_group"] = [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}]
-        threads, cap = int(opts.intra_op_threads), bundle.manifest.stage_threads(stage)
-        if cap:  # the stage ran faster on fewer threads at export (exporter/stage_threads.py)
-            threads = min(threads or cap, cap)
-        cfg["parameters"] = parameters({"intra_op_threads": threads})
+        # a stage timed faster on fewer threads at export keeps its cap (exporter/stage_threads.py)
+        threads = capped_threads(int(opts.intra_op_threads), bundle.manifest.stage_threads(stage))
+        cfg["parameters"] = parameters({"intra_op_threads": int(threads)})
         vdir = python_model(root, model, "onnx_model.py", cfg)
         shutil.copyfile(bundle.stage_path(stage), vdir / "model.onnx")
         return described
