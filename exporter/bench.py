@@ -45,9 +45,11 @@ def run_bench(
     out_png: str | Path | None = None,
     eager: Any = None,
     seed: int = 0,
+    trust: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
-    """Benchmark ``bundle``; ``eager`` is the nn.Module (or "auto": rebuild from the manifest)."""
-    variants = _variants(bundle, threads, eager)
+    """Benchmark ``bundle``; ``eager`` is the nn.Module (or "auto": rebuild from the manifest,
+    importing its factory only from ``trust``-ed modules)."""
+    variants = _variants(bundle, threads, eager, trust)
     spec = variants["split"][0].spec if "split" in variants else variants["full"][0].spec
     calls = {n: _calls(variants, spec, n, seed) for n in ns}
     eager_threads = _best_eager_threads(calls[max(ns)].get("eager"), threads)
@@ -66,7 +68,7 @@ def run_bench(
     return result
 
 
-def _variants(bundle, threads: int, eager) -> dict[str, tuple[Any, Any]]:
+def _variants(bundle, threads: int, eager, trust=()) -> dict[str, tuple[Any, Any]]:
     """name -> (scorer or None, callable factory)."""
     full = runtime.load(
         bundle, backend="onnxruntime", allow_unverified=True, use_split=False, intra_op_threads=threads
@@ -79,7 +81,7 @@ def _variants(bundle, threads: int, eager) -> dict[str, tuple[Any, Any]]:
         )
     else:
         log.warning("bundle '%s' is not split: only full (and eager) are measured", bundle)
-    model = _eager_model(full.manifest) if eager == "auto" else eager
+    model = _eager_model(full.manifest, trust) if eager == "auto" else eager
     if model is not None:
         import torch
 
@@ -114,14 +116,19 @@ def _best_eager_threads(call, threads: int) -> int | None:
     return best
 
 
-def _eager_model(manifest) -> Any:
+def _eager_model(manifest, trust: tuple[str, ...] | list[str] = ()) -> Any:
     src = manifest.source or {}
     if not src.get("checkpoint") or not Path(src["checkpoint"]).exists():
         log.warning("no checkpoint recorded in the manifest: eager PyTorch is not measured")
         return None
     from exporter.load import load_student
 
-    return load_student(src["checkpoint"]).eager()
+    # the manifest is data: its factory is imported only from a trusted module
+    return load_student(
+        src["checkpoint"], spec=manifest.spec, trust=trust,
+        factory=src.get("factory") if not Path(src["checkpoint"]).is_dir() else None,
+        factory_from=f"the manifest of bundle '{manifest.model_name}'",
+    ).eager()
 
 
 def _calls(variants, spec, n: int, seed: int) -> dict[str, Any]:
@@ -243,6 +250,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="max repeats per (variant, N)")
     p.add_argument("--seconds-per-n", type=float, default=20.0, help="time budget per N")
     p.add_argument("--no-eager", action="store_true", help="skip eager PyTorch")
+    from exporter.cli import add_trust_argument
+
+    add_trust_argument(p)
     p.add_argument("--json", default="bench.json", help="results JSON path")
     p.add_argument("--png", default="bench.png", help="plot path")
 
@@ -260,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         out_json=args.json,
         out_png=args.png,
         eager=None if args.no_eager else "auto",
+        trust=args.trust_module,
     )
     print_table(result)
     return 0

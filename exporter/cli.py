@@ -41,7 +41,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exporter.pipeline import ExportOptions, export_bundle
 
     loaded = load_student(args.checkpoint, factory=args.factory, spec=args.spec,
-                          kwargs=json.loads(args.kwargs) if args.kwargs else None)
+                          kwargs=json.loads(args.kwargs) if args.kwargs else None,
+                          trust=args.trust_module)
     options = ExportOptions(
         precision=args.precision,
         split=not args.no_split,
@@ -106,12 +107,23 @@ def _small_batch(value: str) -> int | None:
     return _positive(value, "auto, off or a candidate count > 0")
 
 
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-module PKG`` (repeatable): whose registered factories a checkpoint may name."""
+    p.add_argument("--trust-module", action="append", default=[], metavar="PKG",
+                   help="trust this module (or package) to provide the model factory a checkpoint's "
+                   "config.json or a bundle's manifest names; repeatable. Only registered factories "
+                   "(@exporter.trust.model_factory or the 'ugsep.models' entry points) are called. "
+                   "Default: only the project's own 'students'")
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint dir (config.json + model.safetensors + spec.json), "
                    "a weights file (with --factory and --spec), or a .pt2 program")
     p.add_argument("--out", "-o", required=True, help="bundle directory to write")
-    p.add_argument("--factory", help="package.module:callable that builds the model")
+    p.add_argument("--factory", help="package.module:callable that builds the model (a registered "
+                   "model factory; naming it here trusts its module)")
     p.add_argument("--kwargs", help="JSON kwargs for --factory")
+    add_trust_argument(p)
     p.add_argument("--spec", help="feature spec (YAML/JSON); default: the checkpoint's spec.json")
     p.add_argument("--precision", default="fp32", choices=["fp32", "w8a16", "w4a16"])
     p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
@@ -154,7 +166,11 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle")
     p.add_argument("--checkpoint", help="the eager model (default: the checkpoint recorded in the manifest)")
-    p.add_argument("--factory")
+    p.add_argument("--factory", help="registered model factory for --checkpoint (package.module:callable)")
+    add_trust_argument(p)
+    p.add_argument("--bundle-only", action="store_true",
+                   help="no eager model: verify the files and the recorded parity, and compare the "
+                   "compiled stages with the full graph (nothing the manifest names is imported)")
     p.add_argument("--data", help="held-out rows (.npz/.csv); default: rows sampled from the spec")
     p.add_argument("--rows", type=int, default=None,
                    help="with --data: use its first N rows (default: all, as export's parity "

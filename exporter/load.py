@@ -8,13 +8,14 @@ pickle carrying code is refused, never executed. A checkpoint directory looks li
       config.json         {"factory": "package.module:callable", "kwargs": {...}}
       spec.json           the feature spec (or spec.yaml)
 
-``factory(**kwargs)`` must rebuild the module; it is imported from the installed
-environment by its dotted name (nothing is imported from the checkpoint itself).
+``factory(**kwargs)`` must rebuild the module. ``config.json`` is data: the factory it
+names is imported from the installed environment only when its module is trusted and it
+is a registered model factory (:mod:`exporter.trust`); otherwise nothing is imported or
+run. Nothing is ever imported from the checkpoint directory itself.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from exporter.errors import CheckpointError, ExportError
+from exporter.trust import Trust, resolve_factory
 from runtime.bundle import sha256_file
 from runtime.spec import FeatureSpec
 
@@ -49,24 +51,6 @@ class LoadedModel:
         if self.module is not None:
             return self.module
         return self.program.module()
-
-
-def import_factory(ref: str):
-    """Resolve ``package.module:callable``."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ExportError(f"factory '{ref}' must look like 'package.module:callable'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ExportError(f"cannot import module '{module_name}' for factory '{ref}': {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ExportError(f"module '{module_name}' has no attribute '{attr}' (factory '{ref}')")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ExportError(f"factory '{ref}' is not callable")
-    return obj
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -136,11 +120,23 @@ def load_student(
     factory: str | None = None,
     kwargs: dict[str, Any] | None = None,
     spec: str | Path | dict | FeatureSpec | None = None,
+    trust: Trust | tuple[str, ...] | list[str] | None = None,
+    factory_from: str = "the caller",
 ) -> LoadedModel:
-    """Load a model from a checkpoint directory, a weights file + factory, or a ``.pt2`` file."""
+    """Load a model from a checkpoint directory, a weights file + factory, or a ``.pt2`` file.
+
+    ``trust`` names the modules (beyond the default ``students``) whose registered model
+    factories a checkpoint may name (:mod:`exporter.trust`). ``factory``, when given, is
+    the caller's own choice: its module is trusted for this call. ``factory_from`` says
+    where it came from when it is not the caller's (a manifest): then it is not trusted
+    by being given.
+    """
     source = Path(source)
+    trust = Trust.of(trust)
+    if factory is not None and factory_from == "the caller":
+        trust = trust.with_module(factory.partition(":")[0])
     if source.is_dir():
-        return _load_dir(source, spec)
+        return _load_dir(source, spec, trust)
     if source.suffix == ".pt2":
         return _load_pt2(source, spec)
     if factory is None:
@@ -150,7 +146,7 @@ def load_student(
         )
     if spec is None:
         raise ExportError(f"loading '{source}' needs a feature spec (--spec FILE)")
-    module = _build(factory, kwargs or {}, source)
+    module = _build(factory, kwargs or {}, source, trust, named_by=factory_from)
     return LoadedModel(
         spec=FeatureSpec.load(spec),
         module=module,
@@ -158,10 +154,15 @@ def load_student(
     )
 
 
-def _build(factory: str, kwargs: dict[str, Any], weights: Path) -> torch.nn.Module:
+def _build(
+    factory: str, kwargs: dict[str, Any], weights: Path, trust: Trust, *, named_by: str
+) -> torch.nn.Module:
+    build = resolve_factory(factory, trust, named_by=named_by)  # refuses before any import
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"kwargs for factory '{factory}' must be a JSON object, found {kwargs!r}")
     state = read_state_dict(weights)  # read first: a bad checkpoint fails before any build
     try:
-        module = import_factory(factory)(**kwargs)
+        module = build(**kwargs)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - report factory failures with context
@@ -172,7 +173,7 @@ def _build(factory: str, kwargs: dict[str, Any], weights: Path) -> torch.nn.Modu
     return module.eval()
 
 
-def _load_dir(directory: Path, spec) -> LoadedModel:
+def _load_dir(directory: Path, spec, trust: Trust) -> LoadedModel:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"checkpoint directory '{directory}' has no config.json")
@@ -192,7 +193,7 @@ def _load_dir(directory: Path, spec) -> LoadedModel:
     spec_src = spec if spec is not None else find_spec(directory)
     if spec_src is None:
         raise CheckpointError(f"checkpoint directory '{directory}' has no spec.json; pass --spec")
-    module = _build(factory, kwargs, weights)
+    module = _build(factory, kwargs, weights, trust, named_by=f"'{cfg_path}'")
     return LoadedModel(
         spec=FeatureSpec.load(spec_src),
         module=module,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,23 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path) -> torch.nn.Module:
     """Rebuild the module of a checkpoint directory written by :func:`save_checkpoint`.
 
-    Imports the recorded factory: use it on checkpoints you trust (the exporter's
-    ``load_student`` is the checked path for anything else).
+    Only the students' own factory is called (``config.json`` is data, and this helper trusts
+    nothing else); the exporter's ``load_student`` loads other models under ``--trust-module``.
     """
+    from students.zoo import FACTORY, build_model
+
     d = Path(directory)
     try:
         cfg = json.loads((d / "config.json").read_text())
-        module_name, _, attr = cfg["factory"].partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (OSError, KeyError, ValueError, AttributeError, ImportError) as e:
+        named = cfg["factory"]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint '{d}': cannot read config.json: {e}") from e
+    if named != FACTORY:
         raise ValueError(
-            f"checkpoint '{d}': cannot read config.json or import its factory: {e}"
-        ) from e
+            f"checkpoint '{d}' names factory {named!r}; students.checkpoint only rebuilds "
+            f"'{FACTORY}' (load other models with exporter.load_student(..., trust=...))"
+        )
+    factory = build_model
     module = factory(**cfg.get("kwargs", {}))
     module.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return module.eval()

@@ -17,10 +17,10 @@ def test_check_uses_all_data_rows_unless_rows_limits(toy_bundle, tmp_path, capsy
     rows, rid = sample_requests(FeatureSpec.from_dict(TOY_SPEC), 13, 100, seed=3)
     data = save_npz(tmp_path / "held.npz", {**rows, "request_id": rid})
     capsys.readouterr()
-    assert main(["check", str(bundle), "--data", str(data)]) == 0
+    assert main(["check", str(bundle), "--trust-module", "tests", "--data", str(data)]) == 0
     assert "1300 rows, 13 requests" in capsys.readouterr().err
     assert json.loads((bundle / "parity.json").read_text())["rows"]["n"] == 1300
-    assert main(["check", str(bundle), "--data", str(data), "--rows", "250"]) == 0
+    assert main(["check", str(bundle), "--trust-module", "tests", "--data", str(data), "--rows", "250"]) == 0
     assert "250 rows" in capsys.readouterr().err
-    assert main(["check", str(bundle), "--rows", "300"]) == 0  # no data: sampled rows
+    assert main(["check", str(bundle), "--trust-module", "tests", "--rows", "300"]) == 0  # no data: sampled rows
     assert "sampled" in capsys.readouterr().err

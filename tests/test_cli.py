@@ -21,7 +21,8 @@ def test_console_script_help():
 
 def test_export_then_inspect(toy_checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
-    assert main(["export", str(toy_checkpoint), "--out", str(out), "--no-split", "--no-parity"]) == 0
+    assert main(["export", str(toy_checkpoint), "--out", str(out), "--no-split", "--no-parity",
+                 "--trust-module", "tests"]) == 0
     assert (out / "manifest.json").is_file()
     assert main(["inspect", str(out)]) == 0
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ class _Exploit:
 
 
 def test_round_trip_from_checkpoint_dir(toy_checkpoint):
-    loaded = load_student(toy_checkpoint)
+    loaded = load_student(toy_checkpoint, trust=("tests",))
     ref = make_toy_model()
     for k, v in ref.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[k], v)
@@ -63,7 +63,7 @@ def test_safetensors_name_on_a_pickle_is_refused(toy_checkpoint, tmp_path):
     with open(d / "model.safetensors", "wb") as f:
         pickle.dump({"a": 1}, f)
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        load_student(d)
+        load_student(d, trust=("tests",))
 
 
 def test_weights_of_another_model_are_refused(toy_checkpoint, tmp_path):
@@ -72,7 +72,7 @@ def test_weights_of_another_model_are_refused(toy_checkpoint, tmp_path):
     d = shutil.copytree(toy_checkpoint, tmp_path / "ck")
     save_file({"other.weight": torch.zeros(2, 2)}, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys.*unexpected keys"):
-        load_student(d)
+        load_student(d, trust=("tests",))
 
 
 def test_shape_mismatch_is_named(toy_checkpoint, tmp_path):
@@ -83,7 +83,7 @@ def test_shape_mismatch_is_named(toy_checkpoint, tmp_path):
     sd["head.weight"] = torch.zeros(1, 3)
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"head\.weight: checkpoint \(1, 3\)"):
-        load_student(d)
+        load_student(d, trust=("tests",))
 
 
 def test_bad_factory(tmp_path, toy_checkpoint):

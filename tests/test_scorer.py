@@ -105,7 +105,7 @@ def test_bundle_without_parity_is_refused_by_default(tmp_path, toy_checkpoint):
     from exporter import ExportOptions, export_bundle, load_student
 
     out = tmp_path / "unchecked"
-    export_bundle(load_student(toy_checkpoint), out, ExportOptions(split=False, parity=False))
+    export_bundle(load_student(toy_checkpoint, trust=("tests",)), out, ExportOptions(split=False, parity=False))
     with pytest.raises(ParityError, match="has no parity record"):
         runtime.load(out)
     assert runtime.load(out, allow_unverified=True).score is not None

@@ -20,7 +20,7 @@ def exported_split_bundle(tmp_path_factory, toy_checkpoint):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("real_split") / "toy"
-    loaded = load_student(toy_checkpoint)
+    loaded = load_student(toy_checkpoint, trust=("tests",))
     export_bundle(loaded, out, ExportOptions(max_candidates=256))
     assert check_bundle(out, loaded.eager(), n_rows=100, progress=False, localise=False).passed
     return out
