@@ -171,3 +171,29 @@ def test_trust_module_names_are_validated():
     with pytest.raises(ExportError, match="not a module name"):
         Trust.of(["os; rm -rf /"])
     assert Trust.of(["a.b"]).trusts("a.b.c") and not Trust.of(["a.b"]).trusts("a.bc")
+
+
+def test_entry_point_registers_a_factory(tmp_path):
+    """A distribution declaring the factory in the ``ugsep.models`` group registers it."""
+    pkg = tmp_path / "eppkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "def build(**kw):\n    from tests.conftest import make_toy_model\n"
+        "    return make_toy_model()\n"
+        "def other(**kw):\n    raise SystemExit('must not be called')\n"
+    )
+    info = tmp_path / "eppkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eppkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ugsep.models]\ntoy = eppkg:build\n")
+    code = (
+        "from exporter.trust import Trust, resolve_factory, UntrustedFactoryError\n"
+        "t = Trust.of(['eppkg'])\n"
+        "assert callable(resolve_factory('eppkg:build', t, named_by='x'))\n"
+        "try:\n    resolve_factory('eppkg:other', t, named_by='x')\n"
+        "except UntrustedFactoryError as e:\n    print('refused:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**_env(), "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "not a registered model factory" in r.stdout
