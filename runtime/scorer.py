@@ -67,7 +67,7 @@ class Scorer:
                 if not rows:
                     raise InternalError(f"bundle '{bundle.root}' has no {SMALL_GROUP} stage")
                 rows = sys.maxsize  # every group call
-            elif group_variant == "group" or getattr(backend, "needs_gpu", False):
+            elif group_variant == "group" or backend.needs_gpu:
                 rows = 0  # tuned on a CPU: GPU backends run the group graph
             if rows:
                 self.small_session = backend.open(bundle, SMALL_GROUP)

@@ -53,3 +53,45 @@ def test_walk_finds_the_serving_and_triton_modules():
 def test_runtime_module_does_not_import_torch(module):
     bad = _imports_in_fresh_interpreter([module])
     assert bad == [], f"importing {module} pulled in {bad}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["triton", "--help"],
+                                  ["export", "--help"]])
+def test_cli_help_imports_no_torch(argv):
+    """`ugsep --help` and the serving commands' help are instant on a host without torch."""
+    code = (
+        "import sys\nimport exporter.cli as c\n"
+        f"try:\n    c.main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "NO-TORCH"
+    assert "usage: ugsep" in r.stdout
+
+
+def test_every_backend_declares_the_protocol_attributes():
+    """The scorer and the batcher read needs_gpu / group_chunk_candidates without getattr."""
+    from runtime.backends import REGISTRY, Backend, backend_class
+
+    declared = [a for a in Backend.__annotations__ if a != "name"]
+    assert {"needs_gpu", "group_chunk_candidates"} <= set(declared)
+    for name in REGISTRY:
+        cls = backend_class(name)
+        for attr in declared:
+            assert attr in dir(cls), f"backend {name} does not declare {attr}"
+        assert isinstance(cls.needs_gpu, bool) and isinstance(cls.group_chunk_candidates, int)
+
+
+def test_triton_modules_do_not_import_each_other_in_a_cycle():
+    import ast
+    from pathlib import Path
+
+    gpu = Path(runtime.__file__).parent / "triton" / "gpu.py"
+    imported = {
+        n.module for n in ast.walk(ast.parse(gpu.read_text())) if isinstance(n, ast.ImportFrom)
+    }
+    assert "runtime.triton.repository" not in imported
+    code = "import runtime.triton.gpu, runtime.triton.repository"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

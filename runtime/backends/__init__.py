@@ -37,6 +37,8 @@ class Backend(Protocol):
     """Turns a bundle stage into a Session."""
 
     name: str
+    needs_gpu: bool  # GPU backends run the group graph for every call (group_small is CPU-tuned)
+    group_chunk_candidates: int  # the batcher's group-call size (0: one call per batch)
 
     @classmethod
     def availability(cls, bundle) -> str | None:

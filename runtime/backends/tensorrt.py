@@ -120,6 +120,8 @@ class TrtBackend:
     """TensorRT engines from the bundle, for the GPU in this machine."""
 
     name = "tensorrt"
+    needs_gpu = True
+    group_chunk_candidates = 0  # a GPU wants the whole group call at once
 
     def __init__(self, device: int = 0) -> None:
         self.device = device

@@ -104,7 +104,7 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
 def _group_chunk(options: ServeOptions, scorer: Scorer) -> int:
     if options.group_chunk_candidates is not None:
         return int(options.group_chunk_candidates)
-    return int(getattr(scorer.backend, "group_chunk_candidates", 0))
+    return int(scorer.backend.group_chunk_candidates)
 
 
 class ModelRepository:

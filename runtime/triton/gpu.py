@@ -32,8 +32,7 @@ from pathlib import Path
 from runtime.backends.ort import capped_threads
 from runtime.bundle import Bundle
 from runtime.errors import BundleError
-from runtime.triton.config import Enum, write_config
-from runtime.triton.repository import (
+from runtime.triton._common import (
     VERSION,
     RepositoryOptions,
     batching_config,
@@ -43,6 +42,7 @@ from runtime.triton.repository import (
     stage_io,
     tensor,
 )
+from runtime.triton.config import Enum, write_config
 
 STAGE_BACKENDS = ("auto", "onnxruntime", "tensorrt_plan", "python")
 
