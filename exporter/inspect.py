@@ -61,6 +61,7 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
     _print_layout(m.optimize)
     _print_stage_threads(m)
     _print_split(m)
+    _print_row_scope(m)
     _print_quantization(m)
     _print_parity(m)
     for e in m.engines:
@@ -88,6 +89,23 @@ def _print_split(m) -> None:
             f"FLOPs per row: user {f['user_per_row']:,}  group {f['group_per_row']:,}  "
             f"full {f.get('full_per_row', 0):,}\nsplit ceiling (U+G)/(U/N+G): {ceil}"
         )
+
+
+def _print_row_scope(m) -> None:
+    scope = m.row_scope
+    if scope is None:
+        console.print("row scope: not recorded (exported before the proof): served as row-wise")
+        return
+    sides = ", ".join(f"{k} {scope[k]}" for k in ("user", "group", "full") if k in scope)
+    if not m.request_scoped:
+        console.print(f"row scope: {sides} — row-wise: requests are batched together")
+        return
+    console.print(
+        f"row scope: {sides} — [bold]request-scoped[/bold]: each request gets its own group "
+        "call (user-side work is still batched)"
+    )
+    for mix in scope.get("mixing", []):
+        console.print(f"  mixes rows: {mix['op']} {mix['node']}: {mix['reason']}  {mix.get('source', '')}")
 
 
 # int8 payload + fp32 scales of the quantized layers, against their fp32 bytes (issue 4)

@@ -4,6 +4,8 @@
     full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
     write      the bundle directory: ONNX files, manifest.json with every sha256
     split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
+    row-scope  prove per side whether rows of a call stay apart (manifest.row_scope): a
+               request-scoped bundle is never merged across requests by the runtime
     optimize   inference rewrites on every stage alike (per-token Einsum -> MatMul)
     quantize   w8a16/w4a16 weight-only passes with sensitivity-guided selection
     threads    ORT CPU: the small-batch stages' intra-op threads, timed (exporter.stage_threads)
@@ -124,6 +126,20 @@ def step_split(ctx: ExportContext) -> None:
         ctx.manifest_fields["split"] = art.manifest_split()
 
 
+def step_row_scope(ctx: ExportContext) -> None:
+    """manifest.row_scope: does each side keep the rows of a call apart (graph_passes.fx)?"""
+    from graph_passes.fx.row_scope import row_scope
+
+    scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
+    ctx.manifest_fields["row_scope"] = scope
+    if scope["full"] == "request":
+        where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
+        console.print(
+            f"[yellow]request-scoped:[/] '{ctx.spec.name}' mixes the rows of a call ({where}); "
+            "the runtime scores each request in its own group call"
+        )
+
+
 def step_write(ctx: ExportContext) -> None:
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
     try:
@@ -167,6 +183,7 @@ PIPELINE: list[tuple[str, Step]] = [
     ("capture", step_capture),
     ("full-onnx", step_full_onnx),
     ("split", step_split),  # after full.onnx: a model that cannot be split still exports
+    ("row-scope", step_row_scope),  # after split: the record names the sides it has
     ("optimize", step_optimize),  # every stage, every precision: per-token Einsum -> MatMul
     ("quantize", step_quantize),  # w8a16/w4a16 (exporter.quantize): every stage; fp32: no-op
     ("threads", step_stage_threads),  # ORT CPU: small-batch stages timed on fewer threads

@@ -65,12 +65,15 @@ class Calibration:
     rows: feeds keyed by spec input name ([R, ...] each); reference: eager fp32 outputs keyed
     by spec output name; labels (0/1, [R]) enable the AUC budget; request_ids ([R]) group
     rows into requests for the top-k budget (default: one request per distinct user).
+    ``request_scoped``: the model mixes the rows of a call (``manifest.row_scope``): the
+    reference and every measurement run one request per call.
     """
 
     rows: Rows
     reference: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     request_ids: np.ndarray | None = None
+    request_scoped: bool = False
 
 
 @dataclass
@@ -320,16 +323,24 @@ class _Runner:
         return user_rows(self.spec, self.calib.rows)[1]
 
     def run(self, protos: dict[str, onnx.ModelProto]) -> dict[str, np.ndarray]:
+        if self.calib.request_scoped:  # one request per call, as the runtime serves it
+            from exporter.parity.configs import run_in_chunks
+
+            rows = self.calib.rows
+            return run_in_chunks(lambda part: self._run_rows(protos, part), rows, self.groups)
+        return self._run_rows(protos, self.calib.rows, cache=True)
+
+    def _run_rows(self, protos, rows: Rows, cache: bool = False) -> dict[str, np.ndarray]:
         if "full" in protos:
-            return self._session_run(protos["full"], dict(self.calib.rows))
+            return self._session_run(protos["full"], dict(rows))
         from exporter.parity.stages import user_rows
 
-        users, user_index = user_rows(self.spec, self.calib.rows)
+        users, user_index = user_rows(self.spec, rows)
         key = id(protos["user"])
-        boundary = self._cache.get(key) or self._session_run(protos["user"], users)
-        if key in self._fixed:
+        boundary = (cache and self._cache.get(key)) or self._session_run(protos["user"], users)
+        if cache and key in self._fixed:
             self._cache[key] = boundary
-        feeds = {**self.calib.rows, **boundary, "user_index": user_index}
+        feeds = {**rows, **boundary, "user_index": user_index}
         return self._session_run(protos[SMALL if SMALL in protos else "group"], feeds)
 
     def fix(self, proto: onnx.ModelProto) -> None:
@@ -778,6 +789,7 @@ def calibration_for(
     skip_rows: int = 0,
     n_rows: int = CALIBRATION_ROWS,
     seed: int = 0,
+    request_scoped: bool = False,
 ) -> Calibration:
     """Held-out rows for selection and the eager fp32 model's outputs on them.
 
@@ -797,13 +809,14 @@ def calibration_for(
     else:
         per = CANDIDATES_PER_REQUEST
         rows, rids = sample_requests(spec, max(1, n_rows // per), per, seed=seed + 1)
+    from exporter.parity.configs import request_chunks, run_in_chunks
+    from exporter.parity.stages import user_rows
+
     module = module.eval()
-    parts = [
-        eager_outputs(module, spec, {k: v[i : i + 512] for k, v in rows.items()})
-        for i in range(0, len(rids if rids is not None else rows[spec.inputs[0].name]), 512)
-    ]
-    reference = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return Calibration(rows, reference, labels, rids)
+    groups = request_groups(rids if rids is not None else user_rows(spec, rows)[1])
+    chunks = groups if request_scoped else list(request_chunks(groups, 512))
+    reference = run_in_chunks(lambda part: eager_outputs(module, spec, part), rows, chunks)
+    return Calibration(rows, reference, labels, rids, request_scoped)
 
 
 def step_quantize(ctx: Any) -> None:
@@ -846,8 +859,15 @@ def step_quantize(ctx: Any) -> None:
         tune_threads=extra.get("serve_threads"),
     )
     n_parity, n_calib = ctx.row_budget()
+    scoped = (ctx.manifest_fields.get("row_scope") or {}).get("full") == "request"
     calib = calibration_for(
-        ctx.loaded.eager(), ctx.spec, o.data, skip_rows=n_parity, n_rows=n_calib, seed=o.seed
+        ctx.loaded.eager(),
+        ctx.spec,
+        o.data,
+        skip_rows=n_parity,
+        n_rows=n_calib,
+        seed=o.seed,
+        request_scoped=scoped,
     )
     stages, record = quantize_bundle_stages(ctx.stages, ctx.spec, options=opts, calibration=calib)
     ctx.stages.update(stages)

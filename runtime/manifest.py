@@ -31,6 +31,12 @@
     engines            [{"dir", "gpu", "compute_capability", "trt_version", "files"}]
     optimize           null | {"per_token_layout", "cpu", "serve_threads", "stage_threads"}:
                        the speed choices the export timed (layouts, threads per stage)
+    row_scope          null | {"full": scope, "user": scope, "group": scope, "mixing": [...]}
+                       per stage side, proven at export (graph_passes/fx/row_scope.py):
+                       "rows" = each row's outputs depend on that row only (requests may
+                       share a call), "request" = rows of a call mix (listwise scores,
+                       batch statistics): the runtime scores each request in its own call.
+                       null (bundles written before the proof): treated as "rows"
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
 STAGES = ("full", "user", "group", "group_small")
 SMALL_GROUP = "group_small"
+ROW_SCOPES = ("rows", "request")
 DEFAULT_LIMITS = {"max_candidates": 4096, "max_users_per_call": 256}
 
 
@@ -71,6 +78,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     engines: list[dict[str, Any]] = field(default_factory=list)
     optimize: dict[str, Any] | None = None  # what the export's optimize step chose, and why
+    row_scope: dict[str, Any] | None = None  # proven per side: "rows" or "request"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -82,6 +90,16 @@ class Manifest:
         """Calls of at most this many candidates run ``group_small`` (0: no such stage)."""
         st = self.stages.get(SMALL_GROUP)
         return int(st["max_rows"]) if st and self.is_split else 0
+
+    @property
+    def request_scoped(self) -> bool:
+        """True when the served graph mixes the rows of a call: one request per group call."""
+        return self.mixes_rows("group" if self.is_split else "full")
+
+    def mixes_rows(self, side: str) -> bool:
+        """Whether ``side`` ("full", "user", "group") was proven to mix rows ("request")."""
+        scope = self.row_scope or {}
+        return scope.get(side, scope.get("full")) == "request"
 
     def stage_threads(self, stage: str) -> int | None:
         """The most intra-op threads worth using for ``stage`` on a CPU (None: no cap)."""
@@ -106,6 +124,7 @@ class Manifest:
             "quantization": self.quantization,
             "engines": self.engines,
             "optimize": self.optimize,
+            "row_scope": self.row_scope,
         }
 
     def dumps(self) -> str:
@@ -155,6 +174,7 @@ class Manifest:
                     f"{where}: stage '{SMALL_GROUP}' needs 'max_rows', an int >= 1 (the largest "
                     f"candidate count it serves), got {rows!r}"
                 )
+        _check_row_scope(d.get("row_scope"), where)
         if d.get("precision", "fp32") not in PRECISIONS:
             raise BundleError(f"{where}: precision {d.get('precision')!r} not in {PRECISIONS}")
         files = d["files"]
@@ -178,6 +198,7 @@ class Manifest:
             quantization=d.get("quantization"),
             engines=d.get("engines") or [],
             optimize=d.get("optimize"),
+            row_scope=d.get("row_scope"),
             format_version=version,
         )
 
@@ -191,3 +212,16 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{path}: cannot parse manifest: {e}") from e
         return cls.from_dict(data, where=str(path))
+
+
+def _check_row_scope(scope: Any, where: str) -> None:
+    if scope is None:
+        return
+    bad = not isinstance(scope, dict) or any(
+        scope.get(side) not in ROW_SCOPES for side in ("full", "user", "group") if side in scope
+    )
+    if bad or "full" not in scope:
+        raise BundleError(
+            f"{where}: 'row_scope' must map 'full' (and 'user'/'group' when split) to one of "
+            f"{list(ROW_SCOPES)}, got {scope!r}; re-export the bundle"
+        )

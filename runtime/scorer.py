@@ -42,6 +42,11 @@ class Scorer:
     candidates, on CPU backends (it was timed on a CPU); ``group_variant`` forces one graph
     ("group" or "group_small", as parity does) instead of choosing by size ("auto").
     ``stage_runs`` counts the graph runs per stage.
+
+    A *request-scoped* bundle (``manifest.row_scope``: its group or full graph mixes the
+    rows of a call, e.g. a softmax over the candidates) never shares a group or full call
+    between requests: ``score_many`` runs the user graph once for all requests and the
+    group graph once per request (``request_scoped``).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class Scorer:
         self.spec = bundle.manifest.spec
         self.backend = backend
         self.split = use_split and self.manifest.is_split
+        self.request_scoped = self.manifest.mixes_rows("group" if self.split else "full")
         self.max_candidates = int(self.manifest.limits["max_candidates"])
         self.output_names = list(self.spec.outputs)
         if group_variant not in ("auto", "group", SMALL_GROUP):
@@ -97,7 +103,8 @@ class Scorer:
     def score_many(
         self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     ) -> list[dict[str, np.ndarray]]:
-        """Score several requests with one user call and one group call."""
+        """Score several requests with one user call and one group call (request-scoped
+        bundles: one group call per request)."""
         if not requests:
             raise RequestError("score_many needs at least one request")
         return self.run_prepared([self.prepare(u, c) for u, c in requests])
@@ -107,11 +114,31 @@ class Scorer:
             p = prepared[0]
             return [self.run_batch(p.user, p.candidates, np.zeros(p.n, dtype=np.int64))]
         users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
+        if self.request_scoped:  # the user side still runs once for every request's user
+            return self.run_per_request(prepared, self.run_user(users) if self.split else None)
         cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
         counts = [p.n for p in prepared]
         user_index = np.repeat(np.arange(len(prepared), dtype=np.int64), counts)
         out = self.run_batch(users, cands, user_index)
         return split_outputs(out, counts)
+
+    def run_per_request(
+        self, prepared: Sequence[Prepared], boundary: dict[str, np.ndarray] | None, slots=None
+    ) -> list[dict[str, np.ndarray]]:
+        """One group (or full) call per request, as a request-scoped bundle needs.
+
+        ``boundary``: the user graph's rows for the requests' users (split only), row
+        ``slots[i]`` (default i) belonging to request i."""
+        out = []
+        for i, p in enumerate(prepared):
+            index = np.zeros(p.n, dtype=np.int64)
+            if boundary is None:
+                out.append(self.run_full(p.user, p.candidates, index))
+                continue
+            s = i if slots is None else slots[i]
+            row = {k: v[s : s + 1] for k, v in boundary.items()}
+            out.append(self.run_group(p.candidates, row, index))
+        return out
 
     # -- batch level (used by the batcher and the cache) --------------------------------
     def run_batch(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportError
+from exporter.parity import configs as C
 from exporter.parity import metrics as M
 from exporter.parity.budgets import Budgets, evaluate, load_budgets
 from exporter.parity.report import ParityReport, StageResult
@@ -40,6 +41,7 @@ def check_bundle(
     write: bool = True,
     program: Any = None,
     localise: bool = True,
+    configs: bool = True,
 ) -> ParityReport:
     """Compare every compiled stage of ``bundle_dir`` with ``model`` (eager fp32) and record it.
 
@@ -48,6 +50,12 @@ def check_bundle(
     are sampled from the spec with ``seed``, in requests of one user and 100 candidates. With ``write`` the report goes to the bundle's
     parity.json and its summary to ``manifest.parity``. A failing stage is localised to the
     first diverging tensor (``program``: the model's ExportedProgram, captured when None).
+
+    The reference is the eager model run once per request. Each stage is scored on whole
+    requests (several per call for a row-wise bundle, one per call for a request-scoped
+    one), and with ``configs`` every runtime stage is also scored in each configuration
+    the server uses (exporter.parity.configs: per request, merged through the batcher,
+    batch 1, batch max), each against the same reference: a breach in one names it.
     """
     if write and not Path(bundle_dir).is_dir():
         raise ExportError(
@@ -63,9 +71,15 @@ def check_bundle(
     model = model.eval()
     get_program = _program_cache(model, spec, program)
     todo = bundle_stages(bundle, stages, program=get_program)
+    scoped = bundle.manifest.request_scoped
     with _progress(progress, len(todo) + 1, n) as bar:
-        reference = _run_batched(lambda r: eager_outputs(model, spec, r), rows, bar, "eager fp32")
-        results = [_check_stage(st, rows, reference, labels, groups, budgets, bar) for st in todo]
+        eager = lambda r: eager_outputs(model, spec, r)  # noqa: E731
+        reference = _run_batched(eager, rows, bar, "eager fp32", groups)  # per request
+        chunks = groups if scoped else list(C.request_chunks(groups, BATCH_ROWS))
+        results = [
+            _check_stage(st, rows, reference, labels, groups, budgets, bar, chunks, configs)
+            for st in todo
+        ]
     report = ParityReport(
         bundle=str(bundle.root),
         model_name=bundle.manifest.model_name,
@@ -106,19 +120,30 @@ def _prepare_rows(spec: FeatureSpec, rows, labels, request_ids, n_rows: int | No
     return feats, labels, np.asarray(request_ids)[:n], "data"
 
 
-def _run_batched(run, rows: Rows, bar, label: str) -> Outputs:
+def _run_batched(run, rows: Rows, bar, label: str, chunks) -> Outputs:
+    """``run`` on each chunk of row indices (whole requests), outputs in row order."""
     n = len(next(iter(rows.values())))
-    parts: list[Outputs] = []
     task = bar.add_task(label, total=n) if bar else None
-    for lo in range(0, n, BATCH_ROWS):
-        parts.append(run({k: v[lo : lo + BATCH_ROWS] for k, v in rows.items()}))
+
+    def counted(part: Rows) -> Outputs:
+        out = run(part)
         if bar:
-            bar.advance(task, min(BATCH_ROWS, n - lo))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            bar.advance(task, len(next(iter(part.values()))))
+        return out
+
+    return C.run_in_chunks(counted, rows, chunks)
 
 
 def _check_stage(
-    stage: Stage, rows: Rows, reference: Outputs, labels, groups, budgets: Budgets, bar
+    stage: Stage,
+    rows: Rows,
+    reference: Outputs,
+    labels,
+    groups,
+    budgets: Budgets,
+    bar,
+    chunks=None,
+    configs: bool = True,
 ) -> StageResult:
     limits = budgets.for_stage(stage.name, stage.precision)
     result = StageResult(stage.name, stage.precision, "skipped", budgets=limits)
@@ -126,7 +151,9 @@ def _check_stage(
         result.reason = stage.skip_reason
         return result
     try:
-        got = _run_batched(stage.run, rows, bar, stage.name)
+        got = _run_batched(stage.run, rows, bar, stage.name, chunks or groups)
+        if configs and stage.scorer is not None:
+            result.configs = _check_configs(stage, rows, reference, labels, groups, limits)
     except Exception as e:  # noqa: BLE001 - a stage that cannot run fails parity, with the reason
         log.exception("parity stage %s failed to run", stage.name)
         result.status, result.reason = "error", f"{type(e).__name__}: {e}"
@@ -137,11 +164,31 @@ def _check_stage(
         result.outputs[name] = output_metrics(ref, got[name], labels, groups)
         breaches, not_eval = evaluate(result.outputs[name], limits)
         skipped.update(not_eval)
+        breaches += [b for c in result.configs for b in c["breaches"].get(name, [])]
         if breaches:
             result.breaches[name] = breaches
     result.not_evaluated = sorted(skipped)
     result.status = "failed" if result.breaches else "passed"
     return result
+
+
+def _check_configs(stage: Stage, rows: Rows, reference: Outputs, labels, groups, limits):
+    """Each server configuration of ``stage`` vs the per-request eager reference."""
+    spec = stage.scorer().spec
+    out = []
+    for name, what, got in C.config_runs(stage.scorer(), spec, rows, groups):
+        m = len(next(iter(got.values())))
+        sub = [g for g in groups if g.max() < m] if m < len(reference[spec.outputs[0]]) else groups
+        rec: dict[str, Any] = {"name": name, "what": what, "rows": m, "outputs": {}, "breaches": {}}
+        for o, ref in reference.items():
+            met = output_metrics(ref[:m], got[o], None if labels is None else labels[:m], sub)
+            rec["outputs"][o] = {k: met.get(k) for k in ("max_abs", "mean_abs")}
+            bad = evaluate(met, limits)[0]
+            if bad:
+                rec["breaches"][o] = [f"in configuration {name} ({what}): {b}" for b in bad]
+        rec["passed"] = not rec["breaches"]
+        out.append(rec)
+    return out
 
 
 def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class StageResult:
     breaches: dict[str, list[str]] = field(default_factory=dict)
     not_evaluated: list[str] = field(default_factory=list)
     localisation: dict[str, Any] | None = None
+    configs: list[dict[str, Any]] = field(default_factory=list)  # server configurations
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # not serialised
 
     @property
@@ -43,6 +44,7 @@ class StageResult:
             "breaches": self.breaches,
             "not_evaluated": self.not_evaluated,
             "localisation": self.localisation,
+            "configs": _clean(self.configs),
         }
 
     def headline(self, output: str) -> dict[str, Any]:

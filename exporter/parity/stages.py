@@ -36,6 +36,7 @@ class Stage:
     precision: str
     run: Callable[[Rows], Outputs] | None = None
     skip_reason: str | None = None
+    scorer: Callable[[], Scorer] | None = None  # runtime stages: the scorer behind ``run``
 
 
 def eager_outputs(model: torch.nn.Module, spec: FeatureSpec, rows: Rows) -> Outputs:
@@ -100,13 +101,11 @@ def bundle_stages(
     stages = []
     if m.is_split and program is not None:
         stages.append(Stage("split-eager", "fp32", _split_eager(m.spec, program)))
-    stages.append(Stage(f"onnx-full{suffix}", m.precision, _lazy(bundle, backend, False)))
+    stages.append(_runtime_stage(f"onnx-full{suffix}", bundle, backend, False))
     if m.is_split:
-        stages.append(Stage(f"onnx-split{suffix}", m.precision, _lazy(bundle, backend, True, "group")))
+        stages.append(_runtime_stage(f"onnx-split{suffix}", bundle, backend, True, "group"))
     if m.small_group_rows:  # every row through group_small, whatever the batch: its numbers
-        stages.append(
-            Stage(f"onnx-split-small{suffix}", m.precision, _lazy(bundle, backend, True, SMALL_GROUP))
-        )
+        stages.append(_runtime_stage(f"onnx-split-small{suffix}", bundle, backend, True, SMALL_GROUP))
     stages.append(_trt_stage(bundle, f"tensorrt{suffix}"))
     if names:
         known = {s.name for s in stages}
@@ -119,17 +118,19 @@ def bundle_stages(
     return stages
 
 
-def _lazy(bundle: Bundle, backend, split: bool, group: str = "auto") -> Callable[[Rows], Outputs]:
-    """A runner that opens its sessions on first use (skipped stages cost nothing)."""
-    holder: dict[str, Callable[[Rows], Outputs]] = {}
+def _runtime_stage(name: str, bundle: Bundle, backend, split: bool, group: str = "auto") -> Stage:
+    """A stage the runtime's Scorer runs; its sessions open on first use (skips cost nothing)."""
+    holder: dict[str, Scorer] = {}
+
+    def scorer() -> Scorer:
+        if "scorer" not in holder:
+            holder["scorer"] = Scorer(bundle, backend, use_split=split, group_variant=group)
+        return holder["scorer"]
 
     def run(rows: Rows) -> Outputs:
-        if "run" not in holder:
-            scorer = Scorer(bundle, backend, use_split=split, group_variant=group)
-            holder["run"] = _scorer_runner(scorer, bundle.manifest.spec)
-        return holder["run"](rows)
+        return _scorer_runner(scorer(), bundle.manifest.spec)(rows)
 
-    return run
+    return Stage(name, bundle.manifest.precision, run, scorer=scorer)
 
 
 def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> Callable[[Rows], Outputs]:
@@ -176,4 +177,4 @@ def _trt_stage(bundle: Bundle, name: str) -> Stage:
         cls, reason = None, str(e)
     if reason:
         return Stage(name, m.precision, skip_reason=reason)
-    return Stage(name, m.precision, _lazy(bundle, cls(), m.is_split))
+    return _runtime_stage(name, bundle, cls(), m.is_split)

@@ -14,6 +14,11 @@ waits until it has been queued ``max_delay_s`` for more to join (or until
    more per candidate than a few hundred: its activations no longer stay in cache);
 4. cuts the outputs back into per-request pieces.
 
+A request-scoped bundle (its group or full graph mixes the rows of a call, e.g. a softmax
+over the request's candidates; ``manifest.row_scope``) keeps steps 1-2 (user-side work is
+still batched and cached) but runs step 3 once per request, never cut into chunks: a
+request's scores never depend on which other requests shared its batch.
+
 The default ``max_delay_s`` is 0: continuous batching. A batch is whatever queued while
 the previous one ran, so an idle server answers a lone request at once and a busy one
 batches as deeply as its load (bench RankMixer, 2-core CPU: +8-12% candidates/s against a
@@ -77,6 +82,9 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
     Returns (per-request outputs, BatchInfo). Synchronous: called on a worker thread.
     """
     counts = [p.n for p in prepared]
+    if not scorer.split and scorer.request_scoped:
+        n = len(prepared)
+        return scorer.run_per_request(prepared, None), BatchInfo(n, n, n, sum(counts))
     cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
     if not scorer.split:  # the cache is a no-op: the full graph has no user-side result
         users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
@@ -99,16 +107,19 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
             if cache is not None and cache.enabled:
                 cache.put(k, rows[k])
     boundary = {n: np.concatenate([rows[k][n] for k in slot]) for n in scorer.boundary_names}
+    info = BatchInfo(len(prepared), len(slot), len(missing), sum(counts))
+    if scorer.request_scoped:  # one group call per request, whole
+        return scorer.run_per_request(prepared, boundary, [slot[k] for k in keys]), info
     index = np.repeat(np.array([slot[k] for k in keys], dtype=np.int64), counts)
     out = run_group_chunked(scorer, cands, boundary, index, group_chunk)
-    return split_outputs(out, counts), BatchInfo(len(prepared), len(slot), len(missing), sum(counts))
+    return split_outputs(out, counts), info
 
 
 def run_group_chunked(scorer: Scorer, cands: dict, boundary: dict, index: np.ndarray, chunk: int) -> dict:
     """The group graph on N candidates as ceil(N / chunk) calls of equal size (one call if chunk <= 0).
 
-    Exact: the group graph is row-wise in the candidates (the split proves it), and every
-    call gets all M boundary rows, so any cut of the candidates gives the same rows.
+    Exact for a row-wise group graph (``manifest.row_scope``; request-scoped bundles never
+    come here), as every call gets all M boundary rows: any cut gives the same rows.
     """
     n = len(index)
     if chunk <= 0 or n <= chunk:
