@@ -125,20 +125,8 @@ class Scorer:
     def run_per_request(
         self, prepared: Sequence[Prepared], boundary: dict[str, np.ndarray] | None, slots=None
     ) -> list[dict[str, np.ndarray]]:
-        """One group (or full) call per request, as a request-scoped bundle needs.
-
-        ``boundary``: the user graph's rows for the requests' users (split only), row
-        ``slots[i]`` (default i) belonging to request i."""
-        out = []
-        for i, p in enumerate(prepared):
-            index = np.zeros(p.n, dtype=np.int64)
-            if boundary is None:
-                out.append(self.run_full(p.user, p.candidates, index))
-                continue
-            s = i if slots is None else slots[i]
-            row = {k: v[s : s + 1] for k, v in boundary.items()}
-            out.append(self.run_group(p.candidates, row, index))
-        return out
+        """One group (or full) call per request, as a request-scoped bundle needs."""
+        return run_per_request(self, prepared, boundary, slots)
 
     # -- batch level (used by the batcher and the cache) --------------------------------
     def run_batch(
@@ -177,6 +165,26 @@ class Scorer:
         out = self.full_session.run({k: feeds[k] for k in self.full_session.input_names})
         self.stage_runs["full"] += 1
         return {k: out[k] for k in self.output_names}
+
+
+def run_per_request(
+    stages, prepared: Sequence[Prepared], boundary: dict[str, np.ndarray] | None, slots=None
+) -> list[dict[str, np.ndarray]]:
+    """One group (or full) call per request on ``stages`` (a Scorer, or the Triton BLS
+    stages: anything with ``run_group`` / ``run_full``), as a request-scoped bundle needs.
+
+    ``boundary``: the user graph's rows for the requests' users (split only), row
+    ``slots[i]`` (default i) belonging to request i."""
+    out = []
+    for i, p in enumerate(prepared):
+        index = np.zeros(p.n, dtype=np.int64)
+        if boundary is None:
+            out.append(stages.run_full(p.user, p.candidates, index))
+            continue
+        s = i if slots is None else slots[i]
+        row = {k: v[s : s + 1] for k, v in boundary.items()}
+        out.append(stages.run_group(p.candidates, row, index))
+    return out
 
 
 def split_outputs(out: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:

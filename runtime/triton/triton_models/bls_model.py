@@ -27,6 +27,8 @@ class BlsStages:
     def __init__(self, manifest, stages: dict) -> None:
         self.manifest, self.spec, self.stages = manifest, manifest.spec, stages
         self.split = "user" in stages and "group" in stages
+        # a request-scoped bundle: one group (or full) call per request (runtime.scorer)
+        self.request_scoped = manifest.mixes_rows("group" if self.split else "full")
         self.boundary_names = [b["name"] for b in manifest.split["boundary"]] if self.split else []
         self.output_names = list(self.spec.outputs)
         self.max_candidates = int(manifest.limits["max_candidates"])
@@ -42,6 +44,11 @@ class BlsStages:
         feeds = {k: v[user_index] for k, v in users.items()}
         feeds.update(cands)  # mixed inputs come whole from the candidates
         return self._call("full", feeds, self.output_names)
+
+    def run_per_request(self, prepared, boundary, slots=None):
+        from runtime.scorer import run_per_request
+
+        return run_per_request(self, prepared, boundary, slots)
 
     def _call(self, stage, feeds, names):
         st = self.stages[stage]
