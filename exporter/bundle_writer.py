@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,8 +16,10 @@ import onnx
 from exporter.errors import ExportError
 from runtime.bundle import sha256_file
 from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.signing import SIGNATURE_NAME
 from runtime.spec import FeatureSpec
 
+log = logging.getLogger(__name__)
 FileContent = bytes | str | onnx.ModelProto | dict | list | Path
 
 
@@ -120,4 +123,14 @@ def update_bundle(bundle_dir: str | Path, files: dict[str, FileContent], **field
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.dumps())
     os.replace(tmp, root / MANIFEST_NAME)
+    _drop_stale_signature(root)
     return manifest
+
+
+def _drop_stale_signature(root: Path) -> None:
+    """A signature of the old manifest vouches for nothing now: remove it, and say so."""
+    sig = root / SIGNATURE_NAME
+    if sig.is_file():
+        sig.unlink()
+        log.warning("bundle '%s' changed, so its signature %s was removed: re-sign it with "
+                    "`ugsep sign %s --key KEY`", root, SIGNATURE_NAME, root)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from exporter.progress import console
+from runtime import signing_cli
 from runtime.errors import UgsepError
 
 log = logging.getLogger("ugsep")
@@ -40,6 +41,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
 
+    sign_key = _signing_key(args.sign)  # a bad key fails before the export, not after
     loaded = load_student(args.checkpoint, factory=args.factory, spec=args.spec,
                           kwargs=json.loads(args.kwargs) if args.kwargs else None,
                           trust=args.trust_module)
@@ -64,10 +66,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     ctx = export_bundle(loaded, args.out, options)
     console.print(f"bundle written to [bold]{args.out}[/bold]")
+    if sign_key is not None:
+        from runtime.signing import sign_bundle
+
+        sign_bundle(args.out, sign_key)
+        console.print(f"signed with {sign_key.algorithm} key {sign_key.key_id}")
     if ctx.parity_report is not None and not ctx.parity_report.passed:
         console.print("[red]parity FAILED[/red]: the bundle will be refused by the runtime")
         return 1
     return 0
+
+
+def _signing_key(spec: str | None):
+    if spec is None:
+        return None
+    from runtime.signing import load_key
+
+    key = load_key(spec)
+    if not key.can_sign:
+        key.sign(b"")  # raises: a public key cannot sign
+    return key
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -79,7 +97,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from exporter.inspect import inspect_bundle
 
-    return inspect_bundle(args.bundle, as_json=args.json)
+    return inspect_bundle(args.bundle, as_json=args.json, key=args.verify,
+                          allow_extra_files=args.allow_extra_files)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,6 +178,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="do not time the small-batch stages on fewer threads: every stage runs on "
                    "the serving threads")
     p.add_argument("--max-candidates", type=int, default=4096)
+    p.add_argument("--sign", metavar="KEY", default=None,
+                   help="sign the bundle's manifest (manifest.sig): a PEM Ed25519 private key "
+                   "(ugsep keygen) or hmac:FILE for a shared HMAC-SHA256 secret")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -178,6 +200,7 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="budgets file (JSON/YAML) overriding the defaults")
     p.add_argument("--report", help="write a self-contained HTML report here")
     p.add_argument("--trt-lint", action="store_true", help="only run the TensorRT readiness check")
+    signing_cli.add_verify_arguments(p)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -204,7 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a bundle")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    signing_cli.add_verify_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair (or an HMAC secret) to sign bundles")
+    signing_cli.add_keygen_arguments(p)
+    p.set_defaults(func=signing_cli.run_keygen)
+
+    p = sub.add_parser("sign", help="sign an existing bundle's manifest (writes manifest.sig)")
+    signing_cli.add_sign_arguments(p)
+    p.set_defaults(func=signing_cli.run_sign)
 
     p = sub.add_parser("demo", help="train tiny students, export, check, score, benchmark")
     p.add_argument("--out", default="artifacts/demo")

@@ -204,14 +204,18 @@ class Manifest:
 
     @classmethod
     def read(cls, bundle_dir: str | Path) -> Manifest:
+        return cls.from_dict(cls.read_data(bundle_dir), where=str(Path(bundle_dir) / MANIFEST_NAME))
+
+    @staticmethod
+    def read_data(bundle_dir: str | Path) -> Any:
+        """The parsed JSON of ``manifest.json`` (what a signature covers), not yet validated."""
         path = Path(bundle_dir) / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"'{bundle_dir}' is not a ugsep bundle: {MANIFEST_NAME} is missing")
         try:
-            data = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{path}: cannot parse manifest: {e}") from e
-        return cls.from_dict(data, where=str(path))
 
 
 def _check_row_scope(scope: Any, where: str) -> None:

@@ -12,6 +12,8 @@ import os
 
 from runtime.errors import UgsepError
 from runtime.serving.repository import ServeOptions
+from runtime.signing import load_key
+from runtime.signing_cli import add_verify_arguments
 
 MB = 1 << 20
 
@@ -42,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections before uvicorn answers 503 (bounds memory with --max-body-mb)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info")
+    add_verify_arguments(p)
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
@@ -57,6 +60,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_batch_candidates=args.max_batch_candidates, group_chunk_candidates=args.group_chunk,
         workers=args.workers,
         max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
+        verify=load_key(args.verify) if args.verify else None,
+        allow_extra_files=args.allow_extra_files,
     )
 
 

@@ -45,6 +45,8 @@ class ServeOptions:
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
     max_body_bytes: int = 8 << 20
     token: str | None = None
+    verify: Any = None  # a BundleKey (runtime/signing.py): every loaded bundle must carry its signature
+    allow_extra_files: bool = False  # ignore files a bundle's manifest does not list (warning)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +91,8 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     backend_opts = {"intra_op_threads": options.intra_op_threads} if options.intra_op_threads else {}
     scorer = runtime.load(
         path, options.backend, allow_unverified=options.allow_unverified,
-        use_split=options.use_split, **backend_opts,
+        use_split=options.use_split, verify=options.verify,
+        allow_extra_files=options.allow_extra_files, **backend_opts,
     )
     if options.max_candidates is not None:
         scorer.max_candidates = int(options.max_candidates)

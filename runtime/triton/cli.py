@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from runtime.signing import load_key
+from runtime.signing_cli import add_verify_arguments
 from runtime.triton.repository import KINDS, RepositoryOptions, write_repository
 
 
@@ -77,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a repository for a bundle without a passed parity check",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace models of the same name")
+    add_verify_arguments(parser)
     parser.add_argument(
         "--serve",
         action="store_true",
@@ -97,6 +100,8 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         stage_backend=args.stage_backend,
         trt_version=args.trt_version,
         overwrite=args.overwrite,
+        verify=load_key(args.verify) if args.verify else None,
+        allow_extra_files=args.allow_extra_files,
     )
 
 

@@ -81,7 +81,7 @@ def write_repository(
     if kind not in KINDS:
         raise BundleError(f"repository kind '{kind}' is not one of {', '.join(KINDS)}")
     opts = dataclasses.replace(options or RepositoryOptions(), **overrides)  # TypeError if unknown
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, key=opts.verify, allow_extra_files=opts.allow_extra_files)
     bundle.check_parity(allow_unverified=opts.allow_unverified)
     name = model_name(opts.model_name or bundle.manifest.model_name)
     out = Path(out_dir)
