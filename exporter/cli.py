@@ -37,11 +37,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    sign_key = _signing_key(args.sign)  # a bad key fails before the export, not after
+
     from exporter.data import load_rows
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
 
-    sign_key = _signing_key(args.sign)  # a bad key fails before the export, not after
     loaded = load_student(args.checkpoint, factory=args.factory, spec=args.spec,
                           kwargs=json.loads(args.kwargs) if args.kwargs else None,
                           trust=args.trust_module)
