@@ -71,6 +71,7 @@ def run_check(args: argparse.Namespace) -> int:
         n_rows=args.rows,
         seed=args.seed,
         budgets=load_budgets(args.budgets) if args.budgets else None,
+        allow_extra_files=args.allow_extra_files,
     )
     console.print(report.table())
     if args.report:

@@ -213,3 +213,19 @@ def test_canonical_form_ignores_formatting_but_not_content():
     b = canonical_manifest(json.loads('{\n  "a": [1, 2.5, "é"],\n  "b": 1\n}'))
     assert a == b == '{"a":[1,2.5,"é"],"b":1}'.encode()
     assert canonical_manifest({"a": [1, 2.5, "é"], "b": 2}) != a
+
+
+def test_runtime_imports_cryptography_only_for_an_ed25519_key(b, keys):
+    """`import runtime` (and an HMAC-verified load) stays free of `cryptography`."""
+    import subprocess
+    import sys
+
+    from tests.test_bundle_checks import ROOT
+
+    sign_bundle(b, keys["a"]["hmac"]["sign"])
+    code = ("import sys, runtime\n"
+            f"runtime.Bundle.open({str(b)!r}, key={keys['a']['hmac']['verify']!r})\n"
+            "print('cryptography' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
