@@ -39,7 +39,8 @@ _TABLE_PRODUCERS = frozenset({"DequantizeLinear", "Cast", "Identity"})
 
 def check_layout(root: Path, manifest: Manifest, *, allow_extra_files: bool = False) -> None:
     """Paths inside the bundle, no symlinks, no unlisted files, one graph file per stage."""
-    for rel in list(manifest.files) + [st["file"] for st in manifest.stages.values()]:
+    engine_dirs = [str(e["dir"]) for e in manifest.engines if isinstance(e, dict) and "dir" in e]
+    for rel in [*manifest.files, *(st["file"] for st in manifest.stages.values()), *engine_dirs]:
         _check_rel_path(root, rel)
     extra = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

@@ -144,7 +144,7 @@ def _ed25519_key(source: str, data: bytes) -> BundleKey:
             f"Ed25519 key '{source}' needs the 'cryptography' package: pip install cryptography"
         ) from e
     try:
-        if b"PRIVATE KEY" in data.split(b"\n", 1)[0]:
+        if b"PRIVATE KEY" in data.lstrip().split(b"\n", 1)[0]:
             private = ser.load_pem_private_key(data, password=None)
             public = private.public_key() if isinstance(private, ed25519.Ed25519PrivateKey) else None
         else:
@@ -248,14 +248,19 @@ def generate_key(out: str | Path, *, algorithm: str = ED25519, overwrite: bool =
     pem = private.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
     pub = private.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
     pub_path = out.with_name(out.name + ".pub")
+    _refuse_existing(pub_path, overwrite)  # before writing either file
     _write_secret_file(out, pem, overwrite)
     _write_secret_file(pub_path, pub, overwrite, mode=0o644)
     return [out, pub_path]
 
 
-def _write_secret_file(path: Path, data: bytes, overwrite: bool, mode: int = 0o600) -> None:
+def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise SigningKeyError(f"'{path}' already exists; pass --overwrite to replace it")
+
+
+def _write_secret_file(path: Path, data: bytes, overwrite: bool, mode: int = 0o600) -> None:
+    _refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
         path.unlink(missing_ok=True)

@@ -236,3 +236,10 @@ def test_absolute_path_is_refused(b):
     edit_manifest(b, lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64}}))
     with pytest.raises(BundleError, match="file path '/etc/passwd' escapes the bundle"):
         Bundle.open(b)
+
+
+def test_engine_directory_outside_the_bundle_is_refused(b):
+    """The TensorRT backend opens <dir>/<stage>.plan: a dir outside the bundle is refused."""
+    edit_manifest(b, lambda m: m.update(engines=[{"dir": "../../tmp/engines", "gpu": "x"}]))
+    with pytest.raises(BundleError, match=r"file path '\.\./\.\./tmp/engines' escapes the bundle"):
+        Bundle.open(b)
