@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from runtime.bundle import sha256_file
 from runtime.manifest import MANIFEST_NAME, Manifest
 from runtime.spec import FeatureSpec
 
-FileContent = bytes | str | onnx.ModelProto | dict | list | Path
+FileContent = bytes | str | onnx.ModelProto | dict | list | Path | Callable[[Path], None]
 
 
 def toolchain_version() -> str:
@@ -41,6 +42,8 @@ def write_file(path: Path, content: FileContent) -> None:
         shutil.copyfile(content, tmp)
     elif isinstance(content, str):
         tmp.write_text(content)
+    elif callable(content):  # a writer that streams the file itself (the embedding store)
+        content(tmp)
     else:
         tmp.write_bytes(content)
     os.replace(tmp, path)
