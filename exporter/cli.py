@@ -24,6 +24,7 @@ DELEGATED = {
     "serve": ("runtime.serving.cli", "serve bundles over the KServe v2 protocol"),
     "triton": ("runtime.triton.cli", "write a Triton Inference Server model repository"),
     "build-trt": ("exporter.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
+    "embeddings": ("runtime.redis_tier.cli", "push a bundle's embedding store to a Redis Cluster; ls, rm versions"),
 }
 
 

@@ -158,11 +158,12 @@ class StoreFeeds:
             _check_vocab(store, lk, spec)
 
     @classmethod
-    def for_bundle(cls, bundle) -> StoreFeeds | None:
+    def for_bundle(cls, bundle, store: EmbeddingStore | None = None) -> StoreFeeds | None:
+        """The bundle's lookups from its own store, or from ``store`` (a remote tier)."""
         sec = bundle.manifest.embeddings
         if not sec or not sec.get("lookups"):
             return None
-        return cls(MmapStore.open(bundle), sec, bundle.manifest.spec)
+        return cls(store or MmapStore.open(bundle), sec, bundle.manifest.spec)
 
     def feeds(self, inputs: dict[str, np.ndarray], side: str) -> dict[str, np.ndarray]:
         """``inputs`` + the gathered rows of every lookup on ``side`` ("user", "group" or

@@ -51,7 +51,8 @@ class Scorer:
     """
 
     def __init__(
-        self, bundle: Bundle, backend, *, use_split: bool = True, group_variant: str = "auto"
+        self, bundle: Bundle, backend, *, use_split: bool = True, group_variant: str = "auto",
+        embeddings=None,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -65,7 +66,9 @@ class Scorer:
             raise InternalError(f"group_variant {group_variant!r} is not auto, group or {SMALL_GROUP}")
         self.small_rows = 0  # group calls of at most this many candidates run group_small
         self.stage_runs: Counter[str] = Counter()
-        self.store = StoreFeeds.for_bundle(bundle)  # embedding lookups outside the graphs
+        # embedding lookups outside the graphs: the bundle's store, or ``embeddings`` (an
+        # EmbeddingStore such as the Redis tier's RedisStore) in its place
+        self.store = StoreFeeds.for_bundle(bundle, embeddings)
         if self.split:
             self.user_session = backend.open(bundle, "user")
             self.group_session = backend.open(bundle, "group")

@@ -85,7 +85,7 @@ def tier_errors(config: TierConfig, action: str) -> Iterator[None]:
         yield
     except TierUnavailableError:
         raise
-    except (redis.exceptions.RedisError, OSError) as e:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TierUnavailableError(
             f"embedding tier {config.name} unavailable while {action}: {type(e).__name__}: {detail}"

@@ -45,6 +45,8 @@ class ServeOptions:
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
     max_body_bytes: int = 8 << 20
     token: str | None = None
+    embeddings: Any = None  # None: the bundle's own store; a redis:// URL or TierConfig: that tier
+    embeddings_cache_bytes: int = 64 << 20  # the tier's hot-row cache
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +91,8 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     backend_opts = {"intra_op_threads": options.intra_op_threads} if options.intra_op_threads else {}
     scorer = runtime.load(
         path, options.backend, allow_unverified=options.allow_unverified,
-        use_split=options.use_split, **backend_opts,
+        use_split=options.use_split, embeddings=options.embeddings,
+        embeddings_cache_bytes=options.embeddings_cache_bytes, **backend_opts,
     )
     if options.max_candidates is not None:
         scorer.max_candidates = int(options.max_candidates)
