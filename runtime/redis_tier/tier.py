@@ -32,6 +32,25 @@ from runtime.redis_tier.layout import (
     meta_key,
 )
 
+# One bucket's rows in one call, one reply: ARGV[1] = the ids (space-separated decimal, the
+# hash's field names), ARGV[2] = bytes per row. Returns the rows concatenated in order, or an
+# error naming the first missing row: the client parses one blob instead of one reply per row.
+READ_ROWS_LUA = """#!lua flags=no-writes
+local fields = {}
+for f in string.gmatch(ARGV[1], "%d+") do fields[#fields + 1] = f end
+local out = {}
+for i = 1, #fields, 4000 do
+  local vals = redis.call("HMGET", KEYS[1], unpack(fields, i, math.min(i + 3999, #fields)))
+  for j = 1, #vals do
+    if not vals[j] or #vals[j] ~= tonumber(ARGV[2]) then
+      return redis.error_reply("ugsep: missing row " .. fields[i + j - 1] .. " in " .. KEYS[1])
+    end
+    out[#out + 1] = vals[j]
+  end
+end
+return table.concat(out)
+"""
+
 
 @dataclass
 class TierStats:
@@ -118,17 +137,19 @@ class RedisTier:
         return _Plan(t, ids.shape, uniq, inverse, rows, missing)
 
     def _fetch(self, plans: Mapping[str, _Plan]) -> None:
-        calls = []  # (plan, positions in uniq) per HMGET
+        calls = []  # (plan, positions in uniq) per bucket read
         try:
             with tier_errors(self.config, f"reading version {self.version}"):
                 pipe = self._client.pipeline()
                 for p in plans.values():
                     for positions, bucket in _by_bucket(p):
-                        pipe.hmget(bucket_key(p.layout, bucket), [str(i) for i in p.uniq[positions].tolist()])
+                        fields = " ".join(map(str, p.uniq[positions].tolist()))
+                        pipe.execute_command("EVAL", READ_ROWS_LUA, 1, bucket_key(p.layout, bucket), fields,
+                                             p.layout.row_nbytes)
                         calls.append((p, positions))
-                replies = pipe.execute()
-            for (p, positions), values in zip(calls, replies, strict=True):
-                p.rows[positions] = self._check_rows(p.layout, p.uniq[positions], values)
+                replies = pipe.execute(raise_on_error=False)
+            for (p, positions), blob in zip(calls, replies, strict=True):
+                p.rows[positions] = self._rows_of(p.layout, len(positions), blob)
         except TierUnavailableError:
             with self._lock:
                 self._stats.failures += 1
@@ -139,14 +160,22 @@ class RedisTier:
         for name, p in plans.items():
             self.cache.put(name, p.uniq[p.missing], p.rows[p.missing])
 
-    def _check_rows(self, t: TableLayout, ids: np.ndarray, values: list) -> np.ndarray:
-        bad = [i for i, v in zip(ids.tolist(), values, strict=True) if v is None or len(v) != t.row_nbytes]
-        if bad:
+    def _rows_of(self, t: TableLayout, n: int, blob) -> np.ndarray:
+        """One bucket's reply -> uint8 [n, row_nbytes]; a missing row or an error raises."""
+        if isinstance(blob, Exception):
+            if "ugsep: missing row" in str(blob):
+                raise TierUnavailableError(
+                    f"embedding tier {self.config.name} version {self.version}: table '{t.name}' "
+                    f"lost rows ({str(blob).split('ugsep: ')[-1]}); push the version again"
+                ) from blob
+            with tier_errors(self.config, f"reading version {self.version}"):
+                raise blob
+        if len(blob) != n * t.row_nbytes:
             raise TierUnavailableError(
-                f"embedding tier {self.config.name} version {self.version}: table '{t.name}' "
-                f"is missing {len(bad)} row(s) (first id {bad[0]}): the node lost data; push the version again"
+                f"embedding tier {self.config.name} version {self.version}: table '{t.name}' returned "
+                f"{len(blob)} bytes for {n} rows of {t.row_nbytes}; push the version again"
             )
-        return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), t.row_nbytes)
+        return np.frombuffer(blob, np.uint8).reshape(n, t.row_nbytes)
 
 
 @dataclass

@@ -31,7 +31,7 @@ cluster-config-file nodes.conf
 cluster-node-timeout {node_timeout_ms}
 cluster-require-full-coverage no
 cluster-replica-validity-factor 0
-appendonly yes
+appendonly {aof}
 appendfsync always
 save ""
 """
@@ -70,8 +70,9 @@ def free_ports(n: int) -> list[int]:
 class LocalRedisCluster:
     """Start, break and stop a loopback Redis Cluster."""
 
-    def __init__(self, root: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000) -> None:
-        self.root, self.masters, self.replicas = Path(root), masters, replicas
+    def __init__(self, root: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000,
+                 durable: bool = True) -> None:
+        self.root, self.masters, self.replicas, self.durable = Path(root), masters, replicas, durable
         self.node_timeout_ms = node_timeout_ms
         self.ports = free_ports(masters * (1 + replicas))
         self.procs: dict[int, subprocess.Popen] = {}
@@ -138,7 +139,8 @@ class LocalRedisCluster:
         d = self.root / str(port)
         d.mkdir(parents=True, exist_ok=True)
         conf = d / "redis.conf"
-        conf.write_text(NODE_CONF.format(port=port, dir=d, node_timeout_ms=self.node_timeout_ms))
+        conf.write_text(NODE_CONF.format(port=port, dir=d, node_timeout_ms=self.node_timeout_ms,
+                                         aof="yes" if self.durable else "no"))
         self.procs[port] = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
 

@@ -19,7 +19,7 @@ from runtime.redis_tier import (
     remove_version,
 )
 from runtime.redis_tier.connection import TierConfig
-from runtime.redis_tier.layout import progress_key
+from runtime.redis_tier.layout import bucket_key, progress_key
 from tests.redis_tier.tables_for_tests import expected_raw, expected_rows, make_arrays, make_tables
 
 ARRAYS = make_arrays(seed=0)
@@ -55,15 +55,16 @@ def test_one_hmget_per_bucket_and_duplicates_fetched_once(pushed):
     tier = RedisTier.open(pushed.url, VERSION)
     for port in pushed.master_ports():
         pushed.cli(port, "config", "resetstat")
-    ids = np.array([5, 5, 5, 37, 69, 6, 6, 1000])  # buckets (32 of them): 5, 5, 5, 6, 6, 8
+    ids = np.array([5, 5, 5, 37, 69, 6, 6, 1000])  # buckets (16 of them): 5, 5, 5, 6, 6, 8
     out = tier.lookup_many({"user_f32": ids, "item_i8": ids[:3]})
     np.testing.assert_array_equal(out["user_f32"], expected_rows(ARRAYS, "user_f32", ids))
-    calls = 0
+    calls = {"hmget": 0, "eval": 0}
     for port in pushed.master_ports():
         for line in pushed.cli(port, "info", "commandstats").splitlines():
-            if line.startswith("cmdstat_hmget:"):
-                calls += int(line.split("calls=")[1].split(",")[0])
-    assert calls == 3 + 1  # user_f32: buckets 5, 6, 8; item_i8: bucket 5
+            for cmd in calls:
+                if line.startswith(f"cmdstat_{cmd}:"):
+                    calls[cmd] += int(line.split("calls=")[1].split(",")[0])
+    assert calls == {"hmget": 3 + 1, "eval": 3 + 1}  # user_f32: buckets 5, 6, 8; item_i8: bucket 5
     assert tier.stats().rows_fetched == 5 + 1 and tier.stats().fetches == 1
 
 
@@ -119,7 +120,7 @@ def test_ls_and_rm(pushed):
     infos = {v.version: v for v in list_versions(pushed.url)}
     assert infos["tmpver"].complete and infos[VERSION].complete
     assert infos["tmpver"].nbytes == ARRAYS["user_f32"][0].nbytes
-    assert remove_version(pushed.url, "tmpver") == 1 + 32 + 2   # marker, 32 buckets, progress + meta
+    assert remove_version(pushed.url, "tmpver") == 1 + 16 + 2   # marker, 16 buckets, progress + meta
     assert "tmpver" not in {v.version for v in list_versions(pushed.url)}
     client = connect(TierConfig(pushed.url))
     assert not [k for k in client.scan_iter(match="*tmpver*")]
@@ -168,3 +169,15 @@ def test_interrupted_push_resumes_and_completes(pushed, tmp_path):
 def test_push_of_an_existing_version_with_other_tables_is_refused(pushed):
     with pytest.raises(BundleError, match=f"already holds version {VERSION} with other tables"):
         push(pushed.url, [ArrayTable.from_float("user_f32", np.zeros((3, 2), np.float32))], VERSION)
+
+
+def test_a_row_lost_by_the_cluster_is_an_error_never_zeros(pushed):
+    push(pushed.url, make_tables({"t": ARRAYS["user_f32"]}), "lossy")
+    tier = RedisTier.open(pushed.url, "lossy")
+    t = tier.layouts["t"]
+    client = connect(TierConfig(pushed.url))
+    assert client.hdel(bucket_key(t, 42 % t.buckets), "42") == 1     # as a node restarted without its data
+    with pytest.raises(TierUnavailableError, match="table 't' lost rows.*missing row 42"):
+        tier.lookup("t", np.array([41, 42, 43]))
+    np.testing.assert_array_equal(tier.lookup("t", np.array([41, 43])), expected_rows(ARRAYS, "user_f32", np.array([41, 43])))
+    remove_version(pushed.url, "lossy")
