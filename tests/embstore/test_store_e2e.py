@@ -69,7 +69,9 @@ def graph_bundle(tmp_path_factory, ckpt, data):
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, ckpt, data):
-    return _export(tmp_path_factory.mktemp("emb_b"), ckpt, data, "int8", "--no-split", "--embeddings", "int8")
+    # row-wise int8 tables composed with W8A16 dense weights
+    return _export(tmp_path_factory.mktemp("emb_b"), ckpt, data, "int8", "--no-split", "--embeddings", "int8",
+                   "--precision", "w8a16")
 
 
 def _requests(n_req=4, n=60, seed=5):
@@ -165,7 +167,7 @@ def test_ids_outside_a_table_are_the_requests_error(store_bundle):
     assert np.abs(got - scorer.score(user, cands)["ctr"]).max() < 1e-6
 
 
-def test_int8_tables_within_ranking_budget(int8_bundle, store_bundle):
+def test_int8_tables_with_w8a16_within_ranking_budget(int8_bundle, store_bundle):
     m = json.loads(open(f"{int8_bundle}/manifest.json").read())
     emb = m["embeddings"]
     assert emb["dtype"] == "int8" and all(t["dtype"] == "int8_rowwise" for t in emb["tables"])
@@ -174,7 +176,7 @@ def test_int8_tables_within_ranking_budget(int8_bundle, store_bundle):
     parity = json.loads(open(f"{int8_bundle}/parity.json").read())
     assert parity["passed"]
     stage = next(s for s in parity["stages"] if s["name"].startswith("onnx-full"))
-    assert stage["name"] == "onnx-full-emb-int8"
+    assert stage["name"] == "onnx-full-w8a16-emb-int8"
     metrics = stage["outputs"]["ctr"]
     assert abs(metrics["abs_delta_auc"]) <= 1e-4 and metrics["top10_overlap"]["mean"] >= 0.95
     assert 0 < metrics["max_abs"] < 0.05  # quantized, not exact
