@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from exporter.inspect_store import print_embeddings
 from exporter.progress import console
 from runtime.bundle import Bundle
 
@@ -63,6 +64,7 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
     _print_split(m)
     _print_row_scope(m)
     _print_quantization(m)
+    print_embeddings(m)
     _print_parity(m)
     for e in m.engines:
         console.print(

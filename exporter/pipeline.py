@@ -152,7 +152,8 @@ def step_row_scope(ctx: ExportContext) -> None:
 
 
 def step_write(ctx: ExportContext) -> None:
-    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
+    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
+                          **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
     try:
         for stage, model in ctx.stages.items():
             writer.add_stage(stage, f"{stage}.onnx", model, **ctx.stage_meta.get(stage, {}))

@@ -240,3 +240,18 @@ def check_section(sec: Any, where: str) -> None:
         )
     if bad:
         raise BundleError(f"{where}: the 'embeddings' section is malformed; re-export the bundle")
+
+
+def budget_precision(manifest) -> str:
+    """The parity budget of a bundle's stages: int8 tables are judged like W8A16 (ranking
+    metrics), fp16 tables like fp16, unless the dense precision is already coarser."""
+    dtype = (manifest.embeddings or {}).get("dtype", "fp32")
+    if manifest.precision != "fp32" or dtype == "fp32":
+        return manifest.precision
+    return {"int8": "w8a16", "fp16": "fp16"}[dtype]
+
+
+def store_suffix(manifest) -> str:
+    """'-emb-int8' / '-emb-fp16' for stage names of a bundle with a quantized store."""
+    dtype = (manifest.embeddings or {}).get("dtype", "fp32")
+    return "" if dtype == "fp32" else f"-emb-{dtype}"
