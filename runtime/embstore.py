@@ -169,10 +169,13 @@ class StoreFeeds:
         """``inputs`` + the gathered rows of every lookup on ``side`` ("user", "group" or
         "both") whose id input is present."""
         out = dict(inputs)
-        for lk in self.lookups:
-            if (side != "both" and lk["side"] != side) or lk["input"] not in inputs:
-                continue
-            ids = self._rows(lk, inputs[lk["input"]])
+        todo = [(lk, self._rows(lk, inputs[lk["input"]])) for lk in self.lookups
+                if (side == "both" or lk["side"] == side) and lk["input"] in inputs]
+        many = getattr(self.store, "lookup_many", None)
+        if many is not None and len(todo) > 1:  # a remote tier: every lookup in one round trip
+            got = many([(lk["table"], ids) for lk, ids in todo])
+            return {**out, **{lk["stage_input"]: v for (lk, _), v in zip(todo, got, strict=True)}}
+        for lk, ids in todo:
             buf = self._buffer(lk["stage_input"], ids.size, self.store.dim(lk["table"]))
             out[lk["stage_input"]] = self.store.lookup(lk["table"], ids, out=buf)
         return out

@@ -106,6 +106,20 @@ class RedisStore:
         out.reshape(vec.shape)[...] = vec
         return out.reshape(vec.shape)
 
+    def lookup_many(self, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """Several lookups (tables may repeat) in one tier call: one round trip per node."""
+        by_table: dict[str, list[np.ndarray]] = {}
+        for table, ids in requests:
+            by_table.setdefault(table, []).append(np.asarray(ids).reshape(-1))
+        got = self.tier.lookup_many({t: np.concatenate(parts) for t, parts in by_table.items()})
+        offsets = dict.fromkeys(by_table, 0)
+        out = []
+        for table, ids in requests:
+            start = offsets[table]
+            offsets[table] += ids.size
+            out.append(got[table][start : start + ids.size].reshape(*ids.shape, -1))
+        return out
+
     def rows(self, table: str) -> int:
         return self.tier.layouts[table].rows
 

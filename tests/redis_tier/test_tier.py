@@ -181,3 +181,14 @@ def test_a_row_lost_by_the_cluster_is_an_error_never_zeros(pushed):
         tier.lookup("t", np.array([41, 42, 43]))
     np.testing.assert_array_equal(tier.lookup("t", np.array([41, 43])), expected_rows(ARRAYS, "user_f32", np.array([41, 43])))
     remove_version(pushed.url, "lossy")
+
+
+def test_store_lookup_many_splits_back_per_lookup_with_repeated_tables(pushed):
+    from runtime.redis_tier.store import RedisStore
+
+    store = RedisStore(RedisTier.open(pushed.url, VERSION))
+    a, b, c = np.array([[1, 2], [3, 1]]), np.array([7, 1, 4000]), np.array([[9], [8], [9]])
+    got = store.lookup_many([("user_f32", a), ("item_i8", c), ("user_f32", b)])
+    assert store.tier.stats().fetches == 1                        # one round trip for all three
+    for (name, ids), vec in zip([("user_f32", a), ("item_i8", c), ("user_f32", b)], got, strict=True):
+        np.testing.assert_array_equal(vec, expected_rows(ARRAYS, name, ids))
