@@ -117,7 +117,7 @@ class RedisStore:
         for table, ids in requests:
             start = offsets[table]
             offsets[table] += ids.size
-            out.append(got[table][start : start + ids.size].reshape(*ids.shape, -1))
+            out.append(got[table][start : start + ids.size].reshape(*np.shape(ids), self.dim(table)))
         return out
 
     def rows(self, table: str) -> int:

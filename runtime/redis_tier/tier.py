@@ -112,7 +112,7 @@ class RedisTier:
         misses = {name: p for name, p in plans.items() if p.missing.any()}
         if misses:
             self._fetch(misses)
-        return {name: p.rows[p.inverse].reshape(p.shape + (-1,)) for name, p in plans.items()}
+        return {name: p.rows[p.inverse].reshape(p.shape + (p.layout.row_nbytes,)) for name, p in plans.items()}
 
     def stats(self) -> TierStats:
         with self._lock:

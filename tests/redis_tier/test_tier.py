@@ -187,8 +187,10 @@ def test_store_lookup_many_splits_back_per_lookup_with_repeated_tables(pushed):
     from runtime.redis_tier.store import RedisStore
 
     store = RedisStore(RedisTier.open(pushed.url, VERSION))
-    a, b, c = np.array([[1, 2], [3, 1]]), np.array([7, 1, 4000]), np.array([[9], [8], [9]])
-    got = store.lookup_many([("user_f32", a), ("item_i8", c), ("user_f32", b)])
-    assert store.tier.stats().fetches == 1                        # one round trip for all three
-    for (name, ids), vec in zip([("user_f32", a), ("item_i8", c), ("user_f32", b)], got, strict=True):
+    requests = [("user_f32", np.array([[1, 2], [3, 1]])), ("item_i8", np.array([[9], [8], [9]])),
+                ("user_f32", np.array([7, 1, 4000])), ("item_i8", np.zeros((0, 2), np.int64))]
+    got = store.lookup_many(requests)
+    assert store.tier.stats().fetches == 1                        # one round trip for all of them
+    assert got[3].shape == (0, 2, 16)
+    for (name, ids), vec in zip(requests, got, strict=True):
         np.testing.assert_array_equal(vec, expected_rows(ARRAYS, name, ids))
