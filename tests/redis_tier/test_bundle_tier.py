@@ -15,7 +15,7 @@ import torch
 
 import runtime
 from runtime.bundle import Bundle
-from runtime.errors import TierUnavailableError
+from runtime.errors import BundleError, TierUnavailableError
 from runtime.redis_tier import RedisTier, push
 from runtime.redis_tier.store import bundle_tables, store_version
 from runtime.serving import build_app
@@ -165,3 +165,30 @@ def test_node_killed_under_http_503s_its_rows_serves_cached_and_recovers(store_b
             assert np.abs(np.asarray(r.json()["outputs"][0]["data"], np.float32) - local.score(*cold)["ctr"]).max() == 0
     finally:
         cluster.stop()
+
+
+@pytest.mark.triton
+def test_triton_cpu_repository_reads_the_same_cluster(store_bundles, redis_cluster, tmp_path):
+    """`ugsep triton --embeddings`: the Python-backend model looks rows up in the cluster;
+    scores over tritonclient equal the local-store scorer's exactly."""
+    from runtime.triton import write_repository
+    from runtime.triton.env import ensure_triton_env
+    from runtime.triton.server import TritonServer
+    from tests.triton.conftest import triton_scores
+
+    path, url = store_bundles["fp32"], redis_cluster.url
+    push(url, bundle_tables(Bundle.open(path)), store_version(Bundle.open(path)))   # idempotent
+    local = runtime.load(path, "onnxruntime", allow_unverified=True)
+    repo = write_repository(path, tmp_path / "repo", "cpu", allow_unverified=True, intra_op_threads=1,
+                            embeddings=url, embeddings_cache_bytes=1 << 20)
+    with TritonServer(repo.root, ensure_triton_env()) as server:
+        import tritonclient.http as th
+
+        client = th.InferenceServerClient(server.http_url)
+        for seed in range(3):
+            user, cands = _request(seed)
+            got = triton_scores(client, repo.model_name, [(user, cands)], binary=True)[0]
+            assert np.abs(got - local.score(user, cands)["ctr"]).max() == 0
+        client.close()
+    with pytest.raises(BundleError, match="--kind cpu only"):
+        write_repository(path, tmp_path / "repo2", "gpu", allow_unverified=True, embeddings=url)
