@@ -263,6 +263,8 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
             model = await repo.reload(name, path)
         except HttpError as e:
             return _error(e.status, str(e))
+        except TierUnavailableError as e:  # the tier's state, not the request: try again later
+            return _error(503, f"cannot load model '{name}': {e}")
         except (UgsepError, json.JSONDecodeError, AttributeError) as e:
             return _error(400, f"cannot load model '{name}': {e}")
         return {"name": model.name, "version": model.version, "bundle": str(model.path)}
