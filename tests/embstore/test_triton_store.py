@@ -16,7 +16,7 @@ from runtime.spec import FeatureSpec
 from runtime.triton import write_repository
 from runtime.triton.server import TritonServer
 from tests.embstore.models import make_toy_lookups, toy_spec
-from tests.triton.conftest import triton_env, triton_scores  # noqa: F401 (fixture)
+from tests.triton.conftest import triton_scores
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
