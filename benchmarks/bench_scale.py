@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "export_peak_rss_over_checkpoint": runs["large"]["export"]["peak_rss_over_checkpoint"],
         "latency_large_over_small": {str(n): med[f"large/{n}"] / med[f"small/{n}"] for n in NS},
-        "int8_bytes_over_fp32": sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values()),
+        "int8_bytes_over_fp32": (sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values())
+                                 if store32 else None),  # None: no table reached the store
         "int8_delta_auc": int8_auc,
         "runs": runs,
         "int8_export": {**int8_run, "store": store8},
