@@ -133,14 +133,22 @@ def child_latency(small: str, large: str, rounds: int) -> dict:
 CHILDREN = {"checkpoint": child_checkpoint, "export": child_export, "serve": child_serve, "latency": child_latency}
 
 
-def run_child(name: str, *args) -> dict:
-    """Run ``name`` in a fresh interpreter; its JSON result is the last line of stdout."""
+def run_child(name: str, *args, cache: Path | None = None) -> dict:
+    """Run ``name`` in a fresh interpreter; its JSON result is the last line of stdout.
+
+    With ``cache`` (a file), a result recorded there by an earlier run is reused (--resume).
+    """
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--child", name, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"bench_scale: child '{name}' failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if cache is not None:
+        cache.write_text(json.dumps(result))
+    return result
 
 
 def _delta_auc(bundle: Path) -> dict:
@@ -162,23 +170,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_scale.json"))
+    p.add_argument("--resume", action="store_true", help="reuse child results recorded in --work")
     args = p.parse_args(argv)
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    done = lambda name: work / f"{name}.json" if args.resume else None  # noqa: E731
     load_before = os.getloadavg()
     runs: dict[str, dict] = {}
     for label, vocab in zip(("small", "large"), args.vocabs, strict=True):
         ckpt, bundle = work / f"ckpt-{vocab}", work / f"bundle-{vocab}"
-        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt)}
-        run["export"] = run_child("export", ckpt, bundle)
+        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt, cache=done(f"ckpt-{vocab}"))}
+        run["export"] = run_child("export", ckpt, bundle, cache=done(f"export-{vocab}"))
         run["export"]["peak_rss_over_checkpoint"] = run["export"]["peak_rss_bytes"] / run["checkpoint_bytes"]
         run["store"] = _store_bytes(bundle)
         run["delta_auc_fp32"] = _delta_auc(bundle)
-        run["serve"] = run_child("serve", bundle, args.requests)
+        run["serve"] = run_child("serve", bundle, args.requests, cache=done(f"serve-{vocab}"))
         runs[label] = run
         print(json.dumps({label: run}, indent=1), flush=True)
     small_ckpt = work / f"ckpt-{args.vocabs[0]}"
     int8 = work / f"bundle-{args.vocabs[0]}-int8"
-    int8_run = run_child("export", small_ckpt, int8, "--embeddings", "int8")
+    int8_run = run_child("export", small_ckpt, int8, "--embeddings", "int8", cache=done("export-int8"))
     store8, store32 = _store_bytes(int8), runs["small"]["store"]
     lat = run_child("latency", work / f"bundle-{args.vocabs[0]}", work / f"bundle-{args.vocabs[1]}", args.rounds)
     med = lat["median_ms"]
@@ -186,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "export_peak_rss_over_checkpoint": runs["large"]["export"]["peak_rss_over_checkpoint"],
         "latency_large_over_small": {str(n): med[f"large/{n}"] / med[f"small/{n}"] for n in NS},
-        "int8_bytes_over_fp32": sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values()),
+        "int8_bytes_over_fp32": (sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values())
+                                 if store32 else None),  # None: no table reached the store
         "int8_delta_auc": int8_auc,
         "runs": runs,
         "int8_export": {**int8_run, "store": store8},

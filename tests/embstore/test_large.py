@@ -87,7 +87,7 @@ def test_student_over_2gib_exports_checks_and_serves_from_a_mmapped_store(tmp_pa
     label = (np.random.default_rng(0).random(len(eager)) < eager).astype(np.int64)
     out = tmp_path / "big"
     export_bundle(LoadedModel(spec=spec, module=model), out,
-                  ExportOptions(data={**rows, "label": label, "request_id": rid}))
+                  ExportOptions(split=False, data={**rows, "label": label, "request_id": rid}))
     m = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in m["embeddings"]["tables"]] == ["user_emb.weight"]
     assert m["parity"]["passed"]  # store path vs the eager model on the held-out rows
