@@ -25,6 +25,7 @@ DELEGATED = {
     "serve": ("runtime.serving.cli", "serve bundles over the KServe v2 protocol"),
     "triton": ("runtime.triton.cli", "write a Triton Inference Server model repository"),
     "build-trt": ("exporter.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
+    "embeddings": ("runtime.redis_tier.cli", "push a bundle's embedding store to a Redis Cluster; ls, rm versions"),
 }
 
 
@@ -63,6 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             "quant_small_batch": args.quant_small_batch,
             "serve_threads": args.serve_threads,
             "stage_threads": not args.no_stage_threads,
+            "embeddings": args.embeddings,
+            "store_min_bytes": args.store_min_bytes,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -175,6 +178,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
                    "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
                    "stage's cap at serving time)")
+    p.add_argument("--embeddings", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
+                   "(row-wise scale and bias); see docs/embedding-store.md")
+    p.add_argument("--store-min-bytes", type=int, default=1 << 20, metavar="BYTES",
+                   help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
+                   "a huge value keeps every table in the graphs)")
     p.add_argument("--no-stage-threads", action="store_true",
                    help="do not time the small-batch stages on fewer threads: every stage runs on "
                    "the serving threads")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from exporter.inspect_store import print_embeddings
 from exporter.progress import console
 from runtime.bundle import Bundle
 
@@ -65,6 +66,7 @@ def inspect_bundle(
     _print_split(m)
     _print_row_scope(m)
     _print_quantization(m)
+    print_embeddings(m)
     _print_parity(m)
     _print_signature(bundle, key)
     for e in m.engines:

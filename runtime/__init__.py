@@ -55,6 +55,8 @@ def load(
     use_split: bool = True,
     verify: str | Path | BundleKey | None = None,
     allow_extra_files: bool = False,
+    embeddings=None,  # a redis:// URL or runtime.redis_tier.TierConfig
+    embeddings_cache_bytes: int = 0,
     **backend_options,
 ) -> Scorer:
     """Open, verify and parity-check a bundle, and return a Scorer on ``backend``.
@@ -66,10 +68,19 @@ def load(
     refused unless ``allow_unverified``. ``verify``: a key (PEM Ed25519 file, ``hmac:FILE``
     or a ``BundleKey``) whose signature the bundle must carry (runtime/signing.py).
     ``allow_extra_files``: ignore files the manifest does not list (with a warning).
+    ``embeddings="redis://HOST:PORT"`` looks the store's rows up
+    in a Redis Cluster tier (runtime/redis_tier) behind a hot-row cache of
+    ``embeddings_cache_bytes``, pinned to the store's version; TierUnavailableError until
+    the cluster holds that version complete.
     """
     bundle = Bundle.open(path, key=verify, allow_extra_files=allow_extra_files)
     bundle.check_parity(allow_unverified=allow_unverified)
     be = resolve_backend(backend, bundle, **backend_options)
     if backend == "auto":
         log.info("backend auto picked '%s' for bundle '%s'", be.name, bundle.root)
-    return Scorer(bundle, be, use_split=use_split)
+    store = None
+    if embeddings:
+        from runtime.redis_tier.store import RedisStore
+
+        store = RedisStore.for_bundle(bundle, embeddings, cache_bytes=embeddings_cache_bytes)
+    return Scorer(bundle, be, use_split=use_split, embeddings=store)

@@ -11,7 +11,8 @@
     GET  /metrics                                   Prometheus text format
 
 Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 404
-(model), 413 (body too large), 429 (queue full), 503 (draining), 500 (a bug).
+(model), 413 (body too large), 429 (queue full), 503 (draining; the embedding tier
+unavailable or not holding the bundle's version, naming it), 500 (a bug).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from runtime.errors import BundleError, RequestError, UgsepError
+from runtime.errors import BundleError, RequestError, TierUnavailableError, UgsepError
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.cache import explicit_user_key
 from runtime.serving.metrics import CONTENT_TYPE, ServingMetrics
+from runtime.serving.pending import PendingLoads
 from runtime.serving.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer
 from runtime.serving.repository import ModelRepository, ServedModel, ServeOptions, load_model
+from runtime.serving.tier_metrics import TierCollector, tier_stats
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -62,24 +65,34 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     repo = ModelRepository(options)
     metrics = ServingMetrics(repo.cache_stats, repo.graph_runs)
     repo.on_batch = metrics.observe_batch
+    metrics.registry.register(TierCollector(lambda: tier_stats(repo)))
+    pending = PendingLoads()
     for path in bundles:
-        repo.add(load_model(path, options))
+        try:
+            repo.add(load_model(path, options))
+        except TierUnavailableError as e:  # the tier lacks the pinned version: load it later
+            if not options.embeddings:
+                raise
+            pending.add(path, e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.start()
+        pending.start(repo, load_model)
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False  # readiness fails first, then accepted requests drain
+            await pending.stop()
             await repo.close()
 
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.repo, app.state.metrics, app.state.options, app.state.ready = repo, metrics, options, False
+    app.state.pending = pending
     _add_auth(app, options.token)
-    _add_health_routes(app, repo)
-    _add_infer_route(app, repo, metrics, options)
+    _add_health_routes(app, repo, pending)
+    _add_infer_route(app, repo, metrics, options, pending)
     _add_admin_routes(app, repo, metrics)
     return app
 
@@ -112,14 +125,14 @@ def _model(repo: ModelRepository, name: str) -> ServedModel:
     return m
 
 
-def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
+def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoads) -> None:
     @app.get("/v2/health/live")
     async def live():
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
     async def ready():
-        return Response(status_code=200 if app.state.ready else 503)
+        return Response(status_code=200 if app.state.ready and not pending.waiting else 503)
 
     @app.get("/v2")
     async def server_metadata():
@@ -137,14 +150,21 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
         m = repo.get(name)
+        if m is None and pending.message(name):
+            return _error(503, pending.message(name))
         return Response(status_code=200 if m is not None and app.state.ready else 503 if m else 404)
 
 
-def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions) -> None:
+def _add_infer_route(
+    app: FastAPI, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions, pending: PendingLoads
+) -> None:
     async def infer(name: str, request: Request, version: str | None = None):
         t0 = time.perf_counter()
         label = name if name in repo.models else "_unknown"
         metrics.requests.labels(label).inc()
+        if name not in repo.models and pending.message(name):
+            metrics.failure(label, "unavailable")
+            return _error(503, pending.message(name))
         try:
             body = await _read_body(request, options.max_body_bytes)
             req = parse_infer(body, request.headers.get(HEADER_LENGTH))
@@ -158,7 +178,7 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
         except OverloadedError as e:
             metrics.failure(label, "overloaded")
             return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": "1"})
-        except ShuttingDownError as e:
+        except (ShuttingDownError, TierUnavailableError) as e:
             metrics.failure(label, "unavailable")
             return _error(503, str(e))
         except Exception as e:  # noqa: BLE001 - a bug: log it, answer 500, keep serving
@@ -243,6 +263,8 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
             model = await repo.reload(name, path)
         except HttpError as e:
             return _error(e.status, str(e))
+        except TierUnavailableError as e:  # the tier's state, not the request: try again later
+            return _error(503, f"cannot load model '{name}': {e}")
         except (UgsepError, json.JSONDecodeError, AttributeError) as e:
             return _error(400, f"cannot load model '{name}': {e}")
         return {"name": model.name, "version": model.version, "bundle": str(model.path)}

@@ -45,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info")
     add_verify_arguments(p)
+    p.add_argument("--embeddings", default=None, metavar="URL",
+                   help="look the store's rows up in a Redis Cluster (redis://HOST:PORT) pinned to the "
+                   "bundle's store version, instead of the bundle's own store (docs/embedding-tier.md)")
+    p.add_argument("--embeddings-cache-mb", type=float, default=d.embeddings_cache_bytes / MB,
+                   help="hot-row cache in front of the Redis tier, in MiB (0: off)")
+    from runtime.redis_tier.cli import add_tier_arguments
+
+    add_tier_arguments(p, required=False)
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
@@ -62,7 +70,16 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
         verify=load_key(args.verify) if args.verify else None,
         allow_extra_files=args.allow_extra_files,
+        embeddings=_tier(args), embeddings_cache_bytes=int(args.embeddings_cache_mb * MB),
     )
+
+
+def _tier(args: argparse.Namespace):
+    if not args.embeddings:
+        return None
+    from runtime.redis_tier.cli import tier_config
+
+    return tier_config(args.embeddings, args)
 
 
 def run(args: argparse.Namespace) -> int:

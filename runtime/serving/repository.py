@@ -47,6 +47,8 @@ class ServeOptions:
     token: str | None = None
     verify: Any = None  # a BundleKey (runtime/signing.py): every loaded bundle must carry its signature
     allow_extra_files: bool = False  # ignore files a bundle's manifest does not list (warning)
+    embeddings: Any = None  # None: the bundle's own store; a redis:// URL or TierConfig: that tier
+    embeddings_cache_bytes: int = 64 << 20  # the tier's hot-row cache
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,7 +94,9 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     scorer = runtime.load(
         path, options.backend, allow_unverified=options.allow_unverified,
         use_split=options.use_split, verify=options.verify,
-        allow_extra_files=options.allow_extra_files, **backend_opts,
+        allow_extra_files=options.allow_extra_files,
+        embeddings=options.embeddings,
+        embeddings_cache_bytes=options.embeddings_cache_bytes, **backend_opts,
     )
     if options.max_candidates is not None:
         scorer.max_candidates = int(options.max_candidates)

@@ -34,6 +34,8 @@ class RepositoryOptions:
     allow_unverified: bool = False  # serve a bundle with no/failed parity record
     stage_backend: str = "auto"  # gpu: auto | onnxruntime | tensorrt_plan | python
     trt_version: str | None = None  # gpu + engines: only engines built by this TensorRT version
+    embeddings: str | None = None  # cpu: look the store's rows up in this Redis Cluster (redis://…)
+    embeddings_cache_bytes: int = 64 << 20  # cpu + embeddings: hot-row cache per model instance
     overwrite: bool = False
     verify: object = None  # a key (runtime/signing.py) the bundle must be signed with
     allow_extra_files: bool = False  # ignore (and do not copy) files the manifest does not list

@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace models of the same name")
     add_verify_arguments(parser)
     parser.add_argument(
+        "--embeddings", default=None, metavar="URL",
+        help="cpu: look the store's rows up in this Redis Cluster (redis://HOST:PORT), pinned to the "
+        "bundle's store version (push it with `ugsep embeddings push`)",
+    )
+    parser.add_argument("--embeddings-cache-mb", type=float, default=64.0,
+                        help="hot-row cache in front of the Redis tier, per model instance")
+    parser.add_argument(
         "--serve",
         action="store_true",
         help="then start tritonserver on it (loopback, needs the triton env) until Ctrl-C",
@@ -99,6 +106,8 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         allow_unverified=args.allow_unverified,
         stage_backend=args.stage_backend,
         trt_version=args.trt_version,
+        embeddings=args.embeddings,
+        embeddings_cache_bytes=int(args.embeddings_cache_mb * 2**20),
         overwrite=args.overwrite,
         verify=load_key(args.verify) if args.verify else None,
         allow_extra_files=args.allow_extra_files,
