@@ -68,11 +68,14 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.start()
+        grpc_frontend = await _start_grpc(app) if options.grpc_port is not None else None
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False  # readiness fails first, then accepted requests drain
+            if grpc_frontend is not None:
+                await grpc_frontend.stop(options.grpc_grace_s)
             await repo.close()
 
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -82,6 +85,16 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     _add_infer_route(app, repo, metrics, options)
     _add_admin_routes(app, repo, metrics)
     return app
+
+
+async def _start_grpc(app: FastAPI):
+    """The KServe v2 gRPC server in this event loop, on the same repository (runtime/serving/grpc_server.py)."""
+    from runtime.serving.grpc_server import GrpcFrontend
+
+    s = app.state
+    frontend = GrpcFrontend(s.repo, s.metrics, s.options, lambda: bool(app.state.ready))
+    s.grpc_port = await frontend.start(s.options.grpc_host, s.options.grpc_port)
+    return frontend
 
 
 def _add_auth(app: FastAPI, token: str | None) -> None:
@@ -112,6 +125,14 @@ def _model(repo: ModelRepository, name: str) -> ServedModel:
     return m
 
 
+def resolve(repo: ModelRepository, name: str, version: str | None = None) -> ServedModel:
+    """The loaded model ``name``: 404 for an unknown model, or a ``version`` that is not the loaded one."""
+    model = _model(repo, name)
+    if version is not None and version != model.version:
+        raise HttpError(404, "not_found", f"model '{name}' version {version} is not loaded (loaded: {model.version})")
+    return model
+
+
 def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
     @app.get("/v2/health/live")
     async def live():
@@ -129,7 +150,7 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
         try:
-            return _model(repo, name).metadata()
+            return resolve(repo, name, version).metadata()
         except HttpError as e:
             return _error(e.status, str(e))
 
@@ -137,6 +158,8 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
         m = repo.get(name)
+        if m is not None and version is not None and version != m.version:
+            m = None
         return Response(status_code=200 if m is not None and app.state.ready else 503 if m else 404)
 
 
@@ -186,12 +209,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _score(repo: ModelRepository, name: str, req: InferRequest, version: str | None) -> tuple[bytes, dict]:
+    model, outputs = await run_infer(repo, name, req, version)
+    return encode_response(model.name, model.version, req, outputs)
+
+
+async def run_infer(
+    repo: ModelRepository, name: str, req: InferRequest, version: str | None
+) -> tuple[ServedModel, dict]:
+    """Check a decoded request against model ``name`` and score it in its batcher (HTTP and gRPC)."""
     user_key = req.parameters.get("user_key")
     user_key = explicit_user_key(user_key) if user_key is not None else None
     while True:
-        model = _model(repo, name)
-        if version is not None and version != model.version:
-            raise HttpError(404, "not_found", f"model '{name}' version {version} is not loaded (current: {model.version})")
+        model = resolve(repo, name, version)
         user, cands = _split_inputs(model, req)
         _check_outputs(model, req)
         try:
@@ -200,7 +229,7 @@ async def _score(repo: ModelRepository, name: str, req: InferRequest, version: s
             if repo.get(name) is not model:  # a reload swapped versions meanwhile: retry on the new one
                 continue
             raise
-        return encode_response(model.name, model.version, req, outputs)
+        return model, outputs
 
 
 def _split_inputs(model: ServedModel, req: InferRequest) -> tuple[dict, dict]:

@@ -1,6 +1,6 @@
 """``ugsep serve``: argparse wiring. ``add_arguments(parser)`` then ``run(args)``.
 
-    ugsep serve BUNDLE [BUNDLE ...] [--host 127.0.0.1] [--port 8000] [--token-env VAR] ...
+    ugsep serve BUNDLE [BUNDLE ...] [--host 127.0.0.1] [--port 8000] [--grpc-port 8001] [--token-env VAR] ...
 
 Also runnable without the exporter: ``python -m runtime.serving BUNDLE ...``.
 """
@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories or .tar archives")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="also serve KServe v2 over gRPC on this port, same --host (default: off; Triton uses 8001)")
     p.add_argument("--backend", default=d.backend, help="onnxruntime, ort-cuda, ort-tensorrt, tensorrt or auto")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per graph (default: backend's)")
     p.add_argument("--allow-unverified", action="store_true", help="serve bundles without a passed parity record")
@@ -57,6 +59,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_batch_candidates=args.max_batch_candidates, group_chunk_candidates=args.group_chunk,
         workers=args.workers,
         max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
+        grpc_port=args.grpc_port, grpc_host=args.host,
     )
 
 

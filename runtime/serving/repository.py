@@ -45,6 +45,9 @@ class ServeOptions:
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
     max_body_bytes: int = 8 << 20
     token: str | None = None
+    grpc_port: int | None = None  # KServe v2 gRPC beside HTTP (None: off; 0: any free port)
+    grpc_host: str = "127.0.0.1"
+    grpc_grace_s: float = 10.0  # in-flight RPCs finish within this on shutdown
     extra: dict[str, Any] = field(default_factory=dict)
 
 
