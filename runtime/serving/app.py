@@ -8,6 +8,8 @@
     POST /v2/repository/index                       loaded models
     POST /v2/repository/models/{name}/load          reload in place; optional body
                                                     {"parameters": {"bundle": "/new/path"}}
+    POST /v2/repository/models/{name}/unload        stop serving it (in-flight requests finish)
+    GET  /v2/models/{name}[/versions/{v}]/config, /v2/models[/{name}]/stats   protocol_routes.py
     GET  /metrics                                   Prometheus text format
 
 Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 404
@@ -30,8 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from runtime.errors import BundleError, RequestError, UgsepError
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.cache import explicit_user_key
+from runtime.serving.compression import add_compression
 from runtime.serving.metrics import CONTENT_TYPE, ServingMetrics
 from runtime.serving.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer
+from runtime.serving.protocol_routes import add_protocol_routes
 from runtime.serving.repository import ModelRepository, ServedModel, ServeOptions, load_model
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,8 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.repo, app.state.metrics, app.state.options, app.state.ready = repo, metrics, options, False
     _add_auth(app, options.token)
+    add_compression(app, options.max_body_bytes)
+    add_protocol_routes(app, repo, metrics, options)  # before /v2/models/{name}: /v2/models/stats
     _add_health_routes(app, repo)
     _add_infer_route(app, repo, metrics, options)
     _add_admin_routes(app, repo, metrics)
@@ -170,8 +176,10 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
         metrics.requests.labels(label).inc()
         try:
             body = await _read_body(request, options.max_body_bytes)
+            t_decode = time.perf_counter()
             req = parse_infer(body, request.headers.get(HEADER_LENGTH))
-            content, headers = await _score(repo, name, req, version)
+            metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
+            content, headers = await _score(repo, name, req, version, metrics)
         except HttpError as e:
             metrics.failure(label, e.reason)
             return _error(e.status, str(e))
@@ -188,7 +196,7 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
             log.exception("infer on model '%s' failed", name)
             metrics.failure(label, "internal")
             return _error(500, f"internal error ({type(e).__name__}); see the server log")
-        metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        metrics.success(label, time.perf_counter() - t0)
         return Response(content=content, headers=headers)
 
     app.add_api_route("/v2/models/{name}/infer", infer, methods=["POST"])
@@ -208,23 +216,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _score(repo: ModelRepository, name: str, req: InferRequest, version: str | None) -> tuple[bytes, dict]:
-    model, outputs = await run_infer(repo, name, req, version)
-    return encode_response(model.name, model.version, req, outputs)
+async def _score(
+    repo: ModelRepository, name: str, req: InferRequest, version: str | None, metrics: ServingMetrics
+) -> tuple[bytes, dict]:
+    model, outputs = await run_infer(repo, name, req, version, metrics)
+    t_encode = time.perf_counter()
+    encoded = encode_response(model.name, model.version, req, outputs)
+    metrics.observe_phase(model.name, "encode", time.perf_counter() - t_encode)
+    return encoded
 
 
 async def run_infer(
-    repo: ModelRepository, name: str, req: InferRequest, version: str | None
+    repo: ModelRepository, name: str, req: InferRequest, version: str | None, metrics: ServingMetrics | None = None
 ) -> tuple[ServedModel, dict]:
     """Check a decoded request against model ``name`` and score it in its batcher (HTTP and gRPC)."""
     user_key = req.parameters.get("user_key")
     user_key = explicit_user_key(user_key) if user_key is not None else None
     while True:
         model = resolve(repo, name, version)
+        t_check = time.perf_counter()
         user, cands = _split_inputs(model, req)
         _check_outputs(model, req)
+        prepared = model.prepare(user, cands, user_key)
+        if metrics is not None:
+            metrics.observe_phase(model.name, "validate", time.perf_counter() - t_check)
         try:
-            outputs = await model.batcher.submit(model.prepare(user, cands, user_key))
+            outputs = await model.batcher.submit(prepared)
         except ShuttingDownError:
             if repo.get(name) is not model:  # a reload swapped versions meanwhile: retry on the new one
                 continue
@@ -241,6 +258,10 @@ def _split_inputs(model: ServedModel, req: InferRequest) -> tuple[dict, dict]:
     missing = [n for n in known if n not in req.inputs]
     if missing:
         raise RequestError(f"missing input(s) {missing}; model '{model.name}' takes inputs {known}")
+    for s in spec.user_inputs:  # one user per request, as the metadata says: [1, ...]
+        got = list(req.inputs[s.name].shape)
+        if got != [1, *s.shape]:
+            raise RequestError(f"input '{s.name}' has shape {got}; model '{model.name}' takes {[1, *s.shape]} (one user)")
     user = {s.name: req.inputs[s.name] for s in spec.user_inputs}
     cands = {s.name: req.inputs[s.name] for s in spec.group_inputs}
     return user, cands
@@ -259,7 +280,8 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
 
     @app.post("/v2/repository/index")
     async def index():
-        return [{"name": m.name, "version": m.version, "state": "READY"} for m in repo.models.values()]
+        return [{"name": m.name, "version": m.version, "state": "READY"} for m in repo.models.values()] + [
+            {"name": n, "state": "UNAVAILABLE", "reason": "unloaded"} for n in repo.unloaded]
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str, request: Request):
@@ -275,3 +297,11 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
         except (UgsepError, json.JSONDecodeError, AttributeError) as e:
             return _error(400, f"cannot load model '{name}': {e}")
         return {"name": model.name, "version": model.version, "bundle": str(model.path)}
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str):
+        try:
+            await repo.unload(name)
+        except RequestError as e:
+            return _error(404, str(e))
+        return {"name": name, "state": "UNAVAILABLE"}

@@ -115,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         from runtime.serving.stats import statistics
 
         try:
-            body = statistics(self.repo, request.name or None, request.version or None)
+            body = statistics(self.repo, self.metrics, request.name or None, request.version or None)
         except HttpError as e:
             await context.abort(GRPC_CODE.get(e.status, C.NOT_FOUND), str(e))
         return json_format.ParseDict(body, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
@@ -134,16 +134,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         label = name if name in self.repo.models else "_unknown"
         self.metrics.requests.labels(label).inc()
         try:
+            t_decode = time.perf_counter()
             req = decode_infer(request)
-            model, outputs = await run_infer(self.repo, name, req, request.model_version or None)
+            self.metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
+            model, outputs = await run_infer(self.repo, name, req, request.model_version or None, self.metrics)
+            t_encode = time.perf_counter()
             response = encode_infer(model.name, model.version, req, outputs)
+            self.metrics.observe_phase(label, "encode", time.perf_counter() - t_encode)
         except Exception as e:  # noqa: BLE001 - every class maps to a status code (bugs: INTERNAL)
             code, reason, message = classify(e)
             if code == C.INTERNAL:
                 log.exception("gRPC infer on model '%s' failed", name)
             self.metrics.failure(label, reason)
             await context.abort(code, message)
-        self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        self.metrics.success(label, time.perf_counter() - t0)
         return response
 
 

@@ -162,3 +162,27 @@ def test_grpc_requests_count_in_the_shared_metrics(gclient, served):
 def _requests_total(text: str) -> float:
     line = [ln for ln in text.splitlines() if ln.startswith(f'ugsep_requests_total{{model="{MODEL}"}}')]
     return float(line[0].split()[-1]) if line else 0.0
+
+
+def test_statistics_over_grpc(gclient):
+    _grpc_scores(gclient, *make_request(12, 3))
+    (stats,) = gclient.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+    assert stats["name"] == MODEL and int(stats["inference_count"]) >= 1
+    assert int(stats["inference_stats"]["success"]["count"]) >= 1
+
+
+def test_bearer_token_over_grpc(split_bundle, scorer):
+    """In-process server: the gRPC port is bound in the app's lifespan (port 0: any free port)."""
+    from runtime.serving import ServerThread, build_app
+
+    app = build_app([split_bundle], token="s3cret", grpc_port=0)
+    with ServerThread(app):
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{app.state.grpc_port}")
+        assert client.is_server_live()  # the probes need no token
+        user, cands = make_request(13, 4)
+        with pytest.raises(InferenceServerException) as e:
+            _grpc_scores(client, user, cands)
+        assert _status(e.value) == "StatusCode.UNAUTHENTICATED"
+        out = client.infer(MODEL, _grpc_inputs(user, cands), headers={"authorization": "Bearer s3cret"})
+        np.testing.assert_array_equal(out.as_numpy("ctr"), scorer.score(user, cands)["ctr"])
+        client.close()
