@@ -186,3 +186,24 @@ def test_bearer_token_over_grpc(split_bundle, scorer):
         out = client.infer(MODEL, _grpc_inputs(user, cands), headers={"authorization": "Bearer s3cret"})
         np.testing.assert_array_equal(out.as_numpy("ctr"), scorer.score(user, cands)["ctr"])
         client.close()
+
+
+def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(split_bundle, scorer):
+    import concurrent.futures as cf
+    import time
+
+    from runtime.serving import ServerThread, build_app
+
+    app = build_app([split_bundle], max_queue=1, max_delay_ms=1500, grpc_port=0)
+    with ServerThread(app), cf.ThreadPoolExecutor(4) as pool:
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{app.state.grpc_port}")
+        first_req = make_request(1, 3)
+        first = pool.submit(_grpc_scores, client, *first_req)
+        time.sleep(0.5)  # the first request now waits in the queue for more company
+        others = [pool.submit(_grpc_scores, client, *make_request(i, 3)) for i in range(3)]
+        for f in others:
+            with pytest.raises(InferenceServerException) as e:
+                f.result()
+            assert _status(e.value) == "StatusCode.RESOURCE_EXHAUSTED" and "overloaded" in e.value.message()
+        np.testing.assert_array_equal(first.result(), scorer.score(*first_req)["ctr"])
+        client.close()
