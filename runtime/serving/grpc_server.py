@@ -29,7 +29,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from runtime.errors import RequestError
+from runtime.errors import RequestError, UgsepError
 from runtime.serving.app import HttpError, resolve, run_infer
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.grpc_codec import decode_infer, encode_infer
@@ -158,8 +158,9 @@ class GrpcFrontend:
                  is_ready: Callable[[], bool]) -> None:
         self.servicer = InferenceServicer(repo, metrics, options, is_ready)
         limit = int(options.max_body_bytes)
+        # so_reuseport 0: a second server on a taken port fails instead of sharing it silently
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", -1)])
+                                               ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.health = _add_health(self.server)
         self.port: int | None = None
@@ -167,9 +168,10 @@ class GrpcFrontend:
     async def start(self, host: str, port: int) -> int:
         """Bind ``host:port`` (0: any free port) and start serving; returns the bound port."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot bind the gRPC port {address}")
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise UgsepError(f"--grpc-port {port}: cannot bind {address} (in use, or not an address of this host)") from e
         await self.server.start()
         await self._set_health(True)
         log.info("serving KServe v2 gRPC on %s:%d", host, self.port)
@@ -188,6 +190,19 @@ class GrpcFrontend:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
             await self.health.set(service, status)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Fail early, with a one-line error, when ``host:port`` cannot be bound (before loading bundles)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UgsepError(f"--grpc-port {port}: cannot bind {host}:{port} ({e.strerror})") from e
 
 
 def _add_health(server):

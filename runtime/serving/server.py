@@ -47,6 +47,10 @@ def serve(
     Binds 127.0.0.1 unless ``host`` says otherwise.
     """
     options.setdefault("grpc_host", host)
+    if options.get("grpc_port"):
+        from runtime.serving.grpc_server import check_bindable
+
+        check_bindable(host, int(options["grpc_port"]))
     app = build_app(bundles, ServeOptions(**options))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines%s", host,

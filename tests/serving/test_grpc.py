@@ -207,3 +207,18 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(split_bun
             assert _status(e.value) == "StatusCode.RESOURCE_EXHAUSTED" and "overloaded" in e.value.message()
         np.testing.assert_array_equal(first.result(), scorer.score(*first_req)["ctr"])
         client.close()
+
+
+def test_a_taken_grpc_port_exits_2_with_one_line(split_bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ugsep = Path(sys.executable).with_name("ugsep")
+        r = subprocess.run([str(ugsep), "serve", str(split_bundle), "--port", str(_free_port()), "--grpc-port",
+                            str(port)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --grpc-port {port}: cannot bind 127.0.0.1:{port} (Address already in use)")
