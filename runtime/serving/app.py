@@ -72,9 +72,11 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.start()
-        grpc_frontend = await _start_grpc(app) if options.grpc_port is not None else None
-        app.state.ready = True
+        grpc_frontend = None
         try:
+            if options.grpc_port is not None:
+                grpc_frontend = await _start_grpc(app)
+            app.state.ready = True
             yield
         finally:
             app.state.ready = False  # readiness fails first, then accepted requests drain
