@@ -152,7 +152,7 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "ugsep", "version": "1", "extensions": ["binary_tensor_data", "model_repository"]}
+        return {"name": "ugsep", "version": "1", "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
