@@ -8,6 +8,14 @@ a Zipf distribution over a pool of users; ``--concurrency`` closed-loop clients.
 ``--max-requests``; variants are interleaved and repeated ``--rounds`` times; the
 table quotes medians over rounds. JSON goes to ``--out``.
 
+The ``ugsep`` server also serves gRPC (``--grpc-port``): the ``ugsep-grpc`` variant sends the
+same requests to the same process as ``tritonclient.grpc`` would (``ModelInfer`` with
+``raw_input_contents``), so HTTP vs gRPC differ in transport only (``--no-grpc`` skips it).
+Around every ugsep segment ``/metrics`` is scraped: ``phase_profile_ms`` is the mean time per
+request in each phase (decode, validate, queue, user / cache_hit, group, encode), median
+over rounds. ``best_candidates_per_s_over_eager`` is the best ugsep variant's paired ratio at
+the highest concurrency. ``os.getloadavg()`` is recorded per segment (shared machines).
+
     python benchmarks/bench_serve.py                    # RankMixer 'bench' student
     python benchmarks/bench_serve.py --quick            # tiny student, short segments
 """
@@ -67,18 +75,24 @@ def prepare(work: Path, size: str, checkpoint: str | None, precision: str = "fp3
     return ckpt, bundle, manifest
 
 
-def make_bodies(spec: FeatureSpec, n_bodies: int, n: int, users: int, zipf: float, seed: int):
-    """Pre-encoded binary KServe requests: Zipf-drawn users, fresh candidates each."""
+def make_requests(spec: FeatureSpec, n_bodies: int, n: int, users: int, zipf: float, seed: int):
+    """Request tensors: Zipf-drawn users, fresh candidates each."""
     rng = np.random.default_rng(seed)
     pool = {s.name: sample_input(s, users, rng) for s in spec.user_inputs}
     p = 1.0 / np.arange(1, users + 1) ** zipf
     who = rng.choice(users, size=n_bodies, p=p / p.sum())
-    bodies = []
+    requests = []
     for u in who:
         tensors = {k: v[u : u + 1] for k, v in pool.items()}
         tensors.update({s.name: sample_input(s, n, rng) for s in spec.group_inputs})
-        bodies.append(_binary_body(tensors, list(spec.outputs)))
-    return bodies, who
+        requests.append(tensors)
+    return requests, who
+
+
+def make_bodies(spec: FeatureSpec, n_bodies: int, n: int, users: int, zipf: float, seed: int):
+    """Pre-encoded binary KServe requests: Zipf-drawn users, fresh candidates each."""
+    requests, who = make_requests(spec, n_bodies, n, users, zipf, seed)
+    return [_binary_body(t, list(spec.outputs)) for t in requests], who
 
 
 def _binary_body(tensors: dict, outputs: list[str]) -> tuple[bytes, str]:
@@ -123,6 +137,71 @@ async def run_segment(url: str, bodies, start: int, concurrency: int, duration: 
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, failures, time.perf_counter() - t0
+
+
+def grpc_message(model: str, tensors: dict, outputs: list[str]):
+    """A ModelInferRequest with raw_input_contents, as tritonclient.grpc builds it."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    for k, v in tensors.items():
+        req.inputs.add(name=k, datatype=kserve_datatype(v.dtype), shape=list(v.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(v).tobytes())
+    for o in outputs:
+        req.outputs.add(name=o)
+    return req
+
+
+async def run_grpc_segment(target: str, messages, start: int, concurrency: int, duration: float, max_requests: int):
+    """``run_segment`` over gRPC: closed-loop clients on one grpc.aio channel."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    latencies, failures, issued = [], 0, 0
+    t0 = time.perf_counter()
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def worker():
+            nonlocal issued, failures
+            while issued < max_requests and time.perf_counter() - t0 < duration:
+                msg = messages[(start + issued) % len(messages)]
+                issued += 1
+                t = time.perf_counter()
+                try:
+                    await stub.ModelInfer(msg, timeout=300)
+                    latencies.append(time.perf_counter() - t)
+                except grpc.aio.AioRpcError:
+                    failures += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, failures, time.perf_counter() - t0
+
+
+PHASES = ("decode", "validate", "queue", "user", "cache_hit", "group", "encode")
+
+
+def phase_totals(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """{phase: (sum seconds, count)} of ugsep_phase_seconds over all models."""
+    out: dict[str, list[float]] = {}
+    for ln in metrics_text.splitlines():
+        for kind, i in (("_sum{", 0), ("_count{", 1)):
+            if ln.startswith("ugsep_phase_seconds" + kind):
+                phase = ln.split('phase="')[1].split('"')[0]
+                out.setdefault(phase, [0.0, 0.0])[i] += float(ln.split()[-1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def phase_means_ms(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """Mean ms per served request in each phase between two scrapes (0 for phases not seen).
+
+    user and cache_hit are divided by all requests (a request is in one or the other), so the
+    phases add up to the mean server-side time of a request."""
+    out = {}
+    for phase in PHASES:
+        s = after.get(phase, (0.0, 0.0))[0] - before.get(phase, (0.0, 0.0))[0]
+        out[phase] = 1000 * s / requests if requests else float("nan")
+    return out
 
 
 def _free_port() -> int:
@@ -226,6 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="compute threads per server (both)")
     p.add_argument("--max-delay-ms", type=float, default=0.0, help="batcher delay of ugsep serve (its default)")
     p.add_argument("--also", default="", help="extra ugsep variants by precision, e.g. 'w8a16'")
+    p.add_argument("--no-grpc", action="store_true", help="skip the ugsep-grpc variant")
     p.add_argument("--quick", action="store_true", help="tiny student, 2 rounds of 3 s")
     args = p.parse_args(argv)
     if args.quick:
@@ -237,62 +317,91 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     ckpt, bundle, manifest = prepare(work, args.size, args.checkpoint)
     spec = FeatureSpec.from_dict(manifest["spec"])
-    bodies, who = make_bodies(spec, 1000, args.candidates, args.users, args.zipf, seed=1)
+    tensors, who = make_requests(spec, 1000, args.candidates, args.users, args.zipf, seed=1)
+    bodies = [_binary_body(t, list(spec.outputs)) for t in tensors]
+    messages = [grpc_message(spec.name, t, list(spec.outputs)) for t in tensors] if not args.no_grpc else []
+    del tensors
     py = sys.executable
     bundles = {"ugsep": bundle}
     for precision in filter(None, args.also.split(",")):
         bundles[f"ugsep-{precision}"] = prepare(work, args.size, args.checkpoint, precision)[1]
     ports = {name: _free_port() for name in [*bundles, "eager"]}
+    grpc_port = _free_port()
     cmds = {
         name: [py, "-m", "runtime.serving", str(b), "--port", str(ports[name]), "--threads",
                str(args.threads), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"]
         for name, b in bundles.items()
     }
+    if messages:
+        cmds["ugsep"] += ["--grpc-port", str(grpc_port)]
     cmds["eager"] = [py, "benchmarks/eager_server.py", "--checkpoint", str(ckpt), "--port", str(ports["eager"]),
                      "--threads", str(args.threads)]
+    variants = [*bundles, *(["ugsep-grpc"] if messages else []), "eager"]
+    server_of = {v: ("ugsep" if v == "ugsep-grpc" else v) for v in variants}
     procs = {}
     try:
         for name, cmd in cmds.items():
             procs[name] = start(cmd, ports[name], work / f"{name}-server.log")
         url = {n: f"http://127.0.0.1:{p}/v2/models/{spec.name}/infer" for n, p in ports.items()}
-        for name in procs:  # warm-up (not measured)
-            asyncio.run(run_segment(url[name], bodies, 0, 2, 2.0, 6))
+
+        def segment(variant: str, start_at: int, conc: int, duration: float, max_requests: int):
+            if variant == "ugsep-grpc":
+                return asyncio.run(run_grpc_segment(f"127.0.0.1:{grpc_port}", messages, start_at, conc,
+                                                    duration, max_requests))
+            return asyncio.run(run_segment(url[variant], bodies, start_at, conc, duration, max_requests))
+
+        for name in variants:  # warm-up (not measured)
+            segment(name, 0, 2, 2.0, 6)
         segments, cursor = [], 0
         levels = [int(c) for c in args.concurrency.split(",")]
         for rnd in range(args.rounds):
             for conc in levels:
-                order = list(cmds) if (rnd + conc) % 2 == 0 else list(cmds)[::-1]
+                order = variants if (rnd + conc) % 2 == 0 else variants[::-1]
                 for name in order:
-                    lat, fails, wall = asyncio.run(run_segment(url[name], bodies, cursor, conc, args.duration, args.max_requests))
+                    metrics_url = f"http://127.0.0.1:{ports[server_of[name]]}/metrics"
+                    before = phase_totals(httpx.get(metrics_url).text) if name != "eager" else None
+                    lat, fails, wall = segment(name, cursor, conc, args.duration, args.max_requests)
                     cursor += len(lat) + fails
                     lat_ms = np.array(lat) * 1000 if lat else np.array([np.nan])
                     seg = {"variant": name, "concurrency": conc, "round": rnd, "requests": len(lat), "failures": fails,
                            "wall_s": wall, "candidates_per_s": len(lat) * args.candidates / wall,
-                           "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99))}
+                           "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
+                           "load_avg": os.getloadavg()}
+                    if before is not None:
+                        after = phase_totals(httpx.get(metrics_url).text)
+                        seg["phase_ms"] = phase_means_ms(before, after, len(lat) + fails)
                     segments.append(seg)
-                    print(f"round {rnd} conc {conc:3d} {name:6s} {seg['candidates_per_s']:8.0f} cand/s "
-                          f"p50 {seg['p50_ms']:7.1f} ms p99 {seg['p99_ms']:7.1f} ms ({len(lat)} req, {fails} failed)",
-                          flush=True)
+                    print(f"round {rnd} conc {conc:3d} {name:10s} {seg['candidates_per_s']:8.0f} cand/s "
+                          f"p50 {seg['p50_ms']:7.1f} ms p99 {seg['p99_ms']:7.1f} ms ({len(lat)} req, {fails} failed) "
+                          f"load {seg['load_avg'][0]:.1f}", flush=True)
         metrics = httpx.get(f"http://127.0.0.1:{ports['ugsep']}/metrics").text  # the fp32 split server
     finally:
         for proc in procs.values():
             stop(proc)
     rows = summarise(segments)
     print_table(rows)
-    paired = {name: paired_ratios(segments, name) for name in bundles}
+    paired = {name: paired_ratios(segments, name) for name in variants if name != "eager"}
     for name, ratios in paired.items():
         for conc, r in ratios.items():
             print(f"{name} conc {conc}: {name}/eager candidates/s per round, median {r['candidates_per_s_ratio']:.2f}x "
                   f"(range {r['candidates_per_s_ratio_range'][0]:.2f}-{r['candidates_per_s_ratio_range'][1]:.2f}), "
                   f"p99 ratio {r['p99_ratio']:.2f}")
+    profile = phase_profile(segments)
+    print_profile(profile)
+    top = max(levels)
+    best = max(paired, key=lambda v: paired[v][top]["candidates_per_s_ratio"])
     cache = {ln.split("{")[0]: float(ln.split()[-1]) for ln in metrics.splitlines()
              if ln.startswith("ugsep_cache_") and "{" in ln}
     flops = manifest.get("flops") or {}
     u, g, n = flops.get("user_per_row"), flops.get("group_per_row"), args.candidates
+    loads = [s["load_avg"][0] for s in segments]
     result = {
         "benchmark": "bench_serve", "student": f"rankmixer-{args.size}", "checkpoint": str(ckpt),
+        "best_candidates_per_s_over_eager": paired[best][top]["candidates_per_s_ratio"],
+        "best_variant": best, "best_at_concurrency": top,
         "bundles": {k: str(v) for k, v in bundles.items()}, "candidates": n, "users": args.users, "zipf": args.zipf,
         "distinct_users_in_workload": int(len(set(who.tolist()))), "threads": args.threads,
         "server_env": SERVER_ENV,
@@ -300,13 +409,34 @@ def main(argv=None) -> int:
         "flops": flops, "flop_ceiling_split": (n * (u + g) / (u + n * g)) if u and g else None,
         "flop_ceiling_cached": ((u + g) / g) if u and g else None,
         "ugsep_cache_at_end": cache, "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                                                 "load_avg_start": load_start,
+                                                 "load_avg_1min_over_segments": [min(loads), float(np.median(loads)),
+                                                                                 max(loads)],
                                                  "python": platform.python_version()},
-        "summary": rows, "paired_ratios": paired, "segments": segments,
+        "summary": rows, "paired_ratios": paired, "phase_profile_ms": profile, "segments": segments,
     }
     out = Path(args.out) if args.out else work / "bench_serve.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def phase_profile(segments: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
+    """{variant: {concurrency: {phase: median over rounds of the mean ms per request}}}."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for s in segments:
+        if "phase_ms" in s:
+            out.setdefault(s["variant"], {}).setdefault(s["concurrency"], []).append(s["phase_ms"])
+    return {v: {c: {p: float(np.median([r[p] for r in runs])) for p in PHASES} for c, runs in by_c.items()}
+            for v, by_c in out.items()}
+
+
+def print_profile(profile: dict) -> None:
+    print("phase profile, mean ms per request (median over rounds):")
+    print(f"{'variant':12s} {'conc':>4s} " + " ".join(f"{p:>9s}" for p in PHASES))
+    for v, by_c in profile.items():
+        for c, ph in sorted(by_c.items()):
+            print(f"{v:12s} {c:4d} " + " ".join(f"{ph[p]:9.2f}" for p in PHASES))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ weights) into a bundle with user.onnx / group.onnx / full.onnx, checks split par
 eager on one request, then runs exporter.bench.run_bench: split vs full vs eager at
 N in {1, 16, 128, 512, 2048}, interleaved, medians, FLOP ceiling beside each.
 Writes benchmarks/results/bench_split.json and bench_split.png.
+
+Then the group graph alone at N=2048 (one user's boundary rows) against the machine's sgemm
+(torch.mm and numpy.dot of 2048x2048 float32, same threads), interleaved, medians:
+``group_gflops_over_sgemm_n2048`` = the group graph's achieved GFLOP/s (its counted FLOPs,
+2*M*N*K per contraction, over its wall time) / the better sgemm's GFLOP/s.
+``fraction_of_ceiling_n16`` repeats the N=16 row's split speedup over its FLOP ceiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +63,61 @@ def parity(bundle: Path, loaded: LoadedModel, n: int = 16) -> float:
     return float(np.abs(got - ref).max())
 
 
+def _sgemm_s(kind: str, a, b) -> float:
+    t = time.perf_counter()
+    if kind == "torch":
+        torch.mm(a, b)
+    else:
+        np.dot(a, b)
+    return time.perf_counter() - t
+
+
+def group_vs_sgemm(bundle: Path, threads: int, group_flops_per_row: int, n: int = 2048,
+                   size: int = 2048, repeats: int = 15) -> dict:
+    """The group graph's GFLOP/s at N=``n`` over the measured sgemm GFLOP/s (same threads)."""
+    torch.set_num_threads(threads)
+    scorer = runtime.load(bundle, backend="onnxruntime", allow_unverified=True, intra_op_threads=threads)
+    spec = scorer.spec
+    u, c = sample_rows(spec, 1, 7), sample_rows(spec, n, 8)
+    boundary = scorer.run_user({s.name: u[s.name] for s in spec.user_inputs})
+    cands = {s.name: c[s.name] for s in spec.group_inputs}
+    index = np.zeros(n, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    a_np, b_np = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    a_t, b_t = torch.from_numpy(a_np), torch.from_numpy(b_np)
+    runs = {
+        "group": lambda: _timed(lambda: scorer.run_group(cands, boundary, index)),
+        "torch": lambda: _sgemm_s("torch", a_t, b_t),
+        "numpy": lambda: _sgemm_s("numpy", a_np, b_np),
+    }
+    for f in runs.values():  # warm-up
+        f()
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(repeats):  # interleaved, order alternating
+        for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            samples[k].append(runs[k]())
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    gemm_flops = 2.0 * size**3
+    group_gflops = n * group_flops_per_row / med["group"] / 1e9
+    sgemm = {k: gemm_flops / med[k] / 1e9 for k in ("torch", "numpy")}
+    best = max(sgemm.values())
+    print(f"group graph N={n}: {med['group'] * 1000:.1f} ms, {group_gflops:.1f} GFLOP/s; sgemm {size}^3: "
+          f"torch {sgemm['torch']:.1f}, numpy {sgemm['numpy']:.1f} GFLOP/s -> {group_gflops / best:.2f}")
+    return {
+        "group_gflops_over_sgemm_n2048": group_gflops / best,
+        "group_vs_sgemm": {"n": n, "threads": threads, "repeats": repeats, "group_ms": med["group"] * 1000,
+                           "group_gflops": group_gflops, "sgemm_size": size, "sgemm_gflops": sgemm,
+                           "sgemm_best_of_repeats_gflops": {k: gemm_flops / min(samples[k]) / 1e9
+                                                            for k in ("torch", "numpy")}},
+    }
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="a trained bench RankMixer checkpoint directory")
@@ -89,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     split = json.loads((bundle / "manifest.json").read_text())["split"]
     result["boundary"] = split["boundary"]
+    by_n = {r["n"]: r for r in result["results"]}
+    if 16 in by_n:
+        result["fraction_of_ceiling_n16"] = by_n[16]["fraction_of_ceiling"]
+    result.update(group_vs_sgemm(bundle, args.threads, result["flops"]["group_per_row"]))
+    result["load_average"]["end"] = os.getloadavg()
     (out / "bench_split.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     return 0

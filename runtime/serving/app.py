@@ -8,6 +8,8 @@
     POST /v2/repository/index                       loaded models
     POST /v2/repository/models/{name}/load          reload in place; optional body
                                                     {"parameters": {"bundle": "/new/path"}}
+    POST /v2/repository/models/{name}/unload        stop serving it (in-flight requests finish)
+    GET  /v2/models/{name}[/versions/{v}]/config, /v2/models[/{name}]/stats   protocol_routes.py
     GET  /metrics                                   Prometheus text format
 
 Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 404
@@ -31,9 +33,11 @@ from fastapi.responses import JSONResponse, Response
 from runtime.errors import BundleError, RequestError, TierUnavailableError, UgsepError
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.cache import explicit_user_key
+from runtime.serving.compression import add_compression
 from runtime.serving.metrics import CONTENT_TYPE, ServingMetrics
 from runtime.serving.pending import PendingLoads
 from runtime.serving.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer
+from runtime.serving.protocol_routes import add_protocol_routes
 from runtime.serving.repository import ModelRepository, ServedModel, ServeOptions, load_model
 from runtime.serving.tier_metrics import TierCollector, tier_stats
 
@@ -79,22 +83,39 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     async def lifespan(app: FastAPI):
         await repo.start()
         pending.start(repo, load_model)
-        app.state.ready = True
+        grpc_frontend = None
         try:
+            if options.grpc_port is not None:
+                grpc_frontend = await _start_grpc(app)
+            app.state.ready = True
             yield
         finally:
             app.state.ready = False  # readiness fails first, then accepted requests drain
             await pending.stop()
+            if grpc_frontend is not None:
+                await grpc_frontend.stop(options.grpc_grace_s)
             await repo.close()
 
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.repo, app.state.metrics, app.state.options, app.state.ready = repo, metrics, options, False
     app.state.pending = pending
     _add_auth(app, options.token)
+    add_compression(app, options.max_body_bytes)
+    add_protocol_routes(app, repo, metrics, options)  # before /v2/models/{name}: /v2/models/stats
     _add_health_routes(app, repo, pending)
     _add_infer_route(app, repo, metrics, options, pending)
     _add_admin_routes(app, repo, metrics)
     return app
+
+
+async def _start_grpc(app: FastAPI):
+    """The KServe v2 gRPC server in this event loop, on the same repository (runtime/serving/grpc_server.py)."""
+    from runtime.serving.grpc_server import GrpcFrontend
+
+    s = app.state
+    frontend = GrpcFrontend(s.repo, s.metrics, s.options, lambda: bool(app.state.ready))
+    s.grpc_port = await frontend.start(s.options.grpc_host, s.options.grpc_port)
+    return frontend
 
 
 def _add_auth(app: FastAPI, token: str | None) -> None:
@@ -125,6 +146,14 @@ def _model(repo: ModelRepository, name: str) -> ServedModel:
     return m
 
 
+def resolve(repo: ModelRepository, name: str, version: str | None = None) -> ServedModel:
+    """The loaded model ``name``: 404 for an unknown model, or a ``version`` that is not the loaded one."""
+    model = _model(repo, name)
+    if version is not None and version != model.version:
+        raise HttpError(404, "not_found", f"model '{name}' version {version} is not loaded (loaded: {model.version})")
+    return model
+
+
 def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoads) -> None:
     @app.get("/v2/health/live")
     async def live():
@@ -136,13 +165,13 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoad
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "ugsep", "version": "1", "extensions": ["binary_tensor_data", "model_repository"]}
+        return {"name": "ugsep", "version": "1", "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
         try:
-            return _model(repo, name).metadata()
+            return resolve(repo, name, version).metadata()
         except HttpError as e:
             return _error(e.status, str(e))
 
@@ -152,6 +181,8 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoad
         m = repo.get(name)
         if m is None and pending.message(name):
             return _error(503, pending.message(name))
+        if m is not None and version is not None and version != m.version:
+            m = None
         return Response(status_code=200 if m is not None and app.state.ready else 503 if m else 404)
 
 
@@ -167,8 +198,10 @@ def _add_infer_route(
             return _error(503, pending.message(name))
         try:
             body = await _read_body(request, options.max_body_bytes)
+            t_decode = time.perf_counter()
             req = parse_infer(body, request.headers.get(HEADER_LENGTH))
-            content, headers = await _score(repo, name, req, version)
+            metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
+            content, headers = await _score(repo, name, req, version, metrics)
         except HttpError as e:
             metrics.failure(label, e.reason)
             return _error(e.status, str(e))
@@ -185,7 +218,7 @@ def _add_infer_route(
             log.exception("infer on model '%s' failed", name)
             metrics.failure(label, "internal")
             return _error(500, f"internal error ({type(e).__name__}); see the server log")
-        metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        metrics.success(label, time.perf_counter() - t0)
         return Response(content=content, headers=headers)
 
     app.add_api_route("/v2/models/{name}/infer", infer, methods=["POST"])
@@ -205,22 +238,37 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _score(repo: ModelRepository, name: str, req: InferRequest, version: str | None) -> tuple[bytes, dict]:
+async def _score(
+    repo: ModelRepository, name: str, req: InferRequest, version: str | None, metrics: ServingMetrics
+) -> tuple[bytes, dict]:
+    model, outputs = await run_infer(repo, name, req, version, metrics)
+    t_encode = time.perf_counter()
+    encoded = encode_response(model.name, model.version, req, outputs)
+    metrics.observe_phase(model.name, "encode", time.perf_counter() - t_encode)
+    return encoded
+
+
+async def run_infer(
+    repo: ModelRepository, name: str, req: InferRequest, version: str | None, metrics: ServingMetrics | None = None
+) -> tuple[ServedModel, dict]:
+    """Check a decoded request against model ``name`` and score it in its batcher (HTTP and gRPC)."""
     user_key = req.parameters.get("user_key")
     user_key = explicit_user_key(user_key) if user_key is not None else None
     while True:
-        model = _model(repo, name)
-        if version is not None and version != model.version:
-            raise HttpError(404, "not_found", f"model '{name}' version {version} is not loaded (current: {model.version})")
+        model = resolve(repo, name, version)
+        t_check = time.perf_counter()
         user, cands = _split_inputs(model, req)
         _check_outputs(model, req)
+        prepared = model.prepare(user, cands, user_key)
+        if metrics is not None:
+            metrics.observe_phase(model.name, "validate", time.perf_counter() - t_check)
         try:
-            outputs = await model.batcher.submit(model.prepare(user, cands, user_key))
+            outputs = await model.batcher.submit(prepared)
         except ShuttingDownError:
             if repo.get(name) is not model:  # a reload swapped versions meanwhile: retry on the new one
                 continue
             raise
-        return encode_response(model.name, model.version, req, outputs)
+        return model, outputs
 
 
 def _split_inputs(model: ServedModel, req: InferRequest) -> tuple[dict, dict]:
@@ -232,6 +280,10 @@ def _split_inputs(model: ServedModel, req: InferRequest) -> tuple[dict, dict]:
     missing = [n for n in known if n not in req.inputs]
     if missing:
         raise RequestError(f"missing input(s) {missing}; model '{model.name}' takes inputs {known}")
+    for s in spec.user_inputs:  # one user per request, as the metadata says: [1, ...]
+        got = list(req.inputs[s.name].shape)
+        if got != [1, *s.shape]:
+            raise RequestError(f"input '{s.name}' has shape {got}; model '{model.name}' takes {[1, *s.shape]} (one user)")
     user = {s.name: req.inputs[s.name] for s in spec.user_inputs}
     cands = {s.name: req.inputs[s.name] for s in spec.group_inputs}
     return user, cands
@@ -250,7 +302,8 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
 
     @app.post("/v2/repository/index")
     async def index():
-        return [{"name": m.name, "version": m.version, "state": "READY"} for m in repo.models.values()]
+        return [{"name": m.name, "version": m.version, "state": "READY"} for m in repo.models.values()] + [
+            {"name": n, "state": "UNAVAILABLE", "reason": "unloaded"} for n in repo.unloaded]
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str, request: Request):
@@ -268,3 +321,11 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
         except (UgsepError, json.JSONDecodeError, AttributeError) as e:
             return _error(400, f"cannot load model '{name}': {e}")
         return {"name": model.name, "version": model.version, "bundle": str(model.path)}
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str):
+        try:
+            await repo.unload(name)
+        except RequestError as e:
+            return _error(404, str(e))
+        return {"name": name, "state": "UNAVAILABLE"}

@@ -66,6 +66,8 @@ class BatchInfo:
     candidates: int
     queue_seconds: list[float] = field(default_factory=list)
     run_seconds: float = 0.0
+    user_seconds: float = 0.0  # cache lookups + the user graph (0 on an unsplit bundle)
+    group_seconds: float = 0.0  # the group graph(s), or the full graph on an unsplit bundle
 
 
 @dataclass
@@ -81,16 +83,25 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
     ``group_chunk > 0`` runs the group call in equal chunks of at most that many candidates.
     Returns (per-request outputs, BatchInfo). Synchronous: called on a worker thread.
     """
+    t0 = time.perf_counter()
+    outputs, info, t_user = _run_batch(scorer, cache, prepared, group_chunk)
+    info.user_seconds = t_user - t0 if t_user else 0.0
+    info.group_seconds = time.perf_counter() - (t_user or t0)
+    return outputs, info
+
+
+def _run_batch(scorer, cache, prepared, group_chunk):
+    """``run_batch``'s work; also returns the perf_counter() when the user side ended (None: unsplit)."""
     counts = [p.n for p in prepared]
     if not scorer.split and scorer.request_scoped:
         n = len(prepared)
-        return scorer.run_per_request(prepared, None), BatchInfo(n, n, n, sum(counts))
+        return scorer.run_per_request(prepared, None), BatchInfo(n, n, n, sum(counts)), None
     cands = {k: np.concatenate([p.candidates[k] for p in prepared]) for k in prepared[0].candidates}
     if not scorer.split:  # the cache is a no-op: the full graph has no user-side result
         users = {k: np.concatenate([p.user[k] for p in prepared]) for k in prepared[0].user}
         index = np.repeat(np.arange(len(prepared), dtype=np.int64), counts)
         out = scorer.run_full(users, cands, index)
-        return split_outputs(out, counts), BatchInfo(len(prepared), len(prepared), len(prepared), sum(counts))
+        return split_outputs(out, counts), BatchInfo(len(prepared), len(prepared), len(prepared), sum(counts)), None
     keys = [p.user_key or user_feature_key(p.user) for p in prepared]
     slot: dict[str, int] = {}
     first: dict[str, Prepared] = {}
@@ -108,11 +119,12 @@ def run_batch(scorer: Scorer, cache: UserCache | None, prepared: Sequence[Prepar
                 cache.put(k, rows[k])
     boundary = {n: np.concatenate([rows[k][n] for k in slot]) for n in scorer.boundary_names}
     info = BatchInfo(len(prepared), len(slot), len(missing), sum(counts))
+    t_user = time.perf_counter()
     if scorer.request_scoped:  # one group call per request, whole
-        return scorer.run_per_request(prepared, boundary, [slot[k] for k in keys]), info
+        return scorer.run_per_request(prepared, boundary, [slot[k] for k in keys]), info, t_user
     index = np.repeat(np.array([slot[k] for k in keys], dtype=np.int64), counts)
     out = run_group_chunked(scorer, cands, boundary, index, group_chunk)
-    return split_outputs(out, counts), info
+    return split_outputs(out, counts), info, t_user
 
 
 def run_group_chunked(scorer: Scorer, cands: dict, boundary: dict, index: np.ndarray, chunk: int) -> dict:

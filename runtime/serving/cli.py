@@ -1,6 +1,6 @@
 """``ugsep serve``: argparse wiring. ``add_arguments(parser)`` then ``run(args)``.
 
-    ugsep serve BUNDLE [BUNDLE ...] [--host 127.0.0.1] [--port 8000] [--token-env VAR] ...
+    ugsep serve BUNDLE [BUNDLE ...] [--host 127.0.0.1] [--port 8000] [--grpc-port 8001] [--token-env VAR] ...
 
 Also runnable without the exporter: ``python -m runtime.serving BUNDLE ...``.
 """
@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories or .tar archives")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="also serve KServe v2 over gRPC on this port, same --host (default: off; Triton uses 8001)")
     p.add_argument("--backend", default=d.backend, help="onnxruntime, ort-cuda, ort-tensorrt, tensorrt or auto")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per graph (default: backend's)")
     p.add_argument("--allow-unverified", action="store_true", help="serve bundles without a passed parity record")
@@ -71,6 +73,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         verify=load_key(args.verify) if args.verify else None,
         allow_extra_files=args.allow_extra_files,
         embeddings=_tier(args), embeddings_cache_bytes=int(args.embeddings_cache_mb * MB),
+        grpc_port=args.grpc_port, grpc_host=args.host,
     )
 
 

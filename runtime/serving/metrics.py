@@ -5,6 +5,10 @@
                                                     overloaded, unavailable, unauthorized, internal
     ugsep_request_latency_seconds{model}            histogram, receive -> response ready
     ugsep_queue_time_seconds{model}                 histogram, time waiting in the batcher
+    ugsep_phase_seconds{model,phase}                histogram per served request and phase: decode,
+                                                    validate, queue, user (user graph ran in its
+                                                    batch) or cache_hit (every user cached), group,
+                                                    encode (see docs/serving-protocol.md)
     ugsep_batch_requests / _users / _users_computed / _candidates{model}   per backend batch
     ugsep_cache_{hits,misses,evictions,expirations}_total{model}, ugsep_cache_{bytes,
     max_bytes,entries,hit_ratio}{model}             read from the live caches at scrape time
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -23,6 +28,7 @@ from runtime.serving.cache import CacheStats
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_PHASE = (5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _CANDS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
 
 
@@ -54,6 +60,11 @@ class ServingMetrics:
         self.batch_candidates = Histogram(
             "ugsep_batch_candidates", "Candidates per batch (N of the group call)", ["model"], buckets=_CANDS, registry=r
         )
+        self.phase = Histogram(
+            "ugsep_phase_seconds", "Time a served request spent in each phase", ["model", "phase"],
+            buckets=_PHASE, registry=r,
+        )
+        self.last_inference_ms: dict[str, int] = {}
         r.register(_CacheCollector(cache_stats))
         r.register(_GraphRunCollector(graph_runs))
 
@@ -62,8 +73,21 @@ class ServingMetrics:
         self.batch_users.labels(model).observe(info.users)
         self.batch_users_computed.labels(model).observe(info.users_computed)
         self.batch_candidates.labels(model).observe(info.candidates)
-        for q in info.queue_seconds:
+        user_phase = "user" if info.users_computed else "cache_hit"
+        for q in info.queue_seconds:  # per request: its wait, and the batch steps it waited for
             self.queue_time.labels(model).observe(q)
+            self.phase.labels(model, "queue").observe(q)
+            if info.user_seconds:
+                self.phase.labels(model, user_phase).observe(info.user_seconds)
+            self.phase.labels(model, "group").observe(info.group_seconds)
+
+    def observe_phase(self, model: str, phase: str, seconds: float) -> None:
+        self.phase.labels(model, phase).observe(seconds)
+
+    def success(self, model: str, seconds: float) -> None:
+        """A request answered: its latency, and the time of the model's last inference."""
+        self.latency.labels(model).observe(seconds)
+        self.last_inference_ms[model] = int(time.time() * 1000)
 
     def failure(self, model: str, reason: str) -> None:
         self.failures.labels(model, reason).inc()

@@ -143,7 +143,8 @@ def _from_json(name, dtype, shape, count, data) -> np.ndarray:
     except (ValueError, TypeError, RecursionError) as e:
         raise RequestError(f"input '{name}': 'data' is not a rectangular array: {e}") from e
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise RequestError(f"input '{name}': 'data' must hold numbers, found {arr.dtype.name} values")
+        found = {"U": "strings", "S": "bytes"}.get(arr.dtype.kind, "non-numeric values")
+        raise RequestError(f"input '{name}': 'data' must hold numbers, found {found}")
     if arr.size != count:
         raise RequestError(f"input '{name}': 'data' has {arr.size} values but shape {shape} needs {count}")
     if dtype.kind in "iu" and arr.size:

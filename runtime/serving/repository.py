@@ -11,6 +11,7 @@ are retried on the current version, so a reload fails no request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ class ServeOptions:
     allow_extra_files: bool = False  # ignore files a bundle's manifest does not list (warning)
     embeddings: Any = None  # None: the bundle's own store; a redis:// URL or TierConfig: that tier
     embeddings_cache_bytes: int = 64 << 20  # the tier's hot-row cache
+    grpc_port: int | None = None  # KServe v2 gRPC beside HTTP (None: off; 0: any free port)
+    grpc_host: str = "127.0.0.1"
+    grpc_grace_s: float = 10.0  # in-flight RPCs finish within this on shutdown
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,6 +112,12 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs)
 
 
+def content_digest(model: ServedModel) -> str:
+    """The bundle's files and their sha256s (from the verified manifest): equal digests, same model."""
+    files = model.scorer.manifest.files
+    return hashlib.sha256(repr(sorted((k, v.get("sha256")) for k, v in files.items())).encode()).hexdigest()
+
+
 def _group_chunk(options: ServeOptions, scorer: Scorer) -> int:
     if options.group_chunk_candidates is not None:
         return int(options.group_chunk_candidates)
@@ -123,6 +133,8 @@ class ModelRepository:
         self.on_batch = on_batch
         self._reload_lock: asyncio.Lock | None = None
         self._generation: dict[str, int] = {}
+        self.unloaded: dict[str, Path] = {}  # name -> bundle path, for a later load without one
+        self._digest: dict[str, tuple[str, str]] = {}  # name -> (content digest, version) last loaded
 
     def add(self, model: ServedModel) -> None:
         if model.name in self.models:
@@ -132,6 +144,7 @@ class ModelRepository:
             )
         self.models[model.name] = model
         self._generation[model.name] = int(model.version)
+        self._digest[model.name] = (content_digest(model), model.version)
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
@@ -154,20 +167,36 @@ class ModelRepository:
     async def reload(self, name: str, path: str | Path | None = None) -> ServedModel:
         """Load a new version of ``name`` (from ``path`` or its current path) and swap it in."""
         old = self.models.get(name)
-        if old is None and path is None:
+        path = path or (old.path if old is not None else self.unloaded.get(name))
+        if path is None:
             raise RequestError(f"model '{name}' is not loaded; give a bundle path to load it")
         async with self._reload_lock:
             version = str(self._generation.get(name, 0) + 1)
-            new = await asyncio.to_thread(load_model, path or old.path, self.options, version)
+            new = await asyncio.to_thread(load_model, path, self.options, version)
             if new.name != name:
                 raise RequestError(f"bundle '{path}' holds model '{new.name}', not '{name}'")
+            digest, last_version = self._digest.get(name, (None, None))
+            if content_digest(new) == digest:
+                new.version = last_version  # same files: same version, so pinned clients keep working
             await self._start(new)
+            self.unloaded.pop(name, None)
             self.models[name] = new  # the atomic swap: new requests go to the new version
-            self._generation[name] = int(version)
-            log.info("model '%s' version %s loaded from %s", name, version, new.path)
+            self._generation[name] = max(int(new.version), self._generation.get(name, 0))
+            self._digest[name] = (content_digest(new), new.version)
+            log.info("model '%s' version %s loaded from %s", name, new.version, new.path)
         if old is not None:
             await old.batcher.close()
         return new
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404, accepted ones finish, then its batcher stops."""
+        async with self._reload_lock:
+            model = self.models.pop(name, None)
+            if model is None:
+                raise RequestError(f"model '{name}' is not loaded; loaded models: {sorted(self.models)}")
+            self.unloaded[name] = model.path
+            log.info("model '%s' version %s unloaded", name, model.version)
+        await model.batcher.close()
 
     async def close(self) -> None:
         """Drain every model's batcher (accepted requests finish)."""

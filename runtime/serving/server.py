@@ -46,12 +46,18 @@ def serve(
     ``options`` are ``ServeOptions`` fields (cache_bytes, max_queue, token, ...).
     Binds 127.0.0.1 unless ``host`` says otherwise.
     """
+    options.setdefault("grpc_host", host)
+    if options.get("grpc_port"):
+        from runtime.serving.grpc_server import check_bindable
+
+        check_bindable(host, int(options["grpc_port"]))
     app = build_app(bundles, ServeOptions(**options))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines%s", host,
                     "" if options.get("token") else " and WITHOUT a bearer token")
     names = ", ".join(sorted(app.state.repo.models))
-    log.info("serving model(s) %s on http://%s:%d", names, host, port)
+    grpc = f" and grpc://{host}:{options['grpc_port']}" if options.get("grpc_port") is not None else ""
+    log.info("serving model(s) %s on http://%s:%d%s", names, host, port, grpc)
     uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s, limit_concurrency)).run()
 
 

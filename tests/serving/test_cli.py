@@ -44,7 +44,7 @@ def test_bad_bundle_exits_2_with_a_message(tmp_path):
 
 
 def test_serving_never_imports_torch():
-    code = ("import sys, runtime.serving, runtime.serving.app, runtime.serving.server, runtime.serving.cli;"
+    code = ("import sys, runtime.serving, runtime.serving.app, runtime.serving.server, runtime.serving.cli, runtime.serving.grpc_server;"
             "bad = [m for m in ('torch', 'tensorrt', 'exporter') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
