@@ -43,7 +43,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_serve  # noqa: E402
 from overload_client import (  # noqa: E402
-    HealthProbe,
     RssSampler,
     closed_loop,
     count_closed,
@@ -53,6 +52,7 @@ from overload_client import (  # noqa: E402
 )
 
 from runtime.spec import FeatureSpec  # noqa: E402
+from tests.serving.probe import ProcessHealthProbe  # noqa: E402
 
 NO_SHEDDING = ["--latency-budget-ms", "600000"]
 
@@ -100,7 +100,7 @@ def overload(url: str, bodies, pid: int, rate: float, duration: float, seed: int
 
 
 def idle_phase(port: int, pid: int, n: int, hold: float, header_timeout: float) -> dict:
-    with RssSampler(pid) as rss, HealthProbe(port) as probe:
+    with RssSampler(pid) as rss, ProcessHealthProbe(port) as probe:
         socks = idle_connections(port, n)
         time.sleep(hold)
         closed_before = count_closed(socks)
@@ -116,7 +116,7 @@ def slow_phase(port: int, pid: int, model: str, n: int, size: int, seconds: floa
     path = f"/v2/models/{model}/infer"
     statuses: list[int] = []
     deadline = time.monotonic() + seconds
-    with RssSampler(pid) as rss, HealthProbe(port) as probe:
+    with RssSampler(pid) as rss, ProcessHealthProbe(port) as probe:
         threads = [threading.Thread(target=lambda: statuses.append(
             slow_sender(port, path, size, 64 << 10, 0.25, deadline))) for _ in range(n)]
         for t in threads:

@@ -3,8 +3,6 @@
 - ``open_loop``: Poisson arrivals at a fixed rate for a bounded time (aiohttp), every
   response's status and latency;
 - ``closed_loop``: N clients back to back (capacity);
-- ``HealthProbe``: a thread that GETs ``/v2/health/live`` on a fresh connection every
-  ``interval`` seconds with a blocking socket, independent of the load's event loop;
 - ``RssSampler``: the server process's resident memory, sampled (peak) from /proc;
 - ``idle_connections`` / ``slow_senders``: connections that send nothing, or a large body
   slowly.
@@ -18,8 +16,6 @@ import threading
 import time
 
 import numpy as np
-
-from tests.serving.probe import HealthProbe, http_get_status  # noqa: F401 (re-exported)
 
 
 def rss_mb(pid: int) -> float:

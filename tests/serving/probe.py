@@ -58,3 +58,34 @@ class HealthProbe:
             "health_ms_p99": round(float(np.percentile(lat, 99)), 2),
             "health_ms_max": round(float(lat.max()), 2),
         }
+
+
+class ProcessHealthProbe(HealthProbe):
+    """``HealthProbe`` in a child process: the prober never waits for its parent's GIL, so a
+    benchmark's own client work (JSON encoding, Hypothesis) stays out of the figures."""
+
+    def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live") -> None:
+        import multiprocessing as mp
+
+        super().__init__(port, interval, path)
+        ctx = mp.get_context("fork")
+        self._done = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._child, args=(send,), daemon=True)
+
+    def _child(self, send) -> None:
+        samples = []
+        while not self._done.is_set():
+            samples.append(http_get_status("127.0.0.1", self.port, self.path))
+            self._done.wait(self.interval)
+        send.send(samples)
+
+    def __enter__(self) -> ProcessHealthProbe:
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._recv.poll(30):
+            self.samples = self._recv.recv()
+        self._proc.join(10)
