@@ -165,7 +165,7 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
         except ClientGone:
             metrics.disconnects.labels(label).inc()
             log.info("client %s closed the connection before its response (model '%s')",
-                     _peer(request), name)
+                     _peer(request), name[:100])
             return Response(status_code=499)  # never sent: nobody is listening
         except HttpError as e:
             metrics.failure(label, e.reason)

@@ -8,6 +8,8 @@ recurse or compute more than its size warrants:
   worker thread a huge header would stall the event loop; big tensors go binary);
 - its nesting depth, counted over the raw bytes before ``json.loads`` (a bracket inside a
   string counts too: the bound is an over-estimate, never an under-estimate);
+- the length of every ``"shape": [...]`` list, found by a regular expression over the raw
+  bytes before ``json.loads`` (a 120,000-entry shape is refused without being parsed);
 - integers past Python's int-string limit (``json.loads`` refuses them; mapped to 400);
 - each input's number of dims, and its element count against the spec (an input the
   model does not take is refused before its data is touched) and against the body size:
@@ -17,6 +19,7 @@ recurse or compute more than its size warrants:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,8 @@ from runtime.errors import RequestError
 
 MAX_DIMS = 32  # numpy's own limit is 64; a ranking input has a handful
 MAX_DEPTH = MAX_DIMS + 8  # the tensor's nesting plus the envelope {"inputs": [{"data": ...}]}
+MAX_SHAPE_BYTES = 1024  # 32 dims of up to 20 digits, with separators and spaces
+_LONG_SHAPE = re.compile(rb'"shape"\s*:\s*\[[^\]]{%d}' % MAX_SHAPE_BYTES)
 _OPEN = (ord("["), ord("{"))
 _CLOSE = (ord("]"), ord("}"))
 
@@ -63,6 +68,9 @@ def check_header_bytes(head: bytes | memoryview, limits: ParseLimits) -> None:
     depth = int(np.cumsum(step, dtype=np.int32).max()) if len(raw) else 0
     if depth > limits.max_depth:
         raise RequestError(f"the request JSON nests {depth} levels deep; the limit is {limits.max_depth}")
+    if _LONG_SHAPE.search(head):
+        raise RequestError(f"a 'shape' list in the request is longer than {MAX_SHAPE_BYTES} bytes; "
+                           f"an input has at most {limits.max_dims} dims")
 
 
 def check_shape(name: str, shape: Any, body_len: int, limits: ParseLimits) -> int:

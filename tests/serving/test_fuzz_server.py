@@ -17,7 +17,7 @@ from tests.serving.probe import HealthProbe
 MODEL = "toysplit"
 PATH = f"/v2/models/{MODEL}/infer"
 # a few hundred requests in the suite; the benchmark script runs 10,000+
-FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ def _doc(**change) -> bytes:
 
 
 @pytest.mark.parametrize("raw, status, needle", [
-    (_doc(shape=[2] * 120_000), 400, "120000 dims"),
+    (_doc(shape=[2] * 120_000), 400, "longer than 1024 bytes"),
     (_doc(shape=[1] * 40), 400, "40 dims"),
     (_doc(shape=[10**12, 10**12]), 400, "holds more than"),
     (_doc(data=None).replace(b"null", b"1" + b"0" * 5000), 400, "not valid JSON"),
