@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= serve,dev,triton
+EXTRAS ?= serve,dev,triton,redis
 STAMP  := $(VENV)/.ugsep-installed
 # tritonserver's Python backend runs in its own venv from the system python3.11 (numpy<2):
 # see runtime/triton/env.py. The Triton tests use it from here.
@@ -36,6 +36,14 @@ system-deps:
 	   (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)) \
 	  || { echo "!! could not install chromium"; exit 1; }; \
 	else echo "!! no chromium: install it (apt-get install chromium) or set UGSEP_CHROMIUM"; fi
+	@# redis-server + redis-cli: the embedding-tier tests start their own Redis Cluster
+	@if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo ">> installing redis-server, redis-tools (Debian packages) for the embedding-tier tests"; \
+	  (apt-get install -y -qq redis-server redis-tools >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq redis-server redis-tools >/dev/null)) \
+	  || { echo "!! could not install redis-server"; exit 1; }; \
+	else echo "!! no redis-server: apt-get install redis-server redis-tools (the Redis tier tests skip)"; fi
 
 demo: $(STAMP)
 	$(BIN)/ugsep demo

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ import onnx
 from exporter.errors import ExportError
 from runtime.bundle import sha256_file
 from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.signing import SIGNATURE_NAME
 from runtime.spec import FeatureSpec
 
-FileContent = bytes | str | onnx.ModelProto | dict | list | Path
+log = logging.getLogger(__name__)
+FileContent = bytes | str | onnx.ModelProto | dict | list | Path | Callable[[Path], None]
 
 
 def toolchain_version() -> str:
@@ -29,11 +33,27 @@ def toolchain_version() -> str:
         return "0+unknown"
 
 
-def write_file(path: Path, content: FileContent) -> None:
-    """Write one bundle file: ONNX protos, JSON-able data, bytes/str, or a file to copy."""
+EXTERNAL_DATA_BYTES = 1 << 30  # ONNX graphs larger than this keep their weights in a .data file
+
+
+def write_file(path: Path, content: FileContent, *, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+    """Write one bundle file: ONNX protos, JSON-able data, bytes/str, or a file to copy.
+
+    An ONNX graph over ``external_data_bytes`` (protobuf cannot serialise 2 GiB) is written
+    with its weights in ``<name>.data`` next to it (onnx's external data, a path relative
+    to the bundle) and checked by ``onnx.checker`` on the file. Saving moves the weights
+    out of ``content``: the proto is written last (the write step).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(content, onnx.ModelProto):
+    if isinstance(content, onnx.ModelProto) and content.ByteSize() > external_data_bytes:
+        onnx.save_model(content, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the ONNX graph '{path.name}' (external data) is invalid: {e}") from e
+    elif isinstance(content, onnx.ModelProto):
         onnx.save_model(content, str(tmp))
     elif isinstance(content, (dict, list)):
         tmp.write_text(json.dumps(content, indent=2) + "\n")
@@ -41,6 +61,8 @@ def write_file(path: Path, content: FileContent) -> None:
         shutil.copyfile(content, tmp)
     elif isinstance(content, str):
         tmp.write_text(content)
+    elif callable(content):  # a writer that streams the file itself (the embedding store)
+        content(tmp)
     else:
         tmp.write_bytes(content)
     os.replace(tmp, path)
@@ -53,8 +75,11 @@ class BundleWriter:
     replaced with ``overwrite=True``.
     """
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, overwrite: bool = False, external_data_bytes: int = EXTERNAL_DATA_BYTES
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.external_data_bytes = external_data_bytes
         if self.out_dir.exists() and not overwrite:
             raise ExportError(f"'{self.out_dir}' already exists; pass --overwrite to replace it")
         self.overwrite = overwrite
@@ -64,7 +89,7 @@ class BundleWriter:
 
     def add(self, rel: str, content: FileContent) -> Path:
         path = self._stage_dir / rel
-        write_file(path, content)
+        write_file(path, content, external_data_bytes=self.external_data_bytes)
         return path
 
     def add_stage(self, stage: str, rel: str, model: onnx.ModelProto, **meta: Any) -> None:
@@ -120,4 +145,14 @@ def update_bundle(bundle_dir: str | Path, files: dict[str, FileContent], **field
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.dumps())
     os.replace(tmp, root / MANIFEST_NAME)
+    _drop_stale_signature(root)
     return manifest
+
+
+def _drop_stale_signature(root: Path) -> None:
+    """A signature of the old manifest vouches for nothing now: remove it, and say so."""
+    sig = root / SIGNATURE_NAME
+    if sig.is_file():
+        sig.unlink()
+        log.warning("bundle '%s' changed, so its signature %s was removed: re-sign it with "
+                    "`ugsep sign %s --key KEY`", root, SIGNATURE_NAME, root)

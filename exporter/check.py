@@ -55,7 +55,7 @@ def run_check(args: argparse.Namespace) -> int:
     from exporter.data import load_rows
     from exporter.parity import check_bundle, load_budgets, write_html_report
 
-    bundle = Bundle.open(args.bundle)
+    bundle = Bundle.open(args.bundle, key=args.verify, allow_extra_files=args.allow_extra_files)
     if args.trt_lint:
         from exporter.tensorrt import lint_bundle
 
@@ -71,6 +71,7 @@ def run_check(args: argparse.Namespace) -> int:
         n_rows=args.rows,
         seed=args.seed,
         budgets=load_budgets(args.budgets) if args.budgets else None,
+        allow_extra_files=args.allow_extra_files,
     )
     console.print(report.table())
     if args.report:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from exporter.progress import console
+from runtime import signing_cli
 from runtime.errors import UgsepError
 
 log = logging.getLogger("ugsep")
@@ -24,6 +25,7 @@ DELEGATED = {
     "serve": ("runtime.serving.cli", "serve bundles over the KServe v2 protocol"),
     "triton": ("runtime.triton.cli", "write a Triton Inference Server model repository"),
     "build-trt": ("exporter.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
+    "embeddings": ("runtime.redis_tier.cli", "push a bundle's embedding store to a Redis Cluster; ls, rm versions"),
 }
 
 
@@ -36,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    sign_key = _signing_key(args.sign)  # a bad key fails before the export, not after
+
     from exporter.data import load_rows
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
@@ -60,14 +64,32 @@ def cmd_export(args: argparse.Namespace) -> int:
             "quant_small_batch": args.quant_small_batch,
             "serve_threads": args.serve_threads,
             "stage_threads": not args.no_stage_threads,
+            "embeddings": args.embeddings,
+            "store_min_bytes": args.store_min_bytes,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
     console.print(f"bundle written to [bold]{args.out}[/bold]")
+    if sign_key is not None:
+        from runtime.signing import sign_bundle
+
+        sign_bundle(args.out, sign_key)
+        console.print(f"signed with {sign_key.algorithm} key {sign_key.key_id}")
     if ctx.parity_report is not None and not ctx.parity_report.passed:
         console.print("[red]parity FAILED[/red]: the bundle will be refused by the runtime")
         return 1
     return 0
+
+
+def _signing_key(spec: str | None):
+    if spec is None:
+        return None
+    from runtime.signing import load_key
+
+    key = load_key(spec)
+    if not key.can_sign:
+        key.sign(b"")  # raises: a public key cannot sign
+    return key
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -79,7 +101,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from exporter.inspect import inspect_bundle
 
-    return inspect_bundle(args.bundle, as_json=args.json)
+    return inspect_bundle(args.bundle, as_json=args.json, key=args.verify,
+                          allow_extra_files=args.allow_extra_files)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -155,10 +178,19 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
                    "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
                    "stage's cap at serving time)")
+    p.add_argument("--embeddings", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
+                   "(row-wise scale and bias); see docs/embedding-store.md")
+    p.add_argument("--store-min-bytes", type=int, default=1 << 20, metavar="BYTES",
+                   help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
+                   "a huge value keeps every table in the graphs)")
     p.add_argument("--no-stage-threads", action="store_true",
                    help="do not time the small-batch stages on fewer threads: every stage runs on "
                    "the serving threads")
     p.add_argument("--max-candidates", type=int, default=4096)
+    p.add_argument("--sign", metavar="KEY", default=None,
+                   help="sign the bundle's manifest (manifest.sig): a PEM Ed25519 private key "
+                   "(ugsep keygen) or hmac:FILE for a shared HMAC-SHA256 secret")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -178,6 +210,7 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="budgets file (JSON/YAML) overriding the defaults")
     p.add_argument("--report", help="write a self-contained HTML report here")
     p.add_argument("--trt-lint", action="store_true", help="only run the TensorRT readiness check")
+    signing_cli.add_verify_arguments(p)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -204,7 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a bundle")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    signing_cli.add_verify_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair (or an HMAC secret) to sign bundles")
+    signing_cli.add_keygen_arguments(p)
+    p.set_defaults(func=signing_cli.run_keygen)
+
+    p = sub.add_parser("sign", help="sign an existing bundle's manifest (writes manifest.sig)")
+    signing_cli.add_sign_arguments(p)
+    p.set_defaults(func=signing_cli.run_sign)
 
     p = sub.add_parser("demo", help="train tiny students, export, check, score, benchmark")
     p.add_argument("--out", default="artifacts/demo")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from exporter.inspect_store import print_embeddings
 from exporter.progress import console
 from runtime.bundle import Bundle
 
@@ -19,8 +20,10 @@ def ceiling(flops: dict, n: int) -> float | None:
     return (u + g) / (u / n + g)
 
 
-def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
-    bundle = Bundle.open(path)
+def inspect_bundle(
+    path: str | Path, *, as_json: bool = False, key=None, allow_extra_files: bool = False
+) -> int:
+    bundle = Bundle.open(path, key=key, allow_extra_files=allow_extra_files)
     m = bundle.manifest
     if as_json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -63,12 +66,27 @@ def inspect_bundle(path: str | Path, *, as_json: bool = False) -> int:
     _print_split(m)
     _print_row_scope(m)
     _print_quantization(m)
+    print_embeddings(m)
     _print_parity(m)
+    _print_signature(bundle, key)
     for e in m.engines:
         console.print(
             f"engine: {e.get('dir')} gpu={e.get('gpu')} sm={e.get('compute_capability')} trt={e.get('trt_version')}"
         )
     return 0
+
+
+def _print_signature(bundle, key) -> None:
+    sig = bundle.root / "manifest.sig"
+    if not sig.is_file():
+        console.print("signature: none (sign with `ugsep sign BUNDLE --key KEY`)")
+        return
+    try:
+        doc = json.loads(sig.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    state = "verified" if key is not None else "not verified (pass --verify KEY)"
+    console.print(f"signature: {doc.get('algorithm')} key {doc.get('key_id')}, {state}")
 
 
 def _print_split(m) -> None:

@@ -60,10 +60,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return LazySafetensors(path)  # tensors are read one at a time, when loaded
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"'{path}' is named .safetensors but is not a valid safetensors file: {e}"
@@ -83,15 +82,64 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+
+
+class LazySafetensors(dict):
+    """A safetensors file as a state dict whose tensors are read on access (``shapes`` from
+    the header), so loading copies one tensor at a time into the model: peak memory is the
+    model plus its largest tensor, not the model plus the whole checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(path), framework="pt")
+        self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+        super().__init__({k: None for k in self.shapes})
+
+    def copy_into(self, key: str, dest: torch.Tensor) -> None:
+        """Read ``key`` from the file straight into ``dest``'s memory when the bytes match
+        (same dtype, contiguous): no intermediate tensor, no mapped pages left behind."""
+        from runtime.embstore import read_safetensors_header
+
+        if not hasattr(self, "_header"):
+            self._header = read_safetensors_header(self.path)
+        header, base = self._header
+        info = header[key]
+        start, end = info["data_offsets"]
+        same = _ST_DTYPES.get(info["dtype"]) == dest.dtype and dest.is_contiguous()
+        if not same or end - start != dest.numel() * dest.element_size() or dest.numel() == 0:
+            dest.copy_(self[key])
+            return
+        raw = dest.detach().view(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb") as f:
+            f.seek(base + start)
+            got = f.readinto(memoryview(raw))
+        if got != end - start:
+            raise CheckpointError(f"checkpoint '{self.path}' is truncated (tensor '{key}')")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load ``state`` strictly, with an error listing what does not match."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
+    shape_of = state.shapes if isinstance(state, LazySafetensors) else {k: tuple(v.shape) for k, v in state.items()}
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: checkpoint {shape_of[k]} vs model {tuple(own[k].shape)}"
         for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
+        if tuple(own[k].shape) != shape_of[k]
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -104,7 +152,12 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
         raise CheckpointError(
             f"checkpoint '{where}' does not fit the model built by its factory: " + ", ".join(parts)
         )
-    module.load_state_dict(state, strict=True)
+    if not isinstance(state, LazySafetensors):
+        module.load_state_dict(state, strict=True)
+        return
+    with torch.no_grad():  # one tensor at a time (tied weights appear once per name)
+        for k, t in own.items():
+            state.copy_into(k, t)
 
 
 def find_spec(directory: Path) -> Path | None:

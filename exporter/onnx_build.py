@@ -14,6 +14,7 @@ from exporter.errors import ExportError
 
 log = logging.getLogger(__name__)
 OPSET = 18
+PROTOBUF_LIMIT = (1 << 31) - 1  # onnx.checker refuses in-memory protos of 2 GiB and more
 
 
 def export_onnx(
@@ -42,7 +43,8 @@ def export_onnx(
     model = onnx_program.model
     rename_io(model, input_names, output_names, batch_dims or {})
     proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto)
+    if proto.ByteSize() < PROTOBUF_LIMIT:  # larger: checked on the file (external data)
+        onnx.checker.check_model(proto)
     return proto
 
 

@@ -1,6 +1,8 @@
 """The export pipeline: one plain list of steps, in order, each a function of the context.
 
     capture    torch.export with a dynamic batch dim on every input
+    embeddings large embedding tables leave the graphs for a memory-mapped store in the
+               bundle (exporter.embeddings); the stages take the looked-up rows as inputs
     full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
     write      the bundle directory: ONNX files, manifest.json with every sha256
     split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
@@ -34,6 +36,7 @@ import onnx
 
 from exporter.bundle_writer import BundleWriter
 from exporter.capture import capture, flat_input_names, to_torch_inputs
+from exporter.embeddings import step_embeddings
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.onnx_build import export_onnx
@@ -77,10 +80,18 @@ class ExportContext:
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Any] = field(default_factory=dict)
     parity_report: Any = None
+    stage_spec: Any = None  # the compiled stages' inputs when the embedding step cut tables
+    captured: Any = None  # the program as captured (before the embedding cut)
+    store_rows: Any = None  # rows -> rows + the store's looked-up vectors (exporter.embeddings)
 
     @property
     def spec(self):
         return self.loaded.spec
+
+    @property
+    def graph_spec(self):
+        """The inputs of the compiled stages: the spec plus the store's looked-up vectors."""
+        return self.stage_spec or self.loaded.spec
 
     def row_budget(self) -> tuple[int, int]:
         """(parity rows, calibration rows) of the held-out data (sampled rows without data).
@@ -117,7 +128,7 @@ def step_split(ctx: ExportContext) -> None:
     """UG split (exporter.split): user.onnx + group.onnx, manifest split/flops; else full only."""
     from exporter.split import split_to_onnx
 
-    art = split_to_onnx(ctx.program, ctx.spec, seed=ctx.options.seed)
+    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed)
     ctx.manifest_fields["flops"] = art.flops
     ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
         "report": art.report}, indent=2, default=str) + "\n"
@@ -141,7 +152,8 @@ def step_row_scope(ctx: ExportContext) -> None:
 
 
 def step_write(ctx: ExportContext) -> None:
-    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite)
+    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
+                          **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
     try:
         for stage, model in ctx.stages.items():
             writer.add_stage(stage, f"{stage}.onnx", model, **ctx.stage_meta.get(stage, {}))
@@ -172,7 +184,7 @@ def step_parity(ctx: ExportContext) -> None:
         n_rows=n_parity,
         seed=o.seed,
         budgets=o.extra.get("budgets"),
-        program=ctx.program,
+        program=ctx.captured or ctx.program,
         progress=False,
     )
     console.print(ctx.parity_report.table())
@@ -181,6 +193,7 @@ def step_parity(ctx: ExportContext) -> None:
 Step = Callable[[ExportContext], None]
 PIPELINE: list[tuple[str, Step]] = [
     ("capture", step_capture),
+    ("embeddings", step_embeddings),  # tables >= store_min_bytes leave the graphs (the store)
     ("full-onnx", step_full_onnx),
     ("split", step_split),  # after full.onnx: a model that cannot be split still exports
     ("row-scope", step_row_scope),  # after split: the record names the sides it has

@@ -869,7 +869,9 @@ def step_quantize(ctx: Any) -> None:
         seed=o.seed,
         request_scoped=scoped,
     )
-    stages, record = quantize_bundle_stages(ctx.stages, ctx.spec, options=opts, calibration=calib)
+    if ctx.store_rows is not None:  # cut tables: the stages read the store's rows
+        calib.rows = ctx.store_rows(calib.rows)
+    stages, record = quantize_bundle_stages(ctx.stages, ctx.graph_spec, options=opts, calibration=calib)
     ctx.stages.update(stages)
     if SMALL in stages:
         ctx.stage_meta[SMALL] = {"max_rows": record[SMALL]["max_rows"]}

@@ -10,8 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.bundle_checks import check_graphs, check_layout
 from runtime.errors import BundleError, ParityError
 from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.signing import BundleKey, verify_manifest
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -47,8 +49,23 @@ class Bundle:
             ) from e
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Open a bundle directory or ``.tar``; with ``verify`` every file's sha256 is checked."""
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        verify: bool = True,
+        key: str | Path | BundleKey | None = None,
+        allow_extra_files: bool = False,
+    ) -> Bundle:
+        """Open a bundle directory or ``.tar``.
+
+        With ``verify`` (default) the bundle must be what its manifest says: every file's
+        sha256, the layout and each stage graph's structure (``verify()``). With ``key``
+        (a PEM Ed25519 key file, ``hmac:FILE`` or a loaded ``BundleKey``) the manifest must
+        also carry that key's signature (runtime/signing.py), checked before anything in
+        it is trusted. ``allow_extra_files`` ignores unlisted files with a warning instead
+        of refusing the bundle.
+        """
         path = Path(path)
         tmp = None
         if path.is_file() and tarfile.is_tarfile(path):
@@ -58,14 +75,19 @@ class Bundle:
             root = path
         else:
             raise BundleError(f"bundle '{path}' is neither a directory nor a .tar archive")
-        manifest = Manifest.read(root)
+        data = Manifest.read_data(root)
+        if key is not None:
+            verify_manifest(root, data, key)
+        manifest = Manifest.from_dict(data, where=str(root / MANIFEST_NAME))
         bundle = cls(root=root, manifest=manifest, _tmpdir=tmp)
-        if verify:
-            bundle.verify()
+        if verify or key is not None:
+            bundle.verify(allow_extra_files=allow_extra_files)
         return bundle
 
-    def verify(self) -> None:
-        """Refuse the bundle if any listed file is missing or differs from its sha256."""
+    def verify(self, *, allow_extra_files: bool = False) -> None:
+        """Refuse the bundle unless it is what its manifest says: paths inside it, no links or
+        unlisted files (runtime/bundle_checks.py), every listed file present with its sha256,
+        and each stage graph matching the spec, the boundary and the vocabularies."""
         m = self.manifest
         for stage, st in m.stages.items():
             if st["file"] not in m.files:
@@ -73,6 +95,7 @@ class Bundle:
                     f"bundle '{self.root}': stage '{stage}' file '{st['file']}' is not listed "
                     "in the manifest's files, so it cannot be verified"
                 )
+        check_layout(self.root, m, allow_extra_files=allow_extra_files)
         for rel, meta in m.files.items():
             p = (self.root / rel).resolve()
             if self.root.resolve() not in p.parents:
@@ -86,6 +109,7 @@ class Bundle:
                     f"(expected {meta['sha256'][:16]}…, found {got[:16]}…): the bundle is corrupt "
                     "or was modified after export; re-export it"
                 )
+        check_graphs(self.root, m)
 
     def check_parity(self, *, allow_unverified: bool = False) -> None:
         """Refuse a bundle with no parity record or a failed one unless explicitly allowed."""

@@ -29,3 +29,8 @@ class BackendUnavailableError(UgsepError, RuntimeError):
 
 class InternalError(UgsepError, AssertionError):
     """A broken invariant inside ugsep: this is a bug, please report it."""
+
+
+class TierUnavailableError(UgsepError, RuntimeError):
+    """A remote embedding tier (Redis Cluster) cannot serve rows right now: a node is down or
+    slow, or the pinned version is incomplete. Servers answer 503 naming the tier."""

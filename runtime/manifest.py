@@ -37,6 +37,9 @@
                        share a call), "request" = rows of a call mix (listwise scores,
                        batch statistics): the runtime scores each request in its own call.
                        null (bundles written before the proof): treated as "rows"
+    embeddings         null | {"file", "dtype", "tables", "lookups", "in_graph", ...}: embedding
+                       tables outside the graphs, in a memory-mapped safetensors file the
+                       runtime looks rows up in (runtime/embstore.py, docs/embedding-store.md)
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.embstore import check_section as check_embeddings
 from runtime.errors import BundleError
 from runtime.spec import FeatureSpec
 
@@ -79,6 +83,7 @@ class Manifest:
     engines: list[dict[str, Any]] = field(default_factory=list)
     optimize: dict[str, Any] | None = None  # what the export's optimize step chose, and why
     row_scope: dict[str, Any] | None = None  # proven per side: "rows" or "request"
+    embeddings: dict[str, Any] | None = None  # the embedding store (runtime/embstore.py)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -125,6 +130,7 @@ class Manifest:
             "engines": self.engines,
             "optimize": self.optimize,
             "row_scope": self.row_scope,
+            **({"embeddings": self.embeddings} if self.embeddings else {}),
         }
 
     def dumps(self) -> str:
@@ -175,6 +181,7 @@ class Manifest:
                     f"candidate count it serves), got {rows!r}"
                 )
         _check_row_scope(d.get("row_scope"), where)
+        check_embeddings(d.get("embeddings"), where)
         if d.get("precision", "fp32") not in PRECISIONS:
             raise BundleError(f"{where}: precision {d.get('precision')!r} not in {PRECISIONS}")
         files = d["files"]
@@ -199,19 +206,24 @@ class Manifest:
             engines=d.get("engines") or [],
             optimize=d.get("optimize"),
             row_scope=d.get("row_scope"),
+            embeddings=d.get("embeddings"),
             format_version=version,
         )
 
     @classmethod
     def read(cls, bundle_dir: str | Path) -> Manifest:
+        return cls.from_dict(cls.read_data(bundle_dir), where=str(Path(bundle_dir) / MANIFEST_NAME))
+
+    @staticmethod
+    def read_data(bundle_dir: str | Path) -> Any:
+        """The parsed JSON of ``manifest.json`` (what a signature covers), not yet validated."""
         path = Path(bundle_dir) / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"'{bundle_dir}' is not a ugsep bundle: {MANIFEST_NAME} is missing")
         try:
-            data = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{path}: cannot parse manifest: {e}") from e
-        return cls.from_dict(data, where=str(path))
 
 
 def _check_row_scope(scope: Any, where: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import Bundle
+from runtime.embstore import StoreFeeds
 from runtime.errors import InternalError, RequestError
 from runtime.manifest import SMALL_GROUP
 from runtime.validate import check_candidates, check_user
@@ -50,7 +51,8 @@ class Scorer:
     """
 
     def __init__(
-        self, bundle: Bundle, backend, *, use_split: bool = True, group_variant: str = "auto"
+        self, bundle: Bundle, backend, *, use_split: bool = True, group_variant: str = "auto",
+        embeddings=None,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -64,6 +66,9 @@ class Scorer:
             raise InternalError(f"group_variant {group_variant!r} is not auto, group or {SMALL_GROUP}")
         self.small_rows = 0  # group calls of at most this many candidates run group_small
         self.stage_runs: Counter[str] = Counter()
+        # embedding lookups outside the graphs: the bundle's store, or ``embeddings`` (an
+        # EmbeddingStore such as the Redis tier's RedisStore) in its place
+        self.store = StoreFeeds.for_bundle(bundle, embeddings)
         if self.split:
             self.user_session = backend.open(bundle, "user")
             self.group_session = backend.open(bundle, "group")
@@ -94,6 +99,9 @@ class Scorer:
         for s in self.spec.inputs:
             if s.side == "mixed":  # the user graph reads a mixed input's first row
                 u[s.name] = c[s.name][:1]
+        if self.store is not None:  # ids outside a table: this request's error, not a batch's
+            self.store.check(u, "user")
+            self.store.check(c, "group")
         return Prepared(u, c, n)
 
     def score(self, user: Mapping[str, Any], candidates: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -141,6 +149,7 @@ class Scorer:
         """User graph on M users -> boundary tensors [M, ...] (split bundles only)."""
         if not self.split:
             raise InternalError("run_user called on a scorer without a split")
+        users = self.lookup(users, "user")
         out = self.user_session.run({k: users[k] for k in self.user_session.input_names})
         self.stage_runs["user"] += 1
         return {k: out[k] for k in self.boundary_names}
@@ -149,6 +158,7 @@ class Scorer:
         self, cands: dict[str, np.ndarray], boundary: dict[str, np.ndarray], user_index: np.ndarray
     ) -> dict[str, np.ndarray]:
         """Group graph on N candidates + boundary tensors [M, ...] -> outputs [N, ...]."""
+        cands = self.lookup(cands, "group")
         feeds = {**cands, **boundary, USER_INDEX: np.ascontiguousarray(user_index, dtype=np.int64)}
         stage = SMALL_GROUP if len(feeds[USER_INDEX]) <= self.small_rows else "group"
         session = self.small_session if stage == SMALL_GROUP else self.group_session
@@ -156,12 +166,17 @@ class Scorer:
         self.stage_runs[stage] += 1
         return {k: out[k] for k in self.output_names}
 
+    def lookup(self, inputs: dict[str, np.ndarray], side: str) -> dict[str, np.ndarray]:
+        """``inputs`` plus the store's rows for the lookups of ``side`` (no store: unchanged)."""
+        return inputs if self.store is None else self.store.feeds(inputs, side)
+
     def run_full(
         self, users: dict[str, np.ndarray], cands: dict[str, np.ndarray], user_index: np.ndarray
     ) -> dict[str, np.ndarray]:
         """Monolithic graph: user rows gathered per candidate."""
+        users = self.lookup(users, "user")  # once per user, then gathered per candidate
         feeds = {k: np.ascontiguousarray(v[user_index]) for k, v in users.items()}
-        feeds.update(cands)  # mixed inputs come whole from the candidates
+        feeds.update(self.lookup(cands, "group"))  # mixed inputs come whole from the candidates
         out = self.full_session.run({k: feeds[k] for k in self.full_session.input_names})
         self.stage_runs["full"] += 1
         return {k: out[k] for k in self.output_names}

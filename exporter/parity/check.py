@@ -42,6 +42,7 @@ def check_bundle(
     program: Any = None,
     localise: bool = True,
     configs: bool = True,
+    allow_extra_files: bool = False,
 ) -> ParityReport:
     """Compare every compiled stage of ``bundle_dir`` with ``model`` (eager fp32) and record it.
 
@@ -62,7 +63,7 @@ def check_bundle(
             f"cannot write parity.json into '{bundle_dir}': not a bundle directory "
             "(unpack the archive, or pass write=False)"
         )
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, allow_extra_files=allow_extra_files)  # files unlisted: ignored
     spec = bundle.manifest.spec
     budgets = load_budgets(budgets)
     rows, labels, request_ids, source = _prepare_rows(spec, rows, labels, request_ids, n_rows, seed)

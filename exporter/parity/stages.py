@@ -19,6 +19,7 @@ from exporter.capture import to_torch_inputs
 from exporter.errors import ExportError
 from runtime.backends.ort import OrtBackend
 from runtime.bundle import Bundle
+from runtime.embstore import budget_precision, store_suffix
 from runtime.manifest import SMALL_GROUP
 from runtime.scorer import USER_INDEX, Scorer
 from runtime.spec import FeatureSpec
@@ -97,6 +98,7 @@ def bundle_stages(
     """
     m = bundle.manifest
     suffix = "" if m.precision == "fp32" else f"-{m.precision}"
+    suffix += store_suffix(m)  # int8/fp16 embedding tables: their own name and budget
     backend = OrtBackend(intra_op_threads=1)
     stages = []
     if m.is_split and program is not None:
@@ -130,7 +132,7 @@ def _runtime_stage(name: str, bundle: Bundle, backend, split: bool, group: str =
     def run(rows: Rows) -> Outputs:
         return _scorer_runner(scorer(), bundle.manifest.spec)(rows)
 
-    return Stage(name, bundle.manifest.precision, run, scorer=scorer)
+    return Stage(name, budget_precision(bundle.manifest), run, scorer=scorer)
 
 
 def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> Callable[[Rows], Outputs]:

@@ -11,9 +11,10 @@
 
 Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 403 (model
 control disabled), 404 (model), 408 (body too slow), 413 (too large), 415 (content type),
-429 (over the latency budget or queue full, with Retry-After), 503 (draining, or too many
-bodies in flight), 500 (a bug). What bounds a request before any work: intake.py (bytes,
-time, memory), bounds.py (JSON depth, dims, element counts); admission.py (deadline).
+429 (over the latency budget or queue full, with Retry-After), 503 (draining, too many
+bodies in flight, or the embedding tier unavailable or not holding the bundle's version,
+naming it), 500 (a bug). What bounds a request before any work: intake.py (bytes, time,
+memory), bounds.py (JSON depth, dims, element counts); admission.py (deadline).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from runtime.errors import BundleError, RequestError
+from runtime.errors import BundleError, RequestError, TierUnavailableError
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.bounds import ParseLimits, TooLargeError
 from runtime.serving.cache import explicit_user_key
@@ -44,8 +45,10 @@ from runtime.serving.intake import (
     unless_disconnected,
 )
 from runtime.serving.metrics import CONTENT_TYPE, ServingMetrics
+from runtime.serving.pending import PendingLoads
 from runtime.serving.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer
 from runtime.serving.repository import ModelRepository, ServedModel, ServeOptions, load_model
+from runtime.serving.tier_metrics import TierCollector, tier_stats
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -70,24 +73,34 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     repo = ModelRepository(options)
     metrics = ServingMetrics(repo.cache_stats, repo.graph_runs)
     repo.on_batch = metrics.observe_batch
+    metrics.registry.register(TierCollector(lambda: tier_stats(repo)))
+    pending = PendingLoads()
     for path in bundles:
-        repo.add(load_model(path, options))
+        try:
+            repo.add(load_model(path, options))
+        except TierUnavailableError as e:  # the tier lacks the pinned version: load it later
+            if not options.embeddings:
+                raise
+            pending.add(path, e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.start()
+        pending.start(repo, load_model)
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False  # readiness fails first, then accepted requests drain
+            await pending.stop()
             await repo.close()
 
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.repo, app.state.metrics, app.state.options, app.state.ready = repo, metrics, options, False
+    app.state.pending = pending
     _add_auth(app, options)
-    _add_health_routes(app, repo)
-    _add_infer_route(app, repo, metrics, options)
+    _add_health_routes(app, repo, pending)
+    _add_infer_route(app, repo, metrics, options, pending)
     _add_admin_routes(app, repo, metrics)
     add_control_routes(app, repo, options)
     return app
@@ -125,14 +138,14 @@ def _model(repo: ModelRepository, name: str) -> ServedModel:
     return m
 
 
-def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
+def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoads) -> None:
     @app.get("/v2/health/live")
     async def live():
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
     async def ready():
-        return Response(status_code=200 if app.state.ready else 503)
+        return Response(status_code=200 if app.state.ready and not pending.waiting else 503)
 
     @app.get("/v2")
     async def server_metadata():
@@ -150,16 +163,23 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository) -> None:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
         m = repo.get(name)
+        if m is None and pending.message(name):
+            return _error(503, pending.message(name))
         return Response(status_code=200 if m is not None and app.state.ready else 503 if m else 404)
 
 
-def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions) -> None:
+def _add_infer_route(
+    app: FastAPI, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions, pending: PendingLoads
+) -> None:
     budget = BodyBudget(options.max_inflight_body_bytes or 8 * options.max_body_bytes)
 
     async def infer(name: str, request: Request, version: str | None = None):
         t0 = time.perf_counter()
         label = name if name in repo.models else "_unknown"
         metrics.requests.labels(label).inc()
+        if name not in repo.models and pending.message(name):
+            metrics.failure(label, "unavailable")
+            return _error(503, pending.message(name))
         try:
             content, headers = await _handle(repo, name, version, request, options, budget)
         except ClientGone:
@@ -177,7 +197,7 @@ def _add_infer_route(app: FastAPI, repo: ModelRepository, metrics: ServingMetric
         except OverloadedError as e:
             metrics.failure(label, "overloaded")
             return _error(429, str(e), {"Retry-After": str(e.retry_after_s)})
-        except ShuttingDownError as e:
+        except (ShuttingDownError, TierUnavailableError) as e:
             metrics.failure(label, "unavailable")
             return _error(503, str(e), {"Retry-After": "1"})
         except Exception as e:  # noqa: BLE001 - a bug: log it, answer 500, keep serving

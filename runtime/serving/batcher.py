@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.errors import UgsepError
+from runtime.errors import TierUnavailableError, UgsepError
 from runtime.scorer import Prepared, Scorer, split_outputs
 from runtime.serving.admission import Admission, Estimate
 from runtime.serving.cache import UserCache, user_feature_key
@@ -274,6 +274,21 @@ class Batcher:
             total += n
         return batch
 
+    async def _one_by_one(self, loop, live: list[_Pending]) -> None:
+        """After the embedding tier failed a merged batch: each request alone, so those whose
+        rows are in the hot cache or on live nodes still succeed (none fails for a neighbour)."""
+        for p in live:
+            try:
+                out, _ = await loop.run_in_executor(
+                    self._executor, run_batch, self.scorer, self.cache, [p.prepared], self.group_chunk
+                )
+            except Exception as e:  # noqa: BLE001 - this request's own error (503 for the tier)
+                if not p.future.done():
+                    p.future.set_exception(e)
+            else:
+                if not p.future.done():
+                    p.future.set_result(out[0])
+
     async def _dispatch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         start = self._clock()
@@ -282,9 +297,15 @@ class Batcher:
             if not live:
                 return
             self.admission.started(id(batch), sum(p.prepared.n for p in live))
-            outputs, info = await loop.run_in_executor(
-                self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live], self.group_chunk
-            )
+            try:
+                outputs, info = await loop.run_in_executor(
+                    self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live], self.group_chunk
+                )
+            except TierUnavailableError:
+                if len(live) == 1:
+                    raise
+                await self._one_by_one(loop, live)
+                return
             info.queue_seconds = [start - p.enqueued for p in live]
             info.run_seconds = self._clock() - start
             self.admission.observe(info.run_seconds, info.candidates, info.requests)

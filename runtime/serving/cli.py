@@ -12,6 +12,8 @@ import os
 
 from runtime.errors import UgsepError
 from runtime.serving.repository import ServeOptions
+from runtime.signing import load_key
+from runtime.signing_cli import add_verify_arguments
 
 MB = 1 << 20
 
@@ -57,6 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-root", default=None, help="load/unload may only open bundles under this directory")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info")
+    add_verify_arguments(p)
+    p.add_argument("--embeddings", default=None, metavar="URL",
+                   help="look the store's rows up in a Redis Cluster (redis://HOST:PORT) pinned to the "
+                   "bundle's store version, instead of the bundle's own store (docs/embedding-tier.md)")
+    p.add_argument("--embeddings-cache-mb", type=float, default=d.embeddings_cache_bytes / MB,
+                   help="hot-row cache in front of the Redis tier, in MiB (0: off)")
+    from runtime.redis_tier.cli import add_tier_arguments
+
+    add_tier_arguments(p, required=False)
 
 
 def _token(flag: str, var: str | None) -> str | None:
@@ -80,7 +91,18 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_json_bytes=int(args.max_json_mb * MB), body_timeout_s=args.body_timeout,
         latency_budget_ms=args.latency_budget_ms, enable_model_control=args.enable_model_control,
         model_root=args.model_root, control_token=_token("--model-control-token-env", args.model_control_token_env),
+        verify=load_key(args.verify) if args.verify else None,
+        allow_extra_files=args.allow_extra_files,
+        embeddings=_tier(args), embeddings_cache_bytes=int(args.embeddings_cache_mb * MB),
     )
+
+
+def _tier(args: argparse.Namespace):
+    if not args.embeddings:
+        return None
+    from runtime.redis_tier.cli import tier_config
+
+    return tier_config(args.embeddings, args)
 
 
 def run(args: argparse.Namespace) -> int:

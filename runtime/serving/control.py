@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from runtime.errors import RequestError, UgsepError
+from runtime.errors import RequestError, TierUnavailableError, UgsepError
 from runtime.serving.repository import ModelRepository, ServeOptions
 
 MAX_CONTROL_BODY = 64 << 10
@@ -46,6 +46,8 @@ def add_control_routes(app: FastAPI, repo: ModelRepository, options: ServeOption
         try:
             path = _bundle_param(await _small_body(request), options)
             model = await repo.reload(name, path)
+        except TierUnavailableError as e:  # the tier's state, not the request: try again later
+            return _error(503, f"cannot load model '{name}': {str(e)[:500]}")
         except (UgsepError, ValueError) as e:  # ValueError: bad JSON
             return _error(400, f"cannot load model '{name}': {str(e)[:500]}")
         return {"name": model.name, "version": model.version, "bundle": str(model.path)}

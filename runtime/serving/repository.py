@@ -56,6 +56,10 @@ class ServeOptions:
     enable_model_control: bool = False  # the repository load/unload endpoints
     model_root: str | None = None  # load only bundles under this directory
     control_token: str | None = None  # bearer token for load/unload (else the server token)
+    verify: Any = None  # a BundleKey (runtime/signing.py): every loaded bundle must carry its signature
+    allow_extra_files: bool = False  # ignore files a bundle's manifest does not list (warning)
+    embeddings: Any = None  # None: the bundle's own store; a redis:// URL or TierConfig: that tier
+    embeddings_cache_bytes: int = 64 << 20  # the tier's hot-row cache
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,24 +105,28 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     backend_opts = {"intra_op_threads": options.intra_op_threads} if options.intra_op_threads else {}
     scorer = runtime.load(
         path, options.backend, allow_unverified=options.allow_unverified,
-        use_split=options.use_split, **backend_opts,
+        use_split=options.use_split, verify=options.verify,
+        allow_extra_files=options.allow_extra_files,
+        embeddings=options.embeddings,
+        embeddings_cache_bytes=options.embeddings_cache_bytes, **backend_opts,
     )
     if options.max_candidates is not None:
         scorer.max_candidates = int(options.max_candidates)
     rows, _ = sample_requests(scorer.spec, 1, 2, seed=0)
     user = {s.name: rows[s.name][:1] for s in scorer.spec.user_inputs}
     out = scorer.score(user, {s.name: rows[s.name] for s in scorer.spec.group_inputs})
-    warmup = _timed_warmup(scorer, user)
+    warmup = _timed_warmup(scorer)
     outputs = {k: (kserve_datatype(v.dtype), [-1, *v.shape[1:]]) for k, v in out.items()}
     cache = UserCache(options.cache_bytes if scorer.split else 0, options.cache_ttl_s)
     return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs, warmup=warmup)
 
 
-def _timed_warmup(scorer: Scorer, user: dict) -> list[tuple[float, int]]:
+def _timed_warmup(scorer: Scorer) -> list[tuple[float, int]]:
     """(seconds, candidates) of warm requests of two sizes: the admission model's first line."""
     points = []
     for n in sorted({1, min(64, scorer.max_candidates)}):
         rows, _ = sample_requests(scorer.spec, 1, n, seed=1)
+        user = {s.name: rows[s.name][:1] for s in scorer.spec.user_inputs}
         cands = {s.name: rows[s.name] for s in scorer.spec.group_inputs}
         best = math.inf
         for _ in range(3):

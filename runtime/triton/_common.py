@@ -34,7 +34,11 @@ class RepositoryOptions:
     allow_unverified: bool = False  # serve a bundle with no/failed parity record
     stage_backend: str = "auto"  # gpu: auto | onnxruntime | tensorrt_plan | python
     trt_version: str | None = None  # gpu + engines: only engines built by this TensorRT version
+    embeddings: str | None = None  # cpu: look the store's rows up in this Redis Cluster (redis://…)
+    embeddings_cache_bytes: int = 64 << 20  # cpu + embeddings: hot-row cache per model instance
     overwrite: bool = False
+    verify: object = None  # a key (runtime/signing.py) the bundle must be signed with
+    allow_extra_files: bool = False  # ignore (and do not copy) files the manifest does not list
 
 
 def spec_dims(s: InputSpec) -> tuple[list[int], dict | None]:
@@ -136,5 +140,22 @@ def python_model(
     shutil.copyfile(TEMPLATES / template, vdir / "model.py")
     vendor_runtime(vdir)
     if bundle_src is not None:
-        shutil.copytree(bundle_src, vdir / "bundle")
+        shutil.copytree(bundle_src, vdir / "bundle", ignore=_unlisted_files(bundle_src))
     return vdir
+
+
+def _unlisted_files(bundle_root: Path):
+    """A copytree ``ignore`` keeping only the manifest, its signature and the files it lists
+    (the copy is loaded, and checked, again inside Triton)."""
+    from runtime.bundle_checks import KNOWN_UNLISTED
+    from runtime.manifest import Manifest
+
+    root = Path(bundle_root)
+    keep = set(Manifest.read(root).files) | KNOWN_UNLISTED
+    keep_dirs = {p.as_posix() for rel in keep for p in Path(rel).parents}
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        rel = Path(directory).relative_to(root)
+        return [n for n in names if (rel / n).as_posix() not in keep | keep_dirs]
+
+    return ignore

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from runtime.signing import load_key
+from runtime.signing_cli import add_verify_arguments
 from runtime.triton.repository import KINDS, RepositoryOptions, write_repository
 
 
@@ -77,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a repository for a bundle without a passed parity check",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace models of the same name")
+    add_verify_arguments(parser)
+    parser.add_argument(
+        "--embeddings", default=None, metavar="URL",
+        help="cpu: look the store's rows up in this Redis Cluster (redis://HOST:PORT), pinned to the "
+        "bundle's store version (push it with `ugsep embeddings push`)",
+    )
+    parser.add_argument("--embeddings-cache-mb", type=float, default=64.0,
+                        help="hot-row cache in front of the Redis tier, per model instance")
     parser.add_argument(
         "--serve",
         action="store_true",
@@ -96,7 +106,11 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         allow_unverified=args.allow_unverified,
         stage_backend=args.stage_backend,
         trt_version=args.trt_version,
+        embeddings=args.embeddings,
+        embeddings_cache_bytes=int(args.embeddings_cache_mb * 2**20),
         overwrite=args.overwrite,
+        verify=load_key(args.verify) if args.verify else None,
+        allow_extra_files=args.allow_extra_files,
     )
 
 

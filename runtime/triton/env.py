@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 _SOURCE_TREE = Path(__file__).resolve().parents[2]
 # What model.py needs inside Triton: the ugsep runtime is vendored into each repository,
 # so only its two third-party dependencies are installed here.
-REQUIREMENTS = ("numpy>=1.24,<2", "onnxruntime>=1.20")
+# redis-py (+ hiredis) serves `ugsep triton --embeddings redis://…` (not probed: an existing
+# venv without it is not rebuilt; add it with pip when a repository needs the Redis tier).
+REQUIREMENTS = ("numpy>=1.24,<2", "onnxruntime>=1.20", "redis[hiredis]>=5")
 STAMP = ".ugsep-triton-env.json"
 _PROBE = (
     "import sys, json, numpy, onnxruntime;"
@@ -208,6 +210,17 @@ def _create_venv(venv: Path, python: str) -> None:
     _run([*pip, *REQUIREMENTS], "installing numpy<2 and onnxruntime into the Triton venv")
 
 
+def _ensure_redis(venv: Path) -> None:
+    """redis-py for ``--embeddings`` repositories, added to a venv made before it was required."""
+    py = str(venv / "bin" / "python")
+    if subprocess.run([py, "-c", "import redis"], capture_output=True).returncode == 0:
+        return
+    own_pip = subprocess.run([py, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    pip = [py, "-m", "pip"] if own_pip else [sys.executable, "-m", "pip", "--python", py]
+    _run([*pip, "install", "-q", "--disable-pip-version-check", REQUIREMENTS[-1]],
+         "installing redis-py into the Triton venv")
+
+
 def ensure_triton_env(
     venv: str | Path | None = None, python: str | None = None, *, create: bool = True
 ) -> TritonEnv:
@@ -238,6 +251,8 @@ def _ensure_locked(
         info = probe(venv)
         if info is None:
             raise BackendUnavailableError(f"'{venv}' still does not import numpy<2 and onnxruntime")
+    if create:
+        _ensure_redis(venv)
     env = TritonEnv(venv=venv, install=install, python_version=info["python"])
     _install_backend(env)
     (venv / STAMP).write_text(json.dumps(info, indent=2) + "\n")

@@ -81,8 +81,15 @@ def write_repository(
     if kind not in KINDS:
         raise BundleError(f"repository kind '{kind}' is not one of {', '.join(KINDS)}")
     opts = dataclasses.replace(options or RepositoryOptions(), **overrides)  # TypeError if unknown
-    bundle = Bundle.open(bundle_dir)
+    if opts.embeddings and kind != "cpu":
+        raise BundleError("--embeddings (a Redis tier) is supported for --kind cpu only")
+    bundle = Bundle.open(bundle_dir, key=opts.verify, allow_extra_files=opts.allow_extra_files)
     bundle.check_parity(allow_unverified=opts.allow_unverified)
+    if kind == "gpu" and bundle.manifest.embeddings:  # its BLS has no lookup step yet
+        raise BundleError(
+            f"bundle '{bundle.root}' keeps embedding tables in a store; the gpu repository does "
+            "not look rows up yet: use --kind cpu (the bundle's runtime does the lookups)"
+        )
     name = model_name(opts.model_name or bundle.manifest.model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +140,8 @@ def write_cpu_model(bundle: Bundle, root: Path, name: str, opts: RepositoryOptio
                 "user_cache_ttl_s": float(opts.user_cache_ttl_s),
                 "intra_op_threads": int(opts.intra_op_threads),
                 "allow_unverified": "true" if opts.allow_unverified else "false",
+                "embeddings": opts.embeddings or "",
+                "embeddings_cache_bytes": int(opts.embeddings_cache_bytes),
             }
         ),
     }

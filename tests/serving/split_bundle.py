@@ -131,7 +131,7 @@ def write_split_bundle(
         files={p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())
                if p.name != "manifest.json"},
         toolchain_version="test", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-        split={"boundary": [{"name": BOUNDARY, "dtype": "float32", "shape": list(boundary.shape[1:]),
+        split={"boundary": [{"name": BOUNDARY, "dtype": "float32", "shape": ["M", *boundary.shape[1:]],
                              "source": "hand-made"}], "user_index": "user_index", "report": {}},
         parity={"passed": True, "summary": {"note": "hand-made test bundle"}, "report": "parity.json"},
         limits={**DEFAULT_LIMITS, "max_candidates": max_candidates},

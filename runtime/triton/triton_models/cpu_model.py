@@ -6,7 +6,9 @@ concurrent requests; they are scored by ``runtime.serving.batcher.run_batch``: t
 distinct users that miss the user cache go through the user graph in ONE call, and
 all candidates through the group graph in ONE call (``user_index`` maps them back).
 Parameters (config.pbtxt): user_cache_bytes, user_cache_ttl_s, intra_op_threads,
-allow_unverified.
+allow_unverified, embeddings (a redis:// URL: the store's rows come from that Redis
+Cluster, pinned to the bundle's store version; needs redis-py in Triton's Python env),
+embeddings_cache_bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class TritonPythonModel:
             "onnxruntime",
             allow_unverified=params.get("allow_unverified") == "true",
             intra_op_threads=int(params.get("intra_op_threads") or 0) or None,
+            embeddings=params.get("embeddings") or None,
+            embeddings_cache_bytes=int(params.get("embeddings_cache_bytes") or 0),
         )
         self.cache = UserCache(
             int(params.get("user_cache_bytes") or 0), float(params.get("user_cache_ttl_s") or 300)
