@@ -110,6 +110,14 @@ def _check_listed_names(where: str, entry: dict, g: GraphInfo) -> None:
 
 def _expected(stage: str, manifest: Manifest) -> tuple[dict, list[str], str]:
     """(allowed inputs {name: (dtype, full shape)}, required outputs, what the inputs are)."""
+    allowed, required, what = _expected_from_spec(stage, manifest)
+    for lk in (manifest.embeddings or {}).get("lookups") or []:  # rows the runtime looks up
+        if stage == "full" or lk["side"] == ("user" if stage == "user" else "group"):
+            allowed[lk["stage_input"]] = ("float32", None)
+    return allowed, required, what
+
+
+def _expected_from_spec(stage: str, manifest: Manifest) -> tuple[dict, list[str], str]:
     spec = manifest.spec
     boundary = (manifest.split or {}).get("boundary") or []
     def entry(s):
