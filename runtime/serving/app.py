@@ -6,22 +6,24 @@
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer     JSON and binary tensors
     POST /v2/repository/index                       loaded models
-    POST /v2/repository/models/{name}/load          reload in place; optional body
-                                                    {"parameters": {"bundle": "/new/path"}}
-    POST /v2/repository/models/{name}/unload        stop serving it (in-flight requests finish)
+    POST /v2/repository/models/{name}/load|unload   off unless enabled (control.py)
     GET  /v2/models/{name}[/versions/{v}]/config, /v2/models[/{name}]/stats   protocol_routes.py
     GET  /metrics                                   Prometheus text format
 
-Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 404
-(model), 413 (body too large), 429 (queue full), 503 (draining; the embedding tier
-unavailable or not holding the bundle's version, naming it), 500 (a bug).
+Errors are ``{"error": message}`` with 400 (malformed request), 401 (token), 403 (model
+control disabled), 404 (model), 408 (body too slow), 413 (too large), 415 (content type),
+429 (over the latency budget or queue full, with Retry-After), 503 (draining, too many
+bodies in flight, or the embedding tier unavailable or not holding the bundle's version,
+naming it), 500 (a bug). What bounds a request before any work: intake.py (bytes, time,
+memory), bounds.py (JSON depth, dims, element counts); admission.py (deadline).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -30,10 +32,20 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from runtime.errors import BundleError, RequestError, TierUnavailableError, UgsepError
+from runtime.errors import BundleError, RequestError, TierUnavailableError
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
+from runtime.serving.bounds import ParseLimits, TooLargeError
 from runtime.serving.cache import explicit_user_key
 from runtime.serving.compression import add_compression
+from runtime.serving.control import add_control_routes, check_control_options
+from runtime.serving.intake import (
+    BodyBudget,
+    ClientGone,
+    HttpError,
+    check_content_type,
+    read_body,
+    unless_disconnected,
+)
 from runtime.serving.metrics import CONTENT_TYPE, ServingMetrics
 from runtime.serving.pending import PendingLoads
 from runtime.serving.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer
@@ -43,18 +55,12 @@ from runtime.serving.tier_metrics import TierCollector, tier_stats
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+CONTROL_PREFIX = "/v2/repository/models/"
+OFFLOAD_BYTES = 64 << 10  # bodies past this are parsed on a worker thread, not the event loop
 
 
-class HttpError(UgsepError):
-    """An error with its HTTP status and metrics reason."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason = status, reason
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None, **overrides) -> FastAPI:
@@ -66,6 +72,7 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
         setattr(options, k, v)
     if not bundles:
         raise BundleError("serve needs at least one bundle")
+    check_control_options(options)
     repo = ModelRepository(options)
     metrics = ServingMetrics(repo.cache_stats, repo.graph_runs)
     repo.on_batch = metrics.observe_batch
@@ -99,12 +106,13 @@ def build_app(bundles: Sequence[str | Path], options: ServeOptions | None = None
     app = FastAPI(title="ugsep", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.repo, app.state.metrics, app.state.options, app.state.ready = repo, metrics, options, False
     app.state.pending = pending
-    _add_auth(app, options.token)
+    _add_auth(app, options)
     add_compression(app, options.max_body_bytes)
     add_protocol_routes(app, repo, metrics, options)  # before /v2/models/{name}: /v2/models/stats
     _add_health_routes(app, repo, pending)
     _add_infer_route(app, repo, metrics, options, pending)
     _add_admin_routes(app, repo, metrics)
+    add_control_routes(app, repo, options)
     return app
 
 
@@ -118,19 +126,23 @@ async def _start_grpc(app: FastAPI):
     return frontend
 
 
-def _add_auth(app: FastAPI, token: str | None) -> None:
-    if token:
-        app.add_middleware(BearerAuth, token=token)
+def _add_auth(app: FastAPI, options: ServeOptions) -> None:
+    if options.token:  # the control routes check their own token when they have one
+        app.add_middleware(BearerAuth, token=options.token, own_auth=bool(options.control_token))
 
 
 class BearerAuth:
     """Pure ASGI middleware: every path but the health probes needs ``Authorization: Bearer``."""
 
-    def __init__(self, app, token: str) -> None:
+    def __init__(self, app, token: str, own_auth: bool = False) -> None:
         self.app, self.expected = app, f"Bearer {token}".encode()
+        self.own_auth = own_auth
+
+    def _open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.own_auth and path.startswith(CONTROL_PREFIX))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and not self._open(scope["path"]):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 response = JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
@@ -189,6 +201,8 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoad
 def _add_infer_route(
     app: FastAPI, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions, pending: PendingLoads
 ) -> None:
+    budget = BodyBudget(options.max_inflight_body_bytes or 8 * options.max_body_bytes)
+
     async def infer(name: str, request: Request, version: str | None = None):
         t0 = time.perf_counter()
         label = name if name in repo.models else "_unknown"
@@ -197,23 +211,25 @@ def _add_infer_route(
             metrics.failure(label, "unavailable")
             return _error(503, pending.message(name))
         try:
-            body = await _read_body(request, options.max_body_bytes)
-            t_decode = time.perf_counter()
-            req = parse_infer(body, request.headers.get(HEADER_LENGTH))
-            metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
-            content, headers = await _score(repo, name, req, version, metrics)
+            content, headers = await _handle(repo, name, version, request, options, budget, metrics)
+        except ClientGone:
+            metrics.disconnects.labels(label).inc()
+            log.info("client %s closed the connection before its response (model '%s')",
+                     _peer(request), name[:100])
+            return Response(status_code=499)  # never sent: nobody is listening
         except HttpError as e:
             metrics.failure(label, e.reason)
-            return _error(e.status, str(e))
+            return _error(e.status, str(e), e.headers)
         except RequestError as e:
-            metrics.failure(label, "bad_request")
-            return _error(400, str(e))
+            too_large = isinstance(e, TooLargeError)
+            metrics.failure(label, "too_large" if too_large else "bad_request")
+            return _error(413 if too_large else 400, str(e))
         except OverloadedError as e:
             metrics.failure(label, "overloaded")
-            return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": "1"})
+            return _error(429, str(e), {"Retry-After": str(e.retry_after_s)})
         except (ShuttingDownError, TierUnavailableError) as e:
             metrics.failure(label, "unavailable")
-            return _error(503, str(e))
+            return _error(503, str(e), {"Retry-After": "1"})
         except Exception as e:  # noqa: BLE001 - a bug: log it, answer 500, keep serving
             log.exception("infer on model '%s' failed", name)
             metrics.failure(label, "internal")
@@ -225,17 +241,31 @@ def _add_infer_route(
     app.add_api_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HttpError(413, "too_large", f"the request body ({declared} bytes) exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds bodies sent without a content-length
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, "too_large", f"the request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _handle(repo: ModelRepository, name: str, version: str | None, request: Request,
+                  options: ServeOptions, budget: BodyBudget, metrics: ServingMetrics) -> tuple[bytes, dict]:
+    """Every bound before any work: type, model, admission, then the body, then parsing."""
+    check_content_type(request.headers.get("content-type"))
+    model = _model(repo, name)
+    model.batcher.admit(0)  # shed before reading the body when the queue alone is over budget
+    async with read_body(request.receive, request.headers, options.max_body_bytes,
+                         options.body_timeout_s, budget) as body:
+        args = (body, request.headers.get(HEADER_LENGTH), _parse_limits(model, options))
+        t_decode = time.perf_counter()
+        req = await asyncio.to_thread(parse_infer, *args) if len(body) > OFFLOAD_BYTES else parse_infer(*args)
+        metrics.observe_phase(model.name, "decode", time.perf_counter() - t_decode)
+    return await unless_disconnected(_score(repo, name, req, version, metrics), request.receive)
+
+
+def _parse_limits(model: ServedModel, options: ServeOptions) -> ParseLimits:
+    """Element bounds per input from the spec: max_candidates rows of the input's shape."""
+    rows = model.scorer.max_candidates
+    bounds = {s.name: rows * math.prod(s.shape) for s in model.scorer.spec.inputs}
+    return ParseLimits(max_json_bytes=options.max_json_bytes, max_elements=bounds, max_rows=rows)
+
+
+def _peer(request: Request) -> str:
+    c = request.client
+    return f"{c.host}:{c.port}" if c else "?"
 
 
 async def _score(
@@ -305,27 +335,3 @@ def _add_admin_routes(app: FastAPI, repo: ModelRepository, metrics: ServingMetri
         return [{"name": m.name, "version": m.version, "state": "READY"} for m in repo.models.values()] + [
             {"name": n, "state": "UNAVAILABLE", "reason": "unloaded"} for n in repo.unloaded]
 
-    @app.post("/v2/repository/models/{name}/load")
-    async def load(name: str, request: Request):
-        try:
-            body = await _read_body(request, 1 << 20)
-            params = (json.loads(body) if body.strip() else {}).get("parameters") or {}
-            path = params.get("bundle")
-            if path is not None and not isinstance(path, str):
-                raise RequestError("parameter 'bundle' must be a path string")
-            model = await repo.reload(name, path)
-        except HttpError as e:
-            return _error(e.status, str(e))
-        except TierUnavailableError as e:  # the tier's state, not the request: try again later
-            return _error(503, f"cannot load model '{name}': {e}")
-        except (UgsepError, json.JSONDecodeError, AttributeError) as e:
-            return _error(400, f"cannot load model '{name}': {e}")
-        return {"name": model.name, "version": model.version, "bundle": str(model.path)}
-
-    @app.post("/v2/repository/models/{name}/unload")
-    async def unload(name: str):
-        try:
-            await repo.unload(name)
-        except RequestError as e:
-            return _error(404, str(e))
-        return {"name": name, "state": "UNAVAILABLE"}

@@ -26,7 +26,9 @@ batches as deeply as its load (bench RankMixer, 2-core CPU: +8-12% candidates/s 
 small one does (GPUs): set ``--max-delay-ms`` there.
 
 A full queue is refused at once (``OverloadedError`` -> HTTP 429) instead of letting
-latency and memory grow; ``close()`` drains what was accepted before it stops.
+latency and memory grow, and so is a request whose estimated completion exceeds the
+latency budget (``admission.Admission``: admission by deadline); ``close()`` drains what
+was accepted before it stops.
 """
 
 from __future__ import annotations
@@ -43,13 +45,18 @@ import numpy as np
 
 from runtime.errors import TierUnavailableError, UgsepError
 from runtime.scorer import Prepared, Scorer, split_outputs
+from runtime.serving.admission import Admission, Estimate
 from runtime.serving.cache import UserCache, user_feature_key
 
 log = logging.getLogger(__name__)
 
 
 class OverloadedError(UgsepError):
-    """The batcher's queue is full: the caller should back off and retry (HTTP 429)."""
+    """The queue is full or the latency budget is spent: back off and retry (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ShuttingDownError(UgsepError):
@@ -166,6 +173,7 @@ class Batcher:
         on_batch: Callable[[BatchInfo], None] | None = None,
         group_chunk: int = 0,
         clock: Callable[[], float] = time.perf_counter,
+        admission: Admission | None = None,
     ) -> None:
         if max_queue < 1 or max_delay_s < 0 or max_batch_candidates < 1 or workers < 1:
             raise ValueError("Batcher needs max_queue >= 1, max_delay_s >= 0, max_batch_candidates >= 1, workers >= 1")
@@ -176,6 +184,7 @@ class Batcher:
         self.workers, self.on_batch = workers, on_batch
         self.group_chunk = group_chunk
         self._clock = clock
+        self.admission = admission or Admission(None, workers, max_batch_candidates, clock)
         self._queue: deque[_Pending] = deque()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"ugsep-{scorer.name}")
         self._inflight: set[asyncio.Task] = set()
@@ -201,10 +210,25 @@ class Batcher:
                 f"model '{self.scorer.name}' is overloaded: {len(self._queue)} requests are queued "
                 f"(limit {self.max_queue}); retry later"
             )
+        self.admit(prepared.n)
         fut = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(prepared, fut, self._clock()))
         self._wakeup.set()
         return await fut
+
+    def estimate(self, candidates: int) -> Estimate:
+        """Estimated completion of a request of ``candidates`` if it were queued now."""
+        return self.admission.check(self._queued_candidates(), candidates)
+
+    def admit(self, candidates: int) -> None:
+        """Raise ``OverloadedError`` when a request of ``candidates`` would miss the budget."""
+        est = self.estimate(candidates)
+        if not est.admitted:
+            raise OverloadedError(
+                f"model '{self.scorer.name}' is overloaded: a request of {candidates} candidates would "
+                f"take ~{est.wait_s * 1000:.0f} ms, over the latency budget of {est.budget_s * 1000:.0f} ms; "
+                f"retry later", est.retry_after_s,
+            )
 
     async def close(self) -> None:
         """Refuse new requests, finish every accepted one, then stop the worker threads."""
@@ -284,6 +308,7 @@ class Batcher:
             live = [p for p in batch if not p.future.cancelled()]  # clients that went away
             if not live:
                 return
+            self.admission.started(id(batch), sum(p.prepared.n for p in live))
             try:
                 outputs, info = await loop.run_in_executor(
                     self._executor, run_batch, self.scorer, self.cache, [p.prepared for p in live], self.group_chunk
@@ -295,6 +320,7 @@ class Batcher:
                 return
             info.queue_seconds = [start - p.enqueued for p in live]
             info.run_seconds = self._clock() - start
+            self.admission.observe(info.run_seconds, info.candidates, info.requests)
             for p, out in zip(live, outputs, strict=True):
                 if not p.future.done():
                     p.future.set_result(out)
@@ -306,4 +332,5 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(e)
         finally:
+            self.admission.finished(id(batch))
             self._slots.release()

@@ -43,7 +43,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-env", default=None, metavar="VAR",
                    help="require 'Authorization: Bearer $VAR' (the token is read from this env variable)")
     p.add_argument("--limit-concurrency", type=int, default=1024,
-                   help="open connections before uvicorn answers 503 (bounds memory with --max-body-mb)")
+                   help="open connections before uvicorn answers 503 (health and metrics exempt)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request headers (idle ones close)")
+    p.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request body may take to arrive (else 408)")
+    p.add_argument("--max-json-mb", type=float, default=d.max_json_bytes / MB,
+                   help="size of a request's JSON part (big tensors: use the binary extension)")
+    p.add_argument("--latency-budget-ms", type=float, default=None,
+                   help="shed requests (429 + Retry-After) whose estimated completion exceeds this "
+                        "(default: 2x the measured service time of a lone request)")
+    p.add_argument("--enable-model-control", action="store_true",
+                   help="enable POST /v2/repository/models/NAME/load|unload (needs a token)")
+    p.add_argument("--model-control-token-env", default=None, metavar="VAR",
+                   help="bearer token for load/unload, read from this env variable (default: --token-env's)")
+    p.add_argument("--model-root", default=None, help="load/unload may only open bundles under this directory")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info")
     add_verify_arguments(p)
@@ -57,12 +72,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_tier_arguments(p, required=False)
 
 
+def _token(flag: str, var: str | None) -> str | None:
+    if not var:
+        return None
+    token = os.environ.get(var)
+    if not token:
+        raise UgsepError(f"{flag} {var}: that environment variable is empty or unset")
+    return token
+
+
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise UgsepError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    token = _token("--token-env", args.token_env)
     return ServeOptions(
         backend=args.backend, allow_unverified=args.allow_unverified, use_split=not args.no_split,
         intra_op_threads=args.threads, cache_bytes=int(args.cache_mb * MB), cache_ttl_s=args.cache_ttl,
@@ -70,6 +90,9 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_batch_candidates=args.max_batch_candidates, group_chunk_candidates=args.group_chunk,
         workers=args.workers,
         max_candidates=args.max_candidates, max_body_bytes=int(args.max_body_mb * MB), token=token,
+        max_json_bytes=int(args.max_json_mb * MB), body_timeout_s=args.body_timeout,
+        latency_budget_ms=args.latency_budget_ms, enable_model_control=args.enable_model_control,
+        model_root=args.model_root, control_token=_token("--model-control-token-env", args.model_control_token_env),
         verify=load_key(args.verify) if args.verify else None,
         allow_extra_files=args.allow_extra_files,
         embeddings=_tier(args), embeddings_cache_bytes=int(args.embeddings_cache_mb * MB),
@@ -91,5 +114,6 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     serve(args.bundles, args.host, args.port, log_level=args.log_level,
-          graceful_timeout_s=args.graceful_timeout, limit_concurrency=args.limit_concurrency, **vars(opts))
+          graceful_timeout_s=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
+          header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive, **vars(opts))
     return 0

@@ -1,8 +1,10 @@
 """Prometheus metrics for the server (prometheus_client, one registry per app).
 
     ugsep_requests_total{model}                     infer requests received
-    ugsep_request_failures_total{model,reason}      bad_request, too_large, not_found,
-                                                    overloaded, unavailable, unauthorized, internal
+    ugsep_request_failures_total{model,reason}      bad_request, too_large, not_found, timeout,
+                                                    unsupported_media_type, overloaded, busy,
+                                                    unavailable, internal
+    ugsep_client_disconnects_total{model}           clients that hung up before their response
     ugsep_request_latency_seconds{model}            histogram, receive -> response ready
     ugsep_queue_time_seconds{model}                 histogram, time waiting in the batcher
     ugsep_phase_seconds{model,phase}                histogram per served request and phase: decode,
@@ -44,6 +46,9 @@ class ServingMetrics:
         self.requests = Counter("ugsep_requests", "Infer requests received", ["model"], registry=r)
         self.failures = Counter(
             "ugsep_request_failures", "Infer requests that failed, by reason", ["model", "reason"], registry=r
+        )
+        self.disconnects = Counter(
+            "ugsep_client_disconnects", "Clients that closed the connection before their response", ["model"], registry=r
         )
         self.latency = Histogram(
             "ugsep_request_latency_seconds", "Infer latency in the server", ["model"], buckets=_LATENCY, registry=r

@@ -11,13 +11,13 @@ output asks for ``"binary_data": true`` or the request for ``"binary_data_output
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from runtime.errors import RequestError
+from runtime.serving.bounds import ParseLimits, check_header_bytes, check_shape
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # numpy dtype name <-> KServe v2 datatype name
@@ -45,13 +45,15 @@ class InferRequest:
     binary_output: bool = False
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
-    """Decode a request body (JSON, or JSON + binary tensors)."""
+def parse_infer(body: bytes, header_length: str | None, limits: ParseLimits | None = None) -> InferRequest:
+    """Decode a request body (JSON, or JSON + binary tensors), bounded by ``limits``."""
+    limits = limits or ParseLimits()
     json_len = _header_length(header_length, len(body))
+    check_header_bytes(memoryview(body)[:json_len], limits)
     try:
         head = json.loads(body[:json_len])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise RequestError(f"the request body is not valid JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: ints past the digit limit
+        raise RequestError(f"the request body is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(head, dict):
         raise RequestError("the request body must be a JSON object with an 'inputs' list")
     params = _mapping(head.get("parameters"), "request 'parameters'")
@@ -60,7 +62,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         raise RequestError("the request needs a non-empty 'inputs' list")
     binary, offset, inputs = memoryview(body)[json_len:], 0, {}
     for i, raw in enumerate(raw_inputs):
-        name, arr, used = _parse_input(i, raw, binary, offset)
+        name, arr, used = _parse_input(i, raw, binary, offset, limits)
         if name in inputs:
             raise RequestError(f"input '{name}' appears more than once in the request")
         inputs[name], offset = arr, offset + used
@@ -101,19 +103,18 @@ def _mapping(value: Any, what: str) -> dict:
     return value
 
 
-def _parse_input(i: int, raw: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _parse_input(i: int, raw: Any, binary: memoryview, offset: int, limits: ParseLimits) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise RequestError(f"inputs[{i}] must be an object with a string 'name'")
-    name = raw["name"]
-    shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RequestError(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
+    name = raw["name"][:128]
+    count = check_shape(name, raw.get("shape"), len(binary.obj), limits)  # every element costs a byte
+    shape = raw["shape"]
     datatype = raw.get("datatype")
     if not isinstance(datatype, str) or datatype not in NUMPY_OF:
         raise RequestError(
-            f"input '{name}': datatype {datatype!r} is not supported; use one of {', '.join(NUMPY_OF)}"
+            f"input '{name}': datatype {str(datatype)[:40]!r} is not supported; use one of {', '.join(NUMPY_OF)}"
         )
-    dtype, count = NUMPY_OF[datatype], math.prod(shape)
+    dtype = NUMPY_OF[datatype]
     params = _mapping(raw.get("parameters"), f"input '{name}' parameters")
     size = params.get("binary_data_size")
     if size is not None:

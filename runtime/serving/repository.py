@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import runtime
 from runtime.errors import BundleError, RequestError
 from runtime.sample import sample_requests
 from runtime.scorer import Prepared, Scorer
+from runtime.serving.admission import Admission
 from runtime.serving.batcher import Batcher
 from runtime.serving.cache import UserCache
 from runtime.serving.protocol import kserve_datatype
@@ -46,6 +49,14 @@ class ServeOptions:
     max_candidates: int | None = None  # None: the bundle's manifest.limits.max_candidates
     max_body_bytes: int = 8 << 20
     token: str | None = None
+    # hardening (issue 18): see app.py, intake.py, admission.py, control.py
+    max_json_bytes: int = 1 << 20  # the JSON part of a request; big tensors go binary
+    body_timeout_s: float = 15.0  # a request body must arrive within this (else 408)
+    max_inflight_body_bytes: int | None = None  # bodies being read at once (None: 8 x max_body_bytes)
+    latency_budget_ms: float | None = None  # None: derived from the measured service time
+    enable_model_control: bool = False  # the repository load/unload endpoints
+    model_root: str | None = None  # load only bundles under this directory
+    control_token: str | None = None  # bearer token for load/unload (else the server token)
     verify: Any = None  # a BundleKey (runtime/signing.py): every loaded bundle must carry its signature
     allow_extra_files: bool = False  # ignore files a bundle's manifest does not list (warning)
     embeddings: Any = None  # None: the bundle's own store; a redis:// URL or TierConfig: that tier
@@ -67,6 +78,7 @@ class ServedModel:
     cache: UserCache
     outputs: dict[str, tuple[str, list[int]]]  # name -> (KServe datatype, shape)
     batcher: Batcher | None = None
+    warmup: list[tuple[float, int]] = field(default_factory=list)  # (seconds, candidates): seeds admission
 
     def metadata(self) -> dict[str, Any]:
         """KServe v2 model metadata: -1 marks the dynamic candidate dimension."""
@@ -107,9 +119,26 @@ def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> S
     rows, _ = sample_requests(scorer.spec, 1, 2, seed=0)
     user = {s.name: rows[s.name][:1] for s in scorer.spec.user_inputs}
     out = scorer.score(user, {s.name: rows[s.name] for s in scorer.spec.group_inputs})
+    warmup = _timed_warmup(scorer)
     outputs = {k: (kserve_datatype(v.dtype), [-1, *v.shape[1:]]) for k, v in out.items()}
     cache = UserCache(options.cache_bytes if scorer.split else 0, options.cache_ttl_s)
-    return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs)
+    return ServedModel(scorer.name, version, Path(path), scorer, cache, outputs, warmup=warmup)
+
+
+def _timed_warmup(scorer: Scorer) -> list[tuple[float, int]]:
+    """(seconds, candidates) of warm requests of two sizes: the admission model's first line."""
+    points = []
+    for n in sorted({1, min(64, scorer.max_candidates)}):
+        rows, _ = sample_requests(scorer.spec, 1, n, seed=1)
+        user = {s.name: rows[s.name][:1] for s in scorer.spec.user_inputs}
+        cands = {s.name: rows[s.name] for s in scorer.spec.group_inputs}
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            scorer.score(user, cands)
+            best = min(best, time.perf_counter() - t0)
+        points.append((best, n))
+    return points
 
 
 def content_digest(model: ServedModel) -> str:
@@ -156,11 +185,16 @@ class ModelRepository:
 
     async def _start(self, m: ServedModel) -> None:
         o = self.options
+        max_batch = max(o.max_batch_candidates, m.scorer.max_candidates)
+        admission = Admission(o.latency_budget_ms / 1000 if o.latency_budget_ms else None, o.workers, max_batch)
+        for seconds, n in m.warmup:
+            admission.seed(seconds, n)
         m.batcher = Batcher(
             m.scorer, m.cache, max_queue=o.max_queue, max_delay_s=o.max_delay_ms / 1000,
-            max_batch_candidates=max(o.max_batch_candidates, m.scorer.max_candidates), workers=o.workers,
+            max_batch_candidates=max_batch, workers=o.workers,
             group_chunk=_group_chunk(o, m.scorer),
             on_batch=(lambda info, name=m.name: self.on_batch(name, info)) if self.on_batch else None,
+            admission=admission,
         )
         await m.batcher.start()
 
@@ -188,15 +222,16 @@ class ModelRepository:
             await old.batcher.close()
         return new
 
-    async def unload(self, name: str) -> None:
-        """Stop serving ``name``: new requests get 404, accepted ones finish, then its batcher stops."""
+    async def unload(self, name: str) -> bool:
+        """Stop serving ``name`` (its accepted requests finish); False when it is not loaded."""
         async with self._reload_lock:
             model = self.models.pop(name, None)
             if model is None:
-                raise RequestError(f"model '{name}' is not loaded; loaded models: {sorted(self.models)}")
-            self.unloaded[name] = model.path
-            log.info("model '%s' version %s unloaded", name, model.version)
+                return False
+            self.unloaded[name] = model.path  # a later load without a path reloads it
+        log.info("model '%s' version %s unloaded", name, model.version)
         await model.batcher.close()
+        return True
 
     async def close(self) -> None:
         """Drain every model's batcher (accepted requests finish)."""

@@ -17,17 +17,20 @@ import uvicorn
 
 from runtime.serving.app import build_app
 from runtime.serving.repository import ServeOptions
+from runtime.serving.transport import guarded_protocol
 
 log = logging.getLogger(__name__)
 
 
 def _config(app, host: str, port: int, log_level: str, graceful_timeout_s: float,
-            limit_concurrency: int | None = None) -> uvicorn.Config:
-    # limit_concurrency: connections+tasks beyond it get 503 from uvicorn, which bounds the
-    # bodies held in memory to about limit_concurrency x max_body_bytes
+            limit_concurrency: int | None = 1024, header_timeout_s: float = 10.0,
+            keep_alive_s: int = 5) -> uvicorn.Config:
+    # limit_concurrency: connections+tasks beyond it get 503 from uvicorn (health and metrics
+    # exempt, see transport.py); idle and slow-header connections close after header_timeout_s
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=graceful_timeout_s, lifespan="on", limit_concurrency=limit_concurrency,
+        timeout_keep_alive=keep_alive_s, http=guarded_protocol(header_timeout_s),
     )
 
 
@@ -39,6 +42,8 @@ def serve(
     log_level: str = "info",
     graceful_timeout_s: float = 30.0,
     limit_concurrency: int | None = 1024,
+    header_timeout_s: float = 10.0,
+    keep_alive_s: int = 5,
     **options,
 ) -> None:
     """Serve ``bundles`` over KServe v2 HTTP until SIGTERM/SIGINT (blocking).
@@ -58,7 +63,8 @@ def serve(
     names = ", ".join(sorted(app.state.repo.models))
     grpc = f" and grpc://{host}:{options['grpc_port']}" if options.get("grpc_port") is not None else ""
     log.info("serving model(s) %s on http://%s:%d%s", names, host, port, grpc)
-    uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s, limit_concurrency)).run()
+    config = _config(app, host, port, log_level, graceful_timeout_s, limit_concurrency, header_timeout_s, keep_alive_s)
+    uvicorn.Server(config).run()
 
 
 class ServerThread:
@@ -69,9 +75,9 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
-                 graceful_timeout_s: float = 10.0) -> None:
+                 graceful_timeout_s: float = 10.0, **http_limits) -> None:
         self.app = app
-        self.server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s))
+        self.server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout_s, **http_limits))
         self.thread = threading.Thread(target=self.server.run, name="ugsep-serve", daemon=True)
         self.host = host
 

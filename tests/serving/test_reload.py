@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,11 +18,22 @@ from tests.serving.conftest import make_request
 from tests.serving.http_utils import json_body
 
 MODEL = "toysplit"
+TOKEN = "c0ntrol"
+
+
+def _control_app(*bundles, root, **options):
+    """A server with model control enabled, its token, and a model root over the test bundles."""
+    return build_app(list(bundles), enable_model_control=True, control_token=TOKEN, model_root=str(root), **options)
+
+
+def _root(*paths) -> Path:
+    return Path(os.path.commonpath([str(p) for p in paths]))
 
 
 def _load(http: httpx.Client, bundle=None) -> httpx.Response:
     body = {"parameters": {"bundle": str(bundle)}} if bundle else {}
-    return http.post(f"/v2/repository/models/{MODEL}/load", json=body, timeout=120)
+    return http.post(f"/v2/repository/models/{MODEL}/load", json=body, timeout=120,
+                     headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_reload_under_load_fails_no_request(split_bundle, split_bundle_v2):
@@ -37,7 +50,9 @@ def test_reload_under_load_fails_no_request(split_bundle, split_bundle_v2):
                 r = http.post(f"/v2/models/{MODEL}/infer", json=json_body(user, cands))
                 results.append((r, user, cands))
 
-    with ServerThread(build_app([split_bundle], max_delay_ms=1.0)) as srv, httpx.Client(base_url=srv.url) as http:
+    app = _control_app(split_bundle, root=_root(split_bundle, split_bundle_v2), max_delay_ms=1.0,
+                       latency_budget_ms=600_000)  # zero failures asked: no shedding on a loaded machine
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as http:
         threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
         for t in threads:
             t.start()
@@ -77,7 +92,8 @@ def tampered(split_bundle_v2, tmp_path):
 
 
 def test_reload_refuses_unverified_or_foreign_bundles_and_keeps_serving(split_bundle, tampered, other_bundle, tmp_path):
-    with ServerThread(build_app([split_bundle])) as srv, httpx.Client(base_url=srv.url) as http:
+    app = _control_app(split_bundle, root=_root(split_bundle, tampered, other_bundle, tmp_path))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as http:
         r = _load(http, tampered)
         assert r.status_code == 400 and "does not match its manifest sha256" in r.json()["error"]
         r = _load(http, tmp_path / "missing")

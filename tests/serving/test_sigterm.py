@@ -53,7 +53,7 @@ def _wait_accepted(url: str, n: int, timeout_s: float = 30.0) -> None:
 def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
     port = _free_port()
     cmd = [sys.executable, "-m", "runtime.serving", str(split_bundle), "--port", str(port),
-           "--max-delay-ms", "3000", "--log-level", "warning"]
+           "--max-delay-ms", "3000", "--latency-budget-ms", "600000", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

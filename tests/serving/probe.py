@@ -1,0 +1,91 @@
+"""A health probe on its own thread and blocking sockets, independent of any load's event loop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+
+
+def http_get_status(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, float]:
+    """(status, seconds) of one GET on a fresh connection; status 0 on a transport error."""
+    t0 = time.perf_counter()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    except (OSError, ValueError, IndexError):
+        status = 0
+    return status, time.perf_counter() - t0
+
+
+class HealthProbe:
+    """Probes ``/v2/health/live`` every ``interval`` s in a thread; ``stop()`` returns the samples."""
+
+    def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live") -> None:
+        self.port, self.interval, self.path = port, interval, path
+        self.samples: list[tuple[int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(http_get_status("127.0.0.1", self.port, self.path))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def summary(self) -> dict:
+        lat = np.array([t for _, t in self.samples]) * 1000 if self.samples else np.zeros(1)
+        return {
+            "probes": len(self.samples),
+            "failed": sum(1 for s, _ in self.samples if s != 200),
+            "health_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "health_ms_p99": round(float(np.percentile(lat, 99)), 2),
+            "health_ms_max": round(float(lat.max()), 2),
+        }
+
+
+class ProcessHealthProbe(HealthProbe):
+    """``HealthProbe`` in a child process: the prober never waits for its parent's GIL, so a
+    benchmark's own client work (JSON encoding, Hypothesis) stays out of the figures."""
+
+    def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live") -> None:
+        import multiprocessing as mp
+
+        super().__init__(port, interval, path)
+        ctx = mp.get_context("fork")
+        self._done = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._child, args=(send,), daemon=True)
+
+    def _child(self, send) -> None:
+        samples = []
+        while not self._done.is_set():
+            samples.append(http_get_status("127.0.0.1", self.port, self.path))
+            self._done.wait(self.interval)
+        send.send(samples)
+
+    def __enter__(self) -> ProcessHealthProbe:
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._recv.poll(30):
+            self.samples = self._recv.recv()
+        self._proc.join(10)
