@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 
 import httpx
@@ -111,7 +112,11 @@ def test_compression_on_the_wire_and_its_limits(server, scorer):
 
 
 def test_version_policy_survives_reloads_and_unload(split_bundle, split_bundle_v2, scorer):
-    with ServerThread(build_app([split_bundle])) as srv:
+    # model control is off by default (control.py): enabled here with its token and a model root
+    root = os.path.commonpath([split_bundle, split_bundle_v2])
+    app = build_app([split_bundle], enable_model_control=True, control_token="ctl", model_root=root)
+    auth = {"Authorization": "Bearer ctl"}
+    with ServerThread(app) as srv:
         client = triton.InferenceServerClient(f"127.0.0.1:{srv.port}")
         user, cands = make_request(7, 4)
         expected = scorer.score(user, cands)["ctr"]
@@ -124,22 +129,22 @@ def test_version_policy_survives_reloads_and_unload(split_bundle, split_bundle_v
         assert not client.is_model_ready(MODEL, "7")
         with pytest.raises(InferenceServerException, match="version 7 is not loaded"):
             client.get_model_metadata(MODEL, "7")
-        client.load_model(MODEL)  # the same files: the version stays 1, pinned clients keep working
+        client.load_model(MODEL, headers=auth)  # the same files: the version stays 1, pinned clients keep working
         assert client.get_model_metadata(MODEL)["versions"] == ["1"] and client.is_model_ready(MODEL, "1")
         np.testing.assert_array_equal(pinned("1"), expected)
         r = httpx.post(f"{srv.url}/v2/repository/models/{MODEL}/load",
-                       json={"parameters": {"bundle": str(split_bundle_v2)}})
+                       json={"parameters": {"bundle": str(split_bundle_v2)}}, headers=auth)
         assert r.json()["version"] == "2"  # new files: the next version; version 1 is gone
         assert client.is_model_ready(MODEL, "2") and not client.is_model_ready(MODEL, "1")
         with pytest.raises(InferenceServerException, match="version 1 is not loaded"):
             pinned("1")
         assert not np.array_equal(pinned("2"), expected)
-        client.unload_model(MODEL)
+        client.unload_model(MODEL, headers=auth)
         assert not client.is_model_ready(MODEL)
         assert client.get_model_repository_index() == [{"name": MODEL, "state": "UNAVAILABLE", "reason": "unloaded"}]
         with pytest.raises(InferenceServerException, match="'toysplit' is not loaded"):
             pinned("2")
         with pytest.raises(InferenceServerException, match="is not loaded"):
-            client.unload_model(MODEL)
-        client.load_model(MODEL)  # back from its last bundle: the same files keep version 2
+            client.unload_model(MODEL, headers=auth)
+        client.load_model(MODEL, headers=auth)  # back from its last bundle: the same files keep version 2
         assert client.is_model_ready(MODEL, "2")
