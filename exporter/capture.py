@@ -57,12 +57,32 @@ def dynamic_shapes(spec: FeatureSpec, batch: torch.export.Dim | None = None) -> 
     return shapes
 
 
+def example_rows(
+    spec: FeatureSpec, n: int, seed: int, rows: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """``n`` example rows: the first rows of the user's data when given, else sampled.
+
+    Real rows matter: a model indexing embeddings with float-coded id columns only runs
+    on ids within each column's vocabulary.
+    """
+    if rows is not None and all(len(rows.get(s.name, ())) >= n for s in spec.inputs):
+        return {s.name: np.asarray(rows[s.name][:n]).astype(s.dtype) for s in spec.inputs}
+    return sample_rows(spec, n, seed)
+
+
 def capture(
-    model: torch.nn.Module, spec: FeatureSpec, *, seed: int = 0
+    model: torch.nn.Module,
+    spec: FeatureSpec,
+    *,
+    seed: int = 0,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` the model with a dynamic batch on every input, named as in the spec."""
+    """``torch.export`` the model with a dynamic batch on every input, named as in the spec.
+
+    ``rows`` (spec-named arrays, e.g. the ``--data`` file) supply the example inputs.
+    """
     model = model.eval()
-    kwargs = to_torch_inputs(spec, sample_rows(spec, EXAMPLE_BATCH, seed))
+    kwargs = to_torch_inputs(spec, example_rows(spec, EXAMPLE_BATCH, seed, rows))
     try:
         with torch.no_grad():
             model(**kwargs)
