@@ -27,6 +27,7 @@ import numpy as np
 
 import runtime
 from exporter.errors import ExportError
+from runtime.ceiling import flop_ceiling
 from runtime.sample import sample_rows
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,7 @@ def _summarise(samples, manifest, threads: int, bundle: str) -> dict[str, Any]:
         if "split" in med:
             row["speedup"] = round(med["full"] / med["split"], 4)
             if u is not None and g is not None:
-                from graph_passes.fx.flops import ceiling  # torch-free callers: lazy
-
-                row["ceiling"] = round(ceiling(u, g, n), 4)
+                row["ceiling"] = round(flop_ceiling(u, g, n), 4)
                 row["fraction_of_ceiling"] = round(row["speedup"] / row["ceiling"], 4)
         if "eager" in med:
             row["eager_over_full"] = round(med["eager"] / med["full"], 4)

@@ -96,7 +96,7 @@ class SplitUserGroupPass:
             blocked.update({b["node"]: b for b in facts["blocked"]})
             facts["blocked"] = list(blocked.values())
             gm = graph_module_of(ep)
-            boundary = _boundary_nodes(gm)
+            boundary = _boundary_nodes(gm, len(ep.graph_signature.user_outputs))
             if not self._demote(boundary, facts["batch_symbol"], forced):
                 break
         s0 = facts["batch_symbol"]
@@ -151,19 +151,27 @@ class SplitUserGroupPass:
         return SplitResult(user_gm, group_gm, user_inputs, group_inputs, meta, outputs, report)
 
 
-def _boundary_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """User nodes read by the group side (or returned), in graph order."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.meta.get(SIDE_KEY) != "user":
+def _boundary_nodes(gm: fx.GraphModule, n_outputs: int) -> list[fx.Node]:
+    """User nodes the group side reads on its way to the outputs, in graph order.
+
+    Walked back from the model's outputs through group (and mixed, shape) nodes: a user
+    node read only by dead code, or by a batch-size read, never crosses the cut.
+    """
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    todo = [o for o in list(out_node.args[0])[-n_outputs:] if isinstance(o, fx.Node)]
+    seen: set[fx.Node] = set()
+    found: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
             continue
-        for c in n.users:
-            side = c.meta.get(SIDE_KEY)
-            dep = c.meta.get("ugsep.shape_dep")
-            if c.op == "output" or side in ("group", "mixed") or (side == "shape" and dep):
-                out.append(n)
-                break
-    return out
+        seen.add(n)
+        side = n.meta.get(SIDE_KEY)
+        if side == "user":
+            found.add(n)
+        elif side != "shape" or n.meta.get("ugsep.shape_dep") not in (None, "const"):
+            todo.extend(n.all_input_nodes)
+    return [n for n in gm.graph.nodes if n in found]
 
 
 _LOOKUPS = {aten.embedding.default, aten.index_select.default, aten.gather.default}
