@@ -124,6 +124,7 @@ class FlopCountPass:
             per_row = int(expr.subs(self.s0, 1))
             node.meta[FLOPS_KEY] = per_row
             side = node.meta.get(SIDE_KEY, "group")
+            side = "group" if side == "mixed" else side  # mixed tensors run per candidate
             if self.s0 not in expr.free_symbols:
                 side = "const"
             if side in totals:
