@@ -39,6 +39,7 @@ from graph_passes.fx._base import (
     tensor_val,
 )
 from graph_passes.fx.flops import FlopCountPass, ceiling
+from graph_passes.fx.hoist_mixed import HoistMixedLayersPass
 from graph_passes.fx.sides import SideAnalysisPass
 from runtime.spec import FeatureSpec
 
@@ -83,12 +84,21 @@ class SplitResult:
 class SplitUserGroupPass:
     """Split a captured program by the spec's sides; ``call`` returns PassResult(SplitResult)."""
 
-    def __init__(self, spec: FeatureSpec, *, minimise_boundary: bool = True, max_rounds: int = 64):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        minimise_boundary: bool = True,
+        max_rounds: int = 64,
+        hoist_mixed: bool = True,
+    ):
         self.spec = spec
+        self.hoist_mixed = hoist_mixed
         self.minimise_boundary = minimise_boundary
         self.max_rounds = max_rounds
 
     def call(self, ep: torch.export.ExportedProgram) -> PassResult:
+        mixed_layers = self._hoist_mixed_layers(ep)
         forced: dict[str, str] = {}
         blocked: dict[str, dict[str, Any]] = {}  # across rounds: a demotion must not hide a block
         for _ in range(self.max_rounds):
@@ -102,7 +112,28 @@ class SplitUserGroupPass:
         s0 = facts["batch_symbol"]
         flops = FlopCountPass(s0).call(ep).facts["flops"]
         result = self._result(ep, gm, boundary, facts, flops, forced)
+        if mixed_layers is not None:
+            result.report["mixed_layers"] = mixed_layers
         return PassResult(result, result.is_split, {"split": result})
+
+    def _hoist_mixed_layers(self, ep) -> dict[str, Any] | None:
+        """Rewrite Linear/matmul/sum over a mixed input as user part + group part, in place.
+
+        Returns the record for the report: what was rewritten and the user/group FLOPs per
+        row before the rewrite (the split report's ``flops`` are after it).
+        """
+        if not self.hoist_mixed or not any(s.side == "mixed" for s in self.spec.inputs):
+            return None
+        facts = SideAnalysisPass(self.spec).call(ep).facts
+        gm = graph_module_of(ep)
+        before = FlopCountPass(facts["batch_symbol"]).call(ep).facts["flops"]
+        sides = {n: n.meta[SIDE_KEY] for n in gm.graph.nodes if SIDE_KEY in n.meta}
+        done = HoistMixedLayersPass(sides, facts["column_masks"]).call(ep).facts["rewritten"]
+        return {
+            "rewritten": done,
+            "user_per_row_before": before["user"],
+            "group_per_row_before": before["group"],
+        }
 
     def _demote(self, boundary: list[fx.Node], s0, forced: dict[str, str]) -> bool:
         changed = False

@@ -70,13 +70,20 @@ class SideAnalysisPass:
         self.blocked: list[dict[str, Any]] = []
         self.ctx = rowwise.ProofContext(self.s0, lambda n: self.side.get(n) == "user", self.layout)
         self.columns = ColumnTracker(self.s0, _const_values(ep))
+        self.from_group: set[fx.Node] = set()  # downstream of a group (not mixed) input
+        self.has_mixed = any(s.side == "mixed" for s in self.spec.inputs)
         for node in gm.graph.nodes:
             self._visit(node, names)
             if node in self.side:
                 node.meta[SIDE_KEY] = self.side[node]
             if node in self.layout:
                 node.meta[BATCH_KEY] = self.layout[node]
-        facts = {"batch_symbol": self.s0, "blocked": self.blocked, "input_names": names}
+        facts = {
+            "batch_symbol": self.s0,
+            "blocked": self.blocked,
+            "input_names": names,
+            "column_masks": self.columns.masks,
+        }
         return PassResult(gm, False, facts)
 
     def _check_inputs(self, names: dict[str, str]) -> None:
@@ -107,6 +114,8 @@ class SideAnalysisPass:
             self.columns.masks[node] = input_mask(s.shape, set(s.user_columns()))
         else:
             self.side[node] = s.side
+            if s.side == "group":
+                self.from_group.add(node)
             if s.side == "user":
                 self.layout[node] = (1, 1)
 
@@ -116,7 +125,9 @@ class SideAnalysisPass:
             self.dep[node] = self._shape_dep(node)
             return
         ins = {self._input_side(a) for a in node.all_input_nodes} - {None, "const", "shape"}
-        by_column = "mixed" in ins or ("group" in ins and "user" in ins and self._by_column(node))
+        if any(a in self.from_group for a in node.all_input_nodes):
+            self.from_group.add(node)
+        by_column = "mixed" in ins or ("group" in ins and "user" in ins and self.has_mixed)
         if by_column:
             self._visit_mixed(node, forced=node.name in self.forced_group)
         elif node.name in self.forced_group:
@@ -164,26 +175,15 @@ class SideAnalysisPass:
             return "group"
         return "const"
 
-    def _by_column(self, node: fx.Node) -> bool:
-        """Every group input is a column selection of a mixed input (cat/stack rejoin them)."""
-        return all(
-            a in self.columns.masks
-            for a in node.all_input_nodes
-            if self._input_side(a) == "group"
-        )
-
     def _visit_mixed(self, node: fx.Node, *, forced: bool = False) -> None:
         """Column provenance (graph_passes.fx.columns) decides user / group / still mixed.
 
         A node the cut moved off the boundary (``forced``) stays ``mixed``, not group: each
         side recomputes it from the mixed input, and its user columns stay hoistable.
         """
-        if not self._by_column(node):
-            self.side[node] = "group"  # reads a group input proper: no column can be user
-            return
         side = self.columns.side_of(node, self.side)
-        if forced and side == "user":
-            side = "mixed"
+        if side == "user" and (forced or node in self.from_group):
+            side = "mixed"  # the user graph cannot compute what reads a group input proper
         self.side[node] = side
         if side == "user":
             self.layout[node] = (1, 1)
