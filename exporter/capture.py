@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import linecache
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,7 +99,29 @@ def capture(
     except Exception as e:  # noqa: BLE001
         raise ExportError(
             f"torch.export could not capture '{spec.name}' with a dynamic batch dimension: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Models whose "
-            "forward branches on the batch size or mixes rows need fixing before export"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{failure_site(str(e))}. "
+            "Models whose forward branches on data or on the batch size need fixing before export"
         ) from e
     return ep
+
+
+_CAUSED_BY = re.compile(r"Caused by: \((?P<file>[^\s:]+):(?P<line>\d+) in (?P<fn>\w+)\)")
+
+
+def failure_site(message: str) -> str:
+    """' at file:line in fn (`code`)': the construct torch.export names as the cause.
+
+    A data-dependent guard ("Could not guard on data-dependent expression") says which
+    line of the model's forward triggered it; the code on that line is the construct
+    (a branch on a data-dependent size, a boolean-mask gather) to rewrite.
+    """
+    m = _CAUSED_BY.search(message)
+    if m is None:
+        return ""
+    code = ""
+    for path in (m["file"], str(Path.cwd() / m["file"])):
+        code = linecache.getline(path, int(m["line"])).strip()
+        if code:
+            break
+    where = f" at {Path(m['file']).name}:{m['line']} in {m['fn']}"
+    return where + (f" (`{code}`)" if code else "")

@@ -63,3 +63,24 @@ def test_pt2_with_a_static_batch_is_refused_naming_the_input(tmp_path, capsys):
     (tmp_path / "spec.json").write_text(json.dumps(TOY_SPEC))
     assert main(["export", str(tmp_path / "s.pt2"), "--out", str(tmp_path / "b")]) == 2
     assert "static batch dim" in capsys.readouterr().err
+
+
+class _DataDependent(torch.nn.Module):
+    """DIEN-style: keeps the rows with a positive length, branches on how many there are."""
+
+    def forward(self, user_ids, user_dense, item_ids, item_dense):
+        lengths = user_ids[:, 0]
+        kept = lengths[lengths > 0]
+        if kept.shape[0] == 0:
+            return item_dense.sum(-1)
+        return item_dense.sum(-1) + kept.float().mean()
+
+
+def test_capture_failure_names_the_construct():
+    from exporter.errors import ExportError
+
+    with pytest.raises(ExportError) as e:
+        capture(_DataDependent(), FeatureSpec.from_dict(TOY_SPEC))
+    msg = str(e.value)
+    assert "torch.export could not capture 'toy'" in msg and "\n" not in msg
+    assert "at test_pt2.py:" in msg and "in forward (`if kept.shape[0] == 0:`)" in msg
