@@ -27,7 +27,8 @@ import numpy as np
 
 import runtime
 from exporter.errors import ExportError
-from runtime.sample import sample_rows
+from runtime.ceiling import flop_ceiling
+from runtime.sample import sample_requests
 
 log = logging.getLogger(__name__)
 DEFAULT_NS = (1, 16, 128, 512, 2048)
@@ -132,9 +133,9 @@ def _eager_model(manifest, trust: tuple[str, ...] | list[str] = ()) -> Any:
 
 def _calls(variants, spec, n: int, seed: int) -> dict[str, Any]:
     """One prepared request of n candidates per variant -> a zero-argument callable."""
-    rows_u, rows_c = sample_rows(spec, 1, seed), sample_rows(spec, n, seed + 1)
-    user = {s.name: rows_u[s.name][0] for s in spec.user_inputs}
-    cands = {s.name: rows_c[s.name] for s in spec.group_inputs}
+    rows, _ = sample_requests(spec, 1, n, seed)  # a mixed input keeps one user's columns
+    user = {s.name: rows[s.name][0] for s in spec.user_inputs}
+    cands = {s.name: rows[s.name] for s in spec.group_inputs}
     out = {}
     for name, (scorer, model) in variants.items():
         prepared = [scorer.prepare(user, cands)]
@@ -194,9 +195,7 @@ def _summarise(samples, manifest, threads: int, bundle: str) -> dict[str, Any]:
         if "split" in med:
             row["speedup"] = round(med["full"] / med["split"], 4)
             if u is not None and g is not None:
-                from graph_passes.fx.flops import ceiling  # torch-free callers: lazy
-
-                row["ceiling"] = round(ceiling(u, g, n), 4)
+                row["ceiling"] = round(flop_ceiling(u, g, n), 4)
                 row["fraction_of_ceiling"] = round(row["speedup"] / row["ceiling"], 4)
         if "eager" in med:
             row["eager_over_full"] = round(med["eager"] / med["full"], 4)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import linecache
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,12 +60,32 @@ def dynamic_shapes(spec: FeatureSpec, batch: torch.export.Dim | None = None) -> 
     return shapes
 
 
+def example_rows(
+    spec: FeatureSpec, n: int, seed: int, rows: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """``n`` example rows: the first rows of the user's data when given, else sampled.
+
+    Real rows matter: a model indexing embeddings with float-coded id columns only runs
+    on ids within each column's vocabulary.
+    """
+    if rows is not None and all(len(rows.get(s.name, ())) >= n for s in spec.inputs):
+        return {s.name: np.asarray(rows[s.name][:n]).astype(s.dtype) for s in spec.inputs}
+    return sample_rows(spec, n, seed)
+
+
 def capture(
-    model: torch.nn.Module, spec: FeatureSpec, *, seed: int = 0
+    model: torch.nn.Module,
+    spec: FeatureSpec,
+    *,
+    seed: int = 0,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` the model with a dynamic batch on every input, named as in the spec."""
+    """``torch.export`` the model with a dynamic batch on every input, named as in the spec.
+
+    ``rows`` (spec-named arrays, e.g. the ``--data`` file) supply the example inputs.
+    """
     model = model.eval()
-    kwargs = to_torch_inputs(spec, sample_rows(spec, EXAMPLE_BATCH, seed))
+    kwargs = to_torch_inputs(spec, example_rows(spec, EXAMPLE_BATCH, seed, rows))
     try:
         with torch.no_grad():
             model(**kwargs)
@@ -76,7 +99,29 @@ def capture(
     except Exception as e:  # noqa: BLE001
         raise ExportError(
             f"torch.export could not capture '{spec.name}' with a dynamic batch dimension: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Models whose "
-            "forward branches on the batch size or mixes rows need fixing before export"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{failure_site(str(e))}. "
+            "Models whose forward branches on data or on the batch size need fixing before export"
         ) from e
     return ep
+
+
+_CAUSED_BY = re.compile(r"Caused by: \((?P<file>[^\s:]+):(?P<line>\d+) in (?P<fn>\w+)\)")
+
+
+def failure_site(message: str) -> str:
+    """' at file:line in fn (`code`)': the construct torch.export names as the cause.
+
+    A data-dependent guard ("Could not guard on data-dependent expression") says which
+    line of the model's forward triggered it; the code on that line is the construct
+    (a branch on a data-dependent size, a boolean-mask gather) to rewrite.
+    """
+    m = _CAUSED_BY.search(message)
+    if m is None:
+        return ""
+    code = ""
+    for path in (m["file"], str(Path.cwd() / m["file"])):
+        code = linecache.getline(path, int(m["line"])).strip()
+        if code:
+            break
+    where = f" at {Path(m['file']).name}:{m['line']} in {m['fn']}"
+    return where + (f" (`{code}`)" if code else "")

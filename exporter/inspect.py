@@ -10,14 +10,15 @@ from rich.table import Table
 from exporter.inspect_store import print_embeddings
 from exporter.progress import console
 from runtime.bundle import Bundle
+from runtime.ceiling import flop_ceiling
 
 
 def ceiling(flops: dict, n: int) -> float | None:
     """(U+G)/(U/N+G): the speedup bound of the split for a request of N candidates."""
     u, g = flops.get("user_per_row"), flops.get("group_per_row")
-    if not u or not g:
+    if u is None or g is None:
         return None
-    return (u + g) / (u / n + g)
+    return flop_ceiling(u, g, n)
 
 
 def inspect_bundle(
@@ -107,6 +108,9 @@ def _print_split(m) -> None:
             f"FLOPs per row: user {f['user_per_row']:,}  group {f['group_per_row']:,}  "
             f"full {f.get('full_per_row', 0):,}\nsplit ceiling (U+G)/(U/N+G): {ceil}"
         )
+        if not f["user_per_row"]:
+            console.print("the user side does no arithmetic (lookups only): the split saves memory "
+                          "traffic, not FLOPs")
 
 
 def _print_row_scope(m) -> None:

@@ -50,7 +50,9 @@ class LoadedModel:
         """A callable eager reference: the module, or the .pt2 program's module."""
         if self.module is not None:
             return self.module
-        return self.program.module()
+        from exporter.program import ProgramModule
+
+        return ProgramModule(self.program)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -263,7 +265,11 @@ def _load_pt2(path: Path, spec) -> LoadedModel:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"'{path}' is not a program saved by torch.export.save: {e}") from e
-    return LoadedModel(spec=FeatureSpec.load(spec), program=program, source=_provenance(path))
+    from exporter.program import check_program
+
+    spec = FeatureSpec.load(spec)
+    check_program(program, spec, str(path))
+    return LoadedModel(spec=spec, program=program, source=_provenance(path))
 
 
 def _provenance(path: Path, factory=None, kwargs=None, directory=None) -> dict[str, Any]:

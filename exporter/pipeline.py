@@ -116,7 +116,10 @@ class ExportContext:
 
 def step_capture(ctx: ExportContext) -> None:
     spec = ctx.spec
-    ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed)
+    if ctx.loaded.program is not None:  # a .pt2 archive is already captured (exporter.program)
+        ctx.program = ctx.loaded.program
+    else:
+        ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed, rows=ctx.options.data)
     ctx.input_names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
 
 
@@ -128,7 +131,10 @@ def step_split(ctx: ExportContext) -> None:
     """UG split (exporter.split): user.onnx + group.onnx, manifest split/flops; else full only."""
     from exporter.split import split_to_onnx
 
-    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed)
+    rows = ctx.options.data
+    if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
+        rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
+    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
     ctx.manifest_fields["flops"] = art.flops
     ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
         "report": art.report}, indent=2, default=str) + "\n"

@@ -24,11 +24,10 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.capture import MAX_BATCH
+from exporter.capture import MAX_BATCH, example_rows
 from exporter.errors import ExportError
 from exporter.onnx_build import export_onnx
 from graph_passes.fx import USER_INDEX, SplitResult, SplitUserGroupPass
-from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ def _is_input(spec: FeatureSpec, name: str) -> bool:
 
 
 def _example(spec: FeatureSpec, names: list[str], n: int, seed: int, rows=None):
-    rows = rows if rows is not None else sample_rows(spec, n, seed)
+    rows = example_rows(spec, n, seed, rows)
     return {name: torch.from_numpy(np.ascontiguousarray(rows[name][:n])) for name in names}
 
 

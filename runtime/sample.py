@@ -10,13 +10,30 @@ DEFAULT_ID_RANGE = 100  # ids drawn for integer inputs without a declared vocab
 
 
 def sample_input(spec: InputSpec, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` rows of one input: ids uniform in [0, vocab), floats standard normal."""
+    """``n`` rows of one input: ids uniform in [0, vocab), floats standard normal.
+
+    An input declared column by column samples each column from its own domain: id
+    columns uniform in their vocabulary (stored in the input's dtype), dense ones normal.
+    """
     shape = (n, *spec.shape)
+    if spec.fields is not None:
+        return _sample_fields(spec, n, rng)
     if spec.is_integer:
         return rng.integers(0, spec.vocab or DEFAULT_ID_RANGE, size=shape).astype(spec.dtype)
     if spec.dtype == "bool":
         return rng.random(shape) < 0.5
     return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _sample_fields(spec: InputSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty((n, *spec.shape), dtype=spec.dtype)
+    for f in spec.fields:
+        shape = (n, *spec.shape[:-1], f.width)
+        if f.is_id:
+            out[..., f.start : f.stop] = rng.integers(0, f.vocab, size=shape)
+        else:
+            out[..., f.start : f.stop] = rng.standard_normal(shape)
+    return out
 
 
 def sample_rows(spec: FeatureSpec, n: int, seed: int = 0) -> dict[str, np.ndarray]:

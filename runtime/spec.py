@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.columns import ColumnField, parse_fields, ranges_of
 from runtime.errors import SpecError
 
 SIDES = ("user", "group", "mixed")
@@ -39,6 +40,7 @@ class InputSpec:
     shape: tuple[int, ...]
     vocab: int | None = None
     columns: dict[str, tuple[tuple[int, int], ...]] | None = None
+    fields: tuple[ColumnField, ...] | None = None  # per-column layout (runtime.columns)
 
     @property
     def arg(self) -> str:
@@ -70,7 +72,9 @@ class InputSpec:
         }
         if self.vocab is not None:
             d["vocab"] = self.vocab
-        if self.columns is not None:
+        if self.fields is not None:
+            d["columns"] = [f.to_dict() for f in self.fields]
+        elif self.columns is not None:
             d["columns"] = {k: [list(r) for r in v] for k, v in self.columns.items()}
         return d
 
@@ -189,14 +193,34 @@ def _input_from_dict(spec_name: str, index: int, raw: Any) -> InputSpec:
         if not isinstance(vocab, int) or vocab <= 0:
             raise SpecError(f"{where}: 'vocab' must be a positive int, got {vocab!r}")
         if dtype not in ("int64", "int32"):
-            raise SpecError(f"{where}: 'vocab' applies to integer ids, but dtype is {dtype}")
+            raise SpecError(
+                f"{where}: 'vocab' applies to integer ids, but dtype is {dtype} "
+                "(ids stored in float columns: give each column its vocab under 'columns')"
+            )
+    fields = None
+    if isinstance(raw.get("columns"), list):
+        return _input_with_fields(where, name, raw, dtype, shape, vocab)
     columns = _parse_columns(where, raw.get("columns"), shape)
     side = raw.get("side", "mixed" if columns else None)
     if side not in SIDES:
         raise SpecError(f"{where}: side {side!r} is not one of user, group (or mixed with columns)")
     if (side == "mixed") != (columns is not None):
         raise SpecError(f"{where}: side 'mixed' and 'columns' go together")
-    return InputSpec(name, side, dtype, tuple(shape), vocab, columns)
+    return InputSpec(name, side, dtype, tuple(shape), vocab, columns, fields)
+
+
+def _input_with_fields(where, name, raw, dtype, shape, vocab) -> InputSpec:
+    """An input declared column by column (runtime.columns): its side follows its fields."""
+    if not shape:
+        raise SpecError(f"{where}: 'columns' needs a shape with a last dimension")
+    side = raw.get("side")
+    fields = parse_fields(where, raw["columns"], shape[-1], side if side in ("user", "group") else None)
+    sides = {f.side for f in fields}
+    derived = sides.pop() if len(sides) == 1 else "mixed"
+    if side is not None and side != derived:
+        raise SpecError(f"{where}: side {side!r} disagrees with its columns, which are {derived}")
+    columns = ranges_of(fields) if derived == "mixed" else None
+    return InputSpec(name, derived, dtype, tuple(shape), vocab, columns, fields)
 
 
 def _parse_columns(where: str, raw: Any, shape: list[int]):

@@ -36,6 +36,8 @@ def _as_array(spec: InputSpec, value: Any) -> np.ndarray:
 
 
 def _check_values(spec: InputSpec, arr: np.ndarray) -> None:
+    if spec.fields is not None:
+        _check_field_ids(spec, arr)
     if spec.is_integer:
         if spec.vocab is not None and arr.size:
             lo, hi = int(arr.min()), int(arr.max())
@@ -46,6 +48,27 @@ def _check_values(spec: InputSpec, arr: np.ndarray) -> None:
                 )
     elif arr.dtype.kind == "f" and arr.size and not np.all(np.isfinite(arr)):
         raise RequestError(f"input '{spec.name}' contains NaN or infinite values")
+
+
+def _check_field_ids(spec: InputSpec, arr: np.ndarray) -> None:
+    """Id columns (ids stored as floats too): integral, in [0, vocab); names the column."""
+    for f in spec.fields:
+        if not f.is_id or not arr.size:
+            continue
+        col = arr[..., f.start : f.stop]
+        bad = ~np.isfinite(col) if col.dtype.kind == "f" else np.zeros(col.shape, bool)
+        if col.dtype.kind == "f":
+            bad |= np.where(np.isfinite(col), col != np.round(col), False)
+        kind = "a non-integer id"
+        if not bad.any():
+            bad, kind = (col < 0) | (col >= f.vocab), f"an id outside its vocabulary [0, {f.vocab})"
+        if bad.any():
+            at = np.argwhere(bad)[0]
+            column = f.start + int(at[-1])
+            value = col[tuple(at)].item()
+            raise RequestError(
+                f"input '{spec.name}' column {column} ('{f.name}') has {kind}: {value:g}"
+            )
 
 
 def _check_names(kind: str, expected: list[str], got: Mapping[str, Any]) -> None:

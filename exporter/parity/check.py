@@ -210,6 +210,10 @@ def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str
 
 def _program_cache(model: torch.nn.Module, spec: FeatureSpec, program: Any):
     """The model's ExportedProgram, captured on first use (split-eager, localisation)."""
+    from exporter.program import ProgramModule
+
+    if program is None and isinstance(model, ProgramModule):
+        program = model.program  # a .pt2 archive: already captured
     holder = {"program": program}
 
     def get():

@@ -33,6 +33,11 @@ ELEMENTWISE = _names(
     aten.rsqrt.default,
     aten.abs.default,
     aten.relu.default,
+    aten.relu_.default,
+    aten.add_.Tensor,  # in-place forms: non-decomposed captures of third-party models keep them
+    aten.mul_.Tensor,
+    aten.sub_.Tensor,
+    aten.div_.Tensor,
     aten.gelu.default,
     aten.silu.default,
     aten.sigmoid.default,

@@ -39,6 +39,7 @@ from graph_passes.fx._base import (
     tensor_val,
 )
 from graph_passes.fx.flops import FlopCountPass, ceiling
+from graph_passes.fx.hoist_mixed import HoistMixedLayersPass
 from graph_passes.fx.sides import SideAnalysisPass
 from runtime.spec import FeatureSpec
 
@@ -83,12 +84,21 @@ class SplitResult:
 class SplitUserGroupPass:
     """Split a captured program by the spec's sides; ``call`` returns PassResult(SplitResult)."""
 
-    def __init__(self, spec: FeatureSpec, *, minimise_boundary: bool = True, max_rounds: int = 64):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        minimise_boundary: bool = True,
+        max_rounds: int = 64,
+        hoist_mixed: bool = True,
+    ):
         self.spec = spec
+        self.hoist_mixed = hoist_mixed
         self.minimise_boundary = minimise_boundary
         self.max_rounds = max_rounds
 
     def call(self, ep: torch.export.ExportedProgram) -> PassResult:
+        mixed_layers = self._hoist_mixed_layers(ep)
         forced: dict[str, str] = {}
         blocked: dict[str, dict[str, Any]] = {}  # across rounds: a demotion must not hide a block
         for _ in range(self.max_rounds):
@@ -96,13 +106,34 @@ class SplitUserGroupPass:
             blocked.update({b["node"]: b for b in facts["blocked"]})
             facts["blocked"] = list(blocked.values())
             gm = graph_module_of(ep)
-            boundary = _boundary_nodes(gm)
+            boundary = _boundary_nodes(gm, len(ep.graph_signature.user_outputs))
             if not self._demote(boundary, facts["batch_symbol"], forced):
                 break
         s0 = facts["batch_symbol"]
         flops = FlopCountPass(s0).call(ep).facts["flops"]
         result = self._result(ep, gm, boundary, facts, flops, forced)
+        if mixed_layers is not None:
+            result.report["mixed_layers"] = mixed_layers
         return PassResult(result, result.is_split, {"split": result})
+
+    def _hoist_mixed_layers(self, ep) -> dict[str, Any] | None:
+        """Rewrite Linear/matmul/sum over a mixed input as user part + group part, in place.
+
+        Returns the record for the report: what was rewritten and the user/group FLOPs per
+        row before the rewrite (the split report's ``flops`` are after it).
+        """
+        if not self.hoist_mixed or not any(s.side == "mixed" for s in self.spec.inputs):
+            return None
+        facts = SideAnalysisPass(self.spec).call(ep).facts
+        gm = graph_module_of(ep)
+        before = FlopCountPass(facts["batch_symbol"]).call(ep).facts["flops"]
+        sides = {n: n.meta[SIDE_KEY] for n in gm.graph.nodes if SIDE_KEY in n.meta}
+        done = HoistMixedLayersPass(sides, facts["column_masks"]).call(ep).facts["rewritten"]
+        return {
+            "rewritten": done,
+            "user_per_row_before": before["user"],
+            "group_per_row_before": before["group"],
+        }
 
     def _demote(self, boundary: list[fx.Node], s0, forced: dict[str, str]) -> bool:
         changed = False
@@ -151,19 +182,27 @@ class SplitUserGroupPass:
         return SplitResult(user_gm, group_gm, user_inputs, group_inputs, meta, outputs, report)
 
 
-def _boundary_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """User nodes read by the group side (or returned), in graph order."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.meta.get(SIDE_KEY) != "user":
+def _boundary_nodes(gm: fx.GraphModule, n_outputs: int) -> list[fx.Node]:
+    """User nodes the group side reads on its way to the outputs, in graph order.
+
+    Walked back from the model's outputs through group (and mixed, shape) nodes: a user
+    node read only by dead code, or by a batch-size read, never crosses the cut.
+    """
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    todo = [o for o in list(out_node.args[0])[-n_outputs:] if isinstance(o, fx.Node)]
+    seen: set[fx.Node] = set()
+    found: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
             continue
-        for c in n.users:
-            side = c.meta.get(SIDE_KEY)
-            dep = c.meta.get("ugsep.shape_dep")
-            if c.op == "output" or side in ("group", "mixed") or (side == "shape" and dep):
-                out.append(n)
-                break
-    return out
+        seen.add(n)
+        side = n.meta.get(SIDE_KEY)
+        if side == "user":
+            found.add(n)
+        elif side != "shape" or n.meta.get("ugsep.shape_dep") not in (None, "const"):
+            todo.extend(n.all_input_nodes)
+    return [n for n in gm.graph.nodes if n in found]
 
 
 _LOOKUPS = {aten.embedding.default, aten.index_select.default, aten.gather.default}

@@ -124,6 +124,7 @@ class FlopCountPass:
             per_row = int(expr.subs(self.s0, 1))
             node.meta[FLOPS_KEY] = per_row
             side = node.meta.get(SIDE_KEY, "group")
+            side = "group" if side == "mixed" else side  # mixed tensors run per candidate
             if self.s0 not in expr.free_symbols:
                 side = "const"
             if side in totals:
@@ -132,6 +133,7 @@ class FlopCountPass:
 
 
 def ceiling(user_per_row: float, group_per_row: float, n: int) -> float:
-    """Speedup bound of the split at N candidates: (U + G) / (U / N + G)."""
-    denom = user_per_row / n + group_per_row
-    return float((user_per_row + group_per_row) / denom) if denom else float("inf")
+    """Speedup bound of the split at N candidates: runtime.ceiling.flop_ceiling."""
+    from runtime.ceiling import flop_ceiling
+
+    return flop_ceiling(user_per_row, group_per_row, n)

@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 ROWS, REQUEST = "rows", "request"
 """Scope values: ``rows`` (row-wise, requests may be merged and cut), ``request``."""
-_SHAPE_READS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+_SHAPE_READS = {
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten._assert_tensor_metadata.default,  # checks dtype/device only, reads no values
+}
 
 
 class RowScopeAnalysis:
@@ -78,7 +83,7 @@ class RowScopeAnalysis:
             if batched and node.target not in _SHAPE_READS:
                 self._mix(node, "it reads a value out of the batch (data-dependent scalar)")
             return
-        if batched:
+        if batched and node.target not in rowwise.ROW_UNIFORM_FACTORIES:  # new_zeros(x, ..)
             res = rowwise.prove(node, self.ctx)
             if isinstance(res, str):
                 self._mix(node, res)

@@ -10,8 +10,10 @@ Every node gets ``meta["ugsep.side"]`` in {user, group, const, shape}:
 - a node reading any group value is ``group``; a node reading user values (and
   constants) is ``user`` only when ``rowwise.prove`` shows it keeps batch rows apart,
   else it is ``group`` and recorded in ``blocked`` with its op, module and source line;
-- a ``mixed`` input (columns form of the spec) stays mixed through column slices;
-  a slice that lands inside the user columns is ``user``.
+- a ``mixed`` input (columns form of the spec) is followed element by element
+  (graph_passes.fx.columns): slices, gathers, cats, views and elementwise ops keep its
+  column provenance; a tensor that reads only user columns is ``user``, one whose every
+  element reads a group column is ``group``, anything in between stays ``mixed``.
 """
 
 from __future__ import annotations
@@ -33,24 +35,17 @@ from graph_passes.fx._base import (
     module_path,
     op_name,
     source_line,
+    state_of,
     tensor_val,
     user_input_names,
 )
+from graph_passes.fx.columns import ColumnTracker, input_mask
 from graph_passes.onnx.errors import PassError
 from runtime.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 COLUMNS_KEY = "ugsep.columns"
-_COLUMN_PRESERVING = {
-    aten._to_copy.default,
-    aten.to.dtype,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.lift_fresh_copy.default,
-}
 
 
 class SideAnalysisPass:
@@ -74,13 +69,21 @@ class SideAnalysisPass:
         self.layout: dict[fx.Node, tuple[int, int]] = {}
         self.blocked: list[dict[str, Any]] = []
         self.ctx = rowwise.ProofContext(self.s0, lambda n: self.side.get(n) == "user", self.layout)
+        self.columns = ColumnTracker(self.s0, _const_values(ep))
+        self.from_group: set[fx.Node] = set()  # downstream of a group (not mixed) input
+        self.has_mixed = any(s.side == "mixed" for s in self.spec.inputs)
         for node in gm.graph.nodes:
             self._visit(node, names)
             if node in self.side:
                 node.meta[SIDE_KEY] = self.side[node]
             if node in self.layout:
                 node.meta[BATCH_KEY] = self.layout[node]
-        facts = {"batch_symbol": self.s0, "blocked": self.blocked, "input_names": names}
+        facts = {
+            "batch_symbol": self.s0,
+            "blocked": self.blocked,
+            "input_names": names,
+            "column_masks": self.columns.masks,
+        }
         return PassResult(gm, False, facts)
 
     def _check_inputs(self, names: dict[str, str]) -> None:
@@ -107,10 +110,12 @@ class SideAnalysisPass:
         s = self.spec.input(names[node.name])
         if s.side == "mixed":
             self.side[node] = "mixed"
-            node.meta[COLUMNS_KEY] = list(range(s.shape[-1]))
-            node.meta["ugsep.user_columns"] = set(s.user_columns())
+            node.meta[COLUMNS_KEY] = s.columns
+            self.columns.masks[node] = input_mask(s.shape, set(s.user_columns()))
         else:
             self.side[node] = s.side
+            if s.side == "group":
+                self.from_group.add(node)
             if s.side == "user":
                 self.layout[node] = (1, 1)
 
@@ -120,10 +125,15 @@ class SideAnalysisPass:
             self.dep[node] = self._shape_dep(node)
             return
         ins = {self._input_side(a) for a in node.all_input_nodes} - {None, "const", "shape"}
-        if node.name in self.forced_group or "group" in ins:
+        if any(a in self.from_group for a in node.all_input_nodes):
+            self.from_group.add(node)
+        by_column = "mixed" in ins or ("group" in ins and "user" in ins and self.has_mixed)
+        if by_column:
+            self._visit_mixed(node, forced=node.name in self.forced_group)
+        elif node.name in self.forced_group:
             self.side[node] = "group"
-        elif "mixed" in ins:
-            self._visit_mixed(node)
+        elif "group" in ins:
+            self.side[node] = "group"
         elif "user" in ins:
             self._visit_user(node)
         else:
@@ -165,43 +175,35 @@ class SideAnalysisPass:
             return "group"
         return "const"
 
-    def _visit_mixed(self, node: fx.Node) -> None:
-        src = node.args[0] if node.args else None
-        cols = _columns_after(node, src) if self.side.get(src) == "mixed" else None
-        others = [a for a in node.all_input_nodes if a is not src and self.side.get(a) != "shape"]
-        if cols is None or others:
-            self.side[node] = "group"
-            return
-        user_cols = src.meta["ugsep.user_columns"]
-        if cols and all(c in user_cols for c in cols):
-            self.side[node], self.layout[node] = "user", (1, 1)
-        elif cols and not any(c in user_cols for c in cols):
-            self.side[node] = "group"
-        else:
-            self.side[node] = "mixed"
-            node.meta[COLUMNS_KEY] = cols
-            node.meta["ugsep.user_columns"] = user_cols
+    def _visit_mixed(self, node: fx.Node, *, forced: bool = False) -> None:
+        """Column provenance (graph_passes.fx.columns) decides user / group / still mixed.
+
+        A node the cut moved off the boundary (``forced``) stays ``mixed``, not group: each
+        side recomputes it from the mixed input, and its user columns stay hoistable.
+        """
+        side = self.columns.side_of(node, self.side)
+        if side == "user" and (forced or node in self.from_group):
+            side = "mixed"  # the user graph cannot compute what reads a group input proper
+        self.side[node] = side
+        if side == "user":
+            self.layout[node] = (1, 1)
 
 
-def _columns_after(node: fx.Node, src: fx.Node) -> list[int] | None:
-    """The source columns ``node`` keeps along the last dim, or None if it does more."""
-    cols = src.meta[COLUMNS_KEY]
-    rank = tensor_val(src).dim()
-    if node.target in _COLUMN_PRESERVING:
-        return cols
-    if node.target is aten.slice.Tensor:
-        dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
-        dim = dim + rank if dim < 0 else dim
-        if dim == rank - 1:
-            return cols[slice(start, end, step)]
-        full = start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
-        return cols if dim != 0 or full else None
-    if node.target is aten.select.int:
-        dim = node.args[1] + rank if node.args[1] < 0 else node.args[1]
-        if dim == rank - 1:
-            return [cols[node.args[2]]]
-        return cols if dim != 0 else None
-    return None
+def _const_values(ep):
+    """A constant node's tensor: lifted state, a get_attr, or a constant folded at capture."""
+    state, gm = state_of(ep), graph_module_of(ep)
+
+    def value_of(n: fx.Node) -> torch.Tensor:
+        if n.op == "placeholder" and n.name in state:
+            return state[n.name]
+        if n.op == "get_attr":
+            obj = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise ValueError(f"{n.name} is not a stored constant")
+
+    return value_of
 
 
 def _blocked_entry(node: fx.Node, reason: str) -> dict[str, Any]:

@@ -332,7 +332,8 @@ def _batch_symbol(ep):
 
 
 class StraddlingColumns(nn.Module):
-    """A slice over columns 2..6 mixes user (0..4) and item (4..7) columns: not hoistable."""
+    """A slice over columns 2..6 mixes user (0..4) and item (4..7) columns: only the user
+    share of ``both`` (its weights on columns 2..3) is hoistable, by the mixed-layer rewrite."""
 
     def __init__(self):
         super().__init__()
@@ -348,9 +349,10 @@ def test_column_slice_straddling_user_and_item_columns_stays_group_side():
     model = StraddlingColumns()
     _, res = split(model, spec)
     r = res.graph_module
-    assert r.report["hoisted_modules"] == ["user"]
+    assert r.report["hoisted_modules"] == ["both", "user"]  # both: W[:, :2] @ x[:, 2:4] only
+    assert [m["module"] for m in r.report["mixed_layers"]["rewritten"]] == ["both"]
     linears = [n for n in r.user.graph.nodes if n.target is torch.ops.aten.linear.default]
-    assert len(linears) == 1
+    assert len(linears) == 2
     users, full, index = request_rows(spec, [2, 3])
     first_rows = {"x": full["x"][np.searchsorted(index, np.arange(2))]}
     got = run_split(r, first_rows, full, index)
