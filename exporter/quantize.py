@@ -43,6 +43,7 @@ from exporter.parity.check import output_metrics
 from exporter.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
+from graph_passes.onnx.quantize import MIN_K
 from runtime.manifest import SMALL_GROUP as SMALL
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,8 @@ class _Path:
 
 
 def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
-    """(weight, why) of constant MatMul weights left in fp32 for speed: below
-    ``min_elements``, or per-token weights this stage keeps batched."""
+    """(weight, why) of constant MatMul weights left in fp32 for speed: a reduction dim
+    below ``MIN_K``, below ``min_elements``, or per-token weights this stage keeps batched."""
     from graph_passes.onnx._util import const_array
 
     out: list[tuple[str, int]] = []
@@ -271,7 +272,11 @@ def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
         n = int(w[0].size if w.ndim == 3 else w.size)
         if any(node.inputs[1].name == name for name, _ in out):
             continue
-        if n < min_elements:
+        k = int(w.shape[-2])
+        if k < MIN_K:  # the pass's own rule (graph_passes.onnx.quantize.weight_refusal)
+            why = f"K={k} < min_k={MIN_K}: MatMulNBits pads K to {MIN_K}, int8 saves nothing"
+            out.append((node.inputs[1].name or "", why))
+        elif n < min_elements:
             why = f"{n} elements < min_elements={min_elements}, this stage's speed choice "
             why += "(smaller weights ran faster as fp32 GEMM; manifest quantization.speed_tuning)"
             out.append((node.inputs[1].name or "", why))
