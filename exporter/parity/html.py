@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.parity._table import COLUMNS
+from exporter.parity._table import COLUMNS, auc_note
 from exporter.parity.report import ParityReport, StageResult
 
 MAX_POINTS = 5000  # scatter points per plot (a deterministic subsample beyond that)
@@ -73,6 +73,7 @@ def _summary_table(report: ParityReport) -> str:
                 for _, k, fmt in COLUMNS
             )
             notes = "; ".join(s.breaches.get(out, [])) if out else (s.reason or "")
+            notes = "; ".join(x for x in (notes, auc_note(s, out)) if x)
             rows.append(
                 f"<tr><td>{_e(s.name)}</td><td>{_e(out or '–')}</td>"
                 f"<td class='{s.status}'>{_e(s.status)}</td>{cells}<td>{_e(notes)}</td></tr>"
