@@ -126,11 +126,14 @@ def _localisation(loc: dict[str, Any]) -> str:
     if not first:
         return f"<p>{_e(loc.get('note', 'no divergence found'))}</p>"
     return (
-        f"<p>First tensor beyond tolerance {loc['tolerance']:g} (relative) of {loc['compared']} "
-        f"compared: <code>{_e(first['name'])}</code> ({_e(first['op'])}) in module "
+        f"<p>First tensor beyond tolerance {loc['tolerance']:g} (RMS error / RMS) of "
+        f"{loc['compared']} compared: <code>{_e(first['name'])}</code> ({_e(first['op'])}) in module "
         f"<code>{_e(first['module'] or '(root)')}</code> ({_e(first['module_type'])}), graph "
-        f"{_e(first['graph'])}, value <code>{_e(first['onnx_value'])}</code>; relative error "
-        f"{first['rel_error']:.3g}, max abs {first['max_abs']:.3g}. Last agreeing tensor: "
+        f"{_e(first['graph'])}, value <code>{_e(first['onnx_value'])}</code>; RMS error / RMS "
+        f"{first['rms_rel_error']:.3g}, max abs {first['max_abs']:.3g}"
+        + (f" (measured on its view <code>{_e(first['seen_at']['name'])}</code>)"
+           if first.get("seen_at") else "")
+        + ". Last agreeing tensor: "
         f"<code>{_e(loc.get('last_agreeing'))}</code>.</p><pre>{_e(first['code'])}</pre>"
         + _upstream(loc.get("upstream") or [])
     )
