@@ -84,3 +84,23 @@ def test_parity_report_shows_the_interval_beside_the_point(split_bundle, split_m
     assert head["delta_auc_ci"] == [ci["ci_low"], ci["ci_high"]]
     html = write_html_report(report, tmp_path / "r.html").read_text()
     assert "ΔAUC 95% CI" in html and f"{ci['ci_low']:+.1e}" in html
+
+
+def test_layers_are_ranked_by_what_their_measurement_resolves():
+    """Before: a layer's point |ΔAUC| / budget ranked it, so noise (3e-4 ± 2e-4 on a few
+    hundred rows) ranked a harmless layer as the most damaging one."""
+    from exporter.quantize import budget_damage
+
+    limits = {"abs_delta_auc": 1e-4, "top10_overlap_mean": 0.95}
+
+    def measured(d, se, rel):
+        out = {"delta_auc": d, "abs_delta_auc": abs(d), "delta_auc_se": se,
+               "logit_rel_rms": rel, "top10_overlap_mean": 1.0}
+        return {"outputs": {"ctr": out}}
+
+    noisy_harmless = budget_damage(measured(3e-4, 2e-4, 0.004), limits)[0]
+    resolved_damage = budget_damage(measured(3e-4, 1e-5, 0.004), limits)[0]
+    large_error = budget_damage(measured(1e-5, 2e-4, 0.06), limits)[0]
+    assert noisy_harmless < 1.0 < resolved_damage
+    assert large_error > 1.0  # the logit error is resolved even when ΔAUC is not
+    assert noisy_harmless == pytest.approx(0.004 / logit_tolerance(1e-4))
