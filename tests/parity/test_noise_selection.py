@@ -38,7 +38,16 @@ def _stages(bundle) -> tuple[dict[str, onnx.ModelProto], Manifest]:
     return {k: onnx.load(str(bundle / v["file"])) for k, v in m.stages.items()}, m
 
 
-def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master, split_model, caplog):
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage() + "\n"
+
+
+def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master, split_model):
     stages, m = _stages(split_bundle_master)
     data = labelled_rows(split_model, m.spec, 6, seed=11)  # 300 rows
     calib = calibration_for(split_model, m.spec, data, n_rows=300)
@@ -46,8 +55,12 @@ def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master,
     every = QuantizeOptions(
         min_elements=0, per_token_stages=("full", "user", "group"), tune=False
     )
-    with caplog.at_level(logging.WARNING, logger="exporter.quant_noise"):
+    lines, logger = _Lines(), logging.getLogger("exporter.quant_noise")
+    logger.addHandler(lines)
+    try:
         _, record = quantize_bundle_stages(stages, m.spec, options=every, calibration=calib)
+    finally:
+        logger.removeHandler(lines)
     outcome = record["outcome"]["user+group"]
     res = outcome["auc_resolution"]
     assert (res["calibration_rows"], res["heldout_rows"]) == (300, 1000)
@@ -59,7 +72,7 @@ def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master,
     assert res["resolved"] is resolved
     if not resolved:  # the logit criterion decided, and the log says so
         assert selected["logit_rel_rms"] <= logit_tolerance(budget)
-        assert "cannot resolve the ΔAUC budget" in caplog.text
+        assert "cannot resolve the ΔAUC budget" in lines.text
         assert res["criterion"].startswith("logit error")
     assert outcome["selected"]["passed"]
     assert any(r["precision"] != "fp32" for r in record["layers"] if r["stage"] != "full")
