@@ -92,15 +92,17 @@ class BundleWriter:
         write_file(path, content, external_data_bytes=self.external_data_bytes)
         return path
 
-    def add_stage(self, stage: str, rel: str, model: onnx.ModelProto, **meta: Any) -> None:
-        """Write a stage's graph; ``meta`` adds keys to its manifest entry (e.g. max_rows)."""
-        self.add(rel, model)
+    def add_stage(self, stage: str, rel: str, model: onnx.ModelProto, **meta: Any) -> Path:
+        """Write a stage's graph; ``meta`` adds keys to its manifest entry (e.g. max_rows).
+        Returns the path written (staged until ``finish``)."""
+        path = self.add(rel, model)
         self.stages[stage] = {
             "file": rel,
             "inputs": [i.name for i in model.graph.input],
             "outputs": [o.name for o in model.graph.output],
             **meta,
         }
+        return path
 
     def finish(self, *, model_name: str, spec: FeatureSpec, **fields: Any) -> Manifest:
         manifest = Manifest(

@@ -79,6 +79,10 @@ def run_check(args: argparse.Namespace) -> int:
         console.print(f"HTML report: {args.report}")
     if not report.passed:
         console.print(f"[red]parity FAILED[/red] for: {', '.join(report.failed_stages)}")
+        for st in report.stages:  # a stage that differs between server configurations
+            bad = [c["name"] for c in st.configs if not c["passed"]]
+            if bad:
+                console.print(f"  {st.name} fails in configuration(s): {', '.join(bad)}")
         return 1
     console.print("[green]parity passed[/green]")
     return 0

@@ -302,6 +302,12 @@ def _print_layers(q: dict) -> None:
         console.print(
             f"selection on {path}: all layers quantized {verdict['all_quantized']} the budget, selected {verdict['selected']} it"
         )
+        res = o.get("auc_resolution") or {}
+        if res and not res.get("resolved"):
+            console.print(
+                f"  ΔAUC budget not resolved by {res.get('calibration_rows')} calibration rows: "
+                f"decided by {res.get('criterion')}"
+            )
     kept = q.get("kept_float") or [r["name"] for r in layers if r.get("precision") == "fp32"]
     budget = q.get("budget")
     console.print(

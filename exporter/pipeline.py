@@ -158,11 +158,18 @@ def step_row_scope(ctx: ExportContext) -> None:
 
 
 def step_write(ctx: ExportContext) -> None:
+    from exporter.graph_record import reconcile
+
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
                           **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
     try:
-        for stage, model in ctx.stages.items():
-            writer.add_stage(stage, f"{stage}.onnx", model, **ctx.stage_meta.get(stage, {}))
+        paths = {s: writer.add_stage(s, f"{s}.onnx", m) for s, m in ctx.stages.items()}
+        # the manifest describes the files as written (layers, boundary, threads), not the plan
+        written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
+        reconcile(ctx.manifest_fields, ctx.stage_meta, written)
+        for stage, meta in ctx.stage_meta.items():
+            if stage in writer.stages:
+                writer.stages[stage].update(meta)
         for rel, content in ctx.extra_files.items():
             writer.add(rel, content)
         fields = {

@@ -37,12 +37,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from exporter import quant_noise
 from exporter.errors import ExportError
 from exporter.parity.budgets import DEFAULTS, evaluate
 from exporter.parity.check import output_metrics
 from exporter.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
+from graph_passes.onnx.quantize import MIN_K
 from runtime.manifest import SMALL_GROUP as SMALL
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Calibration:
     labels: np.ndarray | None = None
     request_ids: np.ndarray | None = None
     request_scoped: bool = False
+    heldout_rows: int | None = None  # rows the parity verdict will judge (selection margin)
 
 
 @dataclass
@@ -257,8 +260,8 @@ class _Path:
 
 
 def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
-    """(weight, why) of constant MatMul weights left in fp32 for speed: below
-    ``min_elements``, or per-token weights this stage keeps batched."""
+    """(weight, why) of constant MatMul weights left in fp32 for speed: a reduction dim
+    below ``MIN_K``, below ``min_elements``, or per-token weights this stage keeps batched."""
     from graph_passes.onnx._util import const_array
 
     out: list[tuple[str, int]] = []
@@ -271,7 +274,11 @@ def _small_weights(model: ir.Model, min_elements: int) -> list[tuple[str, str]]:
         n = int(w[0].size if w.ndim == 3 else w.size)
         if any(node.inputs[1].name == name for name, _ in out):
             continue
-        if n < min_elements:
+        k = int(w.shape[-2])
+        if k < MIN_K:  # the pass's own rule (graph_passes.onnx.quantize.weight_refusal)
+            why = f"K={k} < min_k={MIN_K}: MatMulNBits pads K to {MIN_K}, int8 saves nothing"
+            out.append((node.inputs[1].name or "", why))
+        elif n < min_elements:
             why = f"{n} elements < min_elements={min_elements}, this stage's speed choice "
             why += "(smaller weights ran faster as fp32 GEMM; manifest quantization.speed_tuning)"
             out.append((node.inputs[1].name or "", why))
@@ -372,7 +379,9 @@ class _Runner:
             m = output_metrics(
                 np.asarray(ref), got[name].reshape(np.shape(ref)), self.calib.labels, self.groups
             )
-            outputs[name] = _summary(m)
+            n_rows = len(np.asarray(ref))
+            quant_noise.add_margin(m, n_rows, self.calib.heldout_rows)
+            outputs[name] = {**_summary(m), **quant_noise.summary_fields(m, limits)}
             breaches += [f"{name}: {b}" for b in evaluate(m, limits)[0]]
         return {"passed": not breaches, "breaches": breaches, "outputs": outputs}
 
@@ -401,6 +410,8 @@ def budget_damage(measured: dict[str, Any], limits: dict[str, float]) -> tuple[f
     for out in measured["outputs"].values():
         for key, limit in limits.items():
             value = out.get(key)
+            if key == "abs_delta_auc" and out.get("delta_auc_se") is not None:
+                continue  # judged by what its interval resolves (quant_noise.damage_uses)
             if key not in LIMITS or not isinstance(value, int | float) or value != value:
                 continue
             if LIMITS[key][1] == "max":
@@ -408,6 +419,7 @@ def budget_damage(measured: dict[str, Any], limits: dict[str, float]) -> tuple[f
             else:
                 use = (1 - value) / (1 - limit) if limit < 1 else float(value < 1) * 1e9
             worst = max(worst, use)
+        worst = max([worst, *quant_noise.damage_uses(out, limits)])
     mean_abs = max((o.get("mean_abs", 0.0) for o in measured["outputs"].values()), default=0.0)
     return worst, mean_abs
 
@@ -674,6 +686,10 @@ def _select(path: _Path, opts: QuantizeOptions, runner: _Runner, prior: dict[str
         ranked = sorted(path.groups, key=lambda g: budget_damage(table[g], limits), reverse=True)
         keep, current = _bisect(path, opts, runner, limits, ranked)
     outcome["selected"], outcome["kept_float"] = current, keep
+    n_cal = len(next(iter(runner.calib.reference.values())))
+    outcome["auc_resolution"] = quant_noise.auc_resolution(
+        current, "+".join(path.stages), n_cal, runner.calib.heldout_rows
+    )
     if not current["passed"]:
         log.warning(
             "quantization of %s misses the budget: %s", "+".join(path.stages), current["breaches"]
@@ -871,6 +887,7 @@ def step_quantize(ctx: Any) -> None:
     )
     if ctx.store_rows is not None:  # cut tables: the stages read the store's rows
         calib.rows = ctx.store_rows(calib.rows)
+    calib.heldout_rows = n_parity
     stages, record = quantize_bundle_stages(ctx.stages, ctx.graph_spec, options=opts, calibration=calib)
     ctx.stages.update(stages)
     if SMALL in stages:

@@ -161,8 +161,13 @@ def step_stage_threads(ctx: Any) -> None:
         group_small_rows=int(small.get("max_rows", 0)),
         forced_small_rows=bool(extra.get("quant_small_batch")),
     )
+    from exporter.graph_record import set_stage_threads
+
     for stage, threads in chosen.items():
         ctx.stage_meta.setdefault(stage, {})["intra_op_threads"] = threads
+        if any(ctx.stages[o] is ctx.stages[stage] for o in ctx.stages if o != stage):
+            ctx.stages[stage] = onnx.ModelProto.FromString(ctx.stages[stage].SerializeToString())
+        set_stage_threads(ctx.stages[stage], threads)  # the graph carries it; the manifest reads it
     if SMALL_GROUP in ctx.stage_meta:
         ctx.stage_meta[SMALL_GROUP]["max_rows"] = rows
     ctx.manifest_fields.setdefault("optimize", {})["stage_threads"] = record

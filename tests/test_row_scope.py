@@ -21,6 +21,7 @@ from torch import nn
 import runtime
 from exporter.capture import capture
 from exporter.load import LoadedModel
+from exporter.trust import model_factory
 from graph_passes.fx.row_scope import RowScopeAnalysis, row_scope
 from runtime.serving import ServerThread, build_app
 from runtime.spec import FeatureSpec
@@ -234,3 +235,38 @@ def test_parity_names_the_configuration_a_wrong_scope_breaks(bundles, tmp_path):
     failed = {c["name"] for c in st.configs if not c["passed"]}
     assert {"merged", "batch-1", "batch-max"} <= failed and "per-request" not in failed
     assert any("in configuration batch-max" in b for b in st.breaches["score"])
+
+
+@model_factory
+def make_listwise(seed: int = 0) -> nn.Module:
+    """The listwise model as a registered factory (``ugsep check --factory``)."""
+    return make(Listwise, seed)
+
+
+def test_cli_check_names_the_failing_configuration(bundles, tmp_path, capsys):
+    """``ugsep check`` on a listwise bundle whose manifest claims row-wise: exit 1, and the
+    terminal names the server configurations that break (merged / batch-max), not per-request."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from exporter.cli import main
+
+    path, model = bundles["listwise"]
+    bad = shutil.copytree(path, tmp_path / "listwise")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["row_scope"] = {"full": "rows", "user": "rows", "group": "rows", "mixing": []}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    factory = "tests.test_row_scope:make_listwise"
+    (ckpt / "config.json").write_text(json.dumps({"factory": factory, "kwargs": {}}))
+    capsys.readouterr()
+    argv = ["check", str(bad), "--checkpoint", str(ckpt), "--factory", factory]
+    assert main([*argv, "--trust-module", "tests", "--rows", "300"]) == 1
+    err = capsys.readouterr().err
+    lines = {x.split()[0]: x for x in err.splitlines() if "fails in configuration(s)" in x}
+    assert {"onnx-split", "onnx-full"} <= set(lines), err
+    for line in lines.values():
+        assert "batch-max" in line and "merged" in line and "per-request" not in line

@@ -17,6 +17,7 @@ COLUMNS = [
     ("mean abs", "mean_abs", "{:.2e}"),
     ("cosine", "cosine", "{:.6f}"),
     ("ΔAUC", "delta_auc", "{:+.1e}"),
+    ("ΔAUC 95% CI", "delta_auc_ci", "[{0[0]:+.1e}, {0[1]:+.1e}]"),
     ("top-10", "top10_overlap_mean", "{:.3f}"),
     ("top-50", "top50_overlap_mean", "{:.3f}"),
     ("τ mean", "kendall_tau_mean", "{:.4f}"),
@@ -48,12 +49,25 @@ def parity_table(report) -> Table:
         for out in outputs:
             head = s.headline(out) if out else {}
             notes = "; ".join(s.breaches.get(out, [])) if out else (s.reason or "")
+            notes = _join(notes, auc_note(s, out))
             if s.localisation and out == outputs[0]:
                 notes = (notes + "; " if notes else "") + _where(s.localisation)
             cells = [s.name] + ([out or "–"] if multi else []) + [_STATUS.get(s.status, s.status)]
             cells += [_fmt(head.get(key), fmt) for _, key, fmt in COLUMNS]
             table.add_row(*cells, notes)
     return table
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a and b else a or b
+
+
+def auc_note(stage, out: str | None) -> str:
+    """A passing ΔAUC the rows could not resolve says what decided it instead."""
+    v = (stage.outputs.get(out) or {}).get("auc_verdict") if out else None
+    if not v or v["mode"] != "unresolved" or not v["passed"]:
+        return ""
+    return f"ΔAUC not resolved by these rows; {v['text'].split(': ', 1)[-1]}"
 
 
 def _where(loc: dict[str, Any]) -> str:

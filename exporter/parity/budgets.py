@@ -135,9 +135,20 @@ def _read(path: str | Path) -> Any:
 
 
 def evaluate(metrics: dict[str, Any], limits: dict[str, float]) -> tuple[list[str], list[str]]:
-    """(breaches, not evaluated) of one output's metrics against ``limits``; breaches are readable."""
+    """(breaches, not evaluated) of one output's metrics against ``limits``; breaches are readable.
+
+    ``abs_delta_auc`` with an interval (``delta_auc_ci``) is judged by
+    ``exporter.parity.auc_noise.judge_auc``: by the interval when it resolves the budget,
+    else by the logit error relative to the score spread."""
+    from exporter.parity.auc_noise import judge_auc
+
     breaches, skipped = [], []
     for key, limit in limits.items():
+        if key == "abs_delta_auc" and metrics.get("delta_auc_ci"):  # judged with its interval
+            ok, _, text = judge_auc(metrics, limit)
+            if not ok:
+                breaches.append(text)
+            continue
         path, direction = LIMITS[key]
         value: Any = metrics
         for part in path:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportError
+from exporter.parity import auc_noise
 from exporter.parity import configs as C
 from exporter.parity import metrics as M
 from exporter.parity.budgets import Budgets, evaluate, load_budgets
@@ -163,6 +164,7 @@ def _check_stage(
     skipped: set[str] = set()
     for name, ref in reference.items():
         result.outputs[name] = output_metrics(ref, got[name], labels, groups)
+        _record_auc_verdict(result.outputs[name], limits)
         breaches, not_eval = evaluate(result.outputs[name], limits)
         skipped.update(not_eval)
         breaches += [b for c in result.configs for b in c["breaches"].get(name, [])]
@@ -171,6 +173,13 @@ def _check_stage(
     result.not_evaluated = sorted(skipped)
     result.status = "failed" if result.breaches else "passed"
     return result
+
+
+def _record_auc_verdict(metrics: dict[str, Any], limits: dict[str, float]) -> None:
+    """metrics["auc_verdict"]: how the |ΔAUC| budget was decided (interval or logit error)."""
+    if "abs_delta_auc" in limits and metrics.get("delta_auc_ci"):
+        ok, mode, text = auc_noise.judge_auc(metrics, limits["abs_delta_auc"])
+        metrics["auc_verdict"] = {"passed": ok, "mode": mode, "text": text}
 
 
 def _check_configs(stage: Stage, rows: Rows, reference: Outputs, labels, groups, limits):
@@ -193,16 +202,20 @@ def _check_configs(stage: Stage, rows: Rows, reference: Outputs, labels, groups,
 
 
 def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:
-    """All metrics of one output: element errors; label metrics; per-request ranking."""
+    """All metrics of one output: element errors; label metrics with the ΔAUC's 95% interval
+    (paired bootstrap over requests, exporter.parity.auc_noise); the logit error relative
+    to the score spread; per-request ranking."""
     if ref.shape != got.shape:
         return {"shape_mismatch": f"reference {list(ref.shape)} vs stage {list(got.shape)}"}
     out: dict[str, Any] = M.element_errors(ref, got)
     scalar = ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)
     if scalar and np.all(np.isfinite(got)):
+        out["logit_rel_rms"] = auc_noise.logit_rel_rms(ref, got)
         if labels is not None:
             lm = M.label_metrics(labels, ref, got)
             lm["abs_delta_auc"] = abs(lm["delta_auc"])
             lm["abs_delta_logloss"] = abs(lm["delta_logloss"])
+            lm["delta_auc_ci"] = auc_noise.delta_auc_interval(labels, ref, got, groups)
             out.update(lm)
         out.update(M.ranking_metrics(ref, got, groups))
     return out

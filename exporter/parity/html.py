@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.parity._table import COLUMNS
+from exporter.parity._table import COLUMNS, auc_note
 from exporter.parity.report import ParityReport, StageResult
 
 MAX_POINTS = 5000  # scatter points per plot (a deterministic subsample beyond that)
@@ -73,6 +73,7 @@ def _summary_table(report: ParityReport) -> str:
                 for _, k, fmt in COLUMNS
             )
             notes = "; ".join(s.breaches.get(out, [])) if out else (s.reason or "")
+            notes = "; ".join(x for x in (notes, auc_note(s, out)) if x)
             rows.append(
                 f"<tr><td>{_e(s.name)}</td><td>{_e(out or '–')}</td>"
                 f"<td class='{s.status}'>{_e(s.status)}</td>{cells}<td>{_e(notes)}</td></tr>"
@@ -125,11 +126,14 @@ def _localisation(loc: dict[str, Any]) -> str:
     if not first:
         return f"<p>{_e(loc.get('note', 'no divergence found'))}</p>"
     return (
-        f"<p>First tensor beyond tolerance {loc['tolerance']:g} (relative) of {loc['compared']} "
-        f"compared: <code>{_e(first['name'])}</code> ({_e(first['op'])}) in module "
+        f"<p>First tensor beyond tolerance {loc['tolerance']:g} (RMS error / RMS) of "
+        f"{loc['compared']} compared: <code>{_e(first['name'])}</code> ({_e(first['op'])}) in module "
         f"<code>{_e(first['module'] or '(root)')}</code> ({_e(first['module_type'])}), graph "
-        f"{_e(first['graph'])}, value <code>{_e(first['onnx_value'])}</code>; relative error "
-        f"{first['rel_error']:.3g}, max abs {first['max_abs']:.3g}. Last agreeing tensor: "
+        f"{_e(first['graph'])}, value <code>{_e(first['onnx_value'])}</code>; RMS error / RMS "
+        f"{first['rms_rel_error']:.3g}, max abs {first['max_abs']:.3g}"
+        + (f" (measured on its view <code>{_e(first['seen_at']['name'])}</code>)"
+           if first.get("seen_at") else "")
+        + ". Last agreeing tensor: "
         f"<code>{_e(loc.get('last_agreeing'))}</code>.</p><pre>{_e(first['code'])}</pre>"
         + _upstream(loc.get("upstream") or [])
     )

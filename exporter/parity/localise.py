@@ -10,9 +10,12 @@ splits), else by (module path, target, occurrence) when a module's ops of that k
 all live in the graph at hand (separately exported user / group graphs). User-graph
 values [M, ...] are gathered by ``user_index`` to the reference's rows [N, ...].
 
-Walking the reference in topological order, the first matched tensor whose error
-exceeds the tolerance (relative to the tensor's scale) is reported with the module
-path torch.export recorded and the model source line that produced it.
+Walking the reference in topological order, the first matched tensor whose RMS error
+exceeds the tolerance relative to the tensor's RMS (near-zero tensors: relative to the
+graph's typical activation scale, so float noise on them is not blamed) is reported with
+the module path torch.export recorded and the model source line that produced it. An
+error first seen on a view-like op (view, reshape, permute, ...) is blamed on the op that
+computed the viewed tensor.
 """
 
 from __future__ import annotations
@@ -40,12 +43,20 @@ log = logging.getLogger(__name__)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 QUANTIZED_TOLERANCE = 0.05
 MAX_ROWS = 256
+FLOOR_SHARE = 0.01  # tensors with an RMS below 1% of the graph's median are near zero
+# ops that only move or alias data: an error seen on one was made upstream
+VIEW_OPS = frozenset(
+    "view _unsafe_view reshape permute transpose t expand squeeze unsqueeze slice select "
+    "flatten unflatten clone contiguous alias detach split split_with_sizes unbind "
+    "index_select narrow chunk movedim".split()
+)
 _TARGET = re.compile(r"target=([\w.]+)")
 
 
 @dataclass
 class RefNode:
-    """One reference tensor: FX name, module path, aten target, source line, value."""
+    """One reference tensor: FX name, module path, aten target, source line, value, and the
+    FX nodes it reads."""
 
     name: str
     path: str
@@ -53,6 +64,7 @@ class RefNode:
     target: str
     code: str
     value: np.ndarray
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,8 +128,11 @@ def reference_values(program, spec: FeatureSpec, rows: Rows) -> list[RefNode]:
         if node.op != "call_function" or not isinstance(v, torch.Tensor):
             continue
         path, mtype = _module_of(node)
+        args = tuple(a.name for a in node.all_input_nodes)
         out.append(
-            RefNode(node.name, path, mtype, str(node.target), _code_of(node), v.detach().numpy())
+            RefNode(
+                node.name, path, mtype, str(node.target), _code_of(node), v.detach().numpy(), args
+            )
         )
     return out
 
@@ -212,8 +227,12 @@ def match(ref: list[RefNode], values: list[OnnxValue]) -> dict[str, OnnxValue]:
 
 
 def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float) -> dict[str, Any]:
-    """Walk ``ref`` in order; the first matched tensor with relative error > ``tol``."""
+    """Walk ``ref`` in order; the first matched tensor whose error exceeds ``tol`` relative to
+    its RMS (``rms_error``; near-zero tensors are measured against the graph's typical scale).
+    A view-like op cannot make an error, only show one: the blame goes to the op that made
+    its input (``seen_at`` names the view the error was measured on)."""
     pairs = match(ref, got["values"])
+    floor = FLOOR_SHARE * _typical_rms(ref)
     compared, last_ok = 0, None
     agreeing: dict[str, set[str]] = defaultdict(set)
     for r in ref:
@@ -226,14 +245,20 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
         if cand.shape != r.value.shape:
             continue
         compared += 1
-        err = _rel_error(r.value, cand)
+        err = rms_error(r.value, cand, floor)
         if err > tol:
+            first = _describe(r, v, cand, err)
+            origin = _producer(r, {x.name: x for x in ref})
+            if origin is not r:
+                first = {**first, **_blame(origin), "seen_at": {"name": r.name, "op": r.target}}
             return {
                 "tolerance": tol,
+                "measure": "rms(error) / max(rms(reference), scale floor)",
+                "scale_floor": floor,
                 "compared": compared,
                 "matched": len(pairs),
                 "last_agreeing": last_ok,
-                "first_divergence": _describe(r, v, cand, err),
+                "first_divergence": first,
                 "upstream": upstream_ops(got["models"][v.graph], v.value_name, agreeing[v.graph]),
             }
         last_ok = r.name
@@ -243,8 +268,32 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
         "compared": compared,
         "matched": len(pairs),
         "first_divergence": None,
-        "note": f"no matched tensor diverges by more than {tol:g} (relative); "
+        "note": f"no matched tensor diverges by more than {tol:g} (relative to its RMS); "
         "the error builds up gradually or arises in unmatched tensors",
+    }
+
+
+def _is_view(target: str) -> bool:
+    op = target.removeprefix("aten.").split(".")[0]
+    return op in VIEW_OPS
+
+
+def _producer(r: RefNode, by_name: dict[str, RefNode]) -> RefNode:
+    """``r``, or for a view-like op the nearest op up its first input that computes."""
+    seen = 0
+    while _is_view(r.target) and r.inputs and r.inputs[0] in by_name and seen < 64:
+        r, seen = by_name[r.inputs[0]], seen + 1
+    return r
+
+
+def _blame(r: RefNode) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "op": r.target,
+        "module": r.path,
+        "module_type": r.module_type,
+        "code": r.code,
+        "shape": list(r.value.shape),
     }
 
 
@@ -272,13 +321,26 @@ def upstream_ops(
     return out
 
 
-def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a.astype(np.float64))))) if a.size else 0.0
+
+
+def _typical_rms(ref: list[RefNode]) -> float:
+    """The median RMS of the reference's float tensors: the graph's activation scale."""
+    values = [_rms(r.value) for r in ref if r.value.dtype.kind == "f" and r.value.size]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.median(values)) if values else 1.0
+
+
+def rms_error(ref: np.ndarray, got: np.ndarray, floor: float = 0.0) -> float:
+    """rms(got − ref) / max(rms(ref), floor): robust to near-zero elements (a per-element
+    relative error, or a max over a near-zero tensor, blames float noise there)."""
     r, g = ref.astype(np.float64), got.astype(np.float64)
     if r.size == 0:
         return 0.0
     if not np.all(np.isfinite(g)):
         return float("inf")
-    return float(np.max(np.abs(r - g)) / max(float(np.max(np.abs(r))), 1e-6))
+    return _rms(r - g) / max(_rms(r), floor, 1e-12)
 
 
 def _describe(r: RefNode, v: OnnxValue, cand: np.ndarray, err: float) -> dict[str, Any]:
@@ -291,7 +353,7 @@ def _describe(r: RefNode, v: OnnxValue, cand: np.ndarray, err: float) -> dict[st
         "module_type": r.module_type,
         "code": r.code,
         "shape": list(r.value.shape),
-        "rel_error": err,
+        "rms_rel_error": err,
         "max_abs": float(np.max(np.abs(r.value.astype(np.float64) - cand.astype(np.float64)))),
     }
 

@@ -55,6 +55,7 @@ class StageResult:
             "mean_abs": m.get("mean_abs"),
             "cosine": m.get("cosine"),
             "delta_auc": m.get("delta_auc"),
+            "delta_auc_ci": _interval(m.get("delta_auc_ci")),
             "top10_overlap_mean": (m.get("top10_overlap") or {}).get("mean"),
             "top50_overlap_mean": (m.get("top50_overlap") or {}).get("mean"),
             "kendall_tau_mean": (m.get("kendall_tau") or {}).get("mean"),
@@ -135,6 +136,11 @@ class ParityReport:
         from exporter.bundle_writer import update_bundle
 
         update_bundle(bundle_dir, {REPORT_NAME: self.to_dict()}, parity=self.manifest_record())
+
+
+def _interval(ci: dict[str, Any] | None) -> list[float] | None:
+    """[low, high] of a ΔAUC interval record (auc_noise.delta_auc_interval)."""
+    return None if not ci else [ci["ci_low"], ci["ci_high"]]
 
 
 def _clean(obj: Any) -> Any:

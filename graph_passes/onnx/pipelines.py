@@ -18,7 +18,7 @@ import onnx_ir.passes.common as common_passes
 from graph_passes.onnx._util import Refusal, const_array, node_name
 from graph_passes.onnx.errors import PassError
 from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass
-from graph_passes.onnx.quantize import QuantizeWeightsInt8Pass
+from graph_passes.onnx.quantize import MIN_K, QuantizeWeightsInt8Pass, weight_refusal
 
 TARGETS = ("qdq", "ort-cpu", "gpu")
 
@@ -41,25 +41,23 @@ class QuantizeResult:
     refusals: list[Refusal] = field(default_factory=list)
 
 
-def linear_layers(model: ir.Model, min_k: int = 16, min_elements: int = 0) -> list[str]:
-    """Weight names of the quantizable linear layers (MatMul with a 2-D float32 constant
-    weight whose reduction dim is at least ``min_k``, as QuantizeWeightsInt8Pass requires).
+def linear_layers(model: ir.Model, min_k: int = MIN_K, min_elements: int = 0) -> list[str]:
+    """Weight names of the quantizable linear layers: MatMuls whose constant weight passes
+    ``weight_refusal`` (2-D float32, reduction dim >= ``min_k``, >= ``min_elements``
+    elements), the very rule QuantizeWeightsInt8Pass applies, so a plan made from this list
+    is what the pass does.
 
-    Call on a canonicalised graph; these names are what ``skip``/``only`` accept. Weights
-    with fewer than ``min_elements`` elements are left out (see ``NBITS_MIN_ELEMENTS``).
+    Call on a canonicalised graph; these names are what ``skip``/``only`` accept (see
+    ``NBITS_MIN_ELEMENTS`` for ``min_elements``).
     """
     names: list[str] = []
     for node in model.graph:
         if node.op_type == "MatMul" and node.domain == "":
-            w = const_array(node.inputs[1])
-            if (
-                w is not None
-                and w.ndim == 2
-                and w.dtype.name == "float32"
-                and w.size >= min_elements
-                and node.inputs[1].name not in names
-            ):
-                names.append(node.inputs[1].name)
+            b = node.inputs[1]
+            w = const_array(b)
+            refused = weight_refusal(w, b.name or "", min_k=min_k, min_elements=min_elements)
+            if refused is None and b.name not in names:
+                names.append(b.name)
     return names
 
 

@@ -68,6 +68,29 @@ def quantize_weight(w: np.ndarray, bits: int = 8, block_size: int | None = None)
     return QuantizedWeight(q, scale, bits, block_size)
 
 
+MIN_K = 16
+"""Weights with a reduction dim below this stay float: MatMulNBits pads K to 16, so int8
+would not even save bytes there."""
+
+
+def weight_refusal(
+    w: np.ndarray | None, name: str, *, min_k: int = MIN_K, min_elements: int = 0
+) -> str | None:
+    """Why a MatMul weight stays float (None: it is quantizable). The one rule that both
+    ``QuantizeWeightsInt8Pass`` and ``linear_layers`` (what selection plans with) apply."""
+    if w is None:
+        return f"weight '{name}' is not a constant"
+    if w.ndim != 2:
+        return f"weight '{name}' has rank {w.ndim}; run UnrollBatchedMatMulPass first"
+    if w.dtype != np.float32:
+        return f"weight '{name}' is {w.dtype}, expected float32"
+    if w.shape[0] < min_k:
+        return f"weight '{name}' has K={w.shape[0]} < min_k={min_k}: too small to gain"
+    if w.size < min_elements:
+        return f"weight has {w.size} elements < min_elements={min_elements}"
+    return None
+
+
 class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
     """Replace each constant 2-D float32 MatMul weight by ``DequantizeLinear(int weight, scale)``.
 
@@ -91,7 +114,7 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
         skip: Iterable[str] = (),
         only: Iterable[str] | None = None,
         min_elements: int = 0,
-        min_k: int = 16,
+        min_k: int = MIN_K,
     ) -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -124,16 +147,9 @@ class QuantizeWeightsInt8Pass(ir.passes.InPlacePass):
     def _try_quantize(self, graph: ir.Graph, node: ir.Node, done: dict) -> str | None:
         b = node.inputs[1]
         w = const_array(b)
-        if w is None:
-            return f"weight '{b.name}' is not a constant"
-        if w.ndim != 2:
-            return f"weight '{b.name}' has rank {w.ndim}; run UnrollBatchedMatMulPass first"
-        if w.dtype != np.float32:
-            return f"weight '{b.name}' is {w.dtype}, expected float32"
-        if w.shape[0] < self.min_k:
-            return f"weight '{b.name}' has K={w.shape[0]} < min_k={self.min_k}: too small to gain"
-        if w.size < self.min_elements:
-            return f"weight has {w.size} elements < min_elements={self.min_elements}"
+        reason = weight_refusal(w, b.name or "", min_k=self.min_k, min_elements=self.min_elements)
+        if reason is not None:
+            return reason
         names = {node.name, b.name}
         if names & self.skip:
             return "listed in skip: kept in float"
