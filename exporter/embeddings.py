@@ -26,6 +26,7 @@ import torch
 
 from exporter.errors import ExportError
 from exporter.progress import console
+from graph_passes.fx._base import fqn_of, state_of
 from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass, Lookup
 from runtime.spec import FeatureSpec, InputSpec
 
@@ -79,8 +80,8 @@ def step_embeddings(ctx) -> None:
         if lookups:
             console.print(f"embeddings: {len(stay)} table(s) stay in the graphs (none leaves)")
         return
-    state = ctx.program.state_dict
-    weights = {t: state[t] for t in tables}
+    by_name = {fqn_of(ctx.program)[ph]: t for ph, t in state_of(ctx.program).items()}
+    weights = {t: by_name[t] for t in tables}  # parameters, buffers or lifted constants
     result = CutEmbeddingsPass(ctx.spec, tables).call(ctx.program)
     inputs = result.facts["stage_inputs"]
     ctx.captured = ctx.program

@@ -32,6 +32,8 @@ from runtime.errors import BundleError, RequestError
 SECTION_KEYS = ("file", "dtype", "tables", "lookups", "in_graph")
 TABLE_DTYPES = ("float32", "float16", "int8_rowwise")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8}
+_OPEN: dict[tuple, MmapStore] = {}  # (path, size, mtime, tables) -> the process's one mapping
+_OPEN_LOCK = threading.Lock()
 
 
 @runtime_checkable
@@ -84,9 +86,22 @@ class MmapStore:
 
     @classmethod
     def open(cls, bundle) -> MmapStore:
-        """The store of a loaded ``runtime.bundle.Bundle`` (its manifest's ``embeddings``)."""
+        """The store of a loaded ``runtime.bundle.Bundle`` (its manifest's ``embeddings``).
+
+        One mapping per file and process: every scorer of the bundle (split, full, parity's
+        configurations, a reloaded model) shares it, so a touched page is resident once."""
         sec = bundle.manifest.embeddings
-        return cls(bundle.path(sec["file"]), sec["tables"])
+        path = Path(bundle.path(sec["file"])).resolve()
+        try:
+            st = path.stat()
+        except FileNotFoundError as e:
+            raise BundleError(f"embedding store file '{path}' is missing") from e
+        key = (str(path), st.st_size, st.st_mtime_ns, json.dumps(sec["tables"], sort_keys=True))
+        with _OPEN_LOCK:
+            store = _OPEN.get(key)
+            if store is None:
+                store = _OPEN[key] = cls(path, sec["tables"])
+        return store
 
     def _view(self, header, base: int, size: int, key: str, table: str) -> np.ndarray:
         info = header.get(key)

@@ -235,8 +235,7 @@ def _replace(g: fx.Graph, node: fx.Node, ph: fx.Node, lk: Lookup) -> None:
     ph.meta["val"] = val.new_empty((val.shape[0], lk.ids_shape[0], lk.dim))
     ph.meta[EMBED_KEY] = lk.to_dict()
     with g.inserting_after(out):
-        args = (ph, [1]) if lk.mode != "max" else (ph, [1])
-        red = g.call_function(_BAG_REDUCE[lk.mode], args)
+        red = g.call_function(_BAG_REDUCE[lk.mode], (ph, [1]))
     red.meta.update(val=val, **{PASS_KEY: PASS_NAME})
     out.replace_all_uses_with(red)
 
