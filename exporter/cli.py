@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher and distil a student on synthetic CTR data")
-    p.add_argument("--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower"])
+    p.add_argument(
+        "--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower", "tokenmixer"]
+    )
     p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--seed", type=int, default=0)
