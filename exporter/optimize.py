@@ -112,8 +112,13 @@ def step_optimize(ctx: ExportContext) -> None:
     extra = ctx.options.extra or {}
     tune = extra.get("target") != "trt" and extra.get("per_token_layout", True)
     threads = (int(extra["serve_threads"]),) if extra.get("serve_threads") else (1, None)
-    layouts = {}
+    layouts, moe = {}, {}
     for stage, proto in list(ctx.stages.items()):
+        from exporter.moe_form import choose_moe_form  # sparse MoE banks: form per stage, timed
+
+        proto, moe_record = choose_moe_form(stage, proto, extra, threads=threads)
+        if moe_record is not None:
+            moe[stage] = moe_record
         ctx.stages[stage], made = optimize_stage(proto)
         if made:
             log.info("optimize %s: %s", stage, made)
@@ -123,7 +128,7 @@ def step_optimize(ctx: ExportContext) -> None:
             )
             if record is not None:
                 layouts[stage] = record
-    if layouts:
+    if layouts or moe:
         from exporter.quant_tune import cpu_name
 
         ctx.manifest_fields["optimize"] = {
@@ -131,3 +136,5 @@ def step_optimize(ctx: ExportContext) -> None:
             "cpu": cpu_name(),
             "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
         }
+        if moe:
+            ctx.manifest_fields["optimize"]["moe_form"] = moe

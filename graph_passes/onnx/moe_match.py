@@ -73,16 +73,6 @@ def _resolve_const(value: ir.Value | None) -> np.ndarray | None:
     return base.reshape([int(s) if s else base.shape[i] for i, s in enumerate(shape)])
 
 
-def _raw_const(value: ir.Value) -> np.ndarray | None:
-    """The constant BEFORE a Reshape (the parameter's own shape), else the constant itself."""
-    node = value.producer()
-    if node is not None and node.op_type == "Reshape":
-        base = const_array(node.inputs[0])
-        if base is not None:
-            return base
-    return const_array(value)
-
-
 def _through(value: ir.Value, ops=_SHAPE_OPS) -> ir.Value:
     """Walk back through shape-only ops to the value they reshape."""
     node = value.producer()
@@ -149,14 +139,19 @@ def _match(flat: ir.Value, gathers: list[ir.Node]) -> Bank | str:
     if red is None or red.op_type != "ReduceSum":
         return "the expert outputs are not gated (Mul) and summed over the k slots (ReduceSum)"
     add = flat.producer()
-    idx = add.inputs[0] if const_array(add.inputs[1]) is not None else add.inputs[1]
-    w1, w2 = _raw_const(g1.inputs[0]), _raw_const(g2.inputs[0])
-    if w1 is None or w2 is None or w1.ndim != 4 or w2.ndim != 4:
-        return "the expert weights are not constant [T, E, D, H] tables"
-    t, e, d, h = w1.shape
+    const_at = 1 if const_array(add.inputs[1]) is not None else 0
+    idx, offsets = add.inputs[1 - const_at], const_array(add.inputs[const_at])
+    w1, w2 = _resolve_const(g1.inputs[0]), _resolve_const(g2.inputs[0])
     b1, b2 = _gathered_table(_other(add1, m1), gathers), _gathered_table(_other(add2, m2), gathers)
-    if b1 is None or b2 is None or b1.size != t * e * h or b2.size != t * e * d:
-        return "the expert biases are not constant [T, E, H] / [T, E, D] tables"
+    if any(a is None for a in (w1, w2, b1, b2)) or offsets.ndim != 2 or offsets.shape[1] != 1:
+        return "the expert weights, biases or token offsets [T, 1] are not constants"
+    t = offsets.shape[0]
+    te = w1.shape[0]
+    if te % t or b1.size % te or b2.size % te:
+        return f"tables of {te} rows do not hold {t} tokens x E experts"
+    e, h, d = te // t, b1.size // te, b2.size // te
+    if w1.size != te * d * h or w2.size != te * d * h:
+        return f"expert weights of {w1.size} / {w2.size} elements are not [T*E, D={d}, H={h}]"
     gates = _through(_other(mul, add2), ("Unsqueeze",))
     k = idx.shape[-1] if idx.shape is not None and isinstance(idx.shape[-1], int) else None
     if k is None:
@@ -168,7 +163,7 @@ def _match(flat: ir.Value, gathers: list[ir.Node]) -> Bank | str:
         gates=gates,
         y=red.outputs[0],
         anchor=red,
-        w1=w1.astype(np.float32),
+        w1=w1.reshape(t, e, d, h).astype(np.float32),
         b1=b1.reshape(t, e, h).astype(np.float32),
         w2=w2.reshape(t, e, h, d).astype(np.float32),
         b2=b2.reshape(t, e, d).astype(np.float32),
@@ -204,8 +199,9 @@ def router_weights(graph: ir.Graph, hops: int = 6) -> set[str]:
                 p = v.producer() if v is not None else None
                 if p is None:
                     continue
-                if p.op_type in ("MatMul", "Einsum", "Gemm"):
-                    names.update(i.name for i in p.inputs[1:2] if const_array(i) is not None)
+                if p.op_type in ("MatMul", "Einsum", "Gemm") and const_array(p.inputs[1]) is not None:
+                    names.add(p.inputs[1].name)  # the router: stop on this path
+                    continue
                 nxt += [i for i in p.inputs if i is not None and const_array(i) is None]
             frontier, seen = nxt, seen + 1
     return names
