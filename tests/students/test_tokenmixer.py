@@ -116,3 +116,26 @@ def test_tied_router_scores_pick_the_lowest_index_in_eager_and_every_onnx_form(g
         assert torch.allclose(model(x), torch.from_numpy(want))
     for form, got in _onnx_forms(model, x).items():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=form)
+
+
+def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
+    from exporter.moe_form import trt_form
+    from exporter.tensorrt import lint_models
+    from graph_passes.onnx.trt_support import has_errors
+
+    model = _TieMoE("softmax").eval()
+    x = torch.randn(5, 2, 8)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    forms = {}
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        moe = SparseMoEFormPass(form)
+        moe(m)
+        forms[form] = ir.serde.serialize_model(m)
+    findings = lint_models(forms)
+    assert not has_errors(findings["gather"]) and not has_errors(findings["dense"])
+    assert has_errors(findings["grouped"])  # ScatterND reduction=add: not in TensorRT's parser
+    assert any("ScatterND" in str(f) for f in findings["grouped"])
+    assert trt_form(moe.banks) == "dense"  # E=4 <= 8
+    assert trt_form([{**moe.banks[0], "experts": 16}]) == "gather"
