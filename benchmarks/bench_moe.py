@@ -8,8 +8,8 @@ spreads rows over the experts) is captured and split (exporter.split), and each 
 expert banks are rewritten into every form (graph_passes.onnx.moe): gather, grouped and
 dense-masked (every expert, gates 0 for the unselected). Timed, interleaved round by round,
 medians: the user graph at M=1 and the group graph at N=200 candidates (one user), on ONNX
-Runtime CPU, against the split graphs run eagerly in PyTorch (the student's own sparse
-gather forward). The user graph at M=1 is also timed as W8A16 (gather form, expert tables int8
+Runtime CPU, against the split graphs run eagerly in PyTorch on one thread (the student's
+own sparse gather forward; two OpenMP threads on the shared machine ran ~10x slower). The user graph at M=1 is also timed as W8A16 (gather form, expert tables int8
 per expert and output channel, 2-D weights >= 16,384 elements int8, routers float). Every
 form's outputs are compared with eager. Writes benchmarks/results/bench_moe.json with the
 headline ratios ``dense_over_sparse_e16_k2_n200`` (dense-masked / grouped group graph at N=200)
@@ -64,6 +64,7 @@ def _w8(proto):
 
 
 def _stage_feeds(spec: FeatureSpec, art, user_sess) -> tuple[dict, dict]:
+    """One sampled user (its boundary from the user graph) and N sampled candidates."""
     u, c = sample_rows(spec, 1, 11), sample_rows(spec, N_CANDIDATES, 12)
     user = {s.name: u[s.name] for s in spec.user_inputs}
     boundary = dict(zip([o.name for o in user_sess.get_outputs()], user_sess.run(None, user), strict=True))
@@ -85,6 +86,21 @@ def _time(runs: dict, rounds: int) -> dict[str, float]:
     return {k: round(statistics.median(v), 4) for k, v in times.items()}
 
 
+def _bench_stage(proto, feeds, want, eager, threads: int, rounds: int, w8: bool = False):
+    """(median ms per form, max abs error vs eager per form, layers quantized) for one stage."""
+    graphs = {f: optimize_stage(apply_form(proto, f)[0])[0] for f in FORMS}
+    n_quant = 0
+    if w8:
+        graphs["w8"], n_quant = _w8(graphs["gather"])
+    sess = {f: _session(p, threads) for f, p in graphs.items()}
+    del graphs
+    err = {f: float(max(np.abs(a - b).max() for a, b in zip(s.run(None, feeds), want, strict=True)))
+           for f, s in sess.items()}
+    runs = {f: (lambda s=s: s.run(None, feeds)) for f, s in sess.items()}
+    runs["eager"] = eager
+    return _time(runs, rounds), err, n_quant
+
+
 def bench_config(experts: int, top_k: int, threads: int, rounds: int) -> dict:
     from students.zoo import build_model, model_kwargs
 
@@ -95,32 +111,21 @@ def bench_config(experts: int, top_k: int, threads: int, rounds: int) -> dict:
     spec = FeatureSpec.from_dict(model.feature_spec())
     program = capture(model, spec)
     art = split_to_onnx(program, spec)
-    stages = {"user": art.user, "group": art.group}
-    graphs = {(s, f): optimize_stage(apply_form(p, f)[0])[0] for s, p in stages.items() for f in FORMS}
-    graphs[("user", "w8")], n_quant = _w8(graphs[("user", "gather")])
-    sess = {key: _session(p, threads) for key, p in graphs.items()}
-    user, group = _stage_feeds(spec, art, sess[("user", "gather")])
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     split = art.result
-    torch.set_num_threads(threads)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    user_sess = _session(optimize_stage(apply_form(art.user, "gather")[0])[0], threads)
+    user, group = _stage_feeds(spec, art, user_sess)
+    del user_sess
+    torch.set_num_threads(1)  # eager on 1 thread: 2 OpenMP threads on the shared cores ran ~10x slower
     with torch.no_grad():
         eager_user = lambda: split.user(*[t(user[n]) for n in split.user_inputs])  # noqa: E731
-        boundary = eager_user()
         eager_group = lambda: split.group(*[t(group[n]) for n in split.group_inputs])  # noqa: E731
-        want_user = [b.numpy() for b in boundary]
+        want_user = [b.numpy() for b in eager_user()]
         want = eager_group()[0].numpy()
-        err = {f"user_{f}": float(max(np.abs(a - b).max() for a, b in zip(
-            sess[("user", f)].run(None, user), want_user, strict=True))) for f in FORMS}
-        err.update({f"group_{f}": float(np.abs(sess[("group", f)].run(None, group)[0] - want).max())
-                    for f in FORMS})
-        err["user_w8"] = float(max(np.abs(a - b).max() for a, b in zip(
-            sess[("user", "w8")].run(None, user), want_user, strict=True)))
-        runs_user = {f: (lambda s=sess[("user", f)]: s.run(None, user)) for f in (*FORMS, "w8")}
-        runs_user["eager"] = eager_user
-        runs_group = {f: (lambda s=sess[("group", f)]: s.run(None, group)) for f in FORMS}
-        runs_group["eager"] = eager_group
-        user_ms = _time(runs_user, rounds * 10)
-        group_ms = _time(runs_group, rounds)
+        user_ms, err_u, n_quant = _bench_stage(art.user, user, want_user, eager_user, threads,
+                                               rounds * 10, w8=True)
+        group_ms, err_g, _ = _bench_stage(art.group, group, [want], eager_group, threads, rounds)
+    err = {**{f"user_{k}": v for k, v in err_u.items()}, **{f"group_{k}": v for k, v in err_g.items()}}
     return {
         "experts": experts, "top_k": top_k,
         "user_m1_ms": user_ms, "group_n200_ms": group_ms,

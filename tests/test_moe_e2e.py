@@ -56,8 +56,9 @@ def test_fp32_export_splits_hoists_the_user_moe_and_passes_parity(trained, tmp_p
     group_w = _initializers(bundle / "group.onnx")
     assert any("user_moe" in n for n in user_w) and not any("user_moe" in n for n in group_w)
     assert manifest["parity"]["passed"]
+    capsys.readouterr()
     assert main(["inspect", str(bundle)]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the rich console writes to stderr
     assert "MoE" in out and "activated" in out
 
 

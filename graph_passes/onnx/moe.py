@@ -7,10 +7,11 @@ Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
 * ``gather``  per (row, token, slot) gather of the selected expert's weight slices from
   tables ``[T*E, D, H]`` and a batched MatMul: cost follows k, not E; weight bytes moved
   per row, so it suits small batches (the user side at M=1).
-* ``grouped`` rows grouped by expert: per (token, expert) NonZero over the selection mask,
-  Gather of those rows, two 2-D GEMMs on that expert's weights, gated, and one ScatterND
-  (reduction add) per token back into place: cost follows k, weights read once per call,
-  so it suits large batches (the group side at N candidates).
+* ``grouped`` rows grouped by expert: the (row, token, slot) assignments sorted by key
+  t*E + e (TopK), their rows gathered once and Split into T*E runs, each run through its
+  expert's two 2-D GEMMs, gated, and one ScatterND (reduction add) back into place: cost
+  follows k, each expert's weights read once per call, so it suits large batches (the group
+  side at N candidates).
 * ``dense``   every expert on every token (broadcast MatMul over [T, E]), outputs weighted by
   the gates scattered into E slots: the fallback and the benchmark's baseline.
 
@@ -99,36 +100,37 @@ def build_dense(b: _Builder) -> ir.Value:
 
 
 def build_grouped(b: _Builder) -> ir.Value:
-    """Rows grouped by expert: each (token, expert) GEMM runs on the rows that selected it."""
+    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
+    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
+    gated, and scatter-added back to its (row, token)."""
     bank = b.bank
     t, e, d, h = bank.w1.shape
-    gates, mask = _gate_matrix(b)
-    flat_shape = b.const("te_b", np.array([t * e, -1], dtype=_I64))
-    g_parts = b.ops("Split", b.op("Reshape", b.op("Transpose", gates, perm=[1, 2, 0]), flat_shape),
-                    n=t * e, axis=0, num_outputs=t * e)
-    m_parts = b.ops("Split", b.op("Reshape", b.op("Transpose", mask, perm=[1, 2, 0]), flat_shape),
-                    n=t * e, axis=0, num_outputs=t * e)
-    x_parts = b.ops("Split", b.op("Transpose", bank.x, perm=[1, 0, 2]), n=t, axis=0, num_outputs=t)
-    flat, ax0 = b.const("flat", np.array([-1], dtype=_I64)), b.const("ax0", [0])
-    tokens = []
-    for ti in range(t):
-        xt = b.op("Squeeze", x_parts[ti], ax0)  # [B, D]
-        rows_all, outs_all = [], []
-        for ei in range(e):
-            i = ti * e + ei
-            rows = b.op("Reshape", b.op("NonZero", b.op("Reshape", m_parts[i], flat)), flat)
-            hid = b.op("MatMul", b.op("Gather", xt, rows, axis=0), b.const(f"w1.t{ti}.e{ei}", bank.w1[ti, ei]))
-            hid = b.op("Relu", b.op("Add", hid, b.const(f"b1.t{ti}.e{ei}", bank.b1[ti, ei])))
-            out = b.op("Add", b.op("MatMul", hid, b.const(f"w2.t{ti}.e{ei}", bank.w2[ti, ei])),
-                       b.const(f"b2.t{ti}.e{ei}", bank.b2[ti, ei]))
-            g = b.op("Gather", b.op("Reshape", g_parts[i], flat), rows, axis=0)
-            outs_all.append(b.op("Mul", out, b.op("Unsqueeze", g, b.const("ax_l1", [-1]))))
-            rows_all.append(rows)
-        rows_t = b.op("Unsqueeze", b.op("Concat", *rows_all, axis=0), b.const("ax_l2", [-1]))
-        zeros = b.op("ConstantOfShape", b.op("Shape", xt), value=ir.tensor(np.zeros(1, np.float32)))
-        tokens.append(b.op("ScatterND", zeros, rows_t, b.op("Concat", *outs_all, axis=0), reduction="add"))
-    stacked = b.op("Concat", *[b.op("Unsqueeze", y, ax0) for y in tokens], axis=0)  # [T, B, D]
-    return b.op("Transpose", stacked, perm=[1, 0, 2])
+    k = bank.top_k
+    flat = b.const("flat", np.array([-1], dtype=_I64))
+    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
+    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)  # [n], n = B*T*k
+    _, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(k, dtype=_I64)))  # (row, token) = b*T + t
+    x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))  # [B*T, D]
+    xs = b.op("Gather", x2, rows, axis=0)
+    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
+    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
+                b.const("key_ids", np.arange(t * e, dtype=_I64)))
+    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
+                  keepdims=0)  # [T*E] assignments per (token, expert)
+    parts = b.ops("Split", xs, counts, n=t * e, axis=0)
+    outs = []
+    for i, part in enumerate(parts):
+        ti, ei = divmod(i, e)
+        hid = b.op("MatMul", part, b.const(f"w1.t{ti}.e{ei}", bank.w1[ti, ei]))
+        hid = b.op("Relu", b.op("Add", hid, b.const(f"b1.t{ti}.e{ei}", bank.b1[ti, ei])))
+        outs.append(b.op("Add", b.op("MatMul", hid, b.const(f"w2.t{ti}.e{ei}", bank.w2[ti, ei])),
+                         b.const(f"b2.t{ti}.e{ei}", bank.b2[ti, ei])))
+    gated = b.op("Mul", b.op("Concat", *outs, axis=0), b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
+    zeros = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
+    y = b.op("ScatterND", zeros, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
+             reduction="add")
+    return b.op("Reshape", y, b.op("Shape", bank.x))
 
 
 _BUILD = {"gather": build_gather, "grouped": build_grouped, "dense": build_dense}
