@@ -139,3 +139,42 @@ def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
     assert any("ScatterND" in str(f) for f in findings["grouped"])
     assert trt_form(moe.banks) == "dense"  # E=4 <= 8
     assert trt_form([{**moe.banks[0], "experts": 16}]) == "gather"
+
+
+def test_flop_count_counts_the_activated_experts_only():
+    from graph_passes.fx import FLOPS_KEY, FlopCountPass
+    from graph_passes.fx._base import batch_symbol
+
+    t, d, h, e, k = 3, 8, 16, 6, 2
+    moe = TokenMoE(n_tokens=t, d_model=d, hidden=h, n_experts=e, top_k=k).eval()
+    ep = torch.export.export(moe, (torch.randn(4, t, d),),
+                             dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    FlopCountPass(batch_symbol(ep, ["x"])).call(ep)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    matmul = sum(n.meta[FLOPS_KEY] for n in nodes if "matmul" in str(n.target) or "bmm" in str(n.target))
+    router = sum(n.meta[FLOPS_KEY] for n in nodes if "einsum" in str(n.target))
+    assert matmul == 2 * t * k * (d * h + h * d)  # k of the E experts, per row
+    assert router == 2 * t * d * e
+
+
+def test_student_graph_in_every_form_equals_eager():
+    from exporter.capture import capture, flat_input_names, to_torch_inputs
+    from runtime.sample import sample_rows
+    from runtime.spec import FeatureSpec
+    from students.tokenmixer import TokenMixerConfig, TokenMixerStudent
+
+    torch.manual_seed(1)
+    model = TokenMixerStudent(TokenMixerConfig(n_layers=1, n_experts=5, gate="sigmoid")).eval()
+    spec = FeatureSpec.from_dict(model.feature_spec())
+    rows = sample_rows(spec, 40, 3)
+    with torch.no_grad():
+        want = model(**to_torch_inputs(spec, rows)).numpy()
+    names = flat_input_names(spec, to_torch_inputs(spec, rows))
+    proto = export_onnx(capture(model, spec), names, ["ctr"])
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        assert SparseMoEFormPass(form)(m).modified
+        sess = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, {n: rows[n] for n in names})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=form)
