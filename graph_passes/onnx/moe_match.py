@@ -181,8 +181,12 @@ def _bank_name(gather_w1: ir.Node) -> str:
     """The module path of the bank: the W1 parameter's name without ``.w1`` (or the node)."""
     producer = gather_w1.inputs[0].producer()
     src = producer.inputs[0] if producer is not None and producer.op_type == "Reshape" else gather_w1.inputs[0]
-    name = src.name or node_name(gather_w1)
-    return name.removesuffix(".w1")
+    name = (src.name or "").removesuffix(".w1")
+    if "." in name:  # the parameter's own path, e.g. layers.0.user_moe.experts
+        return name
+    # a folded constant ("view_3"): the module path torch.onnx recorded, else the node
+    scope = gather_w1.metadata_props.get("namespace", "").rsplit("/", 2)
+    return scope[-2].split(":")[0] if len(scope) >= 2 and scope[-2] else node_name(gather_w1)
 
 
 def router_weights(graph: ir.Graph, hops: int = 6) -> set[str]:
