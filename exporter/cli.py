@@ -159,9 +159,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stage-threads", action="store_true",
                    help="do not time the small-batch stages on fewer threads: every stage runs on "
                    "the serving threads")
-    p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "dense"],
-                   help="sparse MoE models: run every expert bank in this form (default: gather vs "
-                   "grouped timed per stage; dense = every expert with a mask, the baseline)")
+    p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+                   help="sparse MoE models: run every expert bank in this form (default: the "
+                   "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)

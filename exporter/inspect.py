@@ -162,7 +162,8 @@ def _print_moe(optimize: dict | None) -> None:
         shape = ", ".join(sorted({f"{b['tokens']}x{b['experts']}, k={b['top_k']}" for b in banks}))
         why = r.get("chosen_by", "")
         if why == "timed":
-            why += f" (grouped/gather {r['grouped_vs_gather']:.2f}x at batch {r['batch']})"
+            vs = ", ".join(f"{f} {v:.2f}x" for f, v in r["vs_gather"].items() if f != "gather")
+            why += f" (vs gather at batch {r['batch']}: {vs})"
         t.add_row(stage, r["form"], why, str(len(banks)), shape, f"{total:,}", f"{active:,}")
     console.print(t)
 

@@ -3,12 +3,13 @@
 A stage exported from a MoE student computes its expert banks in the gather form (the
 student's eager forward: the k selected experts' weight slices gathered per row and token).
 Which sparse form runs fastest depends on the batch: ``gather`` moves k weight slices per
-row (best at the user side's M=1), ``grouped`` reads each expert's weights once per call and
-runs GEMMs over the rows that selected it (best at N candidates). So, as for the per-token
-layout (exporter.optimize), each stage is rewritten into both and timed at its batch on ONNX
+row (best at the user side's M=1), ``grouped`` / ``padded`` read each expert's weights once
+per call and run GEMMs over the rows that selected it (one GEMM per expert, or one batched
+GEMM over experts padded to the largest group: best at N candidates). So, as for the
+per-token layout (exporter.optimize), each stage is rewritten into each and timed at its batch on ONNX
 Runtime CPU (user 1, group/full 256), interleaved, medians; the faster is kept.
 
-``extra["moe_form"]`` fixes the form instead (``gather`` / ``grouped`` / ``dense``; dense is
+``extra["moe_form"]`` fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
 the fallback and benchmark baseline, every expert with a mask). ``--target trt`` is not timed
 here (no GPU at export): it gets ``trt_form`` (dense at E <= 8, where one batched GEMM over
 all experts is cheap on a GPU and needs no data-dependent shapes; gather above), as the
@@ -29,7 +30,7 @@ from graph_passes.onnx.moe_match import find_banks
 log = logging.getLogger(__name__)
 
 __all__ = ["apply_form", "choose_moe_form", "trt_form"]
-TIMED_FORMS = ("gather", "grouped")
+TIMED_FORMS = ("gather", "grouped", "padded")
 TRT_DENSE_MAX_EXPERTS = 8
 
 
@@ -84,15 +85,17 @@ def _timed(stage: str, proto: onnx.ModelProto, threads) -> tuple[onnx.ModelProto
         medians = quant_tune.time_configs(configs, batch, threads=t, budget_s=2.0)
         timed["default" if t is None else str(t)] = {f"{f}_ms": round(medians[f] * 1e3, 4)
                                                        for f in TIMED_FORMS}
-    ratios = [v["grouped_ms"] / v["gather_ms"] for v in timed.values()]
-    score = float(np.exp(np.mean(np.log(ratios))))  # geometric mean over thread counts
-    form = "grouped" if score < 1.0 else "gather"
+    score = {  # geometric mean over thread counts of each form's time / gather's
+        f: float(np.exp(np.mean([np.log(v[f"{f}_ms"] / v["gather_ms"]) for v in timed.values()])))
+        for f in TIMED_FORMS
+    }
+    form = min(TIMED_FORMS, key=lambda f: score[f])
     log.info("optimize %s: MoE banks in the %s form (%s at batch %d)", stage, form, timed, batch)
     return built[form][0], {
         "form": form,
         "chosen_by": "timed",
         "batch": batch,
         "threads": timed,
-        "grouped_vs_gather": round(score, 4),
+        "vs_gather": {f: round(v, 4) for f, v in score.items()},
         "banks": built[form][1],
     }

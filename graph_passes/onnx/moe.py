@@ -12,6 +12,10 @@ Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
   expert's two 2-D GEMMs, gated, and one ScatterND (reduction add) back into place: cost
   follows k, each expert's weights read once per call, so it suits large batches (the group
   side at N candidates).
+* ``padded``  rows grouped by expert as for ``grouped``, but scattered into a zero-padded
+  [T*E, cap, D] batch (cap: this call's largest group) and run as ONE batched MatMul per
+  layer: a few nodes whatever E is; cost follows the largest group, about k/E of dense
+  at balanced routing. The padding rows are never read back.
 * ``dense``   every expert on every token (broadcast MatMul over [T, E]), outputs weighted by
   the gates scattered into E slots: the fallback and the benchmark's baseline.
 
@@ -30,7 +34,7 @@ from graph_passes.onnx.moe_match import Bank, find_banks
 
 __all__ = ["FORMS", "SparseMoEFormPass", "bank_summary"]
 
-FORMS = ("gather", "grouped", "dense")
+FORMS = ("gather", "grouped", "padded", "dense")
 _I64 = np.int64
 
 
@@ -133,7 +137,59 @@ def build_grouped(b: _Builder) -> ir.Value:
     return b.op("Reshape", y, b.op("Shape", bank.x))
 
 
-_BUILD = {"gather": build_gather, "grouped": build_grouped, "dense": build_dense}
+def build_padded(b: _Builder) -> ir.Value:
+    """Rows grouped by expert into a padded [T*E, cap, D] batch (cap = the largest group of
+    this call), so every expert runs in ONE batched MatMul; padding rows are zeros and are
+    never read back. Cost follows the largest group (about k/E of dense at balanced
+    routing), with a handful of nodes whatever E is."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    te = t * e
+    flat = b.const("flat", np.array([-1], dtype=_I64))
+    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
+    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)
+    n = b.op("Shape", keys)
+    skeys, order = b.ops("TopK", keys, n, n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))
+    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
+    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
+                b.const("key_ids", np.arange(te, dtype=_I64)))
+    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
+                  keepdims=0)
+    start = b.op("CumSum", counts, b.const("ax0s", np.array(0, dtype=_I64)), exclusive=1)
+    cap = b.op("ReduceMax", counts, b.const("ax0m", [0]), keepdims=1)  # [1]
+    scalar_n = b.op("Squeeze", n, b.const("ax0q", [0]))
+    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), scalar_n,
+             b.const("one", np.array(1, dtype=_I64)))
+    slot = b.op("Add", b.op("Mul", skeys, cap), b.op("Sub", i, b.op("Gather", start, skeys, axis=0)))
+    slot = b.op("Unsqueeze", slot, b.const("ax_s", [-1]))
+    d_shape = b.const("d", np.array([d], dtype=_I64))
+    padded_rows = b.op("Mul", b.const("te", np.array([te], dtype=_I64)), cap)
+    zeros = b.op("ConstantOfShape", b.op("Concat", padded_rows, d_shape, axis=0),
+                 value=ir.tensor(np.zeros(1, np.float32)))
+    x_pad = b.op("ScatterND", zeros, slot, b.op("Gather", x2, rows, axis=0))
+    x3 = b.op("Reshape", x_pad, b.op("Concat", b.const("te1", np.array([te], dtype=_I64)), cap,
+                                     d_shape, axis=0))
+    hid = b.op("MatMul", x3, b.const("w1_bank", bank.w1.reshape(te, d, h)))
+    hid = b.op("Relu", b.op("Add", hid, b.const("b1_bank", bank.b1.reshape(te, 1, h))))
+    out = b.op("Add", b.op("MatMul", hid, b.const("w2_bank", bank.w2.reshape(te, h, d))),
+               b.const("b2_bank", bank.b2.reshape(te, 1, d)))
+    picked = b.op("GatherND", b.op("Reshape", out, b.const("rows_d2", np.array([-1, d], dtype=_I64))),
+                  slot)
+    gated = b.op("Mul", picked, b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
+    yz = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
+    y = b.op("ScatterND", yz, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
+             reduction="add")
+    return b.op("Reshape", y, b.op("Shape", bank.x))
+
+
+_BUILD = {
+    "gather": build_gather,
+    "grouped": build_grouped,
+    "padded": build_padded,
+    "dense": build_dense,
+}
 
 
 def bank_summary(bank: Bank) -> dict:
