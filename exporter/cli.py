@@ -66,6 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "stage_threads": not args.no_stage_threads,
             "embeddings": args.embeddings,
             "store_min_bytes": args.store_min_bytes,
+            "moe_form": args.moe_form,
         },
     )
     ctx = export_bundle(loaded, args.out, options)
@@ -187,6 +188,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stage-threads", action="store_true",
                    help="do not time the small-batch stages on fewer threads: every stage runs on "
                    "the serving threads")
+    p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+                   help="sparse MoE models: run every expert bank in this form (default: the "
+                   "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
     p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--sign", metavar="KEY", default=None,
                    help="sign the bundle's manifest (manifest.sig): a PEM Ed25519 private key "
@@ -220,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher and distil a student on synthetic CTR data")
-    p.add_argument("--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower"])
+    p.add_argument(
+        "--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower", "tokenmixer"]
+    )
     p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -63,6 +63,7 @@ def inspect_bundle(
             "(on CPU backends); group runs the larger ones"
         )
     _print_layout(m.optimize)
+    _print_moe(m.optimize)
     _print_stage_threads(m)
     _print_split(m)
     _print_row_scope(m)
@@ -166,6 +167,27 @@ def _print_layout(optimize: dict | None) -> None:
         for stage, r in layouts.items()
     ]
     console.print(f"per-token layout, timed with {threads} thread(s): " + "; ".join(parts))
+
+
+def _print_moe(optimize: dict | None) -> None:
+    """Sparse MoE banks per stage (exporter/moe_form.py): form, why, total vs activated params."""
+    forms = (optimize or {}).get("moe_form") or {}
+    if not forms:
+        return
+    t = Table(title="sparse MoE expert banks (FLOPs per row count the activated experts only)")
+    for c in ("stage", "form", "chosen by", "banks", "T x E, top-k", "params total", "activated / row"):
+        t.add_column(c)
+    for stage, r in forms.items():
+        banks = r.get("banks") or []
+        total = sum(b["params"]["total"] for b in banks)
+        active = sum(b["params"]["activated_per_row"] for b in banks)
+        shape = ", ".join(sorted({f"{b['tokens']}x{b['experts']}, k={b['top_k']}" for b in banks}))
+        why = r.get("chosen_by", "")
+        if why == "timed":
+            vs = ", ".join(f"{f} {v:.2f}x" for f, v in r["vs_gather"].items() if f != "gather")
+            why += f" (vs gather at batch {r['batch']}: {vs})"
+        t.add_row(stage, r["form"], why, str(len(banks)), shape, f"{total:,}", f"{active:,}")
+    console.print(t)
 
 
 def _print_stage_threads(m) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ def choose_per_token_layout(
 
 
 def step_optimize(ctx: ExportContext) -> None:
-    """Rewrite every stage in ``ctx.stages`` in place (see the module docstring); for ONNX
+    """Rewrite every stage in ``ctx.stages`` in place (see the module docstring): sparse MoE
+    expert banks into the form timed fastest for the stage (exporter.moe_form; recorded in
+    ``optimize.moe_form``), then the inference rewrites; for ONNX
     Runtime (not ``--target trt``, whose tactics TensorRT times itself on the GPU) keep each
     stage's per-token weights batched or unrolled, whichever ran faster here
     (``choose_per_token_layout``; ``extra["per_token_layout"] = False`` keeps them batched).
@@ -112,8 +115,12 @@ def step_optimize(ctx: ExportContext) -> None:
     extra = ctx.options.extra or {}
     tune = extra.get("target") != "trt" and extra.get("per_token_layout", True)
     threads = (int(extra["serve_threads"]),) if extra.get("serve_threads") else (1, None)
-    layouts = {}
+    layouts, moe = {}, {}
     for stage, proto in list(ctx.stages.items()):
+        # sparse MoE banks first (their matcher reads the graph as exported): form per stage
+        proto, moe_record = choose_moe_form(stage, proto, extra, threads=threads)
+        if moe_record is not None:
+            moe[stage] = moe_record
         ctx.stages[stage], made = optimize_stage(proto)
         if made:
             log.info("optimize %s: %s", stage, made)
@@ -123,7 +130,7 @@ def step_optimize(ctx: ExportContext) -> None:
             )
             if record is not None:
                 layouts[stage] = record
-    if layouts:
+    if layouts or moe:
         from exporter.quant_tune import cpu_name
 
         ctx.manifest_fields["optimize"] = {
@@ -131,3 +138,5 @@ def step_optimize(ctx: ExportContext) -> None:
             "cpu": cpu_name(),
             "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
         }
+        if moe:
+            ctx.manifest_fields["optimize"]["moe_form"] = moe

@@ -186,8 +186,9 @@ class QuantizeOptions:
 
 
 def group_of(weight: str) -> str:
-    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``."""
-    return re.sub(r"\.t\d+$", "", weight)
+    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
+    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
 
 
 @dataclass

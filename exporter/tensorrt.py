@@ -205,6 +205,10 @@ def step_trt_lint(ctx) -> None:
     if not ok:
         raise ExportError(f"--target trt: the exported graphs are not ready for TensorRT:\n{text}")
     log.info("TensorRT readiness: %d graph(s) ready", len(ctx.stages))
+    moe = ((ctx.manifest_fields.get("optimize") or {}).get("moe_form")) or {}
+    for stage, rec in moe.items():  # exporter.moe_form.trt_form: which MoE form TensorRT gets
+        log.info("TensorRT: %s.onnx runs its %d MoE bank(s) in the %s form (%s)", stage,
+                 len(rec.get("banks", [])), rec["form"], rec.get("chosen_by"))
 
 
 def step_trt_build(ctx) -> None:

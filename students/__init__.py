@@ -2,11 +2,12 @@
 
     from students import build_student, distill, make_dataset
     world, train_rows, heldout = make_dataset("tiny", seed=0)
-    model = build_student("rankmixer", "tiny")        # or "dcn", "twotower"; size "bench"
+    model = build_student("rankmixer", "tiny")  # or "dcn", "twotower", "tokenmixer"; "bench"
     report = distill(kind="rankmixer", size="tiny", out_dir="runs/rm")
 
 Modules: ``data`` (generator, .npz files), ``metrics`` (numpy AUC / log-loss / Bayes AUC),
-``rankmixer`` / ``dcn`` / ``two_tower`` (the students), ``zoo`` (named configs and the
+``rankmixer`` / ``dcn`` / ``two_tower`` / ``tokenmixer`` (the students; ``moe``: the
+sparse per-token MoE layer of ``tokenmixer``), ``zoo`` (named configs and the
 checkpoint factory ``students.zoo:build_model``), ``checkpoint`` (checkpoint directories),
 ``train`` (distillation). ``data`` and ``metrics`` need only numpy; importing this package
 imports nothing heavy until one of the names below is used.

@@ -39,7 +39,7 @@ from students.base import Student, model_inputs
 from students.checkpoint import load_checkpoint, save_checkpoint
 from students.data import make_dataset, rename, save_npz, take
 from students.metrics import auc, bayes_auc, expected_bayes_auc, log_loss
-from students.zoo import FACTORY, build_model, model_kwargs
+from students.zoo import FACTORY, KINDS, build_model, model_kwargs
 
 __all__ = ["TrainConfig", "distill", "fit", "predict_logits", "evaluate"]
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class TrainConfig:
     max_steps: int | None = None  # cap on optimiser steps per model (short bench runs)
     threads: int | None = 1  # small models train fastest single-threaded on shared cores
     control: bool = True  # also train the labels-only student (the baseline of the report)
+    aux_weight: float = 0.01  # weight of a MoE student's load-balance loss (``aux_loss()``)
 
 
 TRAIN_CONFIGS = {
@@ -126,6 +127,9 @@ def fit(
         if soft is not None:
             target = torch.sigmoid(soft[idx] / t)
             loss = loss + cfg.alpha * t * t * F.binary_cross_entropy_with_logits(z / t, target)
+        aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+        if aux is not None:  # MoE students: the load-balance loss of this forward
+            loss = loss + cfg.aux_weight * aux
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,7 +340,7 @@ def _report(kind, size, seed, held, t, s, c, out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m students.train --kind rankmixer --size tiny --out runs/rm``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", default="rankmixer", choices=["rankmixer", "dcn", "twotower"])
+    p.add_argument("--kind", default="rankmixer", choices=sorted(KINDS))
     p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ from students.base import Student
 from students.data import DATA_CONFIGS
 from students.dcn import DCNConfig, DCNStudent
 from students.rankmixer import RankMixerConfig, RankMixerStudent
+from students.tokenmixer import TokenMixerConfig, TokenMixerStudent
 from students.two_tower import TwoTowerConfig, TwoTowerStudent
 
 __all__ = [
@@ -30,6 +31,7 @@ KINDS = {
     "rankmixer": (RankMixerConfig, RankMixerStudent),
     "dcn": (DCNConfig, DCNStudent),
     "twotower": (TwoTowerConfig, TwoTowerStudent),
+    "tokenmixer": (TokenMixerConfig, TokenMixerStudent),
 }
 SIZES = ("tiny", "bench")
 
@@ -52,6 +54,21 @@ _HYPER: dict[tuple[str, str], dict[str, Any]] = {
     ("dcn", "bench"): dict(emb_dim=16, n_cross=3, deep=(256, 128)),
     ("twotower", "tiny"): {},
     ("twotower", "bench"): dict(emb_dim=16, tower=(256, 64)),
+    ("tokenmixer", "tiny"): {},
+    ("tokenmixer", "bench"): dict(
+        emb_dim=16,
+        d_model=128,
+        n_user_tokens=8,
+        n_cand_tokens=8,
+        n_layers=2,
+        ffn_mult=2,
+        n_experts=16,
+        top_k=2,
+        seq_width=64,
+        seq_heads=4,
+        seq_layers=1,
+        target_heads=4,
+    ),
     # the teacher: a big DCN (wide embeddings, deep cross network); cheap to train on a CPU
     ("teacher", "tiny"): dict(emb_dim=24, n_cross=3, cross_rank=64, deep=(192, 96)),
     ("teacher", "bench"): dict(emb_dim=32, n_cross=3, cross_rank=128, deep=(512, 256)),

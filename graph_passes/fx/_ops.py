@@ -153,6 +153,10 @@ ALONG_DIMS = {
     aten.narrow.default: 1,
     aten.index_select.default: 1,
     aten.gather.default: 1,
+    aten.scatter.src: 1,
+    aten.scatter.value: 1,
+    aten.scatter_add.default: 1,
+    aten.scatter_reduce.two: 1,
     aten.repeat_interleave.self_int: 2,
     aten.glu.default: 1,
 }

@@ -186,13 +186,24 @@ def _try_along_dims(node, ctx):
     bd = _bdim(src, ctx)
     if bd is None or bd in [_norm(d, rank) for d in dims]:
         return f"it works along dim {dims}, the batch dimension (rows would mix)"
-    if node.target in (aten.index_select.default, aten.gather.default):
+    if node.target in _INDEXED:
         index = node.args[2]
         if ctx.is_user(index) and node.target is aten.index_select.default:
             return "its index is user-side data"
         if ctx.is_user(index) and _bdim(index, ctx) != bd:
             return "its index does not share the batch dimension"
     return _carry(node, ctx, _user_tensors(node, ctx))
+
+
+# ops whose index argument (args[2]) selects positions along ``dim`` within each row
+_INDEXED = (
+    aten.index_select.default,
+    aten.gather.default,
+    aten.scatter.src,
+    aten.scatter.value,
+    aten.scatter_add.default,
+    aten.scatter_reduce.two,
+)
 
 
 def _try_view(node, ctx):
@@ -371,7 +382,7 @@ def _try_misc(node, ctx):
         src, idx = node.args[0], node.args[1]
         bd = _bdim(src, ctx)
         if any(isinstance(i, fx.Node) and ctx.is_user(i) for i in idx):
-            return "its index tensors are user-side data"
+            return _index_by_rows(node, ctx, src, idx)
         if bd is None or (bd < len(idx) and idx[bd] is not None):
             return "it indexes the batch dimension"
         return _carry(node, ctx, [src])
@@ -393,3 +404,18 @@ def _einsum(node, ctx):
     if len(letters) != 1 or letters.copy().pop() not in out:
         return "it contracts over the batch dimension"
     return _carry(node, ctx, [op for op in ops if ctx.is_user(op)])
+
+
+def _index_by_rows(node, ctx, src, idx):
+    """``table[ids]`` with a constant table and user-side ids (a lookup, like embedding):
+    output row b reads only ids row b when the ids index the table's leading dims and
+    share one batch layout (MoE expert weights gathered by a per-row top-k index)."""
+    if ctx.is_user(src):
+        return "its index tensors are user-side data and so is the indexed tensor"
+    lead = [i for i in idx if i is not None]
+    if len(lead) != len(idx) or not all(isinstance(i, fx.Node) and ctx.is_user(i) for i in lead):
+        return "its user-side index tensors do not index the table's leading dims alone"
+    shapes = {str(tuple(tensor_val(i).shape)) for i in lead}
+    if len(shapes) != 1 or len({_bdim(i, ctx) for i in lead}) != 1:
+        return "its user-side index tensors do not share one batch layout"
+    return _carry(node, ctx, lead)

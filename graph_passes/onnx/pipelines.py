@@ -50,14 +50,22 @@ def linear_layers(model: ir.Model, min_k: int = MIN_K, min_elements: int = 0) ->
     Call on a canonicalised graph; these names are what ``skip``/``only`` accept (see
     ``NBITS_MIN_ELEMENTS`` for ``min_elements``).
     """
+    from graph_passes.onnx.moe_match import router_weights
+    from graph_passes.onnx.moe_quant import expert_tables
+
+    routers = router_weights(model.graph)  # kept float: int8 could flip which experts run
     names: list[str] = []
     for node in model.graph:
         if node.op_type == "MatMul" and node.domain == "":
             b = node.inputs[1]
             w = const_array(b)
             refused = weight_refusal(w, b.name or "", min_k=min_k, min_elements=min_elements)
-            if refused is None and b.name not in names:
+            if refused is None and b.name not in names and b.name not in routers:
                 names.append(b.name)
+    for node in expert_tables(model.graph):  # sparse MoE tables [T*E, K, N], per expert
+        table = node.inputs[0]
+        if const_array(table).size >= min_elements and table.name not in names:
+            names.append(table.name)
     return names
 
 
@@ -83,10 +91,15 @@ def quantize_onnx(
         model = ir.serde.deserialize_model(model)
     if canonicalize:
         canonicalize_linear(model, unroll_min_elements=min_elements)
+    from graph_passes.onnx.moe_match import router_weights
+    from graph_passes.onnx.moe_quant import QuantizeExpertTablesPass
+
+    skip = set(skip) | router_weights(model.graph)
+    tables = QuantizeExpertTablesPass(only=only, skip=skip, bits=bits)
     quant = QuantizeWeightsInt8Pass(
         bits=bits, block_size=block_size, skip=skip, only=only, min_elements=min_elements
     )
-    passes: list[ir.passes.PassBase] = [quant, common_passes.RemoveUnusedNodesPass()]
+    passes: list[ir.passes.PassBase] = [tables, quant, common_passes.RemoveUnusedNodesPass()]
     lowering = None
     if target == "ort-cpu":
         lowering = LowerToMatMulNBitsPass(
@@ -101,7 +114,7 @@ def quantize_onnx(
         r for r in quant.refusals if not r.reason.startswith(("listed in skip", "not selected"))
     ]
     refusals += getattr(lowering, "refusals", [])
-    return QuantizeResult(model, quant.quantized, refusals)
+    return QuantizeResult(model, tables.quantized + quant.quantized, refusals)
 
 
 def describe(refusals: list[Refusal]) -> list[str]:

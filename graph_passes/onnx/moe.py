@@ -1,0 +1,225 @@
+"""Execution forms of sparse per-token MoE expert banks, in standard ONNX ops.
+
+    SparseMoEFormPass(form)   every bank found by moe_match.find_banks -> ``form``
+
+Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
+
+* ``gather``  per (row, token, slot) gather of the selected expert's weight slices from
+  tables ``[T*E, D, H]`` and a batched MatMul: cost follows k, not E; weight bytes moved
+  per row, so it suits small batches (the user side at M=1).
+* ``grouped`` rows grouped by expert: the (row, token, slot) assignments sorted by key
+  t*E + e (TopK), their rows gathered once and Split into T*E runs, each run through its
+  expert's two 2-D GEMMs, gated, and one ScatterND (reduction add) back into place: cost
+  follows k, each expert's weights read once per call, so it suits large batches (the group
+  side at N candidates).
+* ``padded``  rows grouped by expert as for ``grouped``, but scattered into a zero-padded
+  [T*E, cap, D] batch (cap: this call's largest group) and run as ONE batched MatMul per
+  layer: a few nodes whatever E is; cost follows the largest group, about k/E of dense
+  at balanced routing. The padding rows are never read back.
+* ``dense``   every expert on every token (broadcast MatMul over [T, E]), outputs weighted by
+  the gates scattered into E slots: the fallback and the benchmark's baseline.
+
+Every node made carries ``ugsep.pass`` = the pass name and ``ugsep.moe`` = the bank name; the
+gather form's weight Gathers also ``ugsep.moe_table`` = w1 / w2 (the quantizer's handle).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from graph_passes.onnx._util import add_initializer, tag
+from graph_passes.onnx.moe_match import Bank, find_banks
+
+__all__ = ["FORMS", "SparseMoEFormPass", "bank_summary"]
+
+FORMS = ("gather", "grouped", "padded", "dense")
+_I64 = np.int64
+
+
+class _Builder:
+    """A tape bound to one graph and bank: ``op`` makes a node, ``const`` an initializer."""
+
+    def __init__(self, graph: ir.Graph, bank: Bank, pass_name: str) -> None:
+        self.graph, self.bank, self.pass_name = graph, bank, pass_name
+        self.tape = ir.tape.Tape()
+
+    def op(self, op_type: str, *inputs: ir.Value, **attrs) -> ir.Value:
+        return self.tape.op(op_type, list(inputs), attrs or None)
+
+    def ops(self, op_type: str, *inputs: ir.Value, n: int, **attrs) -> list[ir.Value]:
+        return list(self.tape.op_multi_out(op_type, list(inputs), attrs or None, num_outputs=n))
+
+    def const(self, suffix: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, f"{self.bank.name}.{suffix}", np.asarray(array))
+
+    def finish(self) -> list[ir.Node]:
+        for node in self.tape.nodes:
+            tag(node, self.pass_name, moe=self.bank.name)
+        return list(self.tape.nodes)
+
+
+def _gate_matrix(b: _Builder) -> tuple[ir.Value, ir.Value]:
+    """(gates [B, T, E] with 0 for experts not selected, selection mask [B, T, E] as float)."""
+    e = b.bank.w1.shape[1]
+    onehot = b.op("Equal", b.op("Unsqueeze", b.bank.idx, b.const("ax_last", [-1])),
+                  b.const("expert_ids", np.arange(e, dtype=_I64)))
+    onehot = b.op("Cast", onehot, to=ir.DataType.FLOAT)  # [B, T, k, E]
+    weighted = b.op("Mul", onehot, b.op("Unsqueeze", b.bank.gates, b.const("ax_last2", [-1])))
+    gates = b.op("ReduceSum", weighted, b.const("ax2", [2]), keepdims=0)
+    mask = b.op("ReduceMax", onehot, b.const("ax2b", [2]), keepdims=0)
+    return gates, mask
+
+
+def build_gather(b: _Builder) -> ir.Value:
+    """Gather the k selected experts' slices per (row, token) and run them batched."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    flat = b.op("Add", bank.idx, b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None]))
+    w1 = b.op("Gather", b.const("w1_table", bank.w1.reshape(t * e, d, h)), flat)
+    w2 = b.op("Gather", b.const("w2_table", bank.w2.reshape(t * e, h, d)), flat)
+    b1 = b.op("Gather", b.const("b1_table", bank.b1.reshape(t * e, 1, h)), flat)
+    b2 = b.op("Gather", b.const("b2_table", bank.b2.reshape(t * e, 1, d)), flat)
+    for v, role in ((w1, "w1"), (w2, "w2")):
+        v.producer().metadata_props["ugsep.moe_table"] = role
+    xs = b.op("Unsqueeze", bank.x, b.const("ax23", [2, 3]))  # [B, T, 1, 1, D]
+    hid = b.op("Relu", b.op("Add", b.op("MatMul", xs, w1), b1))  # [B, T, k, 1, H]
+    out = b.op("Add", b.op("MatMul", hid, w2), b2)  # [B, T, k, 1, D]
+    g = b.op("Unsqueeze", bank.gates, b.const("ax34", [3, 4]))
+    return b.op("ReduceSum", b.op("Mul", out, g), b.const("ax23s", [2, 3]), keepdims=0)
+
+
+def build_dense(b: _Builder) -> ir.Value:
+    """Every expert on every token; outputs weighted by the (mostly zero) gate matrix."""
+    bank = b.bank
+    gates, _ = _gate_matrix(b)
+    xt = b.op("Unsqueeze", b.op("Transpose", bank.x, perm=[1, 0, 2]), b.const("ax1", [1]))
+    hid = b.op("MatMul", xt, b.const("w1", bank.w1))  # [T, E, B, H]
+    hid = b.op("Relu", b.op("Add", hid, b.const("b1", bank.b1[:, :, None, :])))
+    out = b.op("Add", b.op("MatMul", hid, b.const("w2", bank.w2)), b.const("b2", bank.b2[:, :, None, :]))
+    g = b.op("Unsqueeze", b.op("Transpose", gates, perm=[1, 2, 0]), b.const("ax_l", [-1]))
+    y = b.op("ReduceSum", b.op("Mul", out, g), b.const("axE", [1]), keepdims=0)  # [T, B, D]
+    return b.op("Transpose", y, perm=[1, 0, 2])
+
+
+def build_grouped(b: _Builder) -> ir.Value:
+    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
+    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
+    gated, and scatter-added back to its (row, token)."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    k = bank.top_k
+    flat = b.const("flat", np.array([-1], dtype=_I64))
+    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
+    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)  # [n], n = B*T*k
+    _, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(k, dtype=_I64)))  # (row, token) = b*T + t
+    x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))  # [B*T, D]
+    xs = b.op("Gather", x2, rows, axis=0)
+    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
+    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
+                b.const("key_ids", np.arange(t * e, dtype=_I64)))
+    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
+                  keepdims=0)  # [T*E] assignments per (token, expert)
+    parts = b.ops("Split", xs, counts, n=t * e, axis=0)
+    outs = []
+    for i, part in enumerate(parts):
+        ti, ei = divmod(i, e)
+        hid = b.op("MatMul", part, b.const(f"w1.t{ti}.e{ei}", bank.w1[ti, ei]))
+        hid = b.op("Relu", b.op("Add", hid, b.const(f"b1.t{ti}.e{ei}", bank.b1[ti, ei])))
+        outs.append(b.op("Add", b.op("MatMul", hid, b.const(f"w2.t{ti}.e{ei}", bank.w2[ti, ei])),
+                         b.const(f"b2.t{ti}.e{ei}", bank.b2[ti, ei])))
+    gated = b.op("Mul", b.op("Concat", *outs, axis=0), b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
+    zeros = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
+    y = b.op("ScatterND", zeros, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
+             reduction="add")
+    return b.op("Reshape", y, b.op("Shape", bank.x))
+
+
+def build_padded(b: _Builder) -> ir.Value:
+    """Rows grouped by expert into a padded [T*E, cap, D] batch (cap = the largest group of
+    this call), so every expert runs in ONE batched MatMul; padding rows are zeros and are
+    never read back. Cost follows the largest group (about k/E of dense at balanced
+    routing), with a handful of nodes whatever E is."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    te = t * e
+    flat = b.const("flat", np.array([-1], dtype=_I64))
+    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
+    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)
+    n = b.op("Shape", keys)
+    skeys, order = b.ops("TopK", keys, n, n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))
+    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
+    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
+                b.const("key_ids", np.arange(te, dtype=_I64)))
+    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
+                  keepdims=0)
+    start = b.op("CumSum", counts, b.const("ax0s", np.array(0, dtype=_I64)), exclusive=1)
+    cap = b.op("ReduceMax", counts, b.const("ax0m", [0]), keepdims=1)  # [1]
+    scalar_n = b.op("Squeeze", n, b.const("ax0q", [0]))
+    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), scalar_n,
+             b.const("one", np.array(1, dtype=_I64)))
+    slot = b.op("Add", b.op("Mul", skeys, cap), b.op("Sub", i, b.op("Gather", start, skeys, axis=0)))
+    slot = b.op("Unsqueeze", slot, b.const("ax_s", [-1]))
+    d_shape = b.const("d", np.array([d], dtype=_I64))
+    padded_rows = b.op("Mul", b.const("te", np.array([te], dtype=_I64)), cap)
+    zeros = b.op("ConstantOfShape", b.op("Concat", padded_rows, d_shape, axis=0),
+                 value=ir.tensor(np.zeros(1, np.float32)))
+    x_pad = b.op("ScatterND", zeros, slot, b.op("Gather", x2, rows, axis=0))
+    x3 = b.op("Reshape", x_pad, b.op("Concat", b.const("te1", np.array([te], dtype=_I64)), cap,
+                                     d_shape, axis=0))
+    hid = b.op("MatMul", x3, b.const("w1_bank", bank.w1.reshape(te, d, h)))
+    hid = b.op("Relu", b.op("Add", hid, b.const("b1_bank", bank.b1.reshape(te, 1, h))))
+    out = b.op("Add", b.op("MatMul", hid, b.const("w2_bank", bank.w2.reshape(te, h, d))),
+               b.const("b2_bank", bank.b2.reshape(te, 1, d)))
+    picked = b.op("GatherND", b.op("Reshape", out, b.const("rows_d2", np.array([-1, d], dtype=_I64))),
+                  slot)
+    gated = b.op("Mul", picked, b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
+    yz = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
+    y = b.op("ScatterND", yz, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
+             reduction="add")
+    return b.op("Reshape", y, b.op("Shape", bank.x))
+
+
+_BUILD = {
+    "gather": build_gather,
+    "grouped": build_grouped,
+    "padded": build_padded,
+    "dense": build_dense,
+}
+
+
+def bank_summary(bank: Bank) -> dict:
+    """Sizes and parameter counts of a bank (for the manifest and ``ugsep inspect``)."""
+    return {"name": bank.name, **bank.sizes, "params": bank.params()}
+
+
+class SparseMoEFormPass(ir.passes.InPlacePass):
+    """Rewrite every expert bank into ``form`` (one of FORMS); ``self.banks`` lists them."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"MoE form '{form}' is not one of {FORMS}")
+        self.form = form
+        self.banks: list[dict] = []
+        self.refusals = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        banks, self.refusals = find_banks(model.graph)
+        self.banks = [bank_summary(b) for b in banks]
+        for bank in banks:
+            builder = _Builder(model.graph, bank, type(self).__name__)
+            y = _BUILD[self.form](builder)
+            model.graph.insert_before(bank.anchor, builder.finish())
+            bank.y.replace_all_uses_with(y)
+            if bank.y in model.graph.outputs:
+                model.graph.outputs[model.graph.outputs.index(bank.y)] = y
+        if banks:
+            common_passes.RemoveUnusedNodesPass()(model)
+            common_passes.RemoveUnusedInitializersPass()(model) if hasattr(
+                common_passes, "RemoveUnusedInitializersPass") else None
+        return ir.passes.PassResult(model, bool(banks))

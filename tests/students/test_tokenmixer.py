@@ -1,0 +1,181 @@
+"""The TokenMixer-Large-style MoE student: forms agree, ties go to the lowest expert index
+(eager and exported ONNX alike), the load-balance loss is trained, and the sparse ONNX forms
+(gather, grouped) equal the dense-masked one and the eager model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter.onnx_build import export_onnx
+from graph_passes.onnx.moe import FORMS, SparseMoEFormPass
+from graph_passes.onnx.moe_match import find_banks
+from students.base import model_inputs
+from students.data import make_dataset
+from students.moe import TokenMoE, route_topk
+from students.train import TrainConfig, fit
+from students.zoo import build_student
+
+torch.manual_seed(0)
+
+
+def _forms(model: torch.nn.Module, form: str) -> None:
+    for m in model.modules():
+        if hasattr(m, "form"):
+            m.form = form
+
+
+def test_route_topk_ties_go_to_the_lowest_expert_index():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0], [3.0, 0.0, 3.0, 5.0]])
+    vals, idx = route_topk(logits, 2)
+    assert idx.tolist() == [[0, 1], [1, 2], [3, 0]]
+    assert vals.tolist() == [[1.0, 1.0], [2.0, 2.0], [5.0, 3.0]]
+
+
+def test_gather_and_dense_forms_agree_and_only_k_experts_matter():
+    moe = TokenMoE(n_tokens=3, d_model=8, hidden=16, n_experts=5, top_k=2).eval()
+    x = torch.randn(7, 3, 8)
+    with torch.no_grad():
+        moe.experts.form = "gather"
+        sparse = moe(x)
+        moe.experts.form = "dense"
+        dense = moe(x)
+        _, idx, _ = moe.route(x)
+        unused = torch.ones(3, 5, dtype=torch.bool)  # experts no row selected: any weights
+        for t in range(3):
+            unused[t, idx[:, t].unique()] = False
+        moe.experts.w1.data[unused] = 1e3
+        moe.experts.form = "gather"
+        poisoned = moe(x)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(poisoned, sparse)
+
+
+def test_training_records_the_load_balance_loss_and_it_trains():
+    _, rows, _ = make_dataset("tiny", 1024, 4, 4, seed=0)
+    model = build_student("tokenmixer", "tiny")
+    model.train()
+    model.logits(**model_inputs(model, rows, slice(0, 64)))
+    aux = model.aux_loss()
+    assert aux is not None and aux.item() >= 1.0 * len(model.layers) * 2 - 1e-4  # >= 1 per layer
+    hist = fit(model, rows, TrainConfig(batch_size=128, max_steps=4, lr=1e-3), epochs=1, seed=0)
+    assert np.isfinite(hist["final_loss"]) and hist["steps"] == 4
+    assert not model.training
+
+
+class _TieMoE(torch.nn.Module):
+    """One TokenMoE (k=1) whose router has duplicate expert columns: every row ties."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.moe = TokenMoE(n_tokens=2, d_model=8, hidden=8, n_experts=4, top_k=1, gate=gate)
+        with torch.no_grad():
+            r = self.moe.router
+            r[:, :, 2] = r[:, :, 1]  # experts 1 and 2 tie everywhere
+            r[:, :, 3] = r[:, :, 0]  # experts 0 and 3 tie everywhere
+            self.moe.experts.b2.normal_()
+
+    def forward(self, x):
+        return self.moe(x).sum(-1)
+
+
+def _onnx_forms(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    dim = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: dim},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    assert len(find_banks(ir.serde.deserialize_model(proto).graph)[0]) == 1
+    out = {}
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        assert SparseMoEFormPass(form)(m).modified
+        rewritten = ir.serde.serialize_model(m)
+        onnx.checker.check_model(rewritten)
+        sess = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[form] = sess.run(None, {"x": x.numpy()})[0]
+    return out
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_tied_router_scores_pick_the_lowest_index_in_eager_and_every_onnx_form(gate):
+    model = _TieMoE(gate).eval()
+    x = torch.randn(33, 2, 8)
+    with torch.no_grad():
+        logits, idx, _ = model.moe.route(x)
+        want = model(x).numpy()
+        assert (idx < 2).all()  # the tie rule: 0 beats 3, 1 beats 2
+        e = model.moe.experts  # the higher tied twin would give a different score
+        e.w1.data[:, 2:] = e.w1.data[:, [1, 0]]
+        e.w2.data[:, 2:], e.b2.data[:, 2:] = e.w2.data[:, [1, 0]], e.b2.data[:, [1, 0]]
+        e.b1.data[:, 2:] = e.b1.data[:, [1, 0]]
+        assert torch.allclose(model(x), torch.from_numpy(want))  # twins equal: same answer
+        e.b2.data[:, 2:] += 1.0  # twins differ: only a wrong tie rule would see it
+        assert torch.allclose(model(x), torch.from_numpy(want))
+    for form, got in _onnx_forms(model, x).items():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=form)
+
+
+def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
+    from exporter.moe_form import trt_form
+    from exporter.tensorrt import lint_models
+    from graph_passes.onnx.trt_support import has_errors
+
+    model = _TieMoE("softmax").eval()
+    x = torch.randn(5, 2, 8)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    forms = {}
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        moe = SparseMoEFormPass(form)
+        moe(m)
+        forms[form] = ir.serde.serialize_model(m)
+    findings = lint_models(forms)
+    assert not has_errors(findings["gather"]) and not has_errors(findings["dense"])
+    for form in ("grouped", "padded"):  # ScatterND reduction=add: not in TensorRT's parser
+        assert has_errors(findings[form])
+        assert any("ScatterND" in str(f) for f in findings[form])
+    assert trt_form(moe.banks) == "dense"  # E=4 <= 8
+    assert trt_form([{**moe.banks[0], "experts": 16}]) == "gather"
+
+
+def test_flop_count_counts_the_activated_experts_only():
+    from graph_passes.fx import FLOPS_KEY, FlopCountPass
+    from graph_passes.fx._base import batch_symbol
+
+    t, d, h, e, k = 3, 8, 16, 6, 2
+    moe = TokenMoE(n_tokens=t, d_model=d, hidden=h, n_experts=e, top_k=k).eval()
+    ep = torch.export.export(moe, (torch.randn(4, t, d),),
+                             dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    FlopCountPass(batch_symbol(ep, ["x"])).call(ep)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    matmul = sum(n.meta[FLOPS_KEY] for n in nodes if "matmul" in str(n.target) or "bmm" in str(n.target))
+    router = sum(n.meta[FLOPS_KEY] for n in nodes if "einsum" in str(n.target))
+    assert matmul == 2 * t * k * (d * h + h * d)  # k of the E experts, per row
+    assert router == 2 * t * d * e
+
+
+def test_student_graph_in_every_form_equals_eager():
+    from exporter.capture import capture, flat_input_names, to_torch_inputs
+    from runtime.sample import sample_rows
+    from runtime.spec import FeatureSpec
+    from students.tokenmixer import TokenMixerConfig, TokenMixerStudent
+
+    torch.manual_seed(1)
+    model = TokenMixerStudent(TokenMixerConfig(n_layers=1, n_experts=5, gate="sigmoid")).eval()
+    spec = FeatureSpec.from_dict(model.feature_spec())
+    rows = sample_rows(spec, 40, 3)
+    with torch.no_grad():
+        want = model(**to_torch_inputs(spec, rows)).numpy()
+    names = flat_input_names(spec, to_torch_inputs(spec, rows))
+    proto = export_onnx(capture(model, spec), names, ["ctr"])
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        assert SparseMoEFormPass(form)(m).modified
+        sess = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, {n: rows[n] for n in names})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=form)
