@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.redis_tier.layout import TableLayout
+from runtime.serving.cache import CacheStats
 
-
-@dataclass
-class HotCacheStats:
-    """Counters since the cache was created (a snapshot)."""
-
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    entries: int = 0
-    bytes: int = 0
-    max_bytes: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+# The user cache's counters (hits, misses, evictions, entries, bytes; rows never expire here).
+HotCacheStats = CacheStats
 
 
 class _Pool:
