@@ -206,12 +206,12 @@ class MixerLayer(nn.Module):
         return xu, xg
 
 
-class RankMixerStudent(Student):
-    """RankMixer-style UG-Sep ranker; see the module docstring for the data flow."""
+class TokenFrontStudent(Student):
+    """The UG-Sep token front every token student shares (RankMixer, TokenMixer): field
+    embeddings, user and candidate tokenizers, the behaviour-sequence encoder and the
+    target attention; subclasses add their mixer layers and head after ``_build_front``."""
 
-    def __init__(self, config: RankMixerConfig) -> None:
-        super().__init__(config)
-        c = config
+    def _build_front(self, c) -> None:
         d, e = c.d_model, c.emb_dim
         self.user_emb = FieldEmbedding(c.n_user_fields, c.vocab, e)
         self.item_emb = FieldEmbedding(c.n_item_fields, c.vocab, e)
@@ -222,11 +222,6 @@ class RankMixerStudent(Student):
         self.seq_token = nn.Linear(c.seq_width, d)
         self.cand_tokens = Tokenizer(item_dim, c.n_cand_tokens - 1, d)
         self.target = TargetAttention(item_dim, c.seq_width, c.target_heads, d)
-        hidden = c.ffn_mult * d
-        self.layers = nn.ModuleList(
-            MixerLayer(c.n_user_tokens, c.n_cand_tokens, d, hidden) for _ in range(c.n_layers)
-        )
-        self.head = mlp([2 * d, d, 1])
 
     def user_side(self, user_ids, user_dense, user_seq):
         """User tokens [B, c_u, D] and target-attention keys/values: user inputs only."""
@@ -242,6 +237,21 @@ class RankMixerStudent(Student):
         feats = torch.cat([self.item_emb(item_ids).flatten(1), item_dense], dim=-1)
         ta = self.target(feats, k, v).unsqueeze(1)
         return torch.cat([self.cand_tokens(feats), ta], dim=1)
+
+
+
+class RankMixerStudent(TokenFrontStudent):
+    """RankMixer-style UG-Sep ranker; see the module docstring for the data flow."""
+
+    def __init__(self, config: RankMixerConfig) -> None:
+        super().__init__(config)
+        c = config
+        self._build_front(c)
+        hidden = c.ffn_mult * c.d_model
+        self.layers = nn.ModuleList(
+            MixerLayer(c.n_user_tokens, c.n_cand_tokens, c.d_model, hidden) for _ in range(c.n_layers)
+        )
+        self.head = mlp([2 * c.d_model, c.d_model, 1])
 
     def logits(self, user_ids, user_dense, user_seq, item_ids, item_dense) -> torch.Tensor:
         """Pre-sigmoid click score [B]."""

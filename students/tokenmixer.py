@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from students.base import Features, FieldEmbedding, Student, mlp
+from students.base import Features, mlp
 from students.moe import TokenMoE
-from students.rankmixer import SeqEncoder, TargetAttention, Tokenizer, mix_tokens
+from students.rankmixer import TokenFrontStudent, mix_tokens
 
 __all__ = ["TokenMixerConfig", "TokenMixerStudent", "mix_side", "revert_side"]
 
@@ -92,36 +92,21 @@ class TokenMixerLayer(nn.Module):
         return xu, xg
 
 
-class TokenMixerStudent(Student):
+class TokenMixerStudent(TokenFrontStudent):
     """TokenMixer-Large-style UG-Sep ranker; see the module docstring."""
 
     def __init__(self, config: TokenMixerConfig) -> None:
         super().__init__(config)
         c = config
-        d, e = c.d_model, c.emb_dim
-        self.user_emb = FieldEmbedding(c.n_user_fields, c.vocab, e)
-        self.item_emb = FieldEmbedding(c.n_item_fields, c.vocab, e)
-        user_dim = c.n_user_fields * e + c.n_user_dense
-        item_dim = c.n_item_fields * e + c.n_item_dense
-        self.user_tokens = Tokenizer(user_dim, c.n_user_tokens - 1, d)
-        self.seq_encoder = SeqEncoder(e, c.seq_width, c.seq_heads, c.seq_layers, c.seq_len)
-        self.seq_token = nn.Linear(c.seq_width, d)
-        self.cand_tokens = Tokenizer(item_dim, c.n_cand_tokens - 1, d)
-        self.target = TargetAttention(item_dim, c.seq_width, c.target_heads, d)
+        self._build_front(c)  # the token front RankMixer has (students/rankmixer.py)
         self.layers = nn.ModuleList(TokenMixerLayer(c) for _ in range(c.n_layers))
         self.skip = nn.Parameter(torch.zeros(c.n_layers, 2))  # inter-layer residual scales
-        self.head = mlp([2 * d, d, 1])
+        self.head = mlp([2 * c.d_model, c.d_model, 1])
 
     def logits(self, user_ids, user_dense, user_seq, item_ids, item_dense) -> torch.Tensor:
         """Pre-sigmoid click score [B]."""
-        feats = torch.cat([self.user_emb(user_ids).flatten(1), user_dense], dim=-1)
-        seq = self.seq_encoder(self.item_emb.table(user_seq))
-        seq_tok = self.seq_token(seq.mean(dim=1)).unsqueeze(1)
-        xu = torch.cat([self.user_tokens(feats), seq_tok], dim=1)
-        k, v = self.target.keys_values(seq)
-        ifeats = torch.cat([self.item_emb(item_ids).flatten(1), item_dense], dim=-1)
-        ta = self.target(ifeats, k, v).unsqueeze(1)
-        xg = torch.cat([self.cand_tokens(ifeats), ta], dim=1)
+        xu, k, v = self.user_side(user_ids, user_dense, user_seq)
+        xg = self.candidate_tokens(item_ids, item_dense, k, v)
         prev_u, prev_g = xu, xg
         for i, layer in enumerate(self.layers):
             nu, ng = layer(xu, xg)
