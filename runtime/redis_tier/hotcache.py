@@ -109,6 +109,16 @@ class HotRowCache:
             evicted = pool.insert(ids[fresh], rows[fresh], self._tick)
             self._stats.evictions += evicted
 
+    def clear(self) -> None:
+        """Drop every cached row (counters stay): e.g. after a warm-up whose rows say nothing
+        about the traffic to come."""
+        with self._lock:
+            for pool in self._pools.values():
+                pool.slot_of.clear()
+                pool.ids[:] = -1
+                pool.ticks[:] = 0
+                pool.used = 0
+
     def stats(self) -> HotCacheStats:
         """A consistent snapshot of the counters and sizes."""
         with self._lock:
