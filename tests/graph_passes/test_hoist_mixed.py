@@ -4,15 +4,13 @@ ORT parity of the split graphs against the eager model."""
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from exporter.split import split_to_onnx
 from graph_passes.fx import SplitUserGroupPass
-from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec
+from tests.graph_passes._mixed_input import capture_x, split_vs_eager_max_abs
 
 SPEC = FeatureSpec.from_dict({"name": "fmdnn", "outputs": ["ctr"], "inputs": [{
     "name": "X", "dtype": "float32", "shape": [4], "columns": [
@@ -41,9 +39,7 @@ class FmDnn(torch.nn.Module):
 
 
 def _program(model):
-    x = torch.from_numpy(sample_requests(SPEC, 2, 2, seed=0)[0]["X"])
-    b = torch.export.Dim("batch", min=1, max=1 << 20)
-    return torch.export.export(model, (), {"X": x}, dynamic_shapes={"X": {0: b}}, strict=False)
+    return capture_x(model, SPEC)
 
 
 def test_linear_and_fm_sums_are_rewritten_and_their_user_share_hoisted():
@@ -72,14 +68,4 @@ def test_rewritten_split_matches_eager(tmp_path):
     model = FmDnn().eval()
     art = split_to_onnx(_program(model), SPEC, tmp_path)
     assert art.is_split, art.report
-    user = ort.InferenceSession(str(art.paths["user"]), providers=["CPUExecutionProvider"])
-    group = ort.InferenceSession(str(art.paths["group"]), providers=["CPUExecutionProvider"])
-    rows, rid = sample_requests(SPEC, 3, 5, seed=7)
-    firsts = np.unique(rid, return_index=True)[1]
-    names = [o.name for o in user.get_outputs()]
-    boundary = dict(zip(names, user.run(None, {"X": rows["X"][firsts]}), strict=True))
-    feeds = {"X": rows["X"], **boundary, "user_index": rid}
-    got = group.run(None, {i.name: feeds[i.name] for i in group.get_inputs()})[0].reshape(-1)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(rows["X"])).numpy()
-    assert np.abs(got - ref).max() <= 1e-5
+    assert split_vs_eager_max_abs(art, model, SPEC, 3, 5, seed=7) <= 1e-5
