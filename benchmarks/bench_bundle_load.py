@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.bundle_writer import BundleWriter  # noqa: E402
+from exporter.steps.write import BundleWriter  # noqa: E402
 from runtime.bundle import Bundle, sha256_file  # noqa: E402
 from runtime.bundle_checks import check_graphs, check_layout  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402

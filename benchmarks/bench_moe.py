@@ -4,7 +4,7 @@
 
 For each E in --experts and k in --top-k: a `bench` TokenMixer-Large-style student (16 tokens,
 D=128, H=256, 2 layers; random init, seed 0: latency does not depend on the weights, routing
-spreads rows over the experts) is captured and split (exporter.split), and each stage's
+spreads rows over the experts) is captured and split (exporter.steps.split), and each stage's
 expert banks are rewritten into every form (graph_passes.onnx.moe): gather, grouped, padded
 and dense-masked (every expert, gates 0 for the unselected); "sparse" at N=200 is the faster
 of grouped and padded. Timed, interleaved round by round,
@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.capture import capture  # noqa: E402
-from exporter.moe_form import apply_form  # noqa: E402
-from exporter.optimize import optimize_stage  # noqa: E402
-from exporter.split import split_to_onnx  # noqa: E402
+from exporter.steps.capture import capture  # noqa: E402
+from exporter.steps.moe_form import apply_form  # noqa: E402
+from exporter.steps.optimize import optimize_stage  # noqa: E402
+from exporter.steps.split import split_to_onnx  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu() -> str:
-    from exporter.quant_tune import cpu_name
+    from exporter.steps.quant_tune import cpu_name
 
     return cpu_name()
 

@@ -7,9 +7,9 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
     fp32            the split bundle as exported (the baseline)
     fp32-canonical  our canonicalisation only (Gemm -> MatMul, per-token chains unrolled to
                     2-D MatMuls), still fp32: what canonicalisation costs or buys by itself
-    ours-w8a16      exporter.quantize at its ort-cpu defaults, i.e. `ugsep export --precision
+    ours-w8a16      exporter.steps.quantize at its ort-cpu defaults, i.e. `ugsep export --precision
                     w8a16` (sensitivity-selected int8, MatMulNBits accuracy_level=4) with the
-                    speed choices timed per stage on this CPU (exporter/quant_tune.py: which
+                    speed choices timed per stage on this CPU (exporter/steps/quant_tune.py: which
                     weights are big enough to pay, whether per-token FFN weights are unrolled
                     and quantized; user side at batch 1, group and full at 256); the choice
                     is in the JSON under selection.speed_tuning. When the tuner also built a
@@ -24,7 +24,7 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
     ours-w8a16-2d   NBITS_MIN_ELEMENTS with no batched per-token weight quantized (only 2-D
                     layers, e.g. the user side's [1024, 1024] linears): is unrolling per-token
                     FFNs worth it? A stage whose per-token weights the export's optimize step
-                    already unrolled (exporter/optimize.py) has them as 2-D layers here too.
+                    already unrolled (exporter/steps/optimize.py) has them as 2-D layers here too.
     ort-default     onnxruntime.quantization.MatMulNBitsQuantizer at its defaults (4-bit,
                     block 128, asymmetric) on the same fp32 graphs: the peer to beat
     ort-8bit        the same quantizer with bits=8, symmetric, accuracy_level=4
@@ -33,7 +33,7 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
 A request is one user and N candidates: user graph at M=1, group graph at N (as the
 runtime's split path). Latency: 2 intra-op threads, variants interleaved round by round,
 medians. Every variant, the fp32 baseline included, gets the export's thread choice
-(exporter/stage_threads.py: its user and group_small graphs timed at batch 1 on 2 and 1
+(exporter/steps/threads.py: its user and group_small graphs timed at batch 1 on 2 and 1
 threads, the faster kept, as the runtime then runs them); the choice is in the JSON under
 stage_threads. Accuracy: every variant vs the EAGER fp32 model on held-out synthetic requests
 (disjoint from the rows the selection calibrated on): |ΔAUC|, mean top-10 overlap, max abs.
@@ -57,11 +57,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.parity.check import output_metrics  # noqa: E402
-from exporter.parity.metrics import request_groups  # noqa: E402
-from exporter.parity.stages import eager_outputs, user_rows  # noqa: E402
-from exporter.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
-from exporter.stage_threads import choose_stage_threads  # noqa: E402
+from exporter.steps.parity.check import output_metrics  # noqa: E402
+from exporter.steps.parity.metrics import request_groups  # noqa: E402
+from exporter.steps.parity.stages import eager_outputs, user_rows  # noqa: E402
+from exporter.steps.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
+from exporter.steps.threads import choose_stage_threads  # noqa: E402
 from graph_passes.onnx import linear_weight_bytes, quantize_onnx  # noqa: E402
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402

@@ -31,8 +31,8 @@ from graph_passes.onnx import quantize_onnx  # noqa: E402
 def _bench_graph() -> onnx.ModelProto:
     import torch
 
-    from exporter.capture import capture, flat_input_names, to_torch_inputs
-    from exporter.onnx_build import export_onnx
+    from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
+    from exporter.steps.onnx_build import export_onnx
     from runtime.sample import sample_rows
     from runtime.spec import FeatureSpec
     from students.zoo import build_student

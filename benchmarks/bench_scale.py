@@ -50,7 +50,7 @@ def child_checkpoint(vocab: int, size: str, out: str) -> dict:
     import numpy as np
     import torch
 
-    from exporter.capture import to_torch_inputs
+    from exporter.steps.capture import to_torch_inputs
     from runtime.sample import sample_requests
     from runtime.spec import FeatureSpec
     from students.checkpoint import save_checkpoint

@@ -50,7 +50,7 @@ def prepare(work: Path, size: str, checkpoint: str | None, precision: str = "fp3
     import torch
 
     from exporter import ExportOptions, export_bundle, load_student
-    from exporter.parity.check import check_bundle
+    from exporter.steps.parity.check import check_bundle
 
     torch.set_num_threads(1)
     ckpt = Path(checkpoint) if checkpoint else work / f"rankmixer-{size}-ckpt"

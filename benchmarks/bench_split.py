@@ -4,7 +4,7 @@
 
 Exports the student (random init unless --checkpoint; latency does not depend on the
 weights) into a bundle with user.onnx / group.onnx / full.onnx, checks split parity vs
-eager on one request, then runs exporter.bench.run_bench: split vs full vs eager at
+eager on one request, then runs exporter.commands.bench.run_bench: split vs full vs eager at
 N in {1, 16, 128, 512, 2048}, interleaved, medians, FLOP ceiling beside each.
 Writes benchmarks/results/bench_split.json and bench_split.png.
 
@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import runtime  # noqa: E402
-from exporter.bench import DEFAULT_NS, print_table, run_bench  # noqa: E402
-from exporter.capture import to_torch_inputs  # noqa: E402
+from exporter.commands.bench import DEFAULT_NS, print_table, run_bench  # noqa: E402
 from exporter.load import LoadedModel, load_student  # noqa: E402
 from exporter.pipeline import ExportOptions, export_bundle  # noqa: E402
+from exporter.steps.capture import to_torch_inputs  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
 

@@ -6,7 +6,7 @@ Per model, as a user would: train briefly on synthetic rows (tests/third_party.p
 ``.pt2`` with torch.export, ``ugsep export`` it with the spec and ``--data``; then read the
 boundary, the user FLOP share before and after the mixed-layer rewrite, parity (onnx-split
 max abs, ΔAUC) from the bundle, and time split vs full with ONNX Runtime CPU at N
-candidates (exporter.bench.run_bench: variants interleaved, medians). A model that does not
+candidates (exporter.commands.bench.run_bench: variants interleaved, medians). A model that does not
 export gets ✘ and the one-line reason. Writes benchmarks/results/bench_third_party.json.
 """
 
@@ -26,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.bench import run_bench  # noqa: E402
 from exporter.cli import main  # noqa: E402
+from exporter.commands.bench import run_bench  # noqa: E402
 from tests import third_party as tp  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "bench_third_party.json"

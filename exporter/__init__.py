@@ -12,8 +12,8 @@ from typing import Any
 _EXPORTS = {
     "load_student": "exporter.load",
     "LoadedModel": "exporter.load",
-    "capture": "exporter.capture",
-    "to_torch_inputs": "exporter.capture",
+    "capture": "exporter.steps.capture",
+    "to_torch_inputs": "exporter.steps.capture",
     "export_bundle": "exporter.pipeline",
     "ExportOptions": "exporter.pipeline",
     "PIPELINE": "exporter.pipeline",

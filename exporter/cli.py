@@ -21,10 +21,10 @@ log = logging.getLogger("ugsep")
 
 # Subcommands owned by other modules: name -> (module with add_arguments/run, help)
 DELEGATED = {
-    "bench": ("exporter.bench", "benchmark split vs full (and eager) latency across N"),
+    "bench": ("exporter.commands.bench", "benchmark split vs full (and eager) latency across N"),
     "serve": ("runtime.serving.cli", "serve bundles over the KServe v2 protocol"),
     "triton": ("runtime.triton.cli", "write a Triton Inference Server model repository"),
-    "build-trt": ("exporter.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
+    "build-trt": ("exporter.steps.tensorrt", "build TensorRT engines into a bundle (needs a GPU)"),
     "embeddings": ("runtime.redis_tier.cli", "push a bundle's embedding store to a Redis Cluster; ls, rm versions"),
 }
 
@@ -94,20 +94,20 @@ def _signing_key(spec: str | None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from exporter.check import run_check
+    from exporter.commands.check import run_check
 
     return run_check(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from exporter.inspect import inspect_bundle
+    from exporter.commands.inspect import inspect_bundle
 
     return inspect_bundle(args.bundle, as_json=args.json, key=args.verify,
                           allow_extra_files=args.allow_extra_files)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from exporter.demo import run_demo
+    from exporter.commands.demo import run_demo
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
 

@@ -2,15 +2,15 @@
 
     capture    torch.export with a dynamic batch dim on every input
     embeddings large embedding tables leave the graphs for a memory-mapped store in the
-               bundle (exporter.embeddings); the stages take the looked-up rows as inputs
+               bundle (exporter.steps.embeddings); the stages take the looked-up rows as inputs
     full-onnx  the unsplit model as full.onnx (the baseline, and the fallback)
     write      the bundle directory: ONNX files, manifest.json with every sha256
-    split      UG split: user.onnx + group.onnx (exporter.split); full.onnx stays the fallback
+    split      UG split: user.onnx + group.onnx (exporter.steps.split); full.onnx stays the fallback
     row-scope  prove per side whether rows of a call stay apart (manifest.row_scope): a
                request-scoped bundle is never merged across requests by the runtime
     optimize   inference rewrites on every stage alike (per-token Einsum -> MatMul)
     quantize   w8a16/w4a16 weight-only passes with sensitivity-guided selection
-    threads    ORT CPU: the small-batch stages' intra-op threads, timed (exporter.stage_threads)
+    threads    ORT CPU: the small-batch stages' intra-op threads, timed (exporter.steps.threads)
     trt-lint   --target trt: refuse graphs TensorRT would reject, before anything is written
     write      the bundle directory: ONNX files, manifest.json with every sha256
     trt-build  --target trt: TensorRT engines for this GPU into the bundle
@@ -34,17 +34,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from exporter.bundle_writer import BundleWriter
-from exporter.capture import capture, flat_input_names, to_torch_inputs
-from exporter.embeddings import step_embeddings
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
-from exporter.onnx_build import export_onnx
-from exporter.optimize import step_optimize
 from exporter.progress import console
-from exporter.quantize import CALIBRATION_ROWS, step_quantize
-from exporter.stage_threads import step_stage_threads
-from exporter.tensorrt import step_trt_build, step_trt_lint
+from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
+from exporter.steps.embeddings import step_embeddings
+from exporter.steps.onnx_build import export_onnx
+from exporter.steps.optimize import step_optimize
+from exporter.steps.quantize import CALIBRATION_ROWS, step_quantize
+from exporter.steps.tensorrt import step_trt_build, step_trt_lint
+from exporter.steps.threads import step_stage_threads
+from exporter.steps.write import BundleWriter
 from runtime.manifest import DEFAULT_LIMITS
 from runtime.sample import sample_rows
 
@@ -82,7 +82,7 @@ class ExportContext:
     parity_report: Any = None
     stage_spec: Any = None  # the compiled stages' inputs when the embedding step cut tables
     captured: Any = None  # the program as captured (before the embedding cut)
-    store_rows: Any = None  # rows -> rows + the store's looked-up vectors (exporter.embeddings)
+    store_rows: Any = None  # rows -> rows + the store's looked-up vectors (exporter.steps.embeddings)
 
     @property
     def spec(self):
@@ -128,8 +128,8 @@ def step_full_onnx(ctx: ExportContext) -> None:
 
 
 def step_split(ctx: ExportContext) -> None:
-    """UG split (exporter.split): user.onnx + group.onnx, manifest split/flops; else full only."""
-    from exporter.split import split_to_onnx
+    """UG split (exporter.steps.split): user.onnx + group.onnx, manifest split/flops; else full only."""
+    from exporter.steps.split import split_to_onnx
 
     rows = ctx.options.data
     if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
@@ -158,7 +158,7 @@ def step_row_scope(ctx: ExportContext) -> None:
 
 
 def step_write(ctx: ExportContext) -> None:
-    from exporter.graph_record import reconcile
+    from exporter.steps.graph_record import reconcile
 
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
                           **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
@@ -186,7 +186,7 @@ def step_write(ctx: ExportContext) -> None:
 
 def step_parity(ctx: ExportContext) -> None:
     """Eager fp32 vs every stage just written; parity.json + manifest.parity in the bundle."""
-    from exporter.parity import check_bundle
+    from exporter.steps.parity import check_bundle
 
     o = ctx.options
     n_parity, _ = ctx.row_budget()
@@ -211,7 +211,7 @@ PIPELINE: list[tuple[str, Step]] = [
     ("split", step_split),  # after full.onnx: a model that cannot be split still exports
     ("row-scope", step_row_scope),  # after split: the record names the sides it has
     ("optimize", step_optimize),  # every stage, every precision: per-token Einsum -> MatMul
-    ("quantize", step_quantize),  # w8a16/w4a16 (exporter.quantize): every stage; fp32: no-op
+    ("quantize", step_quantize),  # w8a16/w4a16 (exporter.steps.quantize): every stage; fp32: no-op
     ("threads", step_stage_threads),  # ORT CPU: small-batch stages timed on fewer threads
     ("trt-lint", step_trt_lint),  # before write: a graph TensorRT rejects is never written
     ("write", step_write),

@@ -16,10 +16,10 @@
                        runtime runs instead of "group" for calls of at most its
                        "max_rows" candidates (an int >= 1 in its entry); the export
                        builds it when a graph tuned at batch 1 beats the group graph
-                       tuned for large batches (exporter/quant_tune.py). Any stage may
+                       tuned for large batches (exporter/steps/quant_tune.py). Any stage may
                        carry "intra_op_threads" (an int >= 1): the CPU backend runs that
                        stage on at most that many intra-op threads, the fastest count
-                       timed at export for the small-batch stages (exporter/stage_threads.py)
+                       timed at export for the small-batch stages (exporter/steps/threads.py)
     split              null | {"boundary": [{"name", "dtype", "shape", "source"}],
                                "user_index": "user_index", "report": {...}}
     flops              {"full_per_row", "user_per_row", "group_per_row"} (ints, may be null)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from exporter.cli import main
-from exporter.inspect import ceiling
-from exporter.split import split_to_onnx
+from exporter.commands.inspect import ceiling
+from exporter.steps.split import split_to_onnx
 from runtime.ceiling import flop_ceiling
 from runtime.spec import FeatureSpec
 from tests.test_split_e2e import DEEPFM_SPEC, _deepfm, _deepfm_rows

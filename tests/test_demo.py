@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from exporter.demo import run_demo
+from exporter.commands.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporter import ExportError, ExportOptions, LoadedModel, export_bundle, load_student
-from exporter.capture import to_torch_inputs
+from exporter.steps.capture import to_torch_inputs
 from runtime.manifest import Manifest
 from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec

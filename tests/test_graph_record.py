@@ -1,7 +1,7 @@
 """The manifest describes the written graphs: precision per layer, boundary, threads.
 
 The expected facts are read from the ONNX files here, by plain inspection of the nodes
-(not with exporter.graph_record), and compared with what the manifest says.
+(not with exporter.steps.graph_record), and compared with what the manifest says.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from exporter import pipeline
 from exporter.load import LoadedModel
-from exporter.quantize import QuantizeOptions, quantize_bundle_stages
+from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages
 from graph_passes.onnx import linear_layers
 from runtime.spec import FeatureSpec
 from tests.parity.conftest import SPLIT_SPEC, SplitToy

@@ -99,7 +99,7 @@ def test_weights_file_needs_factory_and_spec(toy_checkpoint):
 
 
 def test_pt2_program_round_trip(tmp_path):
-    from exporter.capture import capture
+    from exporter.steps.capture import capture
     from runtime.spec import FeatureSpec
 
     spec = FeatureSpec.from_dict(TOY_SPEC)

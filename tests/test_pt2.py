@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from exporter.capture import capture
 from exporter.cli import main
+from exporter.steps.capture import capture
 from runtime.spec import FeatureSpec
 from tests.conftest import TOY_SPEC, make_toy_model
 

@@ -1,7 +1,7 @@
 """Sensitivity-guided quantization of exported stages, against the eager fp32 model.
 
 A small per-token-FFN ranker (einsum weights, as RankMixer students write them) goes
-through torch.export -> ONNX -> exporter.quantize; every comparison is with the eager
+through torch.export -> ONNX -> exporter.steps.quantize; every comparison is with the eager
 model's outputs on held-out rows.
 """
 
@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter.capture import capture, flat_input_names, to_torch_inputs
-from exporter.onnx_build import export_onnx
-from exporter.quantize import (
+from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
+from exporter.steps.onnx_build import export_onnx
+from exporter.steps.quantize import (
     Calibration,
     QuantizeOptions,
     budget_damage,
@@ -252,7 +252,7 @@ def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     assert QuantizeOptions().per_token_stages == ("user",)
     assert QuantizeOptions(target="gpu").min_elements == 0
     assert QuantizeOptions(target="gpu").per_token_stages == ("full", "user", "group")
-    # ... and timed per stage on this CPU unless a knob is given (exporter.quant_tune)
+    # ... and timed per stage on this CPU unless a knob is given (exporter.steps.quant_tune)
     assert QuantizeOptions().tune is True
     assert QuantizeOptions(min_elements=0).tune is False
     assert QuantizeOptions(per_token_stages=()).tune is False

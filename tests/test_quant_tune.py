@@ -1,4 +1,4 @@
-"""Speed tuning of the ORT CPU quantization choices (exporter.quant_tune): real graphs, real
+"""Speed tuning of the ORT CPU quantization choices (exporter.steps.quant_tune): real graphs, real
 ONNX Runtime timings; the tests check what was decided against what was measured, never a
 timing threshold."""
 
@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.quant_tune import FP32, Config, choose
-from exporter.quantize import QuantizeOptions, quantize_bundle_stages, tune_for_speed
+from exporter.steps.quant_tune import FP32, Config, choose
+from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages, tune_for_speed
 
 
 def _chain(dims: list[int], per_token: int = 0, batch: str = "M") -> onnx.ModelProto:
@@ -126,9 +126,9 @@ def test_an_explicit_knob_is_the_users_choice_and_nothing_is_timed(knob):
 
 
 def test_fp32_per_token_layout_is_timed_and_the_choice_is_what_was_measured():
-    """exporter.optimize: per-token weights stay one batched MatMul or are unrolled into 2-D
+    """exporter.steps.optimize: per-token weights stay one batched MatMul or are unrolled into 2-D
     GEMMs, whichever ran faster here (geometric mean over 1 thread and ORT's default)."""
-    from exporter.optimize import choose_per_token_layout, unrolled_fp32
+    from exporter.steps.optimize import choose_per_token_layout, unrolled_fp32
 
     plain = _chain([64, 256])  # no per-token weight: nothing to choose
     assert unrolled_fp32(plain) is None
@@ -162,7 +162,7 @@ def _expected_max_rows(rows: list[dict]) -> int:
 
 
 def test_crossover_times_both_graphs_at_growing_n_and_stops_at_the_first_loss():
-    from exporter.quant_tune import crossover
+    from exporter.steps.quant_tune import crossover
 
     fp32 = _chain([64, 1024, 1024, 64], batch="N")
     int8 = quantize_bundle_stages(
@@ -216,8 +216,8 @@ def test_group_is_tuned_at_one_candidate_too_and_group_small_follows_what_was_me
 def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_path):
     """export --serve-threads N: optimize times the per-token layouts with N intra-op threads
     only and records N in manifest.optimize (default: 1 thread and ORT's default)."""
-    from exporter.optimize import step_optimize
     from exporter.pipeline import ExportContext, ExportOptions
+    from exporter.steps.optimize import step_optimize
 
     proto = _chain([64, 256], per_token=4, batch="N")
     for extra, timed in (({"serve_threads": 2}, {"2"}), ({}, {"1", "default"})):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import runtime
-from exporter.capture import capture
 from exporter.load import LoadedModel
+from exporter.steps.capture import capture
 from exporter.trust import model_factory
 from graph_passes.fx.row_scope import RowScopeAnalysis, row_scope
 from runtime.serving import ServerThread, build_app
@@ -152,7 +152,7 @@ def bundles(tmp_path_factory):
 
 
 def test_manifest_and_inspect_say_request_scoped(bundles, capsys):
-    from exporter.inspect import inspect_bundle
+    from exporter.commands.inspect import inspect_bundle
 
     for name, scoped in (("listwise", True), ("batchstat", True), ("pointwise", False)):
         path, _ = bundles[name]
@@ -221,7 +221,7 @@ def test_parity_names_the_configuration_a_wrong_scope_breaks(bundles, tmp_path):
     """Claim the listwise bundle is row-wise: parity fails in the merged configurations."""
     import shutil
 
-    from exporter.parity import check_bundle
+    from exporter.steps.parity import check_bundle
 
     path, model = bundles["listwise"]
     bad = tmp_path / "listwise"

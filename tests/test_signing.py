@@ -171,7 +171,7 @@ def test_served_over_http_with_verify(b, keys):
 
 
 def test_a_stale_signature_is_removed_when_the_bundle_is_updated(b, keys):
-    from exporter.bundle_writer import update_bundle
+    from exporter.steps.write import update_bundle
 
     sign_bundle(b, keys["a"]["hmac"]["sign"])
     update_bundle(b, {"parity.json": {"passed": True, "note": "re-checked"}})

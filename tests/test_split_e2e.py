@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import runtime
-from exporter.capture import to_torch_inputs
 from exporter.load import LoadedModel
 from exporter.pipeline import ExportOptions, export_bundle
-from exporter.split import split_to_onnx
+from exporter.steps.capture import to_torch_inputs
+from exporter.steps.split import split_to_onnx
 from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec
 
@@ -103,7 +103,7 @@ def test_rankmixer_split_hoists_encoder_target_kv_and_user_tokens(rankmixer_bund
 
 @pytest.mark.parametrize("kind", ["dcn", "twotower"])
 def test_other_students_split_matches_eager_through_ort(kind, tmp_path):
-    from exporter.capture import capture
+    from exporter.steps.capture import capture
 
     model, spec = _student(kind)
     art = split_to_onnx(capture(model, spec), spec, tmp_path)
@@ -249,7 +249,7 @@ def test_unsplittable_model_still_exports_full_and_reports_the_blocking_op(tmp_p
 
 
 def test_raw_user_input_crossing_the_cut_through_ort(tmp_path):
-    from exporter.capture import capture
+    from exporter.steps.capture import capture
 
     torch.manual_seed(0)
     model, spec = _RawAndTower().eval(), FeatureSpec.from_dict(TWO_INPUTS)

@@ -1,4 +1,4 @@
-"""Intra-op threads per small-batch stage (exporter.stage_threads) and the CPU backend's cap:
+"""Intra-op threads per small-batch stage (exporter.steps.threads) and the CPU backend's cap:
 real graphs, real ONNX Runtime sessions and timings; the tests check the decision against
 what was measured, never a timing threshold."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from exporter.pipeline import ExportContext, ExportOptions
-from exporter.quantize import QuantizeOptions, quantize_bundle_stages
-from exporter.stage_threads import (
+from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages
+from exporter.steps.threads import (
     DEFAULT,
     choose_stage_threads,
     pick,

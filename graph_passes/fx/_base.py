@@ -67,7 +67,7 @@ def batch_symbol(ep: torch.export.ExportedProgram, placeholder_names: list[str])
                 return expr
     raise PassError(
         "no model input has a symbolic batch dimension 0; capture the model with a dynamic "
-        "batch (exporter.capture.capture) before splitting"
+        "batch (exporter.steps.capture.capture) before splitting"
     )
 
 

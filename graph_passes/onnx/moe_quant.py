@@ -10,7 +10,7 @@ after the MatMul (it is constant along the reduction axis K), on the [.., 1, N] 
 instead of the gathered [.., K, N] weight; only int8 bytes are gathered. Expert banks in the
 ``grouped`` form are plain 2-D MatMuls (``<bank>.w1.t<t>.e<e>``) and go through
 QuantizeWeightsInt8Pass like any linear layer; both count as one layer group per bank weight
-for the accuracy-budgeted selection (exporter.quantize.group_of).
+for the accuracy-budgeted selection (exporter.steps.quantize.group_of).
 """
 
 from __future__ import annotations

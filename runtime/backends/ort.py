@@ -132,7 +132,7 @@ class OrtBackend:
 
     def open(self, bundle, stage: str) -> OrtSession:
         """A session for ``stage``; on the CPU with at most the stage's ``intra_op_threads``
-        (timed at export: exporter/stage_threads.py) unless ``stage_threads=False``."""
+        (timed at export: exporter/steps/threads.py) unless ``stage_threads=False``."""
         cap = None
         if self.stage_threads and not self.needs_gpu:
             cap = bundle.manifest.stage_threads(stage)

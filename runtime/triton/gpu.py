@@ -89,7 +89,7 @@ def write_stage_model(
     }
     if backend == "python":
         cfg["instance_group"] = [{"kind": Enum("KIND_CPU"), "count": int(opts.instances)}]
-        # a stage timed faster on fewer threads at export keeps its cap (exporter/stage_threads.py)
+        # a stage timed faster on fewer threads at export keeps its cap (exporter/steps/threads.py)
         threads = capped_threads(int(opts.intra_op_threads), bundle.manifest.stage_threads(stage))
         cfg["parameters"] = parameters({"intra_op_threads": int(threads)})
         vdir = python_model(root, model, "onnx_model.py", cfg)

@@ -21,8 +21,8 @@ import tritonclient.http as triton
 from torch import nn
 
 from exporter import ExportOptions, LoadedModel, export_bundle
-from exporter.capture import to_torch_inputs
 from exporter.cli import main
+from exporter.steps.capture import to_torch_inputs
 from runtime.sample import sample_requests
 from runtime.serving import ServerThread, build_app
 from runtime.spec import FeatureSpec

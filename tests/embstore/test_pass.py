@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from exporter.capture import capture, to_torch_inputs
-from exporter.embeddings import choose_tables
+from exporter.steps.capture import capture, to_torch_inputs
+from exporter.steps.embeddings import choose_tables
 from graph_passes.fx.embeddings import EMBED_KEY, CutEmbeddingsPass, FindEmbeddingsPass
 from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec

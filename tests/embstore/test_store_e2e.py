@@ -13,8 +13,8 @@ import tritonclient.http as triton
 from safetensors.numpy import load_file
 
 import runtime
-from exporter.capture import to_torch_inputs
 from exporter.cli import main
+from exporter.steps.capture import to_torch_inputs
 from runtime.embstore import MmapStore
 from runtime.errors import BundleError, RequestError
 from runtime.sample import sample_requests

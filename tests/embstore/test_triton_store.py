@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from exporter import ExportOptions, LoadedModel, export_bundle
-from exporter.capture import to_torch_inputs
+from exporter.steps.capture import to_torch_inputs
 from runtime.errors import BundleError
 from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec

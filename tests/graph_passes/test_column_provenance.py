@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.split import split_to_onnx
+from exporter.steps.split import split_to_onnx
 from graph_passes.fx import SplitUserGroupPass
 from runtime.spec import FeatureSpec
 from tests.graph_passes._mixed_input import capture_x, split_vs_eager_max_abs

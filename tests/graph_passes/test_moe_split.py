@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.split import split_to_onnx
+from exporter.steps.split import split_to_onnx
 from tests.graph_passes.test_split_passes import eager, make_spec, request_rows, run_split, split
 
 torch.manual_seed(0)

@@ -156,8 +156,8 @@ class _PerTokenFFN(torch.nn.Module):
 
 
 def test_optimize_step_on_exported_ffn_matches_eager():
-    from exporter.onnx_build import export_onnx
-    from exporter.optimize import optimize_stage
+    from exporter.steps.onnx_build import export_onnx
+    from exporter.steps.optimize import optimize_stage
 
     model = _PerTokenFFN().eval()
     x = torch.randn(7, 4, 32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.capture import capture, to_torch_inputs
+from exporter.steps.capture import capture, to_torch_inputs
 from graph_passes.fx import (
     FLOPS_KEY,
     PASS_KEY,

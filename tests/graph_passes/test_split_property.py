@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from exporter.capture import capture
+from exporter.steps.capture import capture
 from graph_passes.fx import SplitUserGroupPass
 from tests.graph_passes.test_split_passes import eager, make_spec, request_rows, run_split
 

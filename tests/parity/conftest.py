@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from exporter.bundle_writer import BundleWriter
-from exporter.capture import capture, flat_input_names, to_torch_inputs
-from exporter.onnx_build import export_onnx
+from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
+from exporter.steps.onnx_build import export_onnx
+from exporter.steps.write import BundleWriter
 from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec
 
@@ -74,7 +74,7 @@ class SplitToy(torch.nn.Module):
 
 def build_split_bundle(model: SplitToy, out_dir) -> None:
     """The export pipeline's steps by hand: capture, full.onnx, the real UG split, write."""
-    from exporter.split import split_to_onnx
+    from exporter.steps.split import split_to_onnx
 
     spec = FeatureSpec.from_dict(SPLIT_SPEC)
     program = capture(model, spec)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import runtime
-from exporter.capture import to_torch_inputs
 from exporter.errors import ExportError
-from exporter.parity import check_bundle
+from exporter.steps.capture import to_torch_inputs
+from exporter.steps.parity import check_bundle
 from runtime.bundle import Bundle, sha256_file
 from runtime.errors import ParityError
 from runtime.manifest import Manifest

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exporter import ExportOptions, LoadedModel, export_bundle
-from exporter.parity import check_bundle
+from exporter.steps.parity import check_bundle
 from runtime.manifest import Manifest
 from runtime.spec import FeatureSpec
 from tests.parity.conftest import boundary_names
@@ -139,8 +139,8 @@ def w8_bundle_master(split_bundle_master, tmp_path_factory):
     """The split bundle through the real weight-only int8 quantizer (every layer int8)."""
     import onnx
 
-    from exporter.bundle_writer import BundleWriter
-    from exporter.quantize import QuantizeOptions, quantize_bundle_stages
+    from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages
+    from exporter.steps.write import BundleWriter
 
     m = Manifest.read(split_bundle_master)
     stages = {k: onnx.load(str(split_bundle_master / v["file"])) for k, v in m.stages.items()}

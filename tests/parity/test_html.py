@@ -17,7 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from exporter.parity import check_bundle, write_html_report
+from exporter.steps.parity import check_bundle, write_html_report
 from tests.parity.faults import scale_weight
 
 PROBE = """<script>

@@ -20,8 +20,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporter import ExportOptions, LoadedModel, export_bundle
-from exporter.parity import check_bundle
-from exporter.parity.localise import rms_error
+from exporter.steps.parity import check_bundle
+from exporter.steps.parity.localise import rms_error
 from runtime.spec import FeatureSpec
 from tests.parity.faults import rehash
 

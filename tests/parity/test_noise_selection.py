@@ -16,15 +16,15 @@ import onnx
 import pytest
 import torch
 
-from exporter.parity.auc_noise import Z, logit_tolerance
-from exporter.quantize import QuantizeOptions, calibration_for, quantize_bundle_stages
+from exporter.steps.parity.auc_noise import Z, logit_tolerance
+from exporter.steps.quantize import QuantizeOptions, calibration_for, quantize_bundle_stages
 from runtime.manifest import Manifest
 from runtime.sample import sample_requests
 from tests.parity.conftest import boundary_names  # noqa: F401 - the fixtures' module
 
 
 def labelled_rows(model, spec, n_req: int, seed: int) -> dict[str, np.ndarray]:
-    from exporter.capture import to_torch_inputs
+    from exporter.steps.capture import to_torch_inputs
 
     rows, rid = sample_requests(spec, n_req, 50, seed=seed)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master,
     every = QuantizeOptions(
         min_elements=0, per_token_stages=("full", "user", "group"), tune=False
     )
-    lines, logger = _Lines(), logging.getLogger("exporter.quant_noise")
+    lines, logger = _Lines(), logging.getLogger("exporter.steps.quant_noise")
     logger.addHandler(lines)
     try:
         _, record = quantize_bundle_stages(stages, m.spec, options=every, calibration=calib)
@@ -80,7 +80,7 @@ def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master,
 
 @pytest.mark.slow
 def test_parity_report_shows_the_interval_beside_the_point(split_bundle, split_model, tmp_path):
-    from exporter.parity import check_bundle, write_html_report
+    from exporter.steps.parity import check_bundle, write_html_report
     from tests.parity.faults import quantize_weight, rehash
 
     quantize_weight(split_bundle, "group.onnx", "group.cross")
@@ -102,7 +102,7 @@ def test_parity_report_shows_the_interval_beside_the_point(split_bundle, split_m
 def test_layers_are_ranked_by_what_their_measurement_resolves():
     """Before: a layer's point |ΔAUC| / budget ranked it, so noise (3e-4 ± 2e-4 on a few
     hundred rows) ranked a harmless layer as the most damaging one."""
-    from exporter.quantize import budget_damage
+    from exporter.steps.quantize import budget_damage
 
     limits = {"abs_delta_auc": 1e-4, "top10_overlap_mean": 0.95}
 

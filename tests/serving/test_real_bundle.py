@@ -16,7 +16,7 @@ from tests.serving.http_utils import triton_scores
 @pytest.fixture(scope="module")
 def exported_split_bundle(tmp_path_factory, toy_checkpoint):
     from exporter import ExportOptions, export_bundle, load_student
-    from exporter.parity.check import check_bundle
+    from exporter.steps.parity.check import check_bundle
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("real_split") / "toy"

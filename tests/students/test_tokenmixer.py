@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter.onnx_build import export_onnx
+from exporter.steps.onnx_build import export_onnx
 from graph_passes.onnx.moe import FORMS, SparseMoEFormPass
 from graph_passes.onnx.moe_match import find_banks
 from students.base import model_inputs
@@ -119,8 +119,8 @@ def test_tied_router_scores_pick_the_lowest_index_in_eager_and_every_onnx_form(g
 
 
 def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
-    from exporter.moe_form import trt_form
-    from exporter.tensorrt import lint_models
+    from exporter.steps.moe_form import trt_form
+    from exporter.steps.tensorrt import lint_models
     from graph_passes.onnx.trt_support import has_errors
 
     model = _TieMoE("softmax").eval()
@@ -159,7 +159,7 @@ def test_flop_count_counts_the_activated_experts_only():
 
 
 def test_student_graph_in_every_form_equals_eager():
-    from exporter.capture import capture, flat_input_names, to_torch_inputs
+    from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
     from runtime.sample import sample_rows
     from runtime.spec import FeatureSpec
     from students.tokenmixer import TokenMixerConfig, TokenMixerStudent

@@ -10,10 +10,10 @@ import onnx.helper as oh
 import pytest
 
 import runtime
-from exporter.bundle_writer import update_bundle
 from exporter.cli import main
 from exporter.errors import ExportError
-from exporter.tensorrt import batch_ranges, build_engines, stage_profiles
+from exporter.steps.tensorrt import batch_ranges, build_engines, stage_profiles
+from exporter.steps.write import update_bundle
 from runtime.backends import resolve_backend
 from runtime.backends.tensorrt import TrtBackend, engine_dir_name, select_engine
 from runtime.bundle import Bundle

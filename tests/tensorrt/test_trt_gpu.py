@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import runtime
-from exporter.bundle_writer import update_bundle
-from exporter.capture import to_torch_inputs
-from exporter.tensorrt import build_engines
+from exporter.steps.capture import to_torch_inputs
+from exporter.steps.tensorrt import build_engines
+from exporter.steps.write import update_bundle
 from runtime.backends.tensorrt import TrtBackend
 from runtime.bundle import Bundle
 from runtime.errors import BackendUnavailableError
@@ -76,7 +76,7 @@ def test_w8a16_engine_matches_eager_within_budget(tmp_path):
         step_split,
         step_write,
     )
-    from exporter.quantize import step_quantize
+    from exporter.steps.quantize import step_quantize
     from tests.parity.conftest import SPLIT_SPEC, SplitToy
 
     model, spec = SplitToy().eval(), FeatureSpec.from_dict(SPLIT_SPEC)

@@ -23,8 +23,8 @@ from exporter.pipeline import (
     step_split,
     step_write,
 )
-from exporter.quantize import step_quantize
-from exporter.tensorrt import step_trt_lint
+from exporter.steps.quantize import step_quantize
+from exporter.steps.tensorrt import step_trt_lint
 from runtime.manifest import Manifest
 from runtime.spec import FeatureSpec
 

@@ -94,8 +94,8 @@ def student_bundle(tmp_path_factory):
     import torch
 
     from exporter.load import LoadedModel
-    from exporter.parity.check import check_bundle
     from exporter.pipeline import ExportOptions, export_bundle
+    from exporter.steps.parity.check import check_bundle
     from runtime.spec import FeatureSpec
     from students.zoo import build_student
 
@@ -128,7 +128,7 @@ def student_eager(model, spec, user: dict, cands: dict) -> np.ndarray:
     """The eager model on the user row repeated per candidate (what it was trained on)."""
     import torch
 
-    from exporter.capture import to_torch_inputs
+    from exporter.steps.capture import to_torch_inputs
 
     n = next(iter(cands.values())).shape[0]
     rows = {k: np.repeat(v, n, axis=0) for k, v in user.items()}

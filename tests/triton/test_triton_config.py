@@ -106,7 +106,7 @@ def test_python_stage_models_keep_a_stage_thread_cap_from_the_manifest(tmp_path,
 
 
 def test_tensorrt_engines_become_plan_models_per_compute_capability(tmp_path, tri_bundle):
-    from exporter.bundle_writer import update_bundle
+    from exporter.steps.write import update_bundle
 
     b = shutil.copytree(tri_bundle, tmp_path / "bundle")
     engines = []
@@ -152,7 +152,7 @@ def test_a_config_outside_the_schema_is_refused_before_writing(tmp_path):
 
 
 def test_unverified_bundles_and_name_clashes_are_refused(tmp_path, tri_bundle):
-    from exporter.bundle_writer import update_bundle
+    from exporter.steps.write import update_bundle
 
     b = shutil.copytree(tri_bundle, tmp_path / "bundle")
     update_bundle(b, {}, parity={"passed": False, "failed_stages": ["onnx-split"], "summary": {}})

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.capture import MAX_BATCH, example_rows
 from exporter.errors import ExportError
-from exporter.onnx_build import export_onnx
+from exporter.steps.capture import MAX_BATCH, example_rows
+from exporter.steps.onnx_build import export_onnx
 from graph_passes.fx import USER_INDEX, SplitResult, SplitUserGroupPass
 from runtime.spec import FeatureSpec
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.capture import to_torch_inputs
 from exporter.errors import ExportError
+from exporter.steps.capture import to_torch_inputs
 from runtime.backends.ort import OrtBackend
 from runtime.bundle import Bundle
 from runtime.embstore import budget_precision, store_suffix

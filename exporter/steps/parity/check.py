@@ -10,13 +10,20 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportError
-from exporter.parity import auc_noise
-from exporter.parity import configs as C
-from exporter.parity import metrics as M
-from exporter.parity.budgets import Budgets, evaluate, load_budgets
-from exporter.parity.report import ParityReport, StageResult
-from exporter.parity.stages import Outputs, Rows, Stage, bundle_stages, eager_outputs, user_rows
 from exporter.progress import console
+from exporter.steps.parity import auc_noise
+from exporter.steps.parity import configs as C
+from exporter.steps.parity import metrics as M
+from exporter.steps.parity.budgets import Budgets, evaluate, load_budgets
+from exporter.steps.parity.report import ParityReport, StageResult
+from exporter.steps.parity.stages import (
+    Outputs,
+    Rows,
+    Stage,
+    bundle_stages,
+    eager_outputs,
+    user_rows,
+)
 from runtime.bundle import Bundle
 from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec
@@ -56,7 +63,7 @@ def check_bundle(
     The reference is the eager model run once per request. Each stage is scored on whole
     requests (several per call for a row-wise bundle, one per call for a request-scoped
     one), and with ``configs`` every runtime stage is also scored in each configuration
-    the server uses (exporter.parity.configs: per request, merged through the batcher,
+    the server uses (exporter.steps.parity.configs: per request, merged through the batcher,
     batch 1, batch max), each against the same reference: a breach in one names it.
     """
     if write and not Path(bundle_dir).is_dir():
@@ -203,7 +210,7 @@ def _check_configs(stage: Stage, rows: Rows, reference: Outputs, labels, groups,
 
 def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:
     """All metrics of one output: element errors; label metrics with the ΔAUC's 95% interval
-    (paired bootstrap over requests, exporter.parity.auc_noise); the logit error relative
+    (paired bootstrap over requests, exporter.steps.parity.auc_noise); the logit error relative
     to the score spread; per-request ranking."""
     if ref.shape != got.shape:
         return {"shape_mismatch": f"reference {list(ref.shape)} vs stage {list(got.shape)}"}
@@ -231,7 +238,7 @@ def _program_cache(model: torch.nn.Module, spec: FeatureSpec, program: Any):
 
     def get():
         if holder["program"] is None:
-            from exporter.capture import capture
+            from exporter.steps.capture import capture
 
             holder["program"] = capture(model, spec)
         return holder["program"]
@@ -240,7 +247,7 @@ def _program_cache(model: torch.nn.Module, spec: FeatureSpec, program: Any):
 
 
 def _localise_failures(report, bundle, model, spec, rows, get_program) -> None:
-    from exporter.parity.localise import localise_stage
+    from exporter.steps.parity.localise import localise_stage
 
     for st in report.stages:
         if st.status == "failed":

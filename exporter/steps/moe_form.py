@@ -6,7 +6,7 @@ Which sparse form runs fastest depends on the batch: ``gather`` moves k weight s
 row (best at the user side's M=1), ``grouped`` / ``padded`` read each expert's weights once
 per call and run GEMMs over the rows that selected it (one GEMM per expert, or one batched
 GEMM over experts padded to the largest group: best at N candidates). So, as for the
-per-token layout (exporter.optimize), each stage is rewritten into each and timed at its batch on ONNX
+per-token layout (exporter.steps.optimize), each stage is rewritten into each and timed at its batch on ONNX
 Runtime CPU (user 1, group/full 256), interleaved, medians; the faster is kept.
 
 ``extra["moe_form"]`` fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
@@ -75,7 +75,7 @@ def choose_moe_form(
 
 
 def _timed(stage: str, proto: onnx.ModelProto, threads) -> tuple[onnx.ModelProto, dict]:
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     built = {form: apply_form(proto, form) for form in TIMED_FORMS}
     configs = [quant_tune.Config(f, None, False, built[f][0]) for f in TIMED_FORMS]

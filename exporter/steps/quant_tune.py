@@ -7,7 +7,7 @@ accuracy_level=4): a per-token FFN weight [128, 512] at batch 1 ran 0.55x fp32 o
 per-token chain then cost more than the bytes they save; [1024, 1024] at batch 1 ran
 0.21x / 0.30x; every shape lost at batch 256. A fixed threshold tuned on one machine is
 wrong on the other, so, as TensorRT picks tactics by timing them, the exporter
-(``exporter.quantize.tune_for_speed``) times each
+(``exporter.steps.quantize.tune_for_speed``) times each
 stage graph the way it will run:
 
   for every stage: the fp32 graph as exported, and the graph quantized under each speed

@@ -37,11 +37,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from exporter import quant_noise
 from exporter.errors import ExportError
-from exporter.parity.budgets import DEFAULTS, evaluate
-from exporter.parity.check import output_metrics
-from exporter.parity.metrics import request_groups
+from exporter.steps import quant_noise
+from exporter.steps.parity.budgets import DEFAULTS, evaluate
+from exporter.steps.parity.check import output_metrics
+from exporter.steps.parity.metrics import request_groups
 from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_bytes, quantize_onnx
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
 from graph_passes.onnx.quantize import MIN_K
@@ -92,7 +92,7 @@ class QuantizeOptions:
     ``W[T, D, H]`` are unrolled and quantized; elsewhere they stay one fp32 batched MatMul.
 
     ``tune`` (default: on for ort-cpu unless either knob is given): choose both per stage by
-    timing each stage graph on this CPU (``tune_for_speed``, exporter/quant_tune.py): what
+    timing each stage graph on this CPU (``tune_for_speed``, exporter/steps/quant_tune.py): what
     pays depends on the CPU (a per-token [128, 512] weight at batch 1 ran 0.55x fp32 on one
     x86-64 machine and 0.94x on a Zen 3 without VNNI). ``tune_threads``: intra-op threads
     timed (None: ONNX Runtime's default, as the runtime uses). With ``tune`` off the knobs
@@ -326,13 +326,13 @@ class _Runner:
         )
 
     def _user_index(self) -> np.ndarray:
-        from exporter.parity.stages import user_rows
+        from exporter.steps.parity.stages import user_rows
 
         return user_rows(self.spec, self.calib.rows)[1]
 
     def run(self, protos: dict[str, onnx.ModelProto]) -> dict[str, np.ndarray]:
         if self.calib.request_scoped:  # one request per call, as the runtime serves it
-            from exporter.parity.configs import run_in_chunks
+            from exporter.steps.parity.configs import run_in_chunks
 
             rows = self.calib.rows
             return run_in_chunks(lambda part: self._run_rows(protos, part), rows, self.groups)
@@ -341,7 +341,7 @@ class _Runner:
     def _run_rows(self, protos, rows: Rows, cache: bool = False) -> dict[str, np.ndarray]:
         if "full" in protos:
             return self._session_run(protos["full"], dict(rows))
-        from exporter.parity.stages import user_rows
+        from exporter.steps.parity.stages import user_rows
 
         users, user_index = user_rows(self.spec, rows)
         key = id(protos["user"])
@@ -405,7 +405,7 @@ def budget_damage(measured: dict[str, Any], limits: dict[str, float]) -> tuple[f
     RankMixer a user-side layer shifts every candidate alike (large abs error, top-10
     unchanged) while a group-side head layer reorders candidates (small error, top-10 0.72).
     """
-    from exporter.parity.budgets import LIMITS
+    from exporter.steps.parity.budgets import LIMITS
 
     worst = 0.0
     for out in measured["outputs"].values():
@@ -517,7 +517,7 @@ def quantize_bundle_stages(
 def tune_for_speed(
     stages: dict[str, onnx.ModelProto], opts: QuantizeOptions
 ) -> tuple[QuantizeOptions, dict[str, Any]]:
-    """Pick each stage's speed configuration by timing it on this CPU (exporter.quant_tune).
+    """Pick each stage's speed configuration by timing it on this CPU (exporter.steps.quant_tune).
 
     Returns the options with the chosen per-stage ``min_elements``, ``per_token_stages`` and
     ``stages`` (a stage whose fp32 graph is fastest is not quantized) and the record for
@@ -525,7 +525,7 @@ def tune_for_speed(
     takes its fastest quantized configuration (the bundle is quantized for size) and the
     record and a warning say so.
     """
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     record: dict[str, Any] = {
         "cpu": quant_tune.cpu_name(),
@@ -571,7 +571,7 @@ def tune_for_speed(
 def _config_builder(stage: str, proto: onnx.ModelProto, opts: QuantizeOptions):
     """``build(min_elements, per_token)`` for ``quant_tune.tune_stage``, memoised (the small-batch
     tuning of the group stage times the same configurations again)."""
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     memo: dict[tuple[int, bool], Any] = {}
 
@@ -597,7 +597,7 @@ def _tune_small_group(
     one than the large-batch choice wins there, both graphs are timed at growing N and the
     small graph serves calls up to the crossover. ``opts.small_batch`` K > 0 forces the
     stage (the configuration fastest at batch 1 among the quantized ones) for up to K."""
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     rec = quant_tune.tune_stage(
         SMALL, proto, build, batch=quant_tune.SMALL_BATCH, threads=opts.tune_threads
@@ -814,7 +814,7 @@ def calibration_for(
     parity verdict is measured on rows the selection never saw; without, requests of 100
     candidates are sampled from the spec (``seed + 1``: not the parity sample either).
     """
-    from exporter.parity.stages import eager_outputs
+    from exporter.steps.parity.stages import eager_outputs
     from runtime.sample import sample_requests
 
     labels = rids = None
@@ -826,8 +826,8 @@ def calibration_for(
     else:
         per = CANDIDATES_PER_REQUEST
         rows, rids = sample_requests(spec, max(1, n_rows // per), per, seed=seed + 1)
-    from exporter.parity.configs import request_chunks, run_in_chunks
-    from exporter.parity.stages import user_rows
+    from exporter.steps.parity.configs import request_chunks, run_in_chunks
+    from exporter.steps.parity.stages import user_rows
 
     module = module.eval()
     groups = request_groups(rids if rids is not None else user_rows(spec, rows)[1])
@@ -855,7 +855,7 @@ def step_quantize(ctx: Any) -> None:
     extra = o.extra or {}
     budget = None
     if extra.get("budgets"):
-        from exporter.parity.budgets import load_budgets
+        from exporter.steps.parity.budgets import load_budgets
 
         budget = load_budgets(extra["budgets"]).for_stage("quantize", o.precision)
     opts = QuantizeOptions(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from exporter.inspect_store import print_embeddings
+from exporter.commands.inspect_store import print_embeddings
 from exporter.progress import console
 from runtime.bundle import Bundle
 from runtime.ceiling import flop_ceiling
@@ -157,7 +157,7 @@ def _print_quantization(m) -> None:
 
 
 def _print_layout(optimize: dict | None) -> None:
-    """The per-token layout each stage got at export (exporter/optimize.py), and why."""
+    """The per-token layout each stage got at export (exporter/steps/optimize.py), and why."""
     layouts = (optimize or {}).get("per_token_layout") or {}
     if not layouts:
         return
@@ -170,7 +170,7 @@ def _print_layout(optimize: dict | None) -> None:
 
 
 def _print_moe(optimize: dict | None) -> None:
-    """Sparse MoE banks per stage (exporter/moe_form.py): form, why, total vs activated params."""
+    """Sparse MoE banks per stage (exporter/steps/moe_form.py): form, why, total vs activated params."""
     forms = (optimize or {}).get("moe_form") or {}
     if not forms:
         return
@@ -191,7 +191,7 @@ def _print_moe(optimize: dict | None) -> None:
 
 
 def _print_stage_threads(m) -> None:
-    """Intra-op threads per small-batch stage (exporter/stage_threads.py): timed, and the cap."""
+    """Intra-op threads per small-batch stage (exporter/steps/threads.py): timed, and the cap."""
     rec = (m.optimize or {}).get("stage_threads") or {}
     if not rec.get("stages"):
         return
@@ -214,7 +214,7 @@ def _print_stage_threads(m) -> None:
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:
-    """Per stage: each speed configuration timed at export (exporter/quant_tune.py)."""
+    """Per stage: each speed configuration timed at export (exporter/steps/quant_tune.py)."""
     if not tuning:
         return
     t = Table(title=f"speed tuning at export: {tuning.get('cpu', '?')}, threads {tuning.get('threads')}")

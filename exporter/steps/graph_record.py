@@ -14,7 +14,7 @@ Facts read from a graph:
   ``ugsep.weight`` metadata QuantizeWeightsInt8Pass writes; every other layer is fp32;
 - boundary tensors: the user graph's outputs that the group graph reads (name, dtype, shape);
 - intra-op threads: the ``ugsep.intra_op_threads`` metadata the threads step stamps on a
-  stage graph (exporter.stage_threads).
+  stage graph (exporter.steps.threads).
 """
 
 from __future__ import annotations
@@ -182,5 +182,5 @@ def _reconcile_layers(record: dict[str, Any], quantized: dict[str, dict[str, str
         r["name"] for r in layers if r["precision"] == "fp32" and not r["why"].startswith("speed")
     ]
     record["quantized_layers"] = sum(r["precision"] != "fp32" for r in layers)
-    record["layers_source"] = "read back from the written stage graphs (exporter.graph_record)"
+    record["layers_source"] = "read back from the written stage graphs (exporter.steps.graph_record)"
     return notes

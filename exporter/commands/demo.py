@@ -99,8 +99,8 @@ def _export(
     train_dir: Path, bundle: Path, precision: str, seed: int, parity_rows: int | None,
     budgets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from exporter.commands.inspect import ceiling
     from exporter.data import load_rows
-    from exporter.inspect import ceiling
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
     from runtime.manifest import Manifest
@@ -138,7 +138,7 @@ def _score_request(bundle: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     import runtime
     from exporter.data import load_rows
     from exporter.load import load_student
-    from exporter.parity.stages import eager_outputs
+    from exporter.steps.parity.stages import eager_outputs
 
     train_dir = out_dir / "train" / "rankmixer"
     scorer = runtime.load(bundle)
@@ -169,7 +169,7 @@ def _score_request(bundle: Path, out_dir: Path, seed: int) -> dict[str, Any]:
 
 
 def _bench(bundle: Path, out_dir: Path, quick: bool, ns: tuple[int, ...] | None) -> dict[str, Any]:
-    from exporter.bench import run_bench
+    from exporter.commands.bench import run_bench
 
     ns = ns or ((1, 16, 128, 512) if quick else (1, 16, 128, 512, 2048))
     result = run_bench(

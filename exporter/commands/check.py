@@ -53,11 +53,11 @@ def reference_for(
 
 def run_check(args: argparse.Namespace) -> int:
     from exporter.data import load_rows
-    from exporter.parity import check_bundle, load_budgets, write_html_report
+    from exporter.steps.parity import check_bundle, load_budgets, write_html_report
 
     bundle = Bundle.open(args.bundle, key=args.verify, allow_extra_files=args.allow_extra_files)
     if args.trt_lint:
-        from exporter.tensorrt import lint_bundle
+        from exporter.steps.tensorrt import lint_bundle
 
         return lint_bundle(bundle.root)
     if args.bundle_only:
@@ -97,9 +97,9 @@ def _check_bundle_only(bundle: Bundle, args: argparse.Namespace) -> int:
     """
     import numpy as np
 
-    from exporter.parity import load_budgets, output_metrics
-    from exporter.parity.metrics import request_groups
-    from exporter.parity.stages import bundle_stages
+    from exporter.steps.parity import load_budgets, output_metrics
+    from exporter.steps.parity.metrics import request_groups
+    from exporter.steps.parity.stages import bundle_stages
     from runtime.sample import sample_requests
 
     m = bundle.manifest
@@ -131,6 +131,6 @@ def _check_bundle_only(bundle: Bundle, args: argparse.Namespace) -> int:
 
 
 def evaluate_budgets(metrics, limits):
-    from exporter.parity.budgets import evaluate
+    from exporter.steps.parity.budgets import evaluate
 
     return evaluate(metrics, limits)

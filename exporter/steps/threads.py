@@ -75,7 +75,7 @@ def choose_stage_threads(
     to fewer threads it is timed again against ``group`` (unless ``forced_small_rows``: the
     user fixed it), and if group_small then loses even at N=1 it keeps the serving threads.
     """
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     options = thread_options(serve_threads)
     record: dict[str, Any] = {
@@ -127,7 +127,7 @@ def _retime_small(
     """(threads, max_rows) for group_small once it ran faster on ``best`` threads: its
     crossover against ``group`` (serving threads) timed again on them, unless ``forced``;
     if it then loses at N=1 it keeps the serving threads and ``rows``. Fills ``entry``."""
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     if forced:
         entry["max_rows"] = rows
@@ -161,7 +161,7 @@ def step_stage_threads(ctx: Any) -> None:
         group_small_rows=int(small.get("max_rows", 0)),
         forced_small_rows=bool(extra.get("quant_small_batch")),
     )
-    from exporter.graph_record import set_stage_threads
+    from exporter.steps.graph_record import set_stage_threads
 
     for stage, threads in chosen.items():
         ctx.stage_meta.setdefault(stage, {})["intra_op_threads"] = threads

@@ -127,13 +127,13 @@ class ParityReport:
 
     def table(self):
         """A rich Table: one line per stage and output."""
-        from exporter.parity._table import parity_table
+        from exporter.steps.parity._table import parity_table
 
         return parity_table(self)
 
     def write(self, bundle_dir: str | Path) -> None:
         """parity.json into the bundle, listed with its sha256; manifest.parity updated atomically."""
-        from exporter.bundle_writer import update_bundle
+        from exporter.steps.write import update_bundle
 
         update_bundle(bundle_dir, {REPORT_NAME: self.to_dict()}, parity=self.manifest_record())
 

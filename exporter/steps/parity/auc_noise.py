@@ -7,7 +7,7 @@ request share a user, so the uncertainty is estimated by a paired bootstrap over
 requests (each resample draws whole requests; both AUCs are recomputed on the same
 draw): ``delta_auc_interval``.
 
-``judge_auc`` is the one rule the parity verdict and the W8 selection (exporter.quantize)
+``judge_auc`` is the one rule the parity verdict and the W8 selection (exporter.steps.quantize)
 apply to the |ΔAUC| budget:
 
 - resolved pass: ``|ΔAUC| + z·se ≤ budget`` (the whole interval inside the budget);

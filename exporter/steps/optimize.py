@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from exporter.moe_form import choose_moe_form
+from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def choose_per_token_layout(
     stage: str, proto: onnx.ModelProto, threads: tuple[int | None, ...] = (1, None)
 ) -> tuple[onnx.ModelProto, dict | None]:
     """The faster of the stage as exported (per-token weights as one batched MatMul) and
-    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.quant_tune)
+    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.steps.quant_tune)
     with each intra-op thread count in ``threads`` (None: ONNX Runtime's default); unrolled
     wins when the geometric mean of its time ratios is below 1.
 
@@ -72,7 +72,7 @@ def choose_per_token_layout(
     an AMD EPYC (Zen 3), bench RankMixer group graph: unrolled 0.89x the batched time at
     N=256 on one thread, 0.98-0.99x on two; the user graph at batch 1 on two threads 1.15x.
     """
-    from exporter import quant_tune
+    from exporter.steps import quant_tune
 
     unrolled = unrolled_fp32(proto)
     if unrolled is None:
@@ -103,7 +103,7 @@ def choose_per_token_layout(
 
 def step_optimize(ctx: ExportContext) -> None:
     """Rewrite every stage in ``ctx.stages`` in place (see the module docstring): sparse MoE
-    expert banks into the form timed fastest for the stage (exporter.moe_form; recorded in
+    expert banks into the form timed fastest for the stage (exporter.steps.moe_form; recorded in
     ``optimize.moe_form``), then the inference rewrites; for ONNX
     Runtime (not ``--target trt``, whose tactics TensorRT times itself on the GPU) keep each
     stage's per-token weights batched or unrolled, whichever ran faster here
@@ -131,7 +131,7 @@ def step_optimize(ctx: ExportContext) -> None:
             if record is not None:
                 layouts[stage] = record
     if layouts or moe:
-        from exporter.quant_tune import cpu_name
+        from exporter.steps.quant_tune import cpu_name
 
         ctx.manifest_fields["optimize"] = {
             "per_token_layout": layouts,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.parity._table import COLUMNS, auc_note
-from exporter.parity.report import ParityReport, StageResult
+from exporter.steps.parity._table import COLUMNS, auc_note
+from exporter.steps.parity.report import ParityReport, StageResult
 
 MAX_POINTS = 5000  # scatter points per plot (a deterministic subsample beyond that)
 _CSS = """

@@ -86,9 +86,9 @@ def build_engines(
     1,8,limits.max_users_per_call and 1,512,limits.max_candidates). Quantized bundles build a
     strongly typed network; fp32 bundles build with fp16 kernels allowed unless ``fp16=False``.
     """
-    from exporter.bundle_writer import update_bundle
     from exporter.progress import console
-    from exporter.trt_engine import BuildOptions, EngineFromOnnx
+    from exporter.steps.trt_engine import BuildOptions, EngineFromOnnx
+    from exporter.steps.write import update_bundle
     from runtime.bundle import Bundle
 
     bundle = Bundle.open(bundle_dir)
@@ -153,7 +153,7 @@ def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -
 
 def batch_ranges(manifest, m: str | None, n: str | None):
     """(M range, N range) from flags or the manifest's limits."""
-    from exporter.trt_engine import BatchRange
+    from exporter.steps.trt_engine import BatchRange
 
     lim = manifest.limits
     max_m, max_n = int(lim["max_users_per_call"]), int(lim["max_candidates"])
@@ -170,7 +170,7 @@ def stage_profiles(path: Path, stage: str, manifest, m_range, n_range) -> dict:
     """
     import onnx
 
-    from exporter.trt_engine import input_profiles
+    from exporter.steps.trt_engine import input_profiles
 
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {}
@@ -206,7 +206,7 @@ def step_trt_lint(ctx) -> None:
         raise ExportError(f"--target trt: the exported graphs are not ready for TensorRT:\n{text}")
     log.info("TensorRT readiness: %d graph(s) ready", len(ctx.stages))
     moe = ((ctx.manifest_fields.get("optimize") or {}).get("moe_form")) or {}
-    for stage, rec in moe.items():  # exporter.moe_form.trt_form: which MoE form TensorRT gets
+    for stage, rec in moe.items():  # exporter.steps.moe_form.trt_form: which MoE form TensorRT gets
         log.info("TensorRT: %s.onnx runs its %d MoE bank(s) in the %s form (%s)", stage,
                  len(rec.get("banks", [])), rec["form"], rec.get("chosen_by"))
 

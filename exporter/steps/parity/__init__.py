@@ -10,9 +10,9 @@ The report is written to the bundle's parity.json and summarised in
 
 from __future__ import annotations
 
-from exporter.parity.budgets import DEFAULTS, LIMITS, Budgets, load_budgets
-from exporter.parity.check import check_bundle, output_metrics
-from exporter.parity.report import REPORT_NAME, ParityReport, StageResult
+from exporter.steps.parity.budgets import DEFAULTS, LIMITS, Budgets, load_budgets
+from exporter.steps.parity.check import check_bundle, output_metrics
+from exporter.steps.parity.report import REPORT_NAME, ParityReport, StageResult
 
 __all__ = [
     "check_bundle",
@@ -30,6 +30,6 @@ __all__ = [
 
 def write_html_report(report: ParityReport, path):
     """A self-contained HTML page: tables and, per stage, a scatter and an error histogram."""
-    from exporter.parity.html import write_html_report as _write
+    from exporter.steps.parity.html import write_html_report as _write
 
     return _write(report, path)

@@ -6,7 +6,7 @@ hits all of them alike; each cell reports the median of its repeats. Beside ever
 measurement sits the FLOP ceiling (U+G)/(U/N+G) from the manifest, and how much of
 it the split realised. Results go to JSON and a PNG plot of latency vs N.
 
-    from exporter.bench import run_bench
+    from exporter.commands.bench import run_bench
     run_bench("bundle/", ns=(1, 16, 128, 512, 2048), threads=2,
               out_json="bench.json", out_png="bench.png", eager=model)
 """
@@ -149,7 +149,7 @@ def _calls(variants, spec, n: int, seed: int) -> dict[str, Any]:
 def _eager_call(model, spec, user, cands, n: int):
     import torch
 
-    from exporter.capture import to_torch_inputs
+    from exporter.steps.capture import to_torch_inputs
 
     full = {**{k: np.repeat(v[None], n, 0) for k, v in user.items()}, **cands}
     kwargs = to_torch_inputs(spec, full)

@@ -1,0 +1,1 @@
+"""The CLI's commands that are not the export pipeline: check, inspect, bench, demo."""
