@@ -225,8 +225,8 @@ def export_bundle(
 ) -> ExportContext:
     """Run every pipeline step on ``loaded`` and write the bundle to ``out_dir``."""
     options = options or ExportOptions()
-    if options.precision not in ("fp32", "w8a16", "w4a16"):
-        raise ExportError(f"precision '{options.precision}' is not one of fp32, w8a16, w4a16")
+    if options.precision not in ("fp32", "w8a16", "w4a16", "w8a8"):
+        raise ExportError(f"precision '{options.precision}' is not one of fp32, w8a16, w4a16, w8a8")
     ctx = ExportContext(loaded=loaded, out_dir=Path(out_dir), options=options)
     steps = [(n, s) for n, s in PIPELINE if n != "parity" or options.parity]
     steps = [(n, s) for n, s in steps if n != "split" or options.split]

@@ -9,7 +9,7 @@
     toolchain_version  str            ugsep version that wrote it
     created            ISO-8601 UTC
     spec               FeatureSpec.to_dict()
-    precision          "fp32" | "w8a16" | "w4a16"
+    precision          "fp32" | "w8a16" | "w4a16" | "w8a8"
     stages             {stage: {"file": str, "inputs": [...], "outputs": [...]}}
                        stage in "full" (always), "user" and "group" (when split), and
                        "group_small" (optional, split only): a second group graph the
@@ -56,7 +56,7 @@ from runtime.spec import FeatureSpec
 FORMAT = "ugsep-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
+PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16", "w8a8")
 STAGES = ("full", "user", "group", "group_small")
 SMALL_GROUP = "group_small"
 ROW_SCOPES = ("rows", "request")

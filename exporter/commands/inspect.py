@@ -152,8 +152,19 @@ def _print_quantization(m) -> None:
     if not q.get("weight_bytes") and not q.get("layers"):
         return
     _print_weight_bytes(m.precision, q.get("weight_bytes") or {})
+    _print_w8a8_scheme(q)
     _print_speed_tuning(q.get("speed_tuning"))
     _print_layers(q)
+
+
+def _print_w8a8_scheme(q: dict) -> None:
+    """w8a8 (exporter/steps/quant_w8a8.py): the scheme each stage got, timed on the export CPU."""
+    stages = (q.get("scheme") or {}).get("stages")
+    if q.get("precision") != "w8a8" or not isinstance(stages, dict):
+        return
+    parts = [f"{s} {r['scheme']} ({r['layers']} layer(s), {r['kernel'].split(' (')[0]})" for s, r in stages.items()]
+    bits = q["scheme"].get("weight_bits")
+    console.print(f"w8a8 per stage: {'; '.join(parts)}; weights int8 ({bits}-bit range)")
 
 
 def _print_layout(optimize: dict | None) -> None:

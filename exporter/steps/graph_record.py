@@ -10,7 +10,8 @@ step, and the manifest still tells the truth).
 Facts read from a graph:
 
 - precision per layer: a ``MatMulNBits`` (its ``bits``) or a MatMul fed by a
-  ``DequantizeLinear`` of an int8 / int4 constant is quantized; the layer is named by the
+  ``DequantizeLinear`` of an int8 / int4 constant is quantized, a ``DynamicQuantizeMatMul``
+  is "w8a8" (int8 weights and activations, graph_passes/onnx/w8a8.py); the layer is named by the
   ``ugsep.weight`` metadata QuantizeWeightsInt8Pass writes; every other layer is fp32;
 - boundary tensors: the user graph's outputs that the group graph reads (name, dtype, shape);
 - intra-op threads: the ``ugsep.intra_op_threads`` metadata the threads step stamps on a
@@ -47,6 +48,8 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             out[props.get("ugsep.weight") or node.name] = f"int{bits}"
+        elif node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
+            out[props.get("ugsep.weight") or node.name] = "w8a8"  # int8 weights and activations
         elif node.op_type == "MatMul" and node.domain == "" and len(node.input) > 1:
             dq = dq_source.get(node.input[1])
             q = inits.get(dq.input[0]) if dq is not None else None

@@ -852,6 +852,10 @@ def step_quantize(ctx: Any) -> None:
     o = ctx.options
     if o.precision == "fp32":
         return
+    if o.precision == "w8a8":  # int8 activations too: its own step (exporter/steps/quant_w8a8.py)
+        from exporter.steps.quant_w8a8 import step_quantize_w8a8
+
+        return step_quantize_w8a8(ctx)
     extra = o.extra or {}
     budget = None
     if extra.get("budgets"):

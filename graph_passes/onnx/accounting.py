@@ -54,6 +54,9 @@ def _layer_bytes(node: ir.Node) -> tuple[int | None, int]:
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         k, n = node.attributes["K"].value, node.attributes["N"].value
         return k * n * _FLOAT_BYTES, _nbytes(node.inputs[1]) + _nbytes(node.inputs[2])
+    if node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeMatMul":  # w8a8.py
+        q = const_array(node.inputs[1])
+        return (None, 0) if q is None else (q.size * _FLOAT_BYTES, q.nbytes + _nbytes(node.inputs[2]))
     if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
         return None, 0
     w = node.inputs[1]

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": FP32,
     "fp16": {"max_abs": 1e-3, "nonfinite": 0, "top10_overlap_mean": 0.98},
     "w8a16": QUANTIZED,
+    "w8a8": QUANTIZED,  # the same ranking budget as w8a16 (exporter/steps/quant_w8a8.py)
     "w4a16": {**QUANTIZED, "max_abs": 0.1, "abs_delta_auc": 5e-4, "top10_overlap_mean": 0.9},
 }
 
