@@ -11,6 +11,9 @@ table quotes medians over rounds. JSON goes to ``--out``.
 The ``ugsep`` server also serves gRPC (``--grpc-port``): the ``ugsep-grpc`` variant sends the
 same requests to the same process as ``tritonclient.grpc`` would (``ModelInfer`` with
 ``raw_input_contents``), so HTTP vs gRPC differ in transport only (``--no-grpc`` skips it).
+``--also w8a8`` (the default) adds the ``ugsep-w8a8`` variant: the same student exported with
+``--precision w8a8`` (int8 activations where timed faster, exporter/steps/quant_w8a8.py),
+served over HTTP by its own process.
 Around every ugsep segment ``/metrics`` is scraped: ``phase_profile_ms`` is the mean time per
 request in each phase (decode, validate, queue, user / cache_hit, group, encode), median
 over rounds. ``best_candidates_per_s_over_eager`` is the best ugsep variant's paired ratio at
@@ -304,7 +307,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of user popularity")
     p.add_argument("--threads", type=int, default=1, help="compute threads per server (both)")
     p.add_argument("--max-delay-ms", type=float, default=0.0, help="batcher delay of ugsep serve (its default)")
-    p.add_argument("--also", default="", help="extra ugsep variants by precision, e.g. 'w8a16'")
+    p.add_argument("--also", default="w8a8",
+                   help="extra ugsep variants by precision, comma-separated (default w8a8; '' for none)")
     p.add_argument("--no-grpc", action="store_true", help="skip the ugsep-grpc variant")
     p.add_argument("--quick", action="store_true", help="tiny student, 2 rounds of 3 s")
     args = p.parse_args(argv)

@@ -13,6 +13,11 @@ Then the group graph alone at N=2048 (one user's boundary rows) against the mach
 ``group_gflops_over_sgemm_n2048`` = the group graph's achieved GFLOP/s (its counted FLOPs,
 2*M*N*K per contraction, over its wall time) / the better sgemm's GFLOP/s.
 ``fraction_of_ceiling_n16`` repeats the N=16 row's split speedup over its FLOP ceiling.
+
+``--also w8a8`` (the default) exports the same student at each listed precision too and
+measures its split at N=16 and its group graph against sgemm the same way; ``variants`` in
+the JSON holds them beside the fp32 keys (the group's GFLOP/s count the same FLOPs per row,
+so a w8a8 group's figure is its effective rate; the top-level keys stay fp32's).
 """
 
 from __future__ import annotations
@@ -112,6 +117,29 @@ def group_vs_sgemm(bundle: Path, threads: int, group_flops_per_row: int, n: int 
     }
 
 
+def variant(loaded: LoadedModel, bundle: Path, precision: str, args, fp32_by_n: dict,
+            group_flops_per_row: int) -> dict:
+    """The student at ``precision``: split vs its own full at N=16, and its group vs sgemm."""
+    t0 = time.perf_counter()
+    export_bundle(loaded, bundle, ExportOptions(precision=precision, parity=False, overwrite=True))
+    export_s = time.perf_counter() - t0
+    print(f"{precision}: exported in {export_s:.1f}s; split max abs err vs eager {parity(bundle, loaded):.2e}")
+    res = run_bench(bundle, (16,), args.threads, repeats=args.repeats, seconds_per_n=args.seconds_per_n,
+                    eager=None)
+    row = res["results"][0]
+    out = {"bundle": str(bundle), "export_s": export_s, "n16": row,
+           "fraction_of_ceiling_n16": row["fraction_of_ceiling"]}
+    if 16 in fp32_by_n:  # its split against the fp32 full graph (separate runs, medians each)
+        out["fraction_of_ceiling_n16_vs_fp32_full"] = (
+            fp32_by_n[16]["full_ms"] / row["split_ms"] / row["ceiling"])
+    sg = group_vs_sgemm(bundle, args.threads, group_flops_per_row)
+    out["group_gflops_over_sgemm_n2048"] = sg["group_gflops_over_sgemm_n2048"]
+    out["group_vs_sgemm"] = sg["group_vs_sgemm"]
+    q = json.loads((bundle / "manifest.json").read_text()).get("quantization") or {}
+    out["stages"] = {k: v.get("scheme") for k, v in (q.get("scheme", {}).get("stages") or {}).items()}
+    return out
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -127,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seconds-per-n", type=float, default=30.0)
+    p.add_argument("--also", default="w8a8", help="more precisions measured beside fp32 ('' for none)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = build(args.checkpoint)
@@ -155,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if 16 in by_n:
         result["fraction_of_ceiling_n16"] = by_n[16]["fraction_of_ceiling"]
     result.update(group_vs_sgemm(bundle, args.threads, result["flops"]["group_per_row"]))
+    result["variants"] = {}
+    for precision in filter(None, args.also.split(",")):
+        result["variants"][precision] = variant(loaded, Path(args.work) / f"bundle-{precision}", precision,
+                                                args, by_n, result["flops"]["group_per_row"])
     result["load_average"]["end"] = os.getloadavg()
     (out / "bench_split.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

@@ -87,6 +87,9 @@ class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
                 self.refusals.append(Refusal(node_name(node), node.op_type, reason))
                 continue
             self._convert(graph, node, packed)
+        for b in packed:  # float weights no node reads any more
+            if b.name in graph.initializers and not b.uses() and not b.is_graph_output():
+                del graph.initializers[b.name]
         if self.quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, bool(self.quantized))
@@ -128,7 +131,10 @@ class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
         final = add.outputs[0] if add is not None else out
         name, shape, typ = final.name, final.shape, final.type
         ir.convenience.replace_all_uses_with(final, result, replace_graph_outputs=True)
-        graph.remove([n for n in (add, node) if n is not None], safe=False)
+        for gone in (n for n in (add, node) if n is not None):
+            for i in range(len(gone.inputs)):  # detach: the float weight loses its use
+                gone.replace_input_with(i, None)
+            graph.remove(gone, safe=False)
         final.name = None
         result.name, result.shape, result.type = name, shape, typ
         self.quantized.append((node_name(node), b.name or ""))
