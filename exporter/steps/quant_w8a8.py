@@ -161,8 +161,10 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
     layers: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
     split = {"user", "group"} <= set(stages)
+    prior: dict[str, Any] = {"keep": set(), "table": {}}  # the split path's findings, by bare name
     for path in ([("user", "group")] if split else []) + [("full",)]:
-        keep, table, result = _select(path, plans, stages, runner, limits)
+        keep, table, result = _select(path, plans, stages, runner, limits, prior)
+        prior = {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
         for s in path:
             kept_names = {n for n in plans[s].names if f"{s}:{group_of(n)}" in keep}
             out[s] = plans[s].build(stages[s], only=set(plans[s].names) - kept_names)
@@ -195,8 +197,15 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
     return out, record
 
 
-def _select(path, plans, stages, runner, limits):
-    """(groups kept float, per-group effects, outcome) of one serving path (module doc, step 3)."""
+def _bare(group: str) -> str:
+    return group.split(":", 1)[1]
+
+
+def _select(path, plans, stages, runner, limits, prior):
+    """(groups kept float, per-group effects, outcome) of one serving path (module doc, step 3).
+
+    ``prior`` (the split path's kept set and effects, by bare layer name): the full graph
+    holds the same layers, so their float set is tried first and their effects reused."""
     groups = sorted({f"{s}:{group_of(n)}" for s in path for n in plans[s].names})
     if runner is None or not groups:
         return set(), {}, None
@@ -213,9 +222,14 @@ def _select(path, plans, stages, runner, limits):
     result: dict[str, Any] = {"all_quantized": everything}
     keep: list[str] = []
     current, table = everything, {}
-    if not everything["passed"]:
+    hinted = [g for g in groups if _bare(g) in prior["keep"]]
+    if hinted and not everything["passed"]:
+        trial = runner.measure(protos(keep=set(hinted)), limits)
+        if trial["passed"]:
+            keep, current = hinted, trial
+    if not current["passed"]:
         for g in groups:
-            table[g] = runner.measure(protos(only={g}), limits)
+            table[g] = prior["table"].get(_bare(g)) or runner.measure(protos(only={g}), limits)
         ranked = sorted(groups, key=lambda g: budget_damage(table[g], limits), reverse=True)
         lo, hi, tried = 0, len(ranked), {}
         while hi - lo > 1:
