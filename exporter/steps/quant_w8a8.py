@@ -156,7 +156,8 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
         else:
             plans[stage], tuning["stages"][stage] = fixed_plan(
                 stage, stages[stage], weight_bits, min_elements, stage in per_token_stages)
-    runner = _Runner(calibration, spec) if calibration is not None else None
+    # the stages as exported are fixed: their outputs (the user side) are computed once
+    runner = _Runner(calibration, spec, stages.values()) if calibration is not None else None
     out: dict[str, onnx.ModelProto] = {}
     layers: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
