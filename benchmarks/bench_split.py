@@ -121,7 +121,8 @@ def variant(loaded: LoadedModel, bundle: Path, precision: str, args, fp32_by_n: 
             group_flops_per_row: int) -> dict:
     """The student at ``precision``: split vs its own full at N=16, and its group vs sgemm."""
     t0 = time.perf_counter()
-    export_bundle(loaded, bundle, ExportOptions(precision=precision, parity=False, overwrite=True))
+    if not (args.reuse and (bundle / "manifest.json").exists()):
+        export_bundle(loaded, bundle, ExportOptions(precision=precision, parity=False, overwrite=True))
     export_s = time.perf_counter() - t0
     print(f"{precision}: exported in {export_s:.1f}s; split max abs err vs eager {parity(bundle, loaded):.2e}")
     res = run_bench(bundle, (16,), args.threads, repeats=args.repeats, seconds_per_n=args.seconds_per_n,
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seconds-per-n", type=float, default=30.0)
     p.add_argument("--also", default="w8a8", help="more precisions measured beside fp32 ('' for none)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep an existing WORK/bundle-PRECISION (its split error vs this eager model is printed)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = build(args.checkpoint)

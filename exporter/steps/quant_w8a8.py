@@ -126,6 +126,22 @@ def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: in
                   "min_elements": chosen.min_elements, "per_token": chosen.per_token, "configs": rows}
 
 
+TOP_K_MARGIN = 0.5
+
+
+def selection_limits(limits: dict[str, float]) -> dict[str, float]:
+    """The budget the selection aims at: top-k overlap minimums halfway (``TOP_K_MARGIN``) from
+    the limit to 1. Per-tensor int8 activations reorder near-tied candidates; the held-out
+    verdict judges top-10 on a few requests (10 by default), whose mean moves by a few 1e-2
+    between samples: measured on the bench RankMixer (random init), a selection passing at
+    0.97 on calibration rows gave 0.94-0.96 in the verdict against a 0.95 limit."""
+    out = dict(limits)
+    for key, value in limits.items():
+        if key.startswith("top") and "overlap" in key and value < 1:
+            out[key] = value + (1 - value) * TOP_K_MARGIN
+    return out
+
+
 def fixed_plan(stage: str, proto: onnx.ModelProto, weight_bits: int, min_elements: int,
                per_token: bool) -> tuple[_Plan, dict[str, Any]]:
     """Untimed: every eligible layer of a group/full stage in w8a8, the user stage fp32."""
@@ -158,13 +174,14 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
                 stage, stages[stage], weight_bits, min_elements, stage in per_token_stages)
     # the stages as exported are fixed: their outputs (the user side) are computed once
     runner = _Runner(calibration, spec, stages.values()) if calibration is not None else None
+    select_limits = selection_limits(limits)
     out: dict[str, onnx.ModelProto] = {}
     layers: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
     split = {"user", "group"} <= set(stages)
     prior: dict[str, Any] = {"keep": set(), "table": {}}  # the split path's findings, by bare name
     for path in ([("user", "group")] if split else []) + [("full",)]:
-        keep, table, result = _select(path, plans, stages, runner, limits, prior)
+        keep, table, result = _select(path, plans, stages, runner, select_limits, prior)
         prior = {"keep": {_bare(g) for g in keep}, "table": {_bare(g): v for g, v in table.items()}}
         for s in path:
             kept_names = {n for n in plans[s].names if f"{s}:{group_of(n)}" in keep}
@@ -187,6 +204,7 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
                    "weight_bits": weight_bits, "target": "ort-cpu"},
         "passes": ["canonicalize_linear", "DynamicQuantizeMatMulPass | QuantizeWeightsInt8Pass+LowerToMatMulNBitsPass"],
         "budget": limits if runner else None,
+        "selection_limits": select_limits if runner else None,
         "speed_tuning": tuning,
         "outcome": outcome,
         "layers": layers,
