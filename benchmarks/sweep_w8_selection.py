@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from exporter.steps.parity.budgets import DEFAULTS
+    from exporter.evaluate.budgets import DEFAULTS
 
     torch.set_num_threads(2)
     budget = DEFAULTS["w8a16"]["abs_delta_auc"]

@@ -23,7 +23,6 @@ rows the selection never saw.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,16 +36,16 @@ import onnx
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.progress import console
-from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
+from exporter.steps.capture import step_capture, step_full_onnx
 from exporter.steps.embeddings import step_embeddings
-from exporter.steps.onnx_build import export_onnx
 from exporter.steps.optimize import step_optimize
+from exporter.steps.parity import step_parity
 from exporter.steps.quantize import CALIBRATION_ROWS, step_quantize
+from exporter.steps.split import step_row_scope, step_split
 from exporter.steps.tensorrt import step_trt_build, step_trt_lint
 from exporter.steps.threads import step_stage_threads
-from exporter.steps.write import BundleWriter
+from exporter.steps.write import step_write
 from runtime.manifest import DEFAULT_LIMITS
-from runtime.sample import sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,95 +111,6 @@ class ExportContext:
             parity = min(parity, o.parity_rows)
         return parity, calib
 
-
-
-def step_capture(ctx: ExportContext) -> None:
-    spec = ctx.spec
-    if ctx.loaded.program is not None:  # a .pt2 archive is already captured (exporter.program)
-        ctx.program = ctx.loaded.program
-    else:
-        ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed, rows=ctx.options.data)
-    ctx.input_names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
-
-
-def step_full_onnx(ctx: ExportContext) -> None:
-    ctx.stages["full"] = export_onnx(ctx.program, ctx.input_names, list(ctx.spec.outputs))
-
-
-def step_split(ctx: ExportContext) -> None:
-    """UG split (exporter.steps.split): user.onnx + group.onnx, manifest split/flops; else full only."""
-    from exporter.steps.split import split_to_onnx
-
-    rows = ctx.options.data
-    if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
-        rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
-    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
-    ctx.manifest_fields["flops"] = art.flops
-    ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
-        "report": art.report}, indent=2, default=str) + "\n"
-    if art.is_split:
-        ctx.stages["user"], ctx.stages["group"] = art.user, art.group
-        ctx.manifest_fields["split"] = art.manifest_split()
-
-
-def step_row_scope(ctx: ExportContext) -> None:
-    """manifest.row_scope: does each side keep the rows of a call apart (graph_passes.fx)?"""
-    from graph_passes.fx.row_scope import row_scope
-
-    scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
-    ctx.manifest_fields["row_scope"] = scope
-    if scope["full"] == "request":
-        where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
-        console.print(
-            f"[yellow]request-scoped:[/] '{ctx.spec.name}' mixes the rows of a call ({where}); "
-            "the runtime scores each request in its own group call"
-        )
-
-
-def step_write(ctx: ExportContext) -> None:
-    from exporter.steps.graph_record import reconcile
-
-    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
-                          **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
-    try:
-        paths = {s: writer.add_stage(s, f"{s}.onnx", m) for s, m in ctx.stages.items()}
-        # the manifest describes the files as written (layers, boundary, threads), not the plan
-        written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
-        reconcile(ctx.manifest_fields, ctx.stage_meta, written)
-        for stage, meta in ctx.stage_meta.items():
-            if stage in writer.stages:
-                writer.stages[stage].update(meta)
-        for rel, content in ctx.extra_files.items():
-            writer.add(rel, content)
-        fields = {
-            "precision": ctx.options.precision,
-            "source": ctx.loaded.source,
-            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
-            **ctx.manifest_fields,
-        }
-        writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def step_parity(ctx: ExportContext) -> None:
-    """Eager fp32 vs every stage just written; parity.json + manifest.parity in the bundle."""
-    from exporter.steps.parity import check_bundle
-
-    o = ctx.options
-    n_parity, _ = ctx.row_budget()
-    ctx.parity_report = check_bundle(
-        ctx.out_dir,
-        ctx.loaded.eager(),
-        rows=o.data,
-        n_rows=n_parity,
-        seed=o.seed,
-        budgets=o.extra.get("budgets"),
-        program=ctx.captured or ctx.program,
-        progress=False,
-    )
-    console.print(ctx.parity_report.table())
 
 
 Step = Callable[[ExportContext], None]

@@ -252,7 +252,7 @@ def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     assert QuantizeOptions().per_token_stages == ("user",)
     assert QuantizeOptions(target="gpu").min_elements == 0
     assert QuantizeOptions(target="gpu").per_token_stages == ("full", "user", "group")
-    # ... and timed per stage on this CPU unless a knob is given (exporter.steps.quant_tune)
+    # ... and timed per stage on this CPU unless a knob is given (exporter.timing)
     assert QuantizeOptions().tune is True
     assert QuantizeOptions(min_elements=0).tune is False
     assert QuantizeOptions(per_token_stages=()).tune is False

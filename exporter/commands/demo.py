@@ -137,8 +137,8 @@ def _export(
 def _score_request(bundle: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     import runtime
     from exporter.data import load_rows
+    from exporter.evaluate.stages import eager_outputs
     from exporter.load import load_student
-    from exporter.steps.parity.stages import eager_outputs
 
     train_dir = out_dir / "train" / "rankmixer"
     scorer = runtime.load(bundle)

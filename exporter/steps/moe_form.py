@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter import timing
 from graph_passes.onnx.moe import FORMS, SparseMoEFormPass
 from graph_passes.onnx.moe_match import find_banks
 
@@ -75,14 +76,12 @@ def choose_moe_form(
 
 
 def _timed(stage: str, proto: onnx.ModelProto, threads) -> tuple[onnx.ModelProto, dict]:
-    from exporter.steps import quant_tune
-
     built = {form: apply_form(proto, form) for form in TIMED_FORMS}
-    configs = [quant_tune.Config(f, None, False, built[f][0]) for f in TIMED_FORMS]
-    batch = quant_tune.stage_batch(stage)
+    configs = [timing.Config(f, None, False, built[f][0]) for f in TIMED_FORMS]
+    batch = timing.stage_batch(stage)
     timed: dict[str, dict[str, float]] = {}
     for t in dict.fromkeys(threads):
-        medians = quant_tune.time_configs(configs, batch, threads=t, budget_s=2.0)
+        medians = timing.time_configs(configs, batch, threads=t, budget_s=2.0)
         timed["default" if t is None else str(t)] = {f"{f}_ms": round(medians[f] * 1e3, 4)
                                                        for f in TIMED_FORMS}
     score = {  # geometric mean over thread counts of each form's time / gather's

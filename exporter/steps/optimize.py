@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter import timing
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 
@@ -64,7 +65,7 @@ def choose_per_token_layout(
     stage: str, proto: onnx.ModelProto, threads: tuple[int | None, ...] = (1, None)
 ) -> tuple[onnx.ModelProto, dict | None]:
     """The faster of the stage as exported (per-token weights as one batched MatMul) and
-    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.steps.quant_tune)
+    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.timing)
     with each intra-op thread count in ``threads`` (None: ONNX Runtime's default); unrolled
     wins when the geometric mean of its time ratios is below 1.
 
@@ -72,19 +73,17 @@ def choose_per_token_layout(
     an AMD EPYC (Zen 3), bench RankMixer group graph: unrolled 0.89x the batched time at
     N=256 on one thread, 0.98-0.99x on two; the user graph at batch 1 on two threads 1.15x.
     """
-    from exporter.steps import quant_tune
-
     unrolled = unrolled_fp32(proto)
     if unrolled is None:
         return proto, None
-    batch = quant_tune.stage_batch(stage)
+    batch = timing.stage_batch(stage)
     configs = [
-        quant_tune.Config("batched", None, False, proto),
-        quant_tune.Config("unrolled", None, True, unrolled),
+        timing.Config("batched", None, False, proto),
+        timing.Config("unrolled", None, True, unrolled),
     ]
     timed = {}
     for t in dict.fromkeys(threads):
-        medians = quant_tune.time_configs(configs, batch, threads=t)
+        medians = timing.time_configs(configs, batch, threads=t)
         timed["default" if t is None else str(t)] = {
             "batched_ms": round(medians["batched"] * 1e3, 4),
             "unrolled_ms": round(medians["unrolled"] * 1e3, 4),
@@ -131,11 +130,9 @@ def step_optimize(ctx: ExportContext) -> None:
             if record is not None:
                 layouts[stage] = record
     if layouts or moe:
-        from exporter.steps.quant_tune import cpu_name
-
         ctx.manifest_fields["optimize"] = {
             "per_token_layout": layouts,
-            "cpu": cpu_name(),
+            "cpu": timing.cpu_name(),
             "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
         }
         if moe:

@@ -18,7 +18,7 @@ them pays less than the wake-up costs; the fp32 graphs still gain from the secon
 
 So, as for the per-token layout and the w8a16 configurations, the export times it: each
 small-batch stage's final graph (``SMALL_STAGES``) at batch 1 with the serving thread count
-and with each smaller power of two, interleaved rounds, medians (``quant_tune.time_configs``),
+and with each smaller power of two, interleaved rounds, medians (``timing.time_configs``),
 and records the fastest as ``manifest.stages[stage].intra_op_threads`` when it is fewer
 than the serving threads. The runtime's CPU backend opens that stage's session with at most
 that many threads. When ``group_small`` moves to fewer threads, its crossover against the
@@ -35,6 +35,7 @@ from typing import Any
 
 import onnx
 
+from exporter import timing
 from runtime.manifest import SMALL_GROUP
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,9 @@ def choose_stage_threads(
     to fewer threads it is timed again against ``group`` (unless ``forced_small_rows``: the
     user fixed it), and if group_small then loses even at N=1 it keeps the serving threads.
     """
-    from exporter.steps import quant_tune
-
     options = thread_options(serve_threads)
     record: dict[str, Any] = {
-        "cpu": quant_tune.cpu_name(),
+        "cpu": timing.cpu_name(),
         "serve_threads": _label(serve_threads),
         "stages": {},
     }
@@ -90,14 +89,14 @@ def choose_stage_threads(
         return chosen, rows, record
     for stage in (s for s in SMALL_STAGES if s in stages):
         configs = [
-            quant_tune.Config(f"threads={_label(t)}", None, False, stages[stage], threads=t)
+            timing.Config(f"threads={_label(t)}", None, False, stages[stage], threads=t)
             for t in options
         ]
-        med = quant_tune.time_configs(configs, quant_tune.SMALL_BATCH, threads=serve_threads)
+        med = timing.time_configs(configs, timing.SMALL_BATCH, threads=serve_threads)
         medians = {t: med[c.name] for t, c in zip(options, configs, strict=True)}
         best = pick(medians)
         entry: dict[str, Any] = {
-            "batch": quant_tune.SMALL_BATCH,
+            "batch": timing.SMALL_BATCH,
             "median_ms": {_label(t): round(m * 1e3, 4) for t, m in medians.items()},
             "chosen": _label(best),
         }
@@ -109,7 +108,7 @@ def choose_stage_threads(
         log.info(
             "stage threads %s (batch %d): %s -> %s",
             stage,
-            quant_tune.SMALL_BATCH,
+            timing.SMALL_BATCH,
             ", ".join(f"{k} {v:.3f} ms" for k, v in entry["median_ms"].items()),
             entry["chosen"],
         )
@@ -127,13 +126,11 @@ def _retime_small(
     """(threads, max_rows) for group_small once it ran faster on ``best`` threads: its
     crossover against ``group`` (serving threads) timed again on them, unless ``forced``;
     if it then loses at N=1 it keeps the serving threads and ``rows``. Fills ``entry``."""
-    from exporter.steps import quant_tune
-
     if forced:
         entry["max_rows"] = rows
         entry["why"] = f"max_rows {rows} was given (--quant-small-batch): not re-timed"
         return best, rows
-    new_rows, timings = quant_tune.crossover(
+    new_rows, timings = timing.crossover(
         stages[SMALL_GROUP], stages["group"], threads=serve_threads, small_threads=best
     )
     entry.update(crossover=timings, max_rows=new_rows)
