@@ -107,7 +107,7 @@ def _export_fp32(loaded, work: Path) -> dict[str, onnx.ModelProto]:
     from exporter.pipeline import ExportOptions, export_bundle
 
     options = ExportOptions(
-        precision="fp32", parity=False, overwrite=True, extra={"serve_threads": THREADS}
+        precision="fp32", parity=False, overwrite=True, serve_threads=THREADS
     )
     ctx = export_bundle(loaded, work / "fp32", options)
     return dict(ctx.stages)

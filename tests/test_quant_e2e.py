@@ -190,6 +190,7 @@ class TwoSide(torch.nn.Module):
 
 def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path):
     from exporter import ExportOptions, LoadedModel, export_bundle
+    from exporter.steps.quantize import QuantizeStepOptions
     from runtime.manifest import Manifest
 
     model = TwoSide().eval()
@@ -199,7 +200,7 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
         parity=False,
         data={**rows, "request_id": rid},
         parity_rows=200,
-        extra={"quant_min_elements": 0},  # the tiny towers sit below the ORT CPU default
+        quantize=QuantizeStepOptions(min_elements=0),  # the tiny towers sit below the ORT CPU default
     )
     ctx = export_bundle(LoadedModel(spec=SPEC, module=model), tmp_path / "b", opts)
     m = Manifest.read(tmp_path / "b")

@@ -221,10 +221,10 @@ def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_p
     from exporter.steps.optimize import step_optimize
 
     proto = _chain([64, 256], per_token=4, batch="N")
-    for extra, timed in (({"serve_threads": 2}, {"2"}), ({}, {"1", "default"})):
-        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(extra=extra))
+    for threads, timed in ((2, {"2"}), (None, {"1", "default"})):
+        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(serve_threads=threads))
         ctx.stages = {"group": proto}
         step_optimize(ctx)
         rec = ctx.manifest_fields["optimize"]
-        assert rec["serve_threads"] == extra.get("serve_threads")
+        assert rec["serve_threads"] == threads
         assert set(rec["per_token_layout"]["group"]["threads"]) == timed

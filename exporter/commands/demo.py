@@ -114,7 +114,7 @@ def _export(
         bundle,
         ExportOptions(
             precision=precision, data=data, overwrite=True, seed=seed, parity_rows=parity_rows,
-            extra={"budgets": budgets} if budgets else {},
+            budgets=budgets or None,
         ),
     )
     manifest = Manifest.read(bundle)

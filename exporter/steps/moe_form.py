@@ -9,7 +9,7 @@ GEMM over experts padded to the largest group: best at N candidates). So, as for
 per-token layout (exporter.steps.optimize), each stage is rewritten into each and timed at its batch on ONNX
 Runtime CPU (user 1, group/full 256), interleaved, medians; the faster is kept.
 
-``extra["moe_form"]`` fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
+``--moe-form`` (``OptimizeOptions.moe_form``) fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
 the fallback and benchmark baseline, every expert with a mask). ``--target trt`` is not timed
 here (no GPU at export): it gets ``trt_form`` (dense at E <= 8, where one batched GEMM over
 all experts is cheap on a GPU and needs no data-dependent shapes; gather above), as the
@@ -54,23 +54,30 @@ def trt_form(banks: list[dict]) -> str:
 
 
 def choose_moe_form(
-    stage: str, proto: onnx.ModelProto, extra: dict, threads: tuple[int | None, ...] = (1, None)
+    stage: str,
+    proto: onnx.ModelProto,
+    form: str | None = None,
+    *,
+    target: str = "onnx",
+    threads: tuple[int | None, ...] = (1, None),
 ) -> tuple[onnx.ModelProto, dict | None]:
-    """``proto`` with its banks in the chosen form and the manifest record (None: no banks)."""
+    """``proto`` with its banks in the chosen form and the manifest record (None: no banks).
+
+    ``form`` fixes it (None: timed per stage; ``target`` "trt": ``trt_form``)."""
     banks, _ = find_banks(ir.serde.deserialize_model(proto).graph)
     if not banks:
         return proto, None
-    fixed = extra.get("moe_form")
+    fixed = form
     if fixed is not None and fixed not in FORMS:
         from exporter.errors import ExportError
 
         raise ExportError(f"--moe-form '{fixed}' is not one of {', '.join(FORMS)}")
-    if extra.get("target") == "trt" and fixed is None:
+    if target == "trt" and fixed is None:
         _, summary = apply_form(proto, "gather")
         fixed = trt_form(summary)
     if fixed is not None:
         out, summary = apply_form(proto, fixed)
-        return out, {"form": fixed, "chosen_by": "option" if extra.get("moe_form") else "trt",
+        return out, {"form": fixed, "chosen_by": "option" if form else "trt",
                      "banks": summary}
     return _timed(stage, proto, threads)
 

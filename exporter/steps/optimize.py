@@ -8,8 +8,10 @@ the quantizer starts from the graphs that are served. The rewrites themselves li
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -100,24 +102,45 @@ def choose_per_token_layout(
     return (unrolled if chosen == "unrolled" else proto), record
 
 
+@dataclass
+class OptimizeOptions:
+    """Step ``optimize``: the layouts and MoE forms timed (or fixed) per stage."""
+
+    per_token_layout: bool = True  # time batched vs unrolled per-token weights (ORT CPU)
+    moe_form: str | None = None  # sparse MoE banks: this form everywhere (None: timed per stage)
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+                       help="sparse MoE models: run every expert bank in this form (default: the "
+                       "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
+        p.add_argument("--no-per-token-layout", action="store_true",
+                       help="keep per-token weights as one batched MatMul instead of timing it against "
+                       "the unrolled 2-D MatMuls per stage on this CPU")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimizeOptions:
+        return cls(per_token_layout=not args.no_per_token_layout, moe_form=args.moe_form)
+
+
 def step_optimize(ctx: ExportContext) -> None:
     """Rewrite every stage in ``ctx.stages`` in place (see the module docstring): sparse MoE
     expert banks into the form timed fastest for the stage (exporter.steps.moe_form; recorded in
     ``optimize.moe_form``), then the inference rewrites; for ONNX
     Runtime (not ``--target trt``, whose tactics TensorRT times itself on the GPU) keep each
     stage's per-token weights batched or unrolled, whichever ran faster here
-    (``choose_per_token_layout``; ``extra["per_token_layout"] = False`` keeps them batched).
-    ``extra["serve_threads"]`` = N times the layouts with N intra-op threads only (the thread
+    (``choose_per_token_layout``; ``OptimizeOptions.per_token_layout`` False keeps them batched).
+    ``options.serve_threads`` = N times the layouts with N intra-op threads only (the thread
     count the bundle will be served with); without it, 1 thread and ONNX Runtime's default
     are both timed and their geometric mean decides (the better layout can differ between
     them: bench RankMixer group graph on an EPYC Zen 5, unrolled 0.91x at 1 thread, 1.08x at 2)."""
-    extra = ctx.options.extra or {}
-    tune = extra.get("target") != "trt" and extra.get("per_token_layout", True)
-    threads = (int(extra["serve_threads"]),) if extra.get("serve_threads") else (1, None)
+    o = ctx.options
+    tune = o.target != "trt" and o.optimize.per_token_layout
+    threads = (int(o.serve_threads),) if o.serve_threads else (1, None)
     layouts, moe = {}, {}
     for stage, proto in list(ctx.stages.items()):
         # sparse MoE banks first (their matcher reads the graph as exported): form per stage
-        proto, moe_record = choose_moe_form(stage, proto, extra, threads=threads)
+        proto, moe_record = choose_moe_form(stage, proto, o.optimize.moe_form, target=o.target, threads=threads)
         if moe_record is not None:
             moe[stage] = moe_record
         ctx.stages[stage], made = optimize_stage(proto)
@@ -133,7 +156,7 @@ def step_optimize(ctx: ExportContext) -> None:
         ctx.manifest_fields["optimize"] = {
             "per_token_layout": layouts,
             "cpu": timing.cpu_name(),
-            "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
+            "serve_threads": o.serve_threads,  # None: timed at 1 and ORT's default
         }
         if moe:
             ctx.manifest_fields["optimize"]["moe_form"] = moe

@@ -28,15 +28,20 @@ Stages that serve large batches (group, full) keep the serving threads.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from exporter import timing
 from runtime.manifest import SMALL_GROUP
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +146,39 @@ def _retime_small(
     return serve_threads, rows
 
 
-def step_stage_threads(ctx: Any) -> None:
+@dataclass
+class ThreadsOptions:
+    """Step ``threads``: whether the small-batch stages are timed on fewer threads."""
+
+    enabled: bool = True
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-stage-threads", action="store_true",
+                       help="do not time the small-batch stages on fewer threads: every stage runs on "
+                       "the serving threads")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ThreadsOptions:
+        return cls(enabled=not args.no_stage_threads)
+
+
+def step_stage_threads(ctx: ExportContext) -> None:
     """Pipeline step (exporter.pipeline), ONNX Runtime CPU targets only: time the final
     small-batch stages (after quantization, the graphs as written) and record the choice.
-    Reads ``options.extra``: ``serve_threads`` (None: ORT's default), ``stage_threads``
-    (False: skip), ``quant_small_batch`` (> 0: group_small's max_rows was forced)."""
-    extra = ctx.options.extra or {}
-    if extra.get("target") == "trt" or extra.get("stage_threads") is False:
+    Reads ``options.serve_threads`` (None: ORT's default), ``options.threads.enabled``
+    (False: skip) and ``options.quantize.small_batch`` (> 0: group_small's max_rows was forced)."""
+    o = ctx.options
+    if o.target == "trt" or not o.threads.enabled:
         return
     if not any(s in ctx.stages for s in SMALL_STAGES):
         return
     small = ctx.stage_meta.get(SMALL_GROUP, {})
     chosen, rows, record = choose_stage_threads(
         ctx.stages,
-        extra.get("serve_threads"),
+        o.serve_threads,
         group_small_rows=int(small.get("max_rows", 0)),
-        forced_small_rows=bool(extra.get("quant_small_batch")),
+        forced_small_rows=bool(o.quantize.small_batch),
     )
     from exporter.steps.graph_record import set_stage_threads
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import logging
@@ -9,6 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,13 +168,30 @@ def _drop_stale_signature(root: Path) -> None:
 # ---- pipeline step (exporter.pipeline) ----------------------------------------------------
 
 
+@dataclass
+class WriteOptions:
+    """Step ``write``: how the bundle's files are laid out."""
+
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # larger graphs keep their weights in a .data file
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--external-data-bytes", type=int, default=EXTERNAL_DATA_BYTES, metavar="BYTES",
+                       help="ONNX graphs larger than BYTES keep their weights in a .data file beside "
+                       "the graph (default 1 GiB; ONNX protobufs stop at 2 GiB)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WriteOptions:
+        return cls(external_data_bytes=args.external_data_bytes)
+
+
 def step_write(ctx: ExportContext) -> None:
     """Pipeline step ``write``: the bundle directory, ONNX files, manifest.json with every sha256."""
     from exporter.steps.graph_record import reconcile
     from runtime.manifest import DEFAULT_LIMITS
 
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
-                          **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
+                          external_data_bytes=ctx.options.write.external_data_bytes)
     try:
         paths = {s: writer.add_stage(s, f"{s}.onnx", m) for s, m in ctx.stages.items()}
         # the manifest describes the files as written (layers, boundary, threads), not the plan

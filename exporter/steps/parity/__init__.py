@@ -53,7 +53,7 @@ def step_parity(ctx: ExportContext) -> None:
         rows=o.data,
         n_rows=n_parity,
         seed=o.seed,
-        budgets=o.extra.get("budgets"),
+        budgets=o.budgets,
         program=ctx.captured or ctx.program,
         progress=False,
     )

@@ -39,7 +39,13 @@ from exporter.steps.quantize.calibrate import (
     Calibration,
     calibration_for,
 )
-from exporter.steps.quantize.options import PRECISIONS, TARGET_DEFAULTS, TARGETS, QuantizeOptions
+from exporter.steps.quantize.options import (
+    PRECISIONS,
+    TARGET_DEFAULTS,
+    TARGETS,
+    QuantizeOptions,
+    QuantizeStepOptions,
+)
 from exporter.steps.quantize.select import budget_damage
 from exporter.steps.quantize.step import step_quantize
 from exporter.steps.quantize.tune import tune_for_speed
@@ -52,6 +58,7 @@ __all__ = [
     "TARGET_DEFAULTS",
     "Calibration",
     "QuantizeOptions",
+    "QuantizeStepOptions",
     "budget_damage",
     "calibration_for",
     "group_of",
