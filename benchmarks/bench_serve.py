@@ -12,7 +12,7 @@ The ``ugsep`` server also serves gRPC (``--grpc-port``): the ``ugsep-grpc`` vari
 same requests to the same process as ``tritonclient.grpc`` would (``ModelInfer`` with
 ``raw_input_contents``), so HTTP vs gRPC differ in transport only (``--no-grpc`` skips it).
 ``--also w8a8`` (the default) adds the ``ugsep-w8a8`` variant: the same student exported with
-``--precision w8a8`` (int8 activations where timed faster, exporter/steps/quant_w8a8.py),
+``--precision w8a8`` (int8 activations where timed faster, exporter/steps/quantize/w8a8.py),
 served over HTTP by its own process.
 Around every ugsep segment ``/metrics`` is scraped: ``phase_profile_ms`` is the mean time per
 request in each phase (decode, validate, queue, user / cache_hit, group, encode), median

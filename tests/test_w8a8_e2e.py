@@ -19,7 +19,7 @@ import tritonclient.http as triton
 
 import runtime
 from exporter.cli import main
-from exporter.steps.parity.budgets import DEFAULTS
+from exporter.evaluate.budgets import DEFAULTS
 from runtime.manifest import Manifest
 from runtime.serving import ServerThread, build_app
 from students.base import model_inputs

@@ -158,7 +158,7 @@ def _print_quantization(m) -> None:
 
 
 def _print_w8a8_scheme(q: dict) -> None:
-    """w8a8 (exporter/steps/quant_w8a8.py): the scheme each stage got, timed on the export CPU."""
+    """w8a8 (exporter/steps/quantize/w8a8.py): the scheme each stage got, timed on the export CPU."""
     stages = (q.get("scheme") or {}).get("stages")
     if q.get("precision") != "w8a8" or not isinstance(stages, dict):
         return
@@ -225,7 +225,7 @@ def _print_stage_threads(m) -> None:
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:
-    """Per stage: each speed configuration timed at export (exporter/steps/quant_tune.py)."""
+    """Per stage: each speed configuration timed at export (exporter/timing.py, exporter/steps/quantize/speed.py)."""
     if not tuning:
         return
     t = Table(title=f"speed tuning at export: {tuning.get('cpu', '?')}, threads {tuning.get('threads')}")

@@ -52,7 +52,7 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": FP32,
     "fp16": {"max_abs": 1e-3, "nonfinite": 0, "top10_overlap_mean": 0.98},
     "w8a16": QUANTIZED,
-    "w8a8": QUANTIZED,  # the same ranking budget as w8a16 (exporter/steps/quant_w8a8.py)
+    "w8a8": QUANTIZED,  # the same ranking budget as w8a16 (exporter/steps/quantize/w8a8.py)
     "w4a16": {**QUANTIZED, "max_abs": 0.1, "abs_delta_auc": 5e-4, "top10_overlap_mean": 0.9},
 }
 
@@ -139,9 +139,9 @@ def evaluate(metrics: dict[str, Any], limits: dict[str, float]) -> tuple[list[st
     """(breaches, not evaluated) of one output's metrics against ``limits``; breaches are readable.
 
     ``abs_delta_auc`` with an interval (``delta_auc_ci``) is judged by
-    ``exporter.steps.parity.auc_noise.judge_auc``: by the interval when it resolves the budget,
+    ``exporter.evaluate.auc_noise.judge_auc``: by the interval when it resolves the budget,
     else by the logit error relative to the score spread."""
-    from exporter.steps.parity.auc_noise import judge_auc
+    from exporter.evaluate.auc_noise import judge_auc
 
     breaches, skipped = [], []
     for key, limit in limits.items():

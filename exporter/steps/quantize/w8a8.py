@@ -4,7 +4,7 @@ The group side of a split bundle is compute-bound (hundreds of candidates per ca
 ONNX Runtime's integer GEMM (``com.microsoft.DynamicQuantizeMatMul``: activations quantized
 per call to uint8, u8s8 MLAS QGEMM, graph_passes/onnx/w8a8.py) can beat fp32 SGEMM. The user
 side runs at batch 1, where the weight-only ``MatMulNBits`` (w8a16) or fp32 may be faster.
-So, per stage, by timing on this CPU (exporter/steps/quant_tune.py, as the w8a16 speed tuner):
+So, per stage, by timing on this CPU (exporter.timing, as the w8a16 speed tuner):
 
  1. configurations: fp32 as exported; w8a8 at each ``min_elements`` of the tuner's grid, with
     per-token weights unrolled or kept batched; on the user stage also the same w8a16
@@ -13,7 +13,7 @@ So, per stage, by timing on this CPU (exporter/steps/quant_tune.py, as the w8a16
  3. accuracy, against the eager fp32 outputs on held-out rows under the w8a16 ranking budget
     (|ΔAUC|, top-10 overlap, max abs): all chosen layers quantized; if that misses, each layer
     group alone is measured, ranked by the share of the budget it uses, and the fewest most
-    damaging groups are kept float (bisection), as for w8a16 (exporter/steps/quantize.py).
+    damaging groups are kept float (bisection), as for w8a16 (exporter/steps/quantize/select.py).
 
 The parity verdict on the written bundle is the judge (budget ``w8a8`` = ``w8a16``'s). Every
 choice goes to ``manifest.quantization``: ``scheme`` (per stage), ``speed_tuning`` (every
@@ -29,18 +29,14 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from exporter import timing
 from exporter.errors import ExportError
-from exporter.steps import quant_tune
-from exporter.steps.quantize import (
-    QuantizeOptions,
-    _bytes,
-    _canonical,
-    _quantize_canonical,
-    _Runner,
-    budget_damage,
-    calibration_for,
-    group_of,
-)
+from exporter.steps.quantize.build import _bytes, _canonical, _quantize_canonical, group_of
+from exporter.steps.quantize.calibrate import calibration_for
+from exporter.steps.quantize.options import QuantizeOptions
+from exporter.steps.quantize.runner import _Runner
+from exporter.steps.quantize.select import budget_damage
+from exporter.steps.quantize.speed import FP32, MIN_ELEMENTS_GRID, choose, quantized_elements
 from graph_passes.onnx import linear_layers
 from graph_passes.onnx.w8a8 import KERNEL, dynamic_quantize_matmuls, weight_bits_for_cpu
 
@@ -93,12 +89,12 @@ def _build(scheme: str, canon: onnx.ModelProto, names: list[str], m: int, bits: 
 def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: int | None,
                w8a16_too: bool) -> tuple[_Plan, dict[str, Any]]:
     """Time fp32 and the w8a8 (and, ``w8a16_too``, w8a16) configurations of one stage."""
-    configs = [quant_tune.Config(quant_tune.FP32, None, False, proto)]
-    plans: dict[str, _Plan] = {quant_tune.FP32: _Plan(stage, "fp32", None, [], 0, weight_bits)}
+    configs = [timing.Config(FP32, None, False, proto)]
+    plans: dict[str, _Plan] = {FP32: _Plan(stage, "fp32", None, [], 0, weight_bits)}
     seen: set[tuple[str, frozenset[str]]] = set()
     schemes = (W8A8, W8A16) if w8a16_too else (W8A8,)
     for per_token in (False, True):
-        for m in quant_tune.MIN_ELEMENTS_GRID:
+        for m in MIN_ELEMENTS_GRID:
             canon = _canonical(stage, proto, m, unroll=per_token)
             names = linear_layers(ir.serde.deserialize_model(canon), min_elements=m)
             for scheme in schemes:
@@ -107,14 +103,14 @@ def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: in
                 seen.add((scheme, frozenset(names)))
                 tag = f"{scheme}:min_elements={m},per_token={'on' if per_token else 'off'}"
                 q = _build(scheme, canon, names, m, weight_bits)
-                elements = quant_tune.quantized_elements(canon, names)
-                configs.append(quant_tune.Config(tag, m, per_token, q, elements, len(names)))
+                elements = quantized_elements(canon, names)
+                configs.append(timing.Config(tag, m, per_token, q, elements, len(names)))
                 plans[tag] = _Plan(stage, scheme, canon, names, m, weight_bits)
-    batch = quant_tune.stage_batch(stage)
-    medians = quant_tune.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {
-        quant_tune.FP32: 0.0}
-    chosen = quant_tune.choose(configs, medians)
-    base = medians[quant_tune.FP32] or 1.0
+    batch = timing.stage_batch(stage)
+    medians = timing.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {
+        FP32: 0.0}
+    chosen = choose(configs, medians)
+    base = medians[FP32] or 1.0
     rows = [{"config": c.name, "scheme": plans[c.name].scheme, "min_elements": c.min_elements,
              "per_token": c.per_token, "layers": c.layers, "quantized_elements": c.quantized_elements,
              "median_ms": round(medians[c.name] * 1e3, 4),
@@ -162,7 +158,7 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
 
     ``tune`` False: no timing; ``fixed_plan`` per stage (``min_elements``, per-token weights
     unrolled in ``per_token_stages``)."""
-    tuning: dict[str, Any] = {"cpu": quant_tune.cpu_name(), "threads": threads or "onnxruntime default",
+    tuning: dict[str, Any] = {"cpu": timing.cpu_name(), "threads": threads or "onnxruntime default",
                               "weight_bits": weight_bits, "timed": tune, "stages": {}}
     plans: dict[str, _Plan] = {}
     for stage in (s for s in ("user", "group", "full") if s in stages):
@@ -284,25 +280,24 @@ def _layer_rows(path, plans, keep, table) -> list[dict[str, Any]]:
 
 
 def step_quantize_w8a8(ctx: Any) -> None:
-    """Pipeline step ``quantize`` for precision w8a8 (called by exporter.steps.quantize).
+    """Pipeline step ``quantize`` for precision w8a8 (called by exporter.steps.quantize.step).
 
-    Reads ``options.extra``: ``target`` (``trt`` is refused: the kernel is ORT CPU's),
-    ``budgets`` (entry ``w8a8``, default the w8a16 budget), ``serve_threads`` (timed with
-    that many intra-op threads; None: ONNX Runtime's default), ``quant_tune`` (False: no
-    timing, ``fixed_plan``: every layer of the group and full stages with at least
-    ``quant_min_elements`` (default 0) elements in w8a8, per-token weights unrolled in
-    ``quant_per_token_stages``, the user stage fp32).
+    Reads ``options.target`` (``trt`` is refused: the kernel is ORT CPU's), ``budgets``
+    (entry ``w8a8``, default the w8a16 budget), ``serve_threads`` (timed with that many
+    intra-op threads; None: ONNX Runtime's default) and ``quantize`` (QuantizeStepOptions:
+    ``tune`` False (--no-quant-tune) = no timing, ``fixed_plan``: every layer of the group and
+    full stages with at least ``min_elements`` (default 0) elements in w8a8, per-token weights
+    unrolled in ``per_token_stages``, the user stage fp32).
     """
     o = ctx.options
-    extra = o.extra or {}
-    if extra.get("target") == "trt":
+    if o.target == "trt":
         raise ExportError("precision w8a8 runs ONNX Runtime CPU's DynamicQuantizeMatMul; "
                           "for --target trt use w8a16")
-    from exporter.steps.parity.budgets import DEFAULTS, load_budgets
+    from exporter.evaluate.budgets import DEFAULTS, load_budgets
 
     limits = dict(DEFAULTS[W8A8])
-    if extra.get("budgets"):
-        limits = load_budgets(extra["budgets"]).for_stage("quantize", W8A8)
+    if o.budgets:
+        limits = load_budgets(o.budgets).for_stage("quantize", W8A8)
     n_parity, n_calib = ctx.row_budget()
     scoped = (ctx.manifest_fields.get("row_scope") or {}).get("full") == "request"
     calib = calibration_for(ctx.loaded.eager(), ctx.spec, o.data, skip_rows=n_parity,
@@ -311,11 +306,10 @@ def step_quantize_w8a8(ctx: Any) -> None:
         calib.rows = ctx.store_rows(calib.rows)
     calib.heldout_rows = n_parity
     bits = weight_bits_for_cpu(cpu_flags())
-    tune = bool(extra.get("quant_tune", True))
+    q = o.quantize
     stages, record = quantize_w8a8(
-        ctx.stages, ctx.graph_spec, calibration=calib, limits=limits,
-        threads=extra.get("serve_threads"), weight_bits=bits, tune=tune,
-        min_elements=int(extra.get("quant_min_elements") or 0),
-        per_token_stages=tuple(extra.get("quant_per_token_stages") or ()))
+        ctx.stages, ctx.graph_spec, calibration=calib, limits=limits, threads=o.serve_threads,
+        weight_bits=bits, tune=bool(q.tune), min_elements=int(q.min_elements or 0),
+        per_token_stages=tuple(q.per_token_stages or ()))
     ctx.stages.update(stages)
     ctx.manifest_fields["quantization"] = record
