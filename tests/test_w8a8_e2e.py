@@ -64,6 +64,8 @@ def test_w8a8_export_passes_parity_and_records_the_choice(trained, bundle, capsy
     kernels = _ops(bundle / "group.onnx").count("DynamicQuantizeMatMul")
     assert rows and kernels == sum(r["weights"] for r in rows)  # read back from the graph
     assert "DynamicQuantizeMatMul" not in _ops(bundle / "user.onnx")
+    assert "DynamicQuantizeMatMul" not in _ops(bundle / "full.onnx")  # split: full stays fp32
+    assert q["scheme"]["stages"]["full"]["scheme"] == "fp32"
     # independently of the parity step: the runtime's split scores vs the eager model
     rows = load_npz(trained / "heldout.npz")
     model = load_checkpoint(trained / "student").eval()
@@ -110,6 +112,8 @@ def test_w8a8_tuned_times_each_stage_and_the_graphs_follow_the_choice(trained, t
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     tuning = q["speed_tuning"]
     assert tuning["timed"] and set(tuning["stages"]) == {"user", "group", "full"}
+    assert tuning["stages"].pop("full")["chosen"] == "fp32"  # split bundle: full stays fp32, untimed
+    assert "DynamicQuantizeMatMul" not in _ops(out / "full.onnx")
     for stage, r in tuning["stages"].items():
         schemes = {c["scheme"] for c in r["configs"]}
         assert r["configs"][0]["config"] == "fp32" and r["configs"][0]["ratio_vs_fp32"] == 1.0
