@@ -73,14 +73,86 @@ def child_checkpoint(vocab: int, size: str, out: str) -> dict:
     return {"params": n_params, "checkpoint_bytes": (Path(out) / "model.safetensors").stat().st_size}
 
 
+class RssTrace:
+    """VmRSS / RssAnon / RssFile sampled every ``every`` s in a thread, by phase: each
+    ``phase(name)`` starts a new phase; ``peaks()`` is the highest VmRSS of each phase (MiB)
+    with the RssAnon / RssFile of that sample, and VmHWM at the phase's end."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        import threading
+
+        self.every, self.rows, self.name = every, [], "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        status = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                status[key] = int(line.split()[1]) / 1024
+        self.rows.append((self.name, status))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def phase(self, name: str) -> None:
+        self._sample()
+        self.name = name
+        self._sample()
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out: dict[str, dict[str, float]] = {}
+        for name, st in self.rows:
+            top = out.setdefault(name, dict(st))
+            if st["VmRSS"] > top["VmRSS"]:
+                top.update({k: v for k, v in st.items() if k != "VmHWM"})
+            top["VmHWM"] = st["VmHWM"]
+        return out
+
+
+def _traced_pipeline(trace: RssTrace) -> None:
+    """Mark each pipeline step (and parity's eager reference / stages) as a phase."""
+    import exporter.pipeline as pipeline
+    from exporter.steps.parity import check
+
+    def marked(name, fn):
+        def step(ctx):
+            trace.phase(name)
+            return fn(ctx)
+        return step
+
+    pipeline.PIPELINE[:] = [(n, marked(n, s)) for n, s in pipeline.PIPELINE]
+    run_batched, check_stage = check._run_batched, check._check_stage
+
+    def _run_batched(run, rows, bar, label, chunks):
+        if label == "eager fp32":
+            trace.phase("parity:eager")
+        return run_batched(run, rows, bar, label, chunks)
+
+    def _check_stage(stage, *a, **k):
+        trace.phase(f"parity:{stage.name}")
+        return check_stage(stage, *a, **k)
+
+    check._run_batched, check._check_stage = _run_batched, _check_stage
+
+
 def child_export(ckpt: str, out: str, *flags: str) -> dict:
     from exporter.cli import main
 
+    trace = RssTrace()
+    _traced_pipeline(trace)
+    trace.phase("load")
     t0 = time.perf_counter()
     code = main(["export", ckpt, "--out", out, "--data", str(Path(ckpt) / "held.npz"), "--overwrite", *flags])
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"exit": code, "wall_s": wall, "peak_rss_bytes": peak}
+    return {"exit": code, "wall_s": wall, "peak_rss_bytes": peak, "rss_by_phase_mib": trace.stop()}
 
 
 def _requests(spec, n_requests: int, n: int, seed: int):

@@ -15,11 +15,22 @@ scale and bias per row, the FBGEMM/TorchRec ``Fused8BitRowwise`` convention:
 ``x = q * scale + bias``, scale = (max - min) / 255, bias = min). Lookups are vectorised
 ``np.take`` on the memory map into per-thread preallocated buffers; pages of a table become
 resident only when rows on them are read, so resident memory grows with the rows touched.
+
+Resident memory is bounded: Linux maps up to 16 neighbouring cached pages on every fault
+(fault-around, 64 KiB; ``MADV_RANDOM`` does not stop it), so random lookups into a large
+table map far more than the rows they read, and a long-running server would end up with
+the whole table in its RSS. A mapping larger than ``resident_limit`` (default
+``RESIDENT_LIMIT``, 256 MiB) counts an upper bound of what its lookups mapped (rows × the
+fault-around window) and, before a lookup that could pass the limit, drops the process's
+page mappings with ``madvise(MADV_DONTNEED)``: the pages stay in the page cache (shared,
+not this process's RSS) and the next touch maps them again (a minor fault). A mapping
+under the limit is never released.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import threading
 from pathlib import Path
@@ -32,6 +43,8 @@ from runtime.errors import BundleError, RequestError
 SECTION_KEYS = ("file", "dtype", "tables", "lookups", "in_graph")
 TABLE_DTYPES = ("float32", "float16", "int8_rowwise")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8}
+FAULT_WINDOW = 64 << 10  # bytes Linux maps around a faulting page of a file (fault_around_bytes)
+RESIDENT_LIMIT = 256 << 20  # a store mapping's resident bytes, at most (MmapStore.resident_limit)
 _OPEN: dict[tuple, MmapStore] = {}  # (path, size, mtime, tables) -> the process's one mapping
 _OPEN_LOCK = threading.Lock()
 
@@ -69,13 +82,24 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class MmapStore:
-    """Tables in one safetensors file of the bundle, memory-mapped read-only."""
+    """Tables in one safetensors file of the bundle, memory-mapped read-only; at most about
+    ``resident_limit`` bytes of the mapping resident in this process (None: no limit)."""
 
-    def __init__(self, path: str | Path, tables: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, path: str | Path, tables: list[dict[str, Any]], resident_limit: int | None = RESIDENT_LIMIT
+    ) -> None:
         self.path = Path(path)
         header, base = read_safetensors_header(self.path)
         size = self.path.stat().st_size
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > base else None
+        self._map, self._mm = None, None
+        if size > base:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = np.frombuffer(self._map, dtype=np.uint8)
+        self.resident_limit = resident_limit
+        self.releases = 0  # times the mapping's pages were dropped (madvise)
+        self._mapped = 0  # upper bound of the mapping's bytes resident since the last release
+        self._resident_lock = threading.Lock()
         self._meta = {t["name"]: t for t in tables}
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         for t in tables:
@@ -90,8 +114,13 @@ class MmapStore:
 
         One mapping per file and process: every scorer of the bundle (split, full, parity's
         configurations, a reloaded model) shares it, so a touched page is resident once."""
-        sec = bundle.manifest.embeddings
-        path = Path(bundle.path(sec["file"])).resolve()
+        return cls.open_path(bundle.path(bundle.manifest.embeddings["file"]), bundle.manifest.embeddings)
+
+    @classmethod
+    def open_path(cls, path: str | Path, sec: dict[str, Any]) -> MmapStore:
+        """The store file ``path`` described by a manifest's ``embeddings`` section ``sec``
+        (the process's one mapping of it, as ``open``)."""
+        path = Path(path).resolve()
         try:
             st = path.stat()
         except FileNotFoundError as e:
@@ -139,9 +168,30 @@ class MmapStore:
     def nbytes(self, table: str) -> int:
         return int(sum(a.nbytes for a in self._arrays[table].values()))
 
+    def release(self) -> None:
+        """Drop this process's mapped pages of the file (they stay in the page cache)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            self.releases += 1
+        self._mapped = 0
+
+    def _reserve(self, rows: int, arrays: int) -> None:
+        """Before reading ``rows`` rows of ``arrays`` arrays: release the mapping first if
+        the reads could take it past ``resident_limit`` (each row maps a fault-around window
+        at most)."""
+        limit = self.resident_limit
+        if limit is None or self._map is None or len(self._map) <= limit:
+            return
+        worst = rows * arrays * FAULT_WINDOW
+        with self._resident_lock:
+            if self._mapped and self._mapped + worst > limit:
+                self.release()
+            self._mapped = min(self._mapped + worst, len(self._map))
+
     def lookup(self, table: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         arrs = self._arrays[table]
         flat = ids.reshape(-1)
+        self._reserve(flat.size, len(arrs))
         shape = (*ids.shape, self.dim(table))
         if out is None:
             out = np.empty((flat.size, self.dim(table)), dtype=np.float32)
@@ -171,6 +221,24 @@ class StoreFeeds:
                 [int(d) for d in spec.input(lk["input"]).shape]
             )
             _check_vocab(store, lk, spec)
+
+    @classmethod
+    def for_directory(cls, root: str | Path, manifest) -> StoreFeeds | None:
+        """The lookups of ``manifest`` from its store file copied into ``root`` (a Triton
+        orchestrator's copy of the bundle's manifest and store), checked against the
+        manifest's sha256 first."""
+        sec = manifest.embeddings
+        if not sec or not sec.get("lookups"):
+            return None
+        from runtime.bundle import sha256_file
+
+        path = Path(root) / sec["file"]
+        if not path.is_file():
+            raise BundleError(f"embedding store file '{path}' is missing")
+        want = (manifest.files.get(sec["file"]) or {}).get("sha256")
+        if sha256_file(path) != want:
+            raise BundleError(f"embedding store '{path}' does not match its manifest sha256; copy the bundle again")
+        return cls(MmapStore.open_path(path, sec), sec, manifest.spec)
 
     @classmethod
     def for_bundle(cls, bundle, store: EmbeddingStore | None = None) -> StoreFeeds | None:
