@@ -16,21 +16,20 @@ scale and bias per row, the FBGEMM/TorchRec ``Fused8BitRowwise`` convention:
 ``np.take`` on the memory map into per-thread preallocated buffers; pages of a table become
 resident only when rows on them are read, so resident memory grows with the rows touched.
 
-Resident memory is bounded: Linux maps up to 16 neighbouring cached pages on every fault
-(fault-around, 64 KiB; ``MADV_RANDOM`` does not stop it), so random lookups into a large
-table map far more than the rows they read, and a long-running server would end up with
-the whole table in its RSS. A mapping larger than ``resident_limit`` (default
-``RESIDENT_LIMIT``, 256 MiB) counts an upper bound of what its lookups mapped (rows × the
-fault-around window) and, before a lookup that could pass the limit, drops the process's
-page mappings with ``madvise(MADV_DONTNEED)``: the pages stay in the page cache (shared,
-not this process's RSS) and the next touch maps them again (a minor fault). A mapping
-under the limit is never released.
+Resident memory: a store file up to ``map_limit`` (default ``MAP_LIMIT``, 256 MiB) is read
+through its memory map with ``np.take``. A larger one is read row by row with ``os.pread``
+(the table's pages stay in the page cache, shared by every process, but never enter this
+process's RSS): on Linux a fault on a mapped file maps the whole page-cache folio around it
+(measured on this kernel: ~2 MiB per random row touched; ``MADV_RANDOM`` /
+``MADV_NOHUGEPAGE`` do not stop it), so random lookups into a 3.5 GB table map most of it
+within a few thousand requests, and dropping the mappings again (``MADV_DONTNEED``) costs
+more per row (unmapping 512 PTEs) than a ``pread`` of the row (~1-4 µs).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 import threading
 from pathlib import Path
@@ -43,8 +42,7 @@ from runtime.errors import BundleError, RequestError
 SECTION_KEYS = ("file", "dtype", "tables", "lookups", "in_graph")
 TABLE_DTYPES = ("float32", "float16", "int8_rowwise")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8}
-FAULT_WINDOW = 64 << 10  # bytes Linux maps around a faulting page of a file (fault_around_bytes)
-RESIDENT_LIMIT = 256 << 20  # a store mapping's resident bytes, at most (MmapStore.resident_limit)
+MAP_LIMIT = 256 << 20  # store files larger than this are read with pread, not through the map
 _OPEN: dict[tuple, MmapStore] = {}  # (path, size, mtime, tables) -> the process's one mapping
 _OPEN_LOCK = threading.Lock()
 
@@ -82,30 +80,27 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class MmapStore:
-    """Tables in one safetensors file of the bundle, memory-mapped read-only; at most about
-    ``resident_limit`` bytes of the mapping resident in this process (None: no limit)."""
+    """Tables in one safetensors file of the bundle, memory-mapped read-only; a file larger
+    than ``map_limit`` (None: no limit) is read with ``pread`` (``self.pread``)."""
 
     def __init__(
-        self, path: str | Path, tables: list[dict[str, Any]], resident_limit: int | None = RESIDENT_LIMIT
+        self, path: str | Path, tables: list[dict[str, Any]], map_limit: int | None = MAP_LIMIT
     ) -> None:
         self.path = Path(path)
         header, base = read_safetensors_header(self.path)
         size = self.path.stat().st_size
-        self._map, self._mm = None, None
-        if size > base:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mm = np.frombuffer(self._map, dtype=np.uint8)
-        self.resident_limit = resident_limit
-        self.releases = 0  # times the mapping's pages were dropped (madvise)
-        self._mapped = 0  # upper bound of the mapping's bytes resident since the last release
-        self._resident_lock = threading.Lock()
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > base else None
+        self.pread = map_limit is not None and size > map_limit
+        self._fd = os.open(self.path, os.O_RDONLY) if self.pread else None
+        self._offsets: dict[tuple[str, str], int] = {}  # (table, part) -> file offset of row 0
         self._meta = {t["name"]: t for t in tables}
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         for t in tables:
             self._arrays[t["name"]] = {
                 part: self._view(header, base, size, key, t["name"]) for part, key in t["tensors"].items()
             }
+            for part, key in t["tensors"].items():
+                self._offsets[(t["name"], part)] = base + int(header[key]["data_offsets"][0])
             self._check_rows(t)
 
     @classmethod
@@ -168,45 +163,44 @@ class MmapStore:
     def nbytes(self, table: str) -> int:
         return int(sum(a.nbytes for a in self._arrays[table].values()))
 
-    def release(self) -> None:
-        """Drop this process's mapped pages of the file (they stay in the page cache)."""
-        if self._map is not None:
-            self._map.madvise(mmap.MADV_DONTNEED)
-            self.releases += 1
-        self._mapped = 0
-
-    def _reserve(self, rows: int, arrays: int) -> None:
-        """Before reading ``rows`` rows of ``arrays`` arrays: release the mapping first if
-        the reads could take it past ``resident_limit`` (each row maps a fault-around window
-        at most)."""
-        limit = self.resident_limit
-        if limit is None or self._map is None or len(self._map) <= limit:
-            return
-        worst = rows * arrays * FAULT_WINDOW
-        with self._resident_lock:
-            if self._mapped and self._mapped + worst > limit:
-                self.release()
-            self._mapped = min(self._mapped + worst, len(self._map))
-
     def lookup(self, table: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         arrs = self._arrays[table]
         flat = ids.reshape(-1)
-        self._reserve(flat.size, len(arrs))
         shape = (*ids.shape, self.dim(table))
         if out is None:
             out = np.empty((flat.size, self.dim(table)), dtype=np.float32)
         if "weight" in arrs:
-            w = arrs["weight"]
-            if w.dtype == np.float32:
-                np.take(w, flat, axis=0, out=out)
+            if arrs["weight"].dtype == np.float32:
+                self._rows(table, "weight", flat, out=out)
             else:
-                out[...] = np.take(w, flat, axis=0)
+                out[...] = self._rows(table, "weight", flat)
             return out.reshape(shape)
-        q = np.take(arrs["qweight"], flat, axis=0)
-        sb = np.take(arrs["scale_bias"], flat, axis=0)
+        q = self._rows(table, "qweight", flat)
+        sb = self._rows(table, "scale_bias", flat)
         np.multiply(q, sb[:, :1], out=out)
         out += sb[:, 1:2]
         return out.reshape(shape)
+
+    def _rows(self, table: str, part: str, flat: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``flat`` of one tensor of ``table`` in its stored dtype: ``np.take`` on the
+        map, or one ``pread`` per row (``self.pread``; see the module doc)."""
+        a = self._arrays[table][part]
+        if self._fd is None:
+            return np.take(a, flat, axis=0, out=out)
+        rb, base, fd, pread = a.strides[0], self._offsets[(table, part)], self._fd, os.pread
+        data = b"".join([pread(fd, rb, base + r * rb) for r in flat.tolist()])
+        if len(data) != rb * flat.size:
+            raise BundleError(f"embedding store '{self.path}': short read of table '{table}' (truncated?)")
+        got = np.frombuffer(data, dtype=a.dtype).reshape(flat.size, *a.shape[1:])
+        if out is None:
+            return got
+        out[...] = got
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class StoreFeeds:
