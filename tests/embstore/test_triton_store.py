@@ -147,17 +147,13 @@ def test_bls_store_copy_is_checked(tmp_path, split_store_bundle, model):
 
 @pytest.mark.gpu
 def test_gpu_repository_of_a_store_bundle_on_a_gpu(tmp_path, split_store_bundle, model):
-    from tests.triton.test_triton_gpu import _gpu_triton
-
-    found = _gpu_triton()
-    if isinstance(found, str):
-        pytest.skip(found)
-    binary, backends = found
     import tritonclient.http as th
+
+    from tests.triton.test_triton_gpu import gpu_server
 
     repo = write_repository(split_store_bundle, tmp_path / "repo", "gpu")
     rows, rankings = _rankings(2, 5, seed=9)
-    with TritonServer(repo.root, binary=binary, backend_dir=backends, environ=dict(os.environ)) as server:
+    with gpu_server(repo.root) as server:
         client = th.InferenceServerClient(server.http_url)
         got = triton_scores(client, repo.model_name, rankings, True)
     np.testing.assert_allclose(got, _eager(model, rows, (2, 5)), rtol=0, atol=1e-4)
