@@ -19,7 +19,9 @@ child's ``ru_maxrss``):
 
 Top-level keys: ``export_peak_rss_over_checkpoint`` (the large vocabulary),
 ``latency_large_over_small`` ({"1": r, "200": r}), ``int8_bytes_over_fp32``,
-``int8_delta_auc``; per vocabulary the rest under ``runs``.
+``int8_delta_auc``, ``serving_rss_bound`` (per vocabulary: VmRSS after the requests against
+dense weights + rows touched + fixed overhead); per vocabulary the rest under ``runs``; the
+export's RSS per pipeline step / parity stage under ``runs.*.export.rss_by_phase_mib``.
 """
 
 from __future__ import annotations
@@ -314,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "int8_bytes_over_fp32": (sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values())
                                  if store32 else None),  # None: no table reached the store
         "int8_delta_auc": int8_auc,
+        # VmRSS after --requests requests vs dense weights + rows touched + fixed overhead (MiB)
+        "serving_rss_bound": {label: {**run["serve"]["bound_mib"], "requests": run["serve"]["requests"],
+                                      "store_read": run["serve"]["store_read"]} for label, run in runs.items()},
         "runs": runs,
         "int8_export": {**int8_run, "store": store8},
         "latency": lat,
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in list(result)[:4]}, indent=1))
+    print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
     return 0
 
 
