@@ -19,6 +19,7 @@ import torch
 
 from exporter import ExportOptions, LoadedModel, export_bundle
 from exporter.steps.capture import to_torch_inputs
+from exporter.steps.embeddings import EmbeddingsOptions
 from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec
 from runtime.triton import write_repository
@@ -52,14 +53,14 @@ def model():
 def split_store_bundle(tmp_path_factory, model):
     bundle = tmp_path_factory.mktemp("tri_store") / "b"
     export_bundle(LoadedModel(spec=SPEC, module=model), bundle,
-                  ExportOptions(parity_rows=200, extra={"store_min_bytes": 4096}))
+                  ExportOptions(parity_rows=200, embeddings=EmbeddingsOptions(min_bytes=4096)))
     return bundle
 
 
 def test_cpu_repository_serves_a_store_bundle(tmp_path, triton_env, model):
     bundle = tmp_path / "b"
     export_bundle(LoadedModel(spec=SPEC, module=model), bundle,
-                  ExportOptions(split=False, parity_rows=200, extra={"store_min_bytes": 4096}))
+                  ExportOptions(split=False, parity_rows=200, embeddings=EmbeddingsOptions(min_bytes=4096)))
     repo = write_repository(bundle, tmp_path / "repo", "cpu", intra_op_threads=1)
     assert (repo.root / repo.models[0] / "1" / "bundle" / "embeddings.safetensors").is_file()
     rows, rankings = _rankings(3, 7, seed=2)
