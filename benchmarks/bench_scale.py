@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     p.add_argument("--work", default="/tmp/ugsep-bench-scale")
     p.add_argument("--requests", type=int, default=10_000)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_scale.json"))
     p.add_argument("--resume", action="store_true", help="reuse child results recorded in --work")
     args = p.parse_args(argv)
