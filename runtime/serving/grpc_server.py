@@ -13,8 +13,7 @@ Errors carry the status code of the HTTP error class (``GRPC_CODE``): INVALID_AR
 for a malformed request (a message that is not a valid protobuf included: ``ProtocolGuard``),
 NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a full queue or a spent
 latency budget, UNAVAILABLE while draining, while a model waits for its embedding tier
-(``PendingLoads``) or when the tier fails, DEADLINE_EXCEEDED when the call's deadline is
-shorter than the estimated completion, UNAUTHENTICATED without the bearer token (metadata
+(``PendingLoads``) or when the tier fails, UNAUTHENTICATED without the bearer token (metadata
 ``authorization: Bearer TOKEN``, when the server has one), INTERNAL only for a bug.
 RESOURCE_EXHAUSTED and UNAVAILABLE carry ``retry-after`` (whole seconds) in the trailing
 metadata, as HTTP's ``Retry-After``. Messages are bounded (``MAX_DETAILS``: a client's huge
@@ -212,7 +211,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             t_decode = time.perf_counter()
             req = decode_infer(request, _parse_limits(model, self.options))
             self.metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
-            self._within_deadline(model, req, context)
             model, outputs = await run_infer(self.repo, name, req, version, self.metrics)
             t_encode = time.perf_counter()
             response = encode_infer(model.name, model.version, req, outputs)
@@ -229,18 +227,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, code, message, retry_after)
         self.metrics.success(label, time.perf_counter() - t0)
         return response
-
-    @staticmethod
-    def _within_deadline(model, req, context) -> None:
-        """DEADLINE_EXCEEDED at once when the call's deadline ends before the estimated completion."""
-        remaining = context.time_remaining()
-        if remaining is None:
-            return
-        n = next((len(req.inputs[s.name]) for s in model.scorer.spec.group_inputs if s.name in req.inputs), 0)
-        est = model.batcher.estimate(n)
-        if est.wait_s > remaining:
-            raise HttpError(408, "deadline", f"model '{model.name}': a request of {n} candidates would take ~{est.wait_s * 1000:.0f} ms, "
-                f"past the call's deadline in {max(remaining, 0) * 1000:.0f} ms")
 
 
 class GrpcFrontend:

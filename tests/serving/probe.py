@@ -89,3 +89,71 @@ class ProcessHealthProbe(HealthProbe):
         if self._recv.poll(30):
             self.samples = self._recv.recv()
         self._proc.join(10)
+
+
+def grpc_health_status(stub, timeout: float = 5.0) -> tuple[int, float]:
+    """(1 if ``grpc.health.v1.Health/Check`` answered SERVING else 0, seconds)."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    t0 = time.perf_counter()
+    try:
+        got = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        ok = int(got.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        ok = 0
+    return ok, time.perf_counter() - t0
+
+
+def _grpc_probe_loop(port: int, interval: float, stop) -> list[tuple[int, float]]:
+    import grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    samples = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not stop.is_set():
+            samples.append(grpc_health_status(stub))
+            stop.wait(interval)
+    return samples
+
+
+def _grpc_probe_child(port: int, interval: float, stop, send) -> None:
+    send.send(_grpc_probe_loop(port, interval, stop))
+
+
+class GrpcHealthProbe(HealthProbe):
+    """``HealthProbe`` over the standard gRPC health service (one channel, a Check every
+    ``interval`` s); a sample's status is 1 when it answered SERVING, else 0."""
+
+    def _run(self) -> None:
+        self.samples = _grpc_probe_loop(self.port, self.interval, self._stop)
+
+    def summary(self) -> dict:
+        out = super().summary()
+        out["failed"] = sum(1 for s, _ in self.samples if s != 1)
+        return out
+
+
+class GrpcProcessHealthProbe(GrpcHealthProbe):
+    """``GrpcHealthProbe`` in a spawned child process (not forked: a process that already uses
+    grpc must not fork), so the benchmark's own client work stays out of the figures."""
+
+    def __init__(self, port: int, interval: float = 0.05) -> None:
+        import multiprocessing as mp
+
+        super().__init__(port, interval)
+        ctx = mp.get_context("spawn")
+        self._done = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_grpc_probe_child, args=(port, interval, self._done, send), daemon=True)
+
+    def __enter__(self) -> GrpcProcessHealthProbe:
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._recv.poll(60):
+            self.samples = self._recv.recv()
+        self._proc.join(10)
