@@ -40,7 +40,7 @@ from overload_client import RssSampler  # noqa: E402
 
 from tests.serving import fuzz_grpc  # noqa: E402
 from tests.serving.fuzz_requests import send, strategies  # noqa: E402
-from tests.serving.probe import GrpcProcessHealthProbe, ProcessHealthProbe  # noqa: E402
+from tests.serving.probe import ProcessHealthProbe  # noqa: E402
 
 MAX_BODY_BYTES = 8 << 20  # the server's default --max-body-mb: gRPC's max receive message size
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         g_load0, g_t0 = os.getloadavg(), time.perf_counter()
         # the forked HTTP prober starts before this process opens any gRPC channel
         with RssSampler(proc.pid) as g_rss, ProcessHealthProbe(port, interval=0.05) as g_http, \
-                GrpcProcessHealthProbe(gport, interval=0.05) as g_probe:
+                ProcessHealthProbe(gport, interval=0.05, grpc=True) as g_probe:
             g_codes, g_unexpected, g_sent = fuzz_grpc_calls(gport, meta, args.grpc_examples)
         g_seconds = round(time.perf_counter() - g_t0, 1)
         g_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

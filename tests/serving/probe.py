@@ -30,6 +30,8 @@ def http_get_status(host: str, port: int, path: str, timeout: float = 5.0) -> tu
 class HealthProbe:
     """Probes ``/v2/health/live`` every ``interval`` s in a thread; ``stop()`` returns the samples."""
 
+    ok = 200  # a sample's status when the probe was answered
+
     def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live") -> None:
         self.port, self.interval, self.path = port, interval, path
         self.samples: list[tuple[int, float]] = []
@@ -53,7 +55,7 @@ class HealthProbe:
         lat = np.array([t for _, t in self.samples]) * 1000 if self.samples else np.zeros(1)
         return {
             "probes": len(self.samples),
-            "failed": sum(1 for s, _ in self.samples if s != 200),
+            "failed": sum(1 for s, _ in self.samples if s != self.ok),
             "health_ms_p50": round(float(np.percentile(lat, 50)), 2),
             "health_ms_p99": round(float(np.percentile(lat, 99)), 2),
             "health_ms_max": round(float(lat.max()), 2),
@@ -62,16 +64,23 @@ class HealthProbe:
 
 class ProcessHealthProbe(HealthProbe):
     """``HealthProbe`` in a child process: the prober never waits for its parent's GIL, so a
-    benchmark's own client work (JSON encoding, Hypothesis) stays out of the figures."""
+    benchmark's own client work (JSON encoding, Hypothesis) stays out of the figures.
+    ``grpc=True`` probes the gRPC health service from a spawned child instead (a process
+    that already uses grpc must not fork)."""
 
-    def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live") -> None:
+    def __init__(self, port: int, interval: float = 0.05, path: str = "/v2/health/live", grpc: bool = False) -> None:
         import multiprocessing as mp
 
         super().__init__(port, interval, path)
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("spawn" if grpc else "fork")
         self._done = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=self._child, args=(send,), daemon=True)
+        if grpc:
+            self.ok = 1
+            target, args = _grpc_probe_child, (port, interval, self._done, send)
+        else:
+            target, args = self._child, (send,)
+        self._proc = ctx.Process(target=target, args=args, daemon=True)
 
     def _child(self, send) -> None:
         samples = []
@@ -86,7 +95,7 @@ class ProcessHealthProbe(HealthProbe):
 
     def __exit__(self, *exc) -> None:
         self._done.set()
-        if self._recv.poll(30):
+        if self._recv.poll(60):
             self.samples = self._recv.recv()
         self._proc.join(10)
 
@@ -126,34 +135,8 @@ class GrpcHealthProbe(HealthProbe):
     """``HealthProbe`` over the standard gRPC health service (one channel, a Check every
     ``interval`` s); a sample's status is 1 when it answered SERVING, else 0."""
 
+    ok = 1
+
     def _run(self) -> None:
         self.samples = _grpc_probe_loop(self.port, self.interval, self._stop)
 
-    def summary(self) -> dict:
-        out = super().summary()
-        out["failed"] = sum(1 for s, _ in self.samples if s != 1)
-        return out
-
-
-class GrpcProcessHealthProbe(GrpcHealthProbe):
-    """``GrpcHealthProbe`` in a spawned child process (not forked: a process that already uses
-    grpc must not fork), so the benchmark's own client work stays out of the figures."""
-
-    def __init__(self, port: int, interval: float = 0.05) -> None:
-        import multiprocessing as mp
-
-        super().__init__(port, interval)
-        ctx = mp.get_context("spawn")
-        self._done = ctx.Event()
-        self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_grpc_probe_child, args=(port, interval, self._done, send), daemon=True)
-
-    def __enter__(self) -> GrpcProcessHealthProbe:
-        self._proc.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        if self._recv.poll(60):
-            self.samples = self._recv.recv()
-        self._proc.join(10)
