@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     summary["grpc"] = {k: v for k, v in grpc_out.items() if k != "per_class"}
     print(json.dumps(summary, indent=1))
     failed = (out["responses_5xx"] or grpc_out["internal_or_unknown"] or grpc_out["unexpected"]
-              or grpc_out["health_grpc"]["failed"] or grpc_out["health_http"]["failed"] or probe.summary()["failed"])
+              or grpc_out["health_grpc"]["failed"] or grpc_out["health_http"]["failed"] or probe.summary()["failed"]
+              or not grpc_out["health_grpc"]["probes"] or not grpc_out["health_http"]["probes"])
     return 1 if failed else 0
 
 

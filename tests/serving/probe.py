@@ -73,11 +73,11 @@ class ProcessHealthProbe(HealthProbe):
 
         super().__init__(port, interval, path)
         ctx = mp.get_context("spawn" if grpc else "fork")
-        self._done = ctx.Event()
+        self._done, self._first = ctx.Event(), ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
         if grpc:
             self.ok = 1
-            target, args = _grpc_probe_child, (port, interval, self._done, send)
+            target, args = _grpc_probe_child, (port, interval, self._done, self._first, send)
         else:
             target, args = self._child, (send,)
         self._proc = ctx.Process(target=target, args=args, daemon=True)
@@ -86,11 +86,15 @@ class ProcessHealthProbe(HealthProbe):
         samples = []
         while not self._done.is_set():
             samples.append(http_get_status("127.0.0.1", self.port, self.path))
+            self._first.set()
             self._done.wait(self.interval)
         send.send(samples)
 
     def __enter__(self) -> ProcessHealthProbe:
+        """Start the child and wait for its first probe (a spawned child takes seconds to start)."""
         self._proc.start()
+        if not self._first.wait(120):
+            raise RuntimeError("the health probe process did not start")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,7 +118,7 @@ def grpc_health_status(stub, timeout: float = 5.0) -> tuple[int, float]:
     return ok, time.perf_counter() - t0
 
 
-def _grpc_probe_loop(port: int, interval: float, stop) -> list[tuple[int, float]]:
+def _grpc_probe_loop(port: int, interval: float, stop, first=None) -> list[tuple[int, float]]:
     import grpc
     from grpc_health.v1 import health_pb2_grpc
 
@@ -123,12 +127,14 @@ def _grpc_probe_loop(port: int, interval: float, stop) -> list[tuple[int, float]
         stub = health_pb2_grpc.HealthStub(channel)
         while not stop.is_set():
             samples.append(grpc_health_status(stub))
+            if first is not None:
+                first.set()
             stop.wait(interval)
     return samples
 
 
-def _grpc_probe_child(port: int, interval: float, stop, send) -> None:
-    send.send(_grpc_probe_loop(port, interval, stop))
+def _grpc_probe_child(port: int, interval: float, stop, first, send) -> None:
+    send.send(_grpc_probe_loop(port, interval, stop, first))
 
 
 class GrpcHealthProbe(HealthProbe):
