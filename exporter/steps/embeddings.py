@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from exporter.errors import ExportError
 from exporter.progress import console
-from graph_passes.fx._base import fqn_of, state_of
-from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass, Lookup
 from runtime.spec import FeatureSpec, InputSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the FX passes load when the step runs: `ugsep export --help` needs neither
+    import torch
+
     from exporter.pipeline import ExportContext
+    from graph_passes.fx.embeddings import Lookup
 
 log = logging.getLogger(__name__)
 STORE_FILE = "embeddings.safetensors"
@@ -95,6 +95,9 @@ class EmbeddingsOptions:
 
 def step_embeddings(ctx: ExportContext) -> None:
     """Pipeline step: cut the store's tables out of ``ctx.program`` (see module doc)."""
+    from graph_passes.fx._base import fqn_of, state_of
+    from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass
+
     o = ctx.options.embeddings
     dtype = o.dtype
     if dtype not in EMBEDDING_DTYPES:
@@ -211,6 +214,8 @@ def write_store(path: Path, weights: dict[str, torch.Tensor], section: dict[str,
 def lookup_rows(weights, section: dict[str, Any], rows: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
     """``rows`` + each lookup's gathered vectors, as the runtime computes them (fp32 tables)
     or dequantised like the store (fp16/int8): the cut stages' inputs, e.g. for calibration."""
+    import torch
+
     out = dict(rows)
     for lk in section["lookups"]:
         ids = np.asarray(rows[lk["input"]], dtype=np.int64)
