@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from exporter.args import positive_int
+from exporter.args import StepOptions, arg, positive_int
 from exporter.steps.embeddings import EmbeddingsOptions
 from exporter.steps.optimize import OptimizeOptions
 from exporter.steps.quantize.options import QuantizeStepOptions
@@ -31,22 +31,36 @@ TARGETS = ("onnx", "trt")
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(StepOptions):
     """What the user asked for: the export-wide choices, and each step's own options
-    (``add_arguments`` / ``from_args`` in the step's module; ``ugsep export`` has one flag
-    per field). ``target``, ``serve_threads`` and ``budgets`` are read by several steps."""
+    (``StepOptions`` in the step's module; ``ugsep export`` has one flag per option).
+    ``target``, ``serve_threads`` and ``budgets`` are read by several steps."""
 
-    precision: str = "fp32"
-    split: bool = True
-    parity: bool = True
-    parity_rows: int | None = None  # None: all data rows but the calibration tail; 1000 sampled
-    data: dict[str, np.ndarray] | None = None  # held-out rows (+ label, request_id)
-    max_candidates: int = DEFAULT_LIMITS["max_candidates"]
-    overwrite: bool = False
-    seed: int = 0
-    target: str = "onnx"  # trt: graphs TensorRT accepts, engines built when a GPU is present
-    serve_threads: int | None = None  # intra-op threads the bundle is served with (timing)
-    budgets: str | Path | dict[str, Any] | None = None  # parity budgets (file or mapping)
+    precision: str = arg("--precision", default="fp32", choices=list(PRECISIONS),
+                         help="fp32, or weight-only int8 / int4 with sensitivity-guided selection")
+    split: bool = arg("--no-split", default=True, action="store_false",
+                      help="do not split user/group (full.onnx only)")
+    parity: bool = arg("--no-parity", default=True, action="store_false",
+                       help="skip the parity check (runtime will refuse the bundle)")
+    parity_rows: int | None = arg(
+        "--parity-rows", type=positive_int, default=None, metavar="N",
+        help="parity on the first N held-out rows (default: every --data row but the quantizer's "
+        "calibration tail; without --data, 1000 sampled rows)")
+    data: dict[str, np.ndarray] | None = None  # held-out rows (+ label, request_id): --data, loaded
+    max_candidates: int = arg(
+        "--max-candidates", type=positive_int, default=DEFAULT_LIMITS["max_candidates"], metavar="N",
+        help=f"the most candidates per call the bundle accepts (default {DEFAULT_LIMITS['max_candidates']})")
+    overwrite: bool = arg("--overwrite", default=False, action="store_true",
+                          help="replace an existing bundle directory")
+    seed: int = arg("--seed", type=int, default=0, help="seed of sampled rows and example inputs")
+    target: str = arg("--target", default="onnx", choices=list(TARGETS),
+                      help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU "
+                      "is present (else later: ugsep build-trt)")
+    serve_threads: int | None = arg("--serve-threads", type=positive_int, default=None, metavar="N", help=(
+        "ONNX Runtime intra-op threads the bundle will be served with (ugsep serve --threads N): layout and w8a16 speed choices are timed with N threads "
+        "(default: 1 and ORT's default for the layout, ORT's default for w8a16), and the user and group_small graphs at batch 1 on N and fewer threads (the faster count is the stage's cap at serving time)"))
+    budgets: str | Path | dict[str, Any] | None = arg("--budgets", default=None, metavar="FILE",
+                                                      help="parity budgets (JSON/YAML file)")
     embeddings: EmbeddingsOptions = field(default_factory=EmbeddingsOptions)
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
     quantize: QuantizeStepOptions = field(default_factory=QuantizeStepOptions)
@@ -54,7 +68,7 @@ class ExportOptions:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     write: WriteOptions = field(default_factory=WriteOptions)
 
-    STEP_OPTIONS: ClassVar[dict[str, type]] = {
+    STEP_OPTIONS: ClassVar[dict[str, type[StepOptions]]] = {
         "embeddings": EmbeddingsOptions,
         "optimize": OptimizeOptions,
         "quantize": QuantizeStepOptions,
@@ -66,46 +80,12 @@ class ExportOptions:
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
         """The export-wide flags, then each step's (in pipeline order)."""
-        p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                       help="fp32, or weight-only int8 / int4 with sensitivity-guided selection")
-        p.add_argument("--target", default="onnx", choices=list(TARGETS),
-                       help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU "
-                       "is present (else later: ugsep build-trt)")
-        p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
-        p.add_argument("--no-parity", action="store_true",
-                       help="skip the parity check (runtime will refuse the bundle)")
-        p.add_argument("--parity-rows", type=positive_int, default=None, metavar="N",
-                       help="parity on the first N held-out rows (default: every --data row but the "
-                       "quantizer's calibration tail; without --data, 1000 sampled rows)")
-        p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
-        p.add_argument("--serve-threads", type=positive_int, default=None, metavar="N",
-                       help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
-                       "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
-                       "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
-                       "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
-                       "stage's cap at serving time)")
-        p.add_argument("--max-candidates", type=positive_int, default=DEFAULT_LIMITS["max_candidates"],
-                       metavar="N", help="the most candidates per call the bundle accepts "
-                       f"(manifest limits; default {DEFAULT_LIMITS['max_candidates']})")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
-        p.add_argument("--seed", type=int, default=0, help="seed of sampled rows and example inputs")
+        super().add_arguments(p)
         for options in cls.STEP_OPTIONS.values():
             options.add_arguments(p)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, data: dict[str, np.ndarray] | None = None) -> ExportOptions:
         """The options ``ugsep export`` parsed (``data``: the rows --data named, loaded)."""
-        return cls(
-            precision=args.precision,
-            split=not args.no_split,
-            parity=not args.no_parity,
-            parity_rows=args.parity_rows,
-            data=data,
-            max_candidates=args.max_candidates,
-            overwrite=args.overwrite,
-            seed=args.seed,
-            target=args.target,
-            serve_threads=args.serve_threads,
-            budgets=args.budgets,
-            **{name: options.from_args(args) for name, options in cls.STEP_OPTIONS.items()},
-        )
+        steps = {name: options.from_args(args) for name, options in cls.STEP_OPTIONS.items()}
+        return super().from_args(args, data=data, **steps)

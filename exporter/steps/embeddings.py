@@ -15,7 +15,6 @@ fp16, or int8 (row-wise, runtime/embstore.py).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from exporter.progress import console
 from runtime.spec import FeatureSpec, InputSpec
@@ -73,24 +73,15 @@ def stage_spec(spec: FeatureSpec, stage_inputs: list[tuple[str, Lookup]]) -> Fea
 
 
 @dataclass
-class EmbeddingsOptions:
+class EmbeddingsOptions(StepOptions):
     """Step ``embeddings``: which tables leave the graphs for the store, and its dtype."""
 
-    dtype: str = "fp32"  # the store's tables: fp32 (exact), fp16, int8 (row-wise scale and bias)
-    min_bytes: int = DEFAULT_MIN_BYTES  # tables of at least this many bytes leave the graphs
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--embeddings", default="fp32", choices=list(EMBEDDING_DTYPES),
-                       help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
-                       "(row-wise scale and bias); see docs/embedding-store.md")
-        p.add_argument("--store-min-bytes", type=int, default=DEFAULT_MIN_BYTES, metavar="BYTES",
-                       help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
-                       "a huge value keeps every table in the graphs)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EmbeddingsOptions:
-        return cls(dtype=args.embeddings, min_bytes=args.store_min_bytes)
+    dtype: str = arg("--embeddings", default="fp32", choices=list(EMBEDDING_DTYPES),
+                     help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
+                     "(row-wise scale and bias); see docs/embedding-store.md")
+    min_bytes: int = arg("--store-min-bytes", type=int, default=DEFAULT_MIN_BYTES, metavar="BYTES",
+                         help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
+                         "a huge value keeps every table in the graphs)")
 
 
 def step_embeddings(ctx: ExportContext) -> None:
