@@ -81,8 +81,8 @@ class ExportOptions(StepOptions):
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
         """The export-wide flags, then each step's (in pipeline order)."""
         super().add_arguments(p)
-        for options in cls.STEP_OPTIONS.values():
-            options.add_arguments(p)
+        for name, options in cls.STEP_OPTIONS.items():
+            options.add_arguments(p.add_argument_group(f"step {name}"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, data: dict[str, np.ndarray] | None = None) -> ExportOptions:
