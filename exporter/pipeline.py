@@ -28,8 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from exporter.errors import ExportError
@@ -46,6 +47,13 @@ from exporter.steps.tensorrt import step_trt_build, step_trt_lint
 from exporter.steps.threads import step_stage_threads
 from exporter.steps.write import step_write
 
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+    from exporter.steps.parity import ParityReport
+    from runtime.spec import FeatureSpec
+
+Rows = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
 
 
@@ -56,23 +64,23 @@ class ExportContext:
     loaded: LoadedModel
     out_dir: Path
     options: ExportOptions
-    program: Any = None
+    program: ExportedProgram | Any = None  # torch.export's program (after the embedding cut)
     input_names: list[str] = field(default_factory=list)
     stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
     stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra manifest keys
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Any] = field(default_factory=dict)
-    parity_report: Any = None
-    stage_spec: Any = None  # the compiled stages' inputs when the embedding step cut tables
-    captured: Any = None  # the program as captured (before the embedding cut)
-    store_rows: Any = None  # rows -> rows + the store's looked-up vectors (exporter.steps.embeddings)
+    parity_report: ParityReport | None = None
+    stage_spec: FeatureSpec | None = None  # the compiled stages' inputs when the embedding step cut tables
+    captured: ExportedProgram | Any = None  # the program as captured (before the embedding cut)
+    store_rows: Callable[[Rows], Rows] | None = None  # rows -> rows + the store's looked-up vectors
 
     @property
-    def spec(self):
+    def spec(self) -> FeatureSpec:
         return self.loaded.spec
 
     @property
-    def graph_spec(self):
+    def graph_spec(self) -> FeatureSpec:
         """The inputs of the compiled stages: the spec plus the store's looked-up vectors."""
         return self.stage_spec or self.loaded.spec
 
