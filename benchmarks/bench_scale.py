@@ -314,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     for label, vocab in zip(("small", "large"), args.vocabs, strict=True):
         ckpt, bundle = work / f"ckpt-{vocab}", work / f"bundle-{vocab}"
-        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt, cache=done(f"ckpt-{vocab}"))}
+        have = (ckpt / "model.safetensors").is_file()  # a recorded checkpoint whose file was removed: rebuilt
+        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt,
+                                           cache=done(f"ckpt-{vocab}") if have else None)}
         run["export"] = run_child("export", ckpt, bundle, cache=done(f"export-{vocab}"))
         run["export"]["peak_rss_over_checkpoint"] = run["export"]["peak_rss_bytes"] / run["checkpoint_bytes"]
         run["store"] = _store_bytes(bundle)
