@@ -7,8 +7,9 @@ side runs at batch 1, where the weight-only ``MatMulNBits`` (w8a16) or fp32 may 
 So, per stage, by timing on this CPU (exporter.timing, as the w8a16 speed tuner):
 
  1. configurations (user and group; the full graph of a split bundle stays fp32,
-    ``FULL_FP32``; an unsplit bundle's full graph is tuned as the group): fp32 as exported; w8a8 at each ``min_elements`` of the tuner's grid, with
-    per-token weights unrolled or kept batched; on the user stage also the same w8a16
+    ``FULL_FP32``; an unsplit bundle's full graph is tuned as the group): fp32 as
+    exported; w8a8 at each ``min_elements`` of the tuner's grid, with per-token weights
+    unrolled or kept batched; on the user stage also the same w8a16
     configurations (the user side "keeps W8A16 or fp32" unless w8a8 is faster there too);
  2. each stage takes its fastest configuration (ties to the one quantizing more);
  3. accuracy, against the eager fp32 outputs on held-out rows under the w8a16 ranking budget
