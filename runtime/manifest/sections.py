@@ -1,0 +1,442 @@
+"""The manifest's sections, one typed dataclass each (docs/bundle-format.md lists every
+field, its type, meaning, writer and readers).
+
+Every key the runtime or ``ugsep inspect`` reads is a typed field. Fields typed ``OBJECT``
+or ``ANY`` are reports for people (the split report, per-output parity metrics, a layer's
+measured effect, the quantization budget, ...): checked to be JSON objects, read whole.
+Keys a section does not declare are kept verbatim in ``extra`` (so a bundle round-trips)
+and never read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.manifest._fields import (
+    ANY,
+    BOOL,
+    INT,
+    INT_NONNEG,
+    INT_POS,
+    NUM,
+    OBJECT,
+    STR,
+    At,
+    ListOf,
+    MapOf,
+    Nullable,
+    OneOf,
+    Scalar,
+    Section,
+    Sub,
+    field_,
+)
+
+STAGES = ("full", "user", "group", "group_small")
+SIDES = ("full", "user", "group")
+ROW_SCOPES = ("rows", "request")
+DIM = Scalar((int, str), "an int or a dim name")
+DEFAULT_LIMITS = {"max_candidates": 4096, "max_users_per_call": 256}
+
+
+# -- stages --------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Stage(Section):
+    """One compiled graph (``stages.<name>``)."""
+
+    file: str = field_(STR, required=True)  # bundle-relative ONNX file
+    inputs: list[str] = field_(ListOf(STR), factory=list)  # the graph's input names, in order
+    outputs: list[str] = field_(ListOf(STR), factory=list)
+    intra_op_threads: int | None = field_(INT_POS, omit_none=True)  # CPU: at most this many threads
+    max_rows: int | None = field_(INT_POS, omit_none=True)  # group_small: calls of <= this many rows
+
+
+# -- split, flops ------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class BoundaryTensor(Section):
+    """One tensor the user graph hands the group graph (one row per user)."""
+
+    name: str = field_(STR, required=True)
+    dtype: str = field_(STR, required=True)
+    shape: list[int | str] = field_(ListOf(DIM), required=True)
+    source: str | None = field_(Nullable(STR))  # the module that produced it (for people)
+
+
+@dataclass(kw_only=True)
+class Split(Section):
+    """The user/group split (``split``; null when the bundle is not split)."""
+
+    NAME = "split"
+    boundary: list[BoundaryTensor] = field_(ListOf(Sub(BoundaryTensor)), required=True)
+    user_index: str = field_(STR, required=True)  # the group input mapping candidates to users
+    report: dict[str, Any] = field_(OBJECT, factory=dict)  # opaque: the split pass's report
+
+
+@dataclass(kw_only=True)
+class Flops(Section):
+    """FLOPs per row of each side (``flops``; ``{}`` when not split)."""
+
+    NAME = "flops"
+    full_per_row: int | None = field_(Nullable(INT), omit_none=True)
+    user_per_row: int | None = field_(Nullable(INT), omit_none=True)
+    group_per_row: int | None = field_(Nullable(INT), omit_none=True)
+
+
+# -- files, source, limits -----------------------------------------------------------------
+@dataclass(kw_only=True)
+class FileEntry(Section):
+    """``files.<relative path>``: what the file must hash to."""
+
+    sha256: str = field_(STR, required=True)
+    bytes: int | None = field_(INT_NONNEG, omit_none=True)
+
+
+@dataclass(kw_only=True)
+class Source(Section):
+    """Where the model came from (``source``; ``{}`` when the writer did not say)."""
+
+    NAME = "source"
+    checkpoint: str | None = field_(Nullable(STR), omit_none=True)
+    checkpoint_sha256: str | None = field_(Nullable(STR), omit_none=True)
+    factory: str | None = field_(Nullable(STR), omit_none=True)
+    kwargs: dict[str, Any] | None = field_(Nullable(OBJECT), omit_none=True)
+
+
+@dataclass(kw_only=True)
+class Limits(Section):
+    """What one call may hold (``limits``)."""
+
+    NAME = "limits"
+    max_candidates: int = field_(INT_POS, required=True)
+    max_users_per_call: int = field_(INT_POS, required=True)
+
+    @classmethod
+    def default(cls, **over: int) -> Limits:
+        return cls(**{**DEFAULT_LIMITS, **over})
+
+
+# -- parity --------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ParityStage(Section):
+    """``parity.summary.<configuration>``: its verdict and headline numbers per output."""
+
+    status: str = field_(STR, required=True)  # passed | failed | skipped | error
+    reason: str | None = field_(Nullable(STR), omit_none=True)
+    outputs: dict[str, dict[str, Any]] | None = field_(MapOf(OBJECT), omit_none=True)  # opaque metrics
+
+
+@dataclass(kw_only=True)
+class Parity(Section):
+    """The parity verdict (``parity``; null before ``ugsep check``). The runtime refuses to
+    serve a bundle whose ``passed`` is false, naming ``failed_stages``."""
+
+    NAME = "parity"
+    passed: bool = field_(BOOL, required=True)
+    failed_stages: list[str] = field_(ListOf(STR), factory=list)
+    summary: dict[str, ParityStage] = field_(MapOf(Sub(ParityStage)), factory=dict)
+    report: str | None = field_(Nullable(STR), omit_none=True)  # the full report's file
+
+
+# -- row scope -----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RowMixing(Section):
+    """One op that mixes the rows of a call."""
+
+    op: str = field_(STR, required=True)
+    node: str = field_(STR, required=True)
+    reason: str = field_(STR, required=True)
+    source: str | None = field_(Nullable(STR))
+
+
+@dataclass(kw_only=True)
+class RowScope(Section):
+    """Per side, proven at export: "rows" (rows stay apart) or "request" (rows mix)."""
+
+    NAME = "row_scope"
+    full: str = field_(OneOf(*ROW_SCOPES), required=True)
+    user: str | None = field_(OneOf(*ROW_SCOPES), omit_none=True)
+    group: str | None = field_(OneOf(*ROW_SCOPES), omit_none=True)
+    mixing: list[RowMixing] = field_(ListOf(Sub(RowMixing)), factory=list)
+
+    def side(self, side: str) -> str:
+        return getattr(self, side, None) or self.full
+
+
+# -- embeddings ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class StoreTable(Section):
+    """One table in the embedding store."""
+
+    name: str = field_(STR, required=True)
+    rows: int = field_(INT_NONNEG, required=True)
+    dim: int = field_(INT_POS, required=True)
+    dtype: str = field_(OneOf("float32", "float16", "int8_rowwise"), required=True)
+    source_dtype: str | None = field_(Nullable(STR), omit_none=True)
+    file: str | None = field_(Nullable(STR), omit_none=True)
+    tensors: dict[str, str] = field_(MapOf(STR, ("weight", "qweight", "scale_bias")), required=True)
+    sha256: str | None = field_(Nullable(STR))
+    bytes: int | None = field_(Nullable(INT_NONNEG))
+
+
+@dataclass(kw_only=True)
+class StoreLookup(Section):
+    """One lookup the runtime does before a stage: ``table`` rows by ``input`` ids."""
+
+    stage_input: str = field_(STR, required=True)  # the stage graph input it feeds
+    table: str = field_(STR, required=True)
+    input: str = field_(STR, required=True)  # the spec's id input
+    side: str = field_(OneOf("user", "group"), required=True)
+    op: str = field_(STR, required=True)
+    offsets: list[int] | None = field_(Nullable(ListOf(INT)))  # per id column, into the table
+    shape: list[int] = field_(ListOf(INT))
+    node: str | None = field_(Nullable(STR))
+    module: str | None = field_(Nullable(STR))
+
+
+@dataclass(kw_only=True)
+class InGraphTable(Section):
+    """A table that stays in the graphs, and why."""
+
+    name: str = field_(STR, required=True)
+    rows: int = field_(INT_NONNEG, required=True)
+    dim: int = field_(INT_NONNEG, required=True)
+    bytes: int = field_(INT_NONNEG, required=True)
+    reason: str = field_(STR, required=True)
+
+
+@dataclass(kw_only=True)
+class Embeddings(Section):
+    """Tables outside the graphs, in a memory-mapped safetensors file (``embeddings``; absent
+    when none leaves): runtime/embstore.py, docs/embedding-store.md."""
+
+    NAME = "embeddings"
+    format: str | None = field_(OneOf("safetensors"), omit_none=True)
+    file: str = field_(STR, required=True)
+    dtype: str = field_(OneOf("fp32", "fp16", "int8"), required=True)
+    min_table_bytes: int | None = field_(INT_NONNEG, omit_none=True)
+    tables: list[StoreTable] = field_(ListOf(Sub(StoreTable)), required=True)
+    lookups: list[StoreLookup] = field_(ListOf(Sub(StoreLookup)), required=True)
+    in_graph: list[InGraphTable] = field_(ListOf(Sub(InGraphTable)), required=True)
+
+    def validate(self, at: At) -> None:
+        names = {t.name for t in self.tables}
+        for i, lk in enumerate(self.lookups):
+            if lk.table not in names:
+                raise (at / "lookups" / i / "table").error(
+                    f"names table {lk.table!r}, which is not in embeddings.tables")
+
+    def table(self, name: str) -> StoreTable:
+        return next(t for t in self.tables if t.name == name)
+
+
+# -- engines -------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Engine(Section):
+    """TensorRT engines built for one GPU model and TensorRT version (``engines[i]``)."""
+
+    dir: str = field_(STR, required=True)  # engines/<gpu-slug>-trt<version>
+    gpu: str = field_(STR, required=True)
+    compute_capability: str = field_(STR, required=True)  # "8.6"
+    trt_version: str = field_(STR, required=True)
+    stages: list[str] = field_(ListOf(STR), omit_none=True, factory=list)
+    files: Any = field_(ANY, omit_none=True)  # the plan files (a list; opaque)
+    precision: str | None = field_(STR, omit_none=True)
+    profiles: dict[str, Any] | None = field_(OBJECT, omit_none=True)  # opaque: M/N ranges
+    built: str | None = field_(STR, omit_none=True)
+
+
+# -- optimize ------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class LayoutChoice(Section):
+    """``optimize.per_token_layout.<stage>``: the per-token layout timed for a stage."""
+
+    batch: int = field_(INT, required=True)
+    threads: Any = field_(ANY)  # opaque: the timings per thread count
+    unrolled_vs_batched: float = field_(NUM, required=True)
+    chosen: str = field_(STR, required=True)
+
+
+@dataclass(kw_only=True)
+class MoeBank(Section):
+    name: str = field_(STR, required=True)
+    tokens: int = field_(INT, required=True)
+    experts: int = field_(INT, required=True)
+    top_k: int = field_(INT, required=True)
+    params: dict[str, int] = field_(MapOf(INT), required=True)  # total, activated_per_row
+
+
+@dataclass(kw_only=True)
+class MoeForm(Section):
+    """``optimize.moe_form.<stage>``: the form of the stage's sparse MoE banks, and why."""
+
+    form: str = field_(STR, required=True)
+    chosen_by: str = field_(STR, required=True)  # timed | option | trt
+    batch: int | None = field_(INT, omit_none=True)
+    threads: Any = field_(ANY, omit_none=True)  # opaque: timings per thread count
+    vs_gather: dict[str, float] | None = field_(MapOf(NUM), omit_none=True)
+    banks: list[MoeBank] = field_(ListOf(Sub(MoeBank)), factory=list)
+
+
+@dataclass(kw_only=True)
+class Crossover(Section):
+    """group_small against group at one candidate count."""
+
+    candidates: int = field_(INT, required=True)
+    small_ms: float = field_(NUM, required=True)
+    large_ms: float = field_(NUM, required=True)
+    ratio: float = field_(NUM, required=True)
+
+
+@dataclass(kw_only=True)
+class ThreadsTimed(Section):
+    """``optimize.stage_threads.stages.<stage>``: thread counts timed for a small-batch stage."""
+
+    batch: int = field_(INT, required=True)
+    median_ms: dict[str, float] = field_(MapOf(NUM), required=True)
+    chosen: str = field_(STR, required=True)
+    crossover: list[Crossover] | None = field_(ListOf(Sub(Crossover)), omit_none=True)
+    max_rows: int | None = field_(INT_NONNEG, omit_none=True)
+    why: str | None = field_(STR, omit_none=True)
+
+
+@dataclass(kw_only=True)
+class StageThreads(Section):
+    """``optimize.stage_threads``: what the threads step timed (exporter/steps/threads.py)."""
+
+    cpu: str | None = field_(STR, omit_none=True)
+    serve_threads: str = field_(STR, required=True)  # "default" or a count
+    stages: dict[str, ThreadsTimed] = field_(MapOf(Sub(ThreadsTimed)), factory=dict)
+    why: str | None = field_(STR, omit_none=True)
+
+
+@dataclass(kw_only=True)
+class Optimize(Section):
+    """The speed choices the export timed (``optimize``; null when it timed nothing)."""
+
+    NAME = "optimize"
+    per_token_layout: dict[str, LayoutChoice] | None = field_(MapOf(Sub(LayoutChoice)), omit_none=True)
+    cpu: str | None = field_(STR, omit_none=True)
+    serve_threads: int | None = field_(Nullable(INT_POS))  # written with per_token_layout
+    stage_threads: StageThreads | None = field_(Sub(StageThreads), omit_none=True)
+    moe_form: dict[str, MoeForm] | None = field_(MapOf(Sub(MoeForm)), omit_none=True)
+
+    def omitted(self) -> set[str]:
+        # per_token_layout, cpu and serve_threads are one record (the optimize step's)
+        return {"serve_threads"} if self.per_token_layout is None and self.cpu is None else set()
+
+
+# -- quantization --------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class TunedConfig(Section):
+    """One speed configuration timed for a stage (keys not listed: opaque detail)."""
+
+    config: str = field_(STR, required=True)
+    layers: int | None = field_(INT, omit_none=True)
+    median_ms: float = field_(NUM, required=True)
+    ratio_vs_fp32: float = field_(NUM, required=True)
+
+
+@dataclass(kw_only=True)
+class SmallCrossover(Section):
+    candidates: int = field_(INT, required=True)
+    small_ms: float = field_(NUM, required=True)
+    large_ms: float = field_(NUM, required=True)
+    ratio: float = field_(NUM, required=True)
+
+
+@dataclass(kw_only=True)
+class TunedStage(Section):
+    """``quantization.speed_tuning.stages.<stage>``: configurations timed, the one chosen."""
+
+    batch: int | None = field_(INT, omit_none=True)
+    configs: list[TunedConfig] = field_(ListOf(Sub(TunedConfig)), factory=list)
+    chosen: str | None = field_(Nullable(STR), omit_none=True)
+    why: str | None = field_(STR, omit_none=True)
+    crossover: list[SmallCrossover] | None = field_(ListOf(Sub(SmallCrossover)), omit_none=True)
+    max_rows: int | None = field_(INT_NONNEG, omit_none=True)
+
+
+@dataclass(kw_only=True)
+class SpeedTuning(Section):
+    """``quantization.speed_tuning``: each stage's speed configuration timed on this CPU."""
+
+    cpu: str | None = field_(STR, omit_none=True)
+    threads: Any = field_(ANY, omit_none=True)  # a count or "onnxruntime default"
+    stages: dict[str, TunedStage] = field_(MapOf(Sub(TunedStage)), factory=dict)
+    fallback: str | None = field_(STR, omit_none=True)
+
+
+@dataclass(kw_only=True)
+class Verdict(Section):
+    """A measured configuration against the budget (keys not listed: opaque metrics)."""
+
+    passed: bool = field_(BOOL, required=True)
+
+
+@dataclass(kw_only=True)
+class AucResolution(Section):
+    resolved: bool = field_(BOOL, required=True)
+    calibration_rows: int | None = field_(INT, omit_none=True)
+    criterion: str | None = field_(Nullable(STR), omit_none=True)
+
+
+@dataclass(kw_only=True)
+class QuantOutcome(Section):
+    """``quantization.outcome.<path>``: everything quantized vs the selection, on one path."""
+
+    all_quantized: Verdict | None = field_(Sub(Verdict), omit_none=True)
+    selected: Verdict | None = field_(Sub(Verdict), omit_none=True)
+    kept_float: list[str] | None = field_(ListOf(STR), omit_none=True)
+    auc_resolution: AucResolution | None = field_(Sub(AucResolution), omit_none=True)
+
+
+@dataclass(kw_only=True)
+class QuantLayer(Section):
+    """One layer's precision, and why (``quantization.layers[i]``)."""
+
+    name: str = field_(STR, required=True)  # "<stage>:<weight>"
+    stage: str = field_(STR, required=True)
+    weights: int = field_(INT, required=True)
+    precision: str = field_(STR, required=True)  # fp32 | int8 | int4
+    kernel: str | None = field_(STR, omit_none=True)
+    why: str = field_(STR, required=True)
+    effect: dict[str, Any] | None = field_(Nullable(OBJECT))  # opaque: that layer alone quantized
+
+
+@dataclass(kw_only=True)
+class WeightBytes(Section):
+    """``quantization.weight_bytes.<stage>``: linear-layer weight bytes before and after."""
+
+    fp32: int = field_(INT_NONNEG, required=True)
+    quantized: int = field_(INT_NONNEG, required=True)
+    layers: int = field_(INT_NONNEG, required=True)
+    quantized_layers: int = field_(INT_NONNEG, required=True)
+    quantized_layers_fp32: int = field_(INT_NONNEG, required=True)
+    quantized_layers_bytes: int = field_(INT_NONNEG, required=True)
+
+
+@dataclass(kw_only=True)
+class SmallGroupRecord(Section):
+    max_rows: int = field_(INT_NONNEG, required=True)
+
+
+@dataclass(kw_only=True)
+class Quantization(Section):
+    """What the quantizer did (``quantization``; null for fp32): exporter/steps/quantize.py."""
+
+    NAME = "quantization"
+    precision: str = field_(OneOf("w8a16", "w4a16"), required=True)
+    scheme: Any = field_(ANY)  # opaque: block size, accuracy level, ...
+    passes: list[str] = field_(ListOf(STR), factory=list)
+    budget: dict[str, Any] | None = field_(Nullable(OBJECT))  # opaque: the selection's limits
+    speed_tuning: SpeedTuning | None = field_(Sub(SpeedTuning), omit_none=True)
+    outcome: dict[str, QuantOutcome] | None = field_(MapOf(Sub(QuantOutcome)), omit_none=True)
+    group_small: SmallGroupRecord | None = field_(Sub(SmallGroupRecord), omit_none=True)
+    layers: list[QuantLayer] = field_(ListOf(Sub(QuantLayer)), factory=list)
+    kept_float: list[str] = field_(ListOf(STR), factory=list)
+    kept_float_for_speed: list[str] = field_(ListOf(STR), factory=list)
+    refusals: list[str] = field_(ListOf(STR), factory=list)
+    weight_bytes: dict[str, WeightBytes] = field_(MapOf(Sub(WeightBytes)), required=True)
+    quantized_layers: int | None = field_(INT_NONNEG, omit_none=True)
+    layers_source: str | None = field_(STR, omit_none=True)
