@@ -45,7 +45,7 @@ from exporter.steps.quantize import CALIBRATION_ROWS, step_quantize
 from exporter.steps.tensorrt import step_trt_build, step_trt_lint
 from exporter.steps.threads import step_stage_threads
 from exporter.steps.write import BundleWriter
-from runtime.manifest import DEFAULT_LIMITS
+from runtime.manifest import DEFAULT_LIMITS, Flops, Limits, RowScope, Source, Split
 from runtime.sample import sample_rows
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class ExportContext:
     program: Any = None
     input_names: list[str] = field(default_factory=list)
     stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
-    stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra manifest keys
-    manifest_fields: dict[str, Any] = field(default_factory=dict)
+    stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # Stage fields (max_rows, ...)
+    manifest_fields: dict[str, Any] = field(default_factory=dict)  # Manifest field -> typed section
     extra_files: dict[str, Any] = field(default_factory=dict)
     parity_report: Any = None
     stage_spec: Any = None  # the compiled stages' inputs when the embedding step cut tables
@@ -135,12 +135,12 @@ def step_split(ctx: ExportContext) -> None:
     if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
         rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
     art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
-    ctx.manifest_fields["flops"] = art.flops
+    ctx.manifest_fields["flops"] = Flops.from_dict(art.flops, "split step")
     ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
         "report": art.report}, indent=2, default=str) + "\n"
     if art.is_split:
         ctx.stages["user"], ctx.stages["group"] = art.user, art.group
-        ctx.manifest_fields["split"] = art.manifest_split()
+        ctx.manifest_fields["split"] = Split.from_dict(art.manifest_split(), "split step")
 
 
 def step_row_scope(ctx: ExportContext) -> None:
@@ -148,7 +148,7 @@ def step_row_scope(ctx: ExportContext) -> None:
     from graph_passes.fx.row_scope import row_scope
 
     scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
-    ctx.manifest_fields["row_scope"] = scope
+    ctx.manifest_fields["row_scope"] = RowScope.from_dict(scope, "row-scope step")
     if scope["full"] == "request":
         where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
         console.print(
@@ -168,14 +168,14 @@ def step_write(ctx: ExportContext) -> None:
         written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
         reconcile(ctx.manifest_fields, ctx.stage_meta, written)
         for stage, meta in ctx.stage_meta.items():
-            if stage in writer.stages:
-                writer.stages[stage].update(meta)
+            for key, value in meta.items() if stage in writer.stages else ():
+                setattr(writer.stages[stage], key, value)
         for rel, content in ctx.extra_files.items():
             writer.add(rel, content)
         fields = {
             "precision": ctx.options.precision,
-            "source": ctx.loaded.source,
-            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
+            "source": Source.from_dict(ctx.loaded.source, "the loaded model"),
+            "limits": Limits.default(max_candidates=ctx.options.max_candidates),
             **ctx.manifest_fields,
         }
         writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)

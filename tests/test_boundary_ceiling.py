@@ -23,7 +23,7 @@ from tests.test_split_e2e import DEEPFM_SPEC, _deepfm, _deepfm_rows
 )
 def test_one_ceiling_formula_with_a_side_of_zero_flops(u, g, n, want):
     assert flop_ceiling(u, g, n) == pytest.approx(want)
-    assert ceiling({"user_per_row": u, "group_per_row": g}, n) == pytest.approx(want)
+    assert ceiling(Flops(user_per_row=u, group_per_row=g), n) == pytest.approx(want)
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ import onnx_ir as ir
 
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
+from runtime.manifest import Optimize
+from runtime.manifest.sections import LayoutChoice, MoeForm
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext
@@ -133,10 +135,9 @@ def step_optimize(ctx: ExportContext) -> None:
     if layouts or moe:
         from exporter.steps.quant_tune import cpu_name
 
-        ctx.manifest_fields["optimize"] = {
-            "per_token_layout": layouts,
-            "cpu": cpu_name(),
-            "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
-        }
-        if moe:
-            ctx.manifest_fields["optimize"]["moe_form"] = moe
+        ctx.manifest_fields["optimize"] = Optimize(
+            per_token_layout={s: LayoutChoice.from_dict(r, "optimize step", s) for s, r in layouts.items()},
+            cpu=cpu_name(),
+            serve_threads=extra.get("serve_threads"),  # None: timed at 1 and ORT's default
+            moe_form={s: MoeForm.from_dict(r, "optimize step", s) for s, r in moe.items()} or None,
+        )

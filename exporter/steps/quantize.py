@@ -46,6 +46,7 @@ from graph_passes.onnx import canonicalize_linear, linear_layers, linear_weight_
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS, describe
 from graph_passes.onnx.quantize import MIN_K
 from runtime.manifest import SMALL_GROUP as SMALL
+from runtime.manifest import Quantization
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"w8a16": 8, "w4a16": 4}
@@ -876,7 +877,8 @@ def step_quantize(ctx: Any) -> None:
         tune_threads=extra.get("serve_threads"),
     )
     n_parity, n_calib = ctx.row_budget()
-    scoped = (ctx.manifest_fields.get("row_scope") or {}).get("full") == "request"
+    scope = ctx.manifest_fields.get("row_scope")
+    scoped = scope is not None and scope.full == "request"
     calib = calibration_for(
         ctx.loaded.eager(),
         ctx.spec,
@@ -893,4 +895,4 @@ def step_quantize(ctx: Any) -> None:
     ctx.stages.update(stages)
     if SMALL in stages:
         ctx.stage_meta[SMALL] = {"max_rows": record[SMALL]["max_rows"]}
-    ctx.manifest_fields["quantization"] = record
+    ctx.manifest_fields["quantization"] = Quantization.from_dict(record, "quantize step")

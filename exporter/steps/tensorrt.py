@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import ExportError
+from runtime.manifest import Engine
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def build_engines(
     files[f"{rel_dir}/build.log"] = log_path.read_text()
     precision = "strongly-typed" if quantized else ("fp16" if fp16 else "fp32")
     entry = _engine_entry(rel_dir, gpu, trt_version, stages, sorted(files), precision, ranges)
-    engines = [e for e in manifest.engines if e.get("dir") != rel_dir] + [entry]
+    engines = [e for e in manifest.engines if e.dir != rel_dir] + [entry]
     update_bundle(bundle.root, files, engines=engines)
     return entry
 
@@ -137,26 +138,26 @@ def _build_target() -> tuple[str, dict, str]:
     return trt.__version__, gpu, engine_dir_name(gpu["gpu"], trt.__version__)
 
 
-def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -> dict[str, Any]:
-    """The manifest ``engines`` record (see runtime.manifest)."""
-    return {
-        "dir": rel_dir,
-        **gpu,
-        "trt_version": trt_version,
-        "stages": stages,
-        "files": files,
-        "precision": precision,
-        "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
-        "built": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
+def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -> Engine:
+    """The manifest ``engines`` entry (runtime.manifest.Engine)."""
+    return Engine(
+        dir=rel_dir,
+        gpu=gpu["gpu"],
+        compute_capability=gpu["compute_capability"],
+        trt_version=trt_version,
+        stages=stages,
+        files=files,
+        precision=precision,
+        profiles={"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
+        built=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    )
 
 
 def batch_ranges(manifest, m: str | None, n: str | None):
     """(M range, N range) from flags or the manifest's limits."""
     from exporter.steps.trt_engine import BatchRange
 
-    lim = manifest.limits
-    max_m, max_n = int(lim["max_users_per_call"]), int(lim["max_candidates"])
+    max_m, max_n = manifest.limits.max_users_per_call, manifest.limits.max_candidates
     m_range = BatchRange.parse(m) if m else BatchRange(1, min(DEFAULT_OPT_M, max_m), max_m)
     n_range = BatchRange.parse(n) if n else BatchRange(1, min(DEFAULT_OPT_N, max_n), max_n)
     return m_range, n_range
@@ -182,7 +183,7 @@ def stage_profiles(path: Path, stage: str, manifest, m_range, n_range) -> dict:
     if stage == "user":
         m_inputs = set(inputs)
     elif stage == "group":
-        m_inputs = {b["name"] for b in (manifest.split or {}).get("boundary", [])}
+        m_inputs = {b.name for b in manifest.split.boundary} if manifest.split else set()
     else:
         m_inputs = set()
     return input_profiles(inputs, m_inputs, m_range, n_range)
@@ -205,10 +206,10 @@ def step_trt_lint(ctx) -> None:
     if not ok:
         raise ExportError(f"--target trt: the exported graphs are not ready for TensorRT:\n{text}")
     log.info("TensorRT readiness: %d graph(s) ready", len(ctx.stages))
-    moe = ((ctx.manifest_fields.get("optimize") or {}).get("moe_form")) or {}
-    for stage, rec in moe.items():  # exporter.steps.moe_form.trt_form: which MoE form TensorRT gets
+    opt = ctx.manifest_fields.get("optimize")
+    for stage, rec in ((opt.moe_form if opt else None) or {}).items():  # moe_form.trt_form: TRT's form
         log.info("TensorRT: %s.onnx runs its %d MoE bank(s) in the %s form (%s)", stage,
-                 len(rec.get("banks", [])), rec["form"], rec.get("chosen_by"))
+                 len(rec.banks), rec.form, rec.chosen_by)
 
 
 def step_trt_build(ctx) -> None:

@@ -35,7 +35,8 @@ from typing import Any
 
 import onnx
 
-from runtime.manifest import SMALL_GROUP
+from runtime.manifest import SMALL_GROUP, Optimize
+from runtime.manifest.sections import StageThreads
 
 log = logging.getLogger(__name__)
 
@@ -170,4 +171,5 @@ def step_stage_threads(ctx: Any) -> None:
         set_stage_threads(ctx.stages[stage], threads)  # the graph carries it; the manifest reads it
     if SMALL_GROUP in ctx.stage_meta:
         ctx.stage_meta[SMALL_GROUP]["max_rows"] = rows
-    ctx.manifest_fields.setdefault("optimize", {})["stage_threads"] = record
+    opt = ctx.manifest_fields.setdefault("optimize", Optimize())
+    opt.stage_threads = StageThreads.from_dict(record, "threads step", "optimize.stage_threads")

@@ -46,10 +46,10 @@ class Stage(Section):
     """One compiled graph (``stages.<name>``)."""
 
     file: str = field_(STR, required=True)  # bundle-relative ONNX file
-    inputs: list[str] = field_(ListOf(STR), factory=list)  # the graph's input names, in order
-    outputs: list[str] = field_(ListOf(STR), factory=list)
-    intra_op_threads: int | None = field_(INT_POS, omit_none=True)  # CPU: at most this many threads
+    inputs: list[str] | None = field_(ListOf(STR), omit_none=True)  # the graph's inputs, in order
+    outputs: list[str] | None = field_(ListOf(STR), omit_none=True)
     max_rows: int | None = field_(INT_POS, omit_none=True)  # group_small: calls of <= this many rows
+    intra_op_threads: int | None = field_(INT_POS, omit_none=True)  # CPU: at most this many threads
 
 
 # -- split, flops ------------------------------------------------------------------------
@@ -318,8 +318,8 @@ class Optimize(Section):
     per_token_layout: dict[str, LayoutChoice] | None = field_(MapOf(Sub(LayoutChoice)), omit_none=True)
     cpu: str | None = field_(STR, omit_none=True)
     serve_threads: int | None = field_(Nullable(INT_POS))  # written with per_token_layout
-    stage_threads: StageThreads | None = field_(Sub(StageThreads), omit_none=True)
     moe_form: dict[str, MoeForm] | None = field_(MapOf(Sub(MoeForm)), omit_none=True)
+    stage_threads: StageThreads | None = field_(Sub(StageThreads), omit_none=True)
 
     def omitted(self) -> set[str]:
         # per_token_layout, cpu and serve_threads are one record (the optimize step's)
