@@ -13,6 +13,7 @@ from exporter.cli import main
 from exporter.commands.inspect import ceiling
 from exporter.steps.split import split_to_onnx
 from runtime.ceiling import flop_ceiling
+from runtime.manifest import Flops
 from runtime.spec import FeatureSpec
 from tests.test_split_e2e import DEEPFM_SPEC, _deepfm, _deepfm_rows
 

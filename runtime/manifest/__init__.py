@@ -48,6 +48,7 @@ from runtime.errors import BundleError
 from runtime.manifest._fields import At, Kind, ListOf, MapOf, Nullable, Section, Sub
 from runtime.manifest.sections import (
     DEFAULT_LIMITS,
+    MAX_ROWS_WHAT,
     ROW_SCOPES,
     STAGES,
     BoundaryTensor,
@@ -232,10 +233,9 @@ class Manifest:
             return
         if not {"user", "group"} <= set(self.stages) or self.split is None:
             raise (top / "stages" / SMALL_GROUP).error(
-                "needs a split bundle (user and group stages, and a split section)")
+                f"stage '{SMALL_GROUP}' needs a split bundle (user and group stages, and a split section)")
         if small.max_rows is None:
-            raise (top / "stages" / SMALL_GROUP / "max_rows").error(
-                "required field is missing (an int >= 1: the largest candidate count it serves)")
+            raise (top / "stages" / SMALL_GROUP / "max_rows").error(f"required field is missing: {MAX_ROWS_WHAT}")
 
     @classmethod
     def read(cls, bundle_dir: str | Path) -> Manifest:

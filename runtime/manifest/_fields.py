@@ -33,8 +33,11 @@ class At:
         return BundleError(f"{self.file}: {self.path}: {problem}")
 
     def expected(self, what: str, value: Any) -> BundleError:
+        """``what`` is "an int >= 1" (-> "expected an int >= 1, got 'x'") or a sentence that
+        starts with "needs" (a field with its own reason)."""
         shown = repr(value)
-        return self.error(f"expected {what}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
+        lead = what if what.startswith("needs") else f"expected {what}"
+        return self.error(f"{lead}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
 
 
 class Kind:
@@ -55,6 +58,8 @@ class Kind:
 
 
 class Scalar(Kind):
+    """A JSON number, string or bool of ``types`` (a bool is never an int), >= ``minimum``."""
+
     def __init__(self, types: tuple[type, ...], what: str, minimum: int | None = None) -> None:
         self.types, self.what, self.minimum = types, what, minimum
 

@@ -38,6 +38,7 @@ SIDES = ("full", "user", "group")
 ROW_SCOPES = ("rows", "request")
 DIM = Scalar((int, str), "an int or a dim name")
 DEFAULT_LIMITS = {"max_candidates": 4096, "max_users_per_call": 256}
+MAX_ROWS_WHAT = "needs 'max_rows', an int >= 1 (the largest candidate count group_small serves)"
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class Stage(Section):
     file: str = field_(STR, required=True)  # bundle-relative ONNX file
     inputs: list[str] | None = field_(ListOf(STR), omit_none=True)  # the graph's inputs, in order
     outputs: list[str] | None = field_(ListOf(STR), omit_none=True)
-    max_rows: int | None = field_(INT_POS, omit_none=True)  # group_small: calls of <= this many rows
+    max_rows: int | None = field_(Scalar((int,), MAX_ROWS_WHAT, minimum=1), omit_none=True)  # group_small
     intra_op_threads: int | None = field_(INT_POS, omit_none=True)  # CPU: at most this many threads
 
 
@@ -69,7 +70,7 @@ class Split(Section):
 
     NAME = "split"
     boundary: list[BoundaryTensor] = field_(ListOf(Sub(BoundaryTensor)), required=True)
-    user_index: str = field_(STR, required=True)  # the group input mapping candidates to users
+    user_index: str | None = field_(STR, omit_none=True)  # the group input mapping candidates to users
     report: dict[str, Any] = field_(OBJECT, factory=dict)  # opaque: the split pass's report
 
 
@@ -236,9 +237,9 @@ class Engine(Section):
     """TensorRT engines built for one GPU model and TensorRT version (``engines[i]``)."""
 
     dir: str = field_(STR, required=True)  # engines/<gpu-slug>-trt<version>
-    gpu: str = field_(STR, required=True)
-    compute_capability: str = field_(STR, required=True)  # "8.6"
-    trt_version: str = field_(STR, required=True)
+    gpu: str | None = field_(STR, omit_none=True)  # the GPU model that built them
+    compute_capability: str | None = field_(STR, omit_none=True)  # "8.6"
+    trt_version: str | None = field_(STR, omit_none=True)  # a plan runs only on this version
     stages: list[str] = field_(ListOf(STR), omit_none=True, factory=list)
     files: Any = field_(ANY, omit_none=True)  # the plan files (a list; opaque)
     precision: str | None = field_(STR, omit_none=True)

@@ -122,7 +122,7 @@ def _plans(bundle: Bundle, stage: str, vdir: Path, trt_version: str | None) -> d
     """
     cc_files: dict[str, str] = {}
     for eng in _engines(bundle, trt_version):
-        cc = eng.compute_capability
+        cc = eng.compute_capability or ""
         src = bundle.root / eng.dir / f"{stage}.plan"
         if not cc or not src.is_file():
             raise BundleError(
@@ -149,7 +149,7 @@ def _engines(bundle: Bundle, trt_version: str | None) -> list[Engine]:
         return engines
     kept = [e for e in engines if e.trt_version == trt_version]
     if not kept:
-        found = sorted({e.trt_version for e in engines})
+        found = sorted({str(e.trt_version) for e in engines})
         raise BundleError(
             f"bundle '{bundle.root}' has no TensorRT engines for TensorRT {trt_version} "
             f"(it has engines for: {', '.join(found)})"

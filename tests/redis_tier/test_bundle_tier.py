@@ -42,7 +42,7 @@ def store_bundles(tmp_path_factory, toy_checkpoint):
                              extra={"embeddings": dtype, "store_min_bytes": 0})
         export_bundle(load_student(toy_checkpoint, trust=TRUST), path, opts)
         out[dtype] = path
-    assert Bundle.open(out["fp32"]).manifest.embeddings["tables"], "the toy tables did not leave the graphs"
+    assert Bundle.open(out["fp32"]).manifest.embeddings.tables, "the toy tables did not leave the graphs"
     return out
 
 
