@@ -217,7 +217,7 @@ def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_p
     assert q["outcome"]["user+group_small"]["selected"]["passed"]
     assert q["weight_bytes"]["group_small"]["quantized_layers"] > 0
     assert any(r["stage"] == "group_small" and r["precision"] == "int8" for r in q["layers"])
-    assert m.parity.passed and m.parity.summary["onnx-split-small-w8a16"].status == "passed"
+    assert m.parity.passed and m.parity.summary["onnx-split-small-w8a16"]["status"] == "passed"
     parity = json.loads((out / "parity.json").read_text())
     small_stage = next(s for s in parity["stages"] if s["name"] == "onnx-split-small-w8a16")
     assert small_stage["outputs"]["ctr"]["max_abs"] <= W8A16_MAX_ABS

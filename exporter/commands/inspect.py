@@ -346,4 +346,4 @@ def _print_parity(m) -> None:
     status = "[green]passed[/green]" if p.passed else "[red]FAILED[/red]"
     console.print(f"parity: {status} {', '.join(p.failed_stages)}")
     for stage, s in p.summary.items():
-        console.print(f"  {stage}: {json.dumps(s.to_dict())[:200]}")
+        console.print(f"  {stage}: {json.dumps(s)[:200]}")

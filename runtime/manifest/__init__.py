@@ -59,7 +59,6 @@ from runtime.manifest.sections import (
     Limits,
     Optimize,
     Parity,
-    ParityStage,
     Quantization,
     RowScope,
     Source,
@@ -71,7 +70,7 @@ from runtime.spec import FeatureSpec
 __all__ = [
     "DEFAULT_LIMITS", "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "MIGRATIONS", "PRECISIONS",
     "ROW_SCOPES", "SMALL_GROUP", "STAGES", "BoundaryTensor", "Embeddings", "Engine",
-    "FileEntry", "Flops", "Limits", "Manifest", "Optimize", "Parity", "ParityStage",
+    "FileEntry", "Flops", "Limits", "Manifest", "Optimize", "Parity",
     "Quantization", "RowScope", "Source", "Split", "Stage", "supported_versions",
 ]
 

@@ -119,15 +119,6 @@ class Limits(Section):
 
 # -- parity --------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class ParityStage(Section):
-    """``parity.summary.<configuration>``: its verdict and headline numbers per output."""
-
-    status: str = field_(STR, required=True)  # passed | failed | skipped | error
-    reason: str | None = field_(Nullable(STR), omit_none=True)
-    outputs: dict[str, dict[str, Any]] | None = field_(MapOf(OBJECT), omit_none=True)  # opaque metrics
-
-
-@dataclass(kw_only=True)
 class Parity(Section):
     """The parity verdict (``parity``; null before ``ugsep check``). The runtime refuses to
     serve a bundle whose ``passed`` is false, naming ``failed_stages``."""
@@ -135,7 +126,7 @@ class Parity(Section):
     NAME = "parity"
     passed: bool = field_(BOOL, required=True)
     failed_stages: list[str] = field_(ListOf(STR), factory=list)
-    summary: dict[str, ParityStage] = field_(MapOf(Sub(ParityStage)), factory=dict)
+    summary: dict[str, Any] = field_(OBJECT, factory=dict)  # opaque: per configuration, for people
     report: str | None = field_(Nullable(STR), omit_none=True)  # the full report's file
 
 
@@ -264,6 +255,8 @@ class MoeBank(Section):
     tokens: int = field_(INT, required=True)
     experts: int = field_(INT, required=True)
     top_k: int = field_(INT, required=True)
+    d_model: int | None = field_(INT, omit_none=True)
+    hidden: int | None = field_(INT, omit_none=True)
     params: dict[str, int] = field_(MapOf(INT), required=True)  # total, activated_per_row
 
 
@@ -370,16 +363,20 @@ class SpeedTuning(Section):
 
 @dataclass(kw_only=True)
 class Verdict(Section):
-    """A measured configuration against the budget (keys not listed: opaque metrics)."""
+    """A measured configuration against the budget."""
 
     passed: bool = field_(BOOL, required=True)
+    breaches: Any = field_(ANY, omit_none=True)  # opaque: which limits it missed, by how much
+    outputs: dict[str, Any] | None = field_(OBJECT, omit_none=True)  # opaque: metrics per output
 
 
 @dataclass(kw_only=True)
 class AucResolution(Section):
     resolved: bool = field_(BOOL, required=True)
     calibration_rows: int | None = field_(INT, omit_none=True)
+    heldout_rows: int | None = field_(Nullable(INT), omit_none=True)
     criterion: str | None = field_(Nullable(STR), omit_none=True)
+    verdicts: dict[str, Any] | None = field_(OBJECT, omit_none=True)  # opaque: per output
 
 
 @dataclass(kw_only=True)
