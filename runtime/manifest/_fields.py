@@ -212,9 +212,10 @@ class Section:
                     out[key] = self.extra[key]
                 continue
             value = getattr(self, key)
-            if key in skip or (value is None and f.metadata["omit_none"]):
+            on_disk = self._keys is not None and key in self._keys  # written back as read
+            if not on_disk and (key in skip or (value is None and f.metadata["omit_none"])):
                 continue
-            if self._keys is not None and key not in self._keys and value == _default(f):
+            if not on_disk and self._keys is not None and value == _default(f):
                 continue  # absent on disk and still its default: stays absent
             out[key] = f.metadata["kind"].dump(value)
         return out

@@ -323,10 +323,13 @@ class Optimize(Section):
 # -- quantization --------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class TunedConfig(Section):
-    """One speed configuration timed for a stage (keys not listed: opaque detail)."""
+    """One speed configuration timed for a stage."""
 
-    config: str = field_(STR, required=True)
+    config: str = field_(STR, required=True)  # "fp32" or "min_elements=N,per_token=on|off"
+    min_elements: int | None = field_(Nullable(INT))
+    per_token: bool | None = field_(Nullable(BOOL))
     layers: int | None = field_(INT, omit_none=True)
+    quantized_elements: int | None = field_(INT, omit_none=True)
     median_ms: float = field_(NUM, required=True)
     ratio_vs_fp32: float = field_(NUM, required=True)
 
@@ -346,6 +349,9 @@ class TunedStage(Section):
     batch: int | None = field_(INT, omit_none=True)
     configs: list[TunedConfig] = field_(ListOf(Sub(TunedConfig)), factory=list)
     chosen: str | None = field_(Nullable(STR), omit_none=True)
+    min_elements: int | None = field_(Nullable(INT), omit_none=True)  # of the chosen configuration
+    per_token: bool | None = field_(Nullable(BOOL), omit_none=True)
+    fastest_quantized: str | None = field_(Nullable(STR), omit_none=True)
     why: str | None = field_(STR, omit_none=True)
     crossover: list[SmallCrossover] | None = field_(ListOf(Sub(SmallCrossover)), omit_none=True)
     max_rows: int | None = field_(INT_NONNEG, omit_none=True)
@@ -357,6 +363,7 @@ class SpeedTuning(Section):
 
     cpu: str | None = field_(STR, omit_none=True)
     threads: Any = field_(ANY, omit_none=True)  # a count or "onnxruntime default"
+    accuracy_level: int | None = field_(INT, omit_none=True)  # MatMulNBits accuracy_level
     stages: dict[str, TunedStage] = field_(MapOf(Sub(TunedStage)), factory=dict)
     fallback: str | None = field_(STR, omit_none=True)
 
