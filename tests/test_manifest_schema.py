@@ -216,3 +216,35 @@ def test_writers_refuse_a_section_the_runtime_would_refuse(bundles, tmp_path):
     with pytest.raises(BundleError, match=r"engines\[0\]\.dir: required field is missing"):
         update_bundle(b, {}, engines=[{"gpu": "x"}])
     assert (b / MANIFEST_NAME).read_bytes() == before
+
+
+def _field_paths(cls, prefix: str) -> list[str]:
+    from runtime.manifest._fields import ListOf, MapOf, Nullable, Sub
+
+    out = []
+    for f in cls.typed_fields():
+        out.append(f"{prefix}.{f.name}")
+        kind, suffix = f.metadata["kind"], ""
+        while isinstance(kind, (Nullable, ListOf, MapOf)):
+            suffix += "[]" if isinstance(kind, ListOf) else ".*" if isinstance(kind, MapOf) else ""
+            kind = kind.kind
+        if isinstance(kind, Sub) and kind.cls is not cls:
+            out += _field_paths(kind.cls, f"{prefix}.{f.name}{suffix}")
+    return out
+
+
+def test_the_format_page_lists_every_field():
+    """docs/bundle-format.md has a row for every typed field of every section."""
+    from pathlib import Path
+
+    from runtime.manifest._fields import ListOf, MapOf, Nullable
+
+    doc = (Path(__file__).parents[1] / "docs" / "bundle-format.md").read_text()
+    missing = []
+    for key, kind in manifest_mod._LOADERS.items():
+        suffix = ""
+        while isinstance(kind, (Nullable, ListOf, MapOf)):
+            suffix += "[]" if isinstance(kind, ListOf) else ".*" if isinstance(kind, MapOf) else ""
+            kind = kind.kind
+        missing += [p for p in _field_paths(kind.cls, key + suffix) if f"| `{p}` |" not in doc]
+    assert not missing, missing

@@ -12,7 +12,7 @@ from exporter.progress import console
 from runtime.bundle import Bundle
 from runtime.ceiling import flop_ceiling
 from runtime.manifest import Flops, Optimize, Quantization
-from runtime.manifest.sections import SpeedTuning, WeightBytes
+from runtime.manifest.sections import LayerEffect, SpeedTuning, WeightBytes
 
 
 def ceiling(flops: Flops, n: int) -> float | None:
@@ -93,7 +93,7 @@ def _print_signature(bundle, key) -> None:
 
 def _print_split(m) -> None:
     if not m.is_split:
-        reason = m.split.report.get("reason") if m.split else None  # the opaque split report
+        reason = m.split.report.reason if m.split else None
         console.print(f"split: none{f' ({reason})' if reason else ''} — serving runs full.onnx")
         return
     t = Table(title="boundary tensors (user -> group)")
@@ -300,18 +300,18 @@ def _print_layers(q: Quantization) -> None:
     ):
         t.add_column(c, justify="left" if c in ("layer", "stage", "precision") else "right")
     for row in layers:
-        e = row.effect or {}  # opaque: the metrics of that layer alone quantized
+        e = row.effect or LayerEffect()
         prec = row.precision
         t.add_row(
             row.name,
             row.stage,
             str(row.weights),
             f"[yellow]{prec}[/yellow]" if prec == "fp32" else prec,
-            _fmt(e.get("max_abs"), ".2e"),
-            _fmt(e.get("mean_abs"), ".2e"),
-            _fmt(e.get("delta_auc"), "+.1e"),
-            _fmt(e.get("top10_overlap_mean"), ".4f"),
-            _fmt(e.get("kendall_tau_mean"), ".4f"),
+            _fmt(e.max_abs, ".2e"),
+            _fmt(e.mean_abs, ".2e"),
+            _fmt(e.delta_auc, "+.1e"),
+            _fmt(e.top10_overlap_mean, ".4f"),
+            _fmt(e.kendall_tau_mean, ".4f"),
         )
     console.print(t)
     if not any(r.effect for r in layers):

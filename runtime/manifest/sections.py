@@ -65,13 +65,21 @@ class BoundaryTensor(Section):
 
 
 @dataclass(kw_only=True)
+class SplitReport(Section):
+    """``split.report``: the split pass's report for people (blocked / moved nodes, hoisted
+    modules, FLOPs, ceilings: kept in ``extra``, opaque); ``reason`` says why nothing split."""
+
+    reason: str | None = field_(Nullable(STR), omit_none=True)
+
+
+@dataclass(kw_only=True)
 class Split(Section):
     """The user/group split (``split``; null when the bundle is not split)."""
 
     NAME = "split"
     boundary: list[BoundaryTensor] = field_(ListOf(Sub(BoundaryTensor)), required=True)
     user_index: str | None = field_(STR, omit_none=True)  # the group input mapping candidates to users
-    report: dict[str, Any] = field_(OBJECT, factory=dict)  # opaque: the split pass's report
+    report: SplitReport = field_(Sub(SplitReport), factory=SplitReport)  # for people
 
 
 @dataclass(kw_only=True)
@@ -397,6 +405,18 @@ class QuantOutcome(Section):
 
 
 @dataclass(kw_only=True)
+class LayerEffect(Section):
+    """``quantization.layers[i].effect``: that layer alone quantized, against eager fp32
+    (more metrics than these are kept in ``extra``, opaque)."""
+
+    max_abs: float | None = field_(Nullable(NUM), omit_none=True)
+    mean_abs: float | None = field_(Nullable(NUM), omit_none=True)
+    delta_auc: float | None = field_(Nullable(NUM), omit_none=True)
+    top10_overlap_mean: float | None = field_(Nullable(NUM), omit_none=True)
+    kendall_tau_mean: float | None = field_(Nullable(NUM), omit_none=True)
+
+
+@dataclass(kw_only=True)
 class QuantLayer(Section):
     """One layer's precision, and why (``quantization.layers[i]``)."""
 
@@ -406,7 +426,7 @@ class QuantLayer(Section):
     precision: str = field_(STR, required=True)  # fp32 | int8 | int4
     kernel: str | None = field_(STR, omit_none=True)
     why: str = field_(STR, required=True)
-    effect: dict[str, Any] | None = field_(Nullable(OBJECT))  # opaque: that layer alone quantized
+    effect: LayerEffect | None = field_(Nullable(Sub(LayerEffect)))  # that layer alone quantized
 
 
 @dataclass(kw_only=True)
