@@ -12,7 +12,7 @@ from exporter.progress import console
 from runtime.bundle import Bundle
 from runtime.ceiling import flop_ceiling
 from runtime.manifest import Flops, Optimize, Quantization
-from runtime.manifest.sections import LayerEffect, SpeedTuning, WeightBytes
+from runtime.manifest.tuning import LayerEffect, SpeedTuning, WeightBytes
 
 
 def ceiling(flops: Flops, n: int) -> float | None:

@@ -26,7 +26,7 @@ from typing import Any
 import onnx
 
 from runtime.manifest import BoundaryTensor, Quantization, Split
-from runtime.manifest.sections import QuantLayer
+from runtime.manifest.tuning import QuantLayer
 
 log = logging.getLogger(__name__)
 THREADS_KEY = "ugsep.intra_op_threads"

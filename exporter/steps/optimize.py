@@ -22,7 +22,7 @@ from exporter import timing
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 from runtime.manifest import Optimize
-from runtime.manifest.sections import LayoutChoice, MoeForm
+from runtime.manifest.tuning import LayoutChoice, MoeForm
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext

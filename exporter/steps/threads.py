@@ -39,7 +39,7 @@ import onnx
 
 from exporter import timing
 from runtime.manifest import SMALL_GROUP, Optimize
-from runtime.manifest.sections import StageThreads
+from runtime.manifest.tuning import StageThreads
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext

@@ -1,7 +1,7 @@
 """The bundle manifest: the contract between the exporter (writes) and the runtime (reads).
 
 ``manifest.json`` sits at the root of a bundle. Every section is a typed dataclass
-(runtime/manifest/sections.py; docs/bundle-format.md lists every field, its type, its
+(runtime/manifest/sections.py, tuning.py; docs/bundle-format.md lists every field, its type, its
 meaning, who writes it and who reads it). ``Manifest.from_dict`` checks every field and
 refuses a manifest with a ``BundleError`` naming the file and the field path::
 
@@ -57,14 +57,13 @@ from runtime.manifest.sections import (
     FileEntry,
     Flops,
     Limits,
-    Optimize,
     Parity,
-    Quantization,
     RowScope,
     Source,
     Split,
     Stage,
 )
+from runtime.manifest.tuning import Optimize, Quantization
 from runtime.spec import FeatureSpec
 
 __all__ = [
