@@ -123,14 +123,6 @@ class TunedConfig(Section):
 
 
 @dataclass(kw_only=True)
-class SmallCrossover(Section):
-    candidates: int = field_(INT, required=True)
-    small_ms: float = field_(NUM, required=True)
-    large_ms: float = field_(NUM, required=True)
-    ratio: float = field_(NUM, required=True)
-
-
-@dataclass(kw_only=True)
 class TunedStage(Section):
     """``quantization.speed_tuning.stages.<stage>``: configurations timed, the one chosen."""
 
@@ -141,7 +133,7 @@ class TunedStage(Section):
     per_token: bool | None = field_(Nullable(BOOL), omit_none=True)
     fastest_quantized: str | None = field_(Nullable(STR), omit_none=True)
     why: str | None = field_(STR, omit_none=True)
-    crossover: list[SmallCrossover] | None = field_(ListOf(Sub(SmallCrossover)), omit_none=True)
+    crossover: list[Crossover] | None = field_(ListOf(Sub(Crossover)), omit_none=True)
     max_rows: int | None = field_(INT_NONNEG, omit_none=True)
 
 
