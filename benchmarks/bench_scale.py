@@ -158,8 +158,10 @@ def _delta_auc(bundle: Path) -> dict:
 
 
 def _store_bytes(bundle: Path) -> dict:
-    emb = json.loads((bundle / "manifest.json").read_text()).get("embeddings") or {}
-    return {t["name"]: {"bytes": t["bytes"], "fp32_bytes": t["rows"] * t["dim"] * 4} for t in emb.get("tables", [])}
+    from runtime.manifest import Manifest
+
+    emb = Manifest.read(bundle).embeddings
+    return {t.name: {"bytes": t.bytes, "fp32_bytes": t.rows * t.dim * 4} for t in (emb.tables if emb else [])}
 
 
 def main(argv: list[str] | None = None) -> int:
