@@ -67,7 +67,7 @@ def test_check_passes_on_every_data_row(trained, bundle, capsys):
     assert "parity passed" in err
     n = len(load_npz(trained / "heldout.npz")["label"])
     parity = Manifest.read(bundle).parity
-    assert parity["passed"], parity
+    assert parity.passed, parity
     assert f"{n} rows" in err  # all rows of --data, not a 1000-row default
 
 

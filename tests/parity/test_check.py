@@ -89,7 +89,7 @@ def test_runtime_refuses_unchecked_and_failed_bundles(split_bundle, split_model)
     scale_weight(split_bundle, "group.onnx", "group.cross", 1.5)
     report = check_bundle(split_bundle, split_model, n_rows=200, progress=False, localise=False)
     assert not report.passed and report.failed_stages == ["onnx-split"]
-    assert Manifest.read(split_bundle).parity["failed_stages"] == ["onnx-split"]
+    assert Manifest.read(split_bundle).parity.failed_stages == ["onnx-split"]
     with pytest.raises(ParityError, match=r"failed its parity check \(onnx-split\)"):
         runtime.load(split_bundle)
     assert runtime.load(split_bundle, allow_unverified=True) is not None
