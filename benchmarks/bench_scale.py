@@ -13,12 +13,15 @@ child's ``ru_maxrss``):
     checkpoint   build + save (not measured)
     export       ``ugsep export CKPT --data held.npz``: wall time, peak RSS / checkpoint bytes
     export-int8  the small vocabulary again with ``--embeddings int8``: bytes/fp32, ΔAUC
-    serve        ``runtime.load`` time, VmRSS after load and after ``--requests`` requests
+    serve        ``runtime.load`` time, VmRSS after load and after ``--requests`` (10,000) requests,
+                 against dense weights + rows touched + fixed overhead
     latency      both bundles in one process, interleaved per round: median ms at N=1, 200
 
 Top-level keys: ``export_peak_rss_over_checkpoint`` (the large vocabulary),
 ``latency_large_over_small`` ({"1": r, "200": r}), ``int8_bytes_over_fp32``,
-``int8_delta_auc``; per vocabulary the rest under ``runs``.
+``int8_delta_auc``, ``serving_rss_bound`` (per vocabulary: VmRSS after the requests against
+dense weights + rows touched + fixed overhead); per vocabulary the rest under ``runs``; the
+export's RSS per pipeline step / parity stage under ``runs.*.export.rss_by_phase_mib``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = (1, 200)
+WARMUP = 20  # serve: requests before the fixed overhead is read (of --requests)
 
 
 def _rss_mib() -> dict[str, float]:
@@ -73,14 +77,86 @@ def child_checkpoint(vocab: int, size: str, out: str) -> dict:
     return {"params": n_params, "checkpoint_bytes": (Path(out) / "model.safetensors").stat().st_size}
 
 
+class RssTrace:
+    """VmRSS / RssAnon / RssFile sampled every ``every`` s in a thread, by phase: each
+    ``phase(name)`` starts a new phase; ``peaks()`` is the highest VmRSS of each phase (MiB)
+    with the RssAnon / RssFile of that sample, and VmHWM at the phase's end."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        import threading
+
+        self.every, self.rows, self.name = every, [], "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        status = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                status[key] = int(line.split()[1]) / 1024
+        self.rows.append((self.name, status))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def phase(self, name: str) -> None:
+        self._sample()
+        self.name = name
+        self._sample()
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out: dict[str, dict[str, float]] = {}
+        for name, st in self.rows:
+            top = out.setdefault(name, dict(st))
+            if st["VmRSS"] > top["VmRSS"]:
+                top.update({k: v for k, v in st.items() if k != "VmHWM"})
+            top["VmHWM"] = st["VmHWM"]
+        return out
+
+
+def _traced_pipeline(trace: RssTrace) -> None:
+    """Mark each pipeline step (and parity's eager reference / stages) as a phase."""
+    import exporter.pipeline as pipeline
+    from exporter.steps.parity import check
+
+    def marked(name, fn):
+        def step(ctx):
+            trace.phase(name)
+            return fn(ctx)
+        return step
+
+    pipeline.PIPELINE[:] = [(n, marked(n, s)) for n, s in pipeline.PIPELINE]
+    run_batched, check_stage = check._run_batched, check._check_stage
+
+    def _run_batched(run, rows, bar, label, chunks):
+        if label == "eager fp32":
+            trace.phase("parity:eager")
+        return run_batched(run, rows, bar, label, chunks)
+
+    def _check_stage(stage, *a, **k):
+        trace.phase(f"parity:{stage.name}")
+        return check_stage(stage, *a, **k)
+
+    check._run_batched, check._check_stage = _run_batched, _check_stage
+
+
 def child_export(ckpt: str, out: str, *flags: str) -> dict:
     from exporter.cli import main
 
+    trace = RssTrace()
+    _traced_pipeline(trace)
+    trace.phase("load")
     t0 = time.perf_counter()
     code = main(["export", ckpt, "--out", out, "--data", str(Path(ckpt) / "held.npz"), "--overwrite", *flags])
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"exit": code, "wall_s": wall, "peak_rss_bytes": peak}
+    return {"exit": code, "wall_s": wall, "peak_rss_bytes": peak, "rss_by_phase_mib": trace.stop()}
 
 
 def _requests(spec, n_requests: int, n: int, seed: int):
@@ -95,20 +171,80 @@ def _requests(spec, n_requests: int, n: int, seed: int):
     return out
 
 
+def _rows_touched(scorer, reqs) -> dict[str, int]:
+    """Distinct rows each store table is asked for by ``reqs`` (ids + per-field offsets)."""
+    import numpy as np
+
+    sec = scorer.manifest.embeddings
+    rows: dict[str, list] = {}
+    for lk in sec.lookups if sec else []:
+        side = 0 if lk.side == "user" else 1
+        off = 0 if lk.offsets is None else np.asarray(lk.offsets, np.int64)
+        ids = np.concatenate([(r[side][lk.input].astype(np.int64) + off).ravel() for r in reqs])
+        rows.setdefault(lk.table, []).append(ids)
+    return {t: int(np.unique(np.concatenate(v)).size) for t, v in rows.items()}
+
+
+def _mapped_rss_mib(path: Path) -> float:
+    """Resident MiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    target = str(path.resolve())
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+            inside = len(head) >= 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total / 1024
+
+
 def child_serve(bundle: str, n_requests: int) -> dict:
+    """``runtime.load`` time; VmRSS after load and after ``n_requests`` requests (N=1, ids
+    uniform over the vocabulary) against the bound: RSS after load and ``WARMUP`` requests
+    but the store file's own resident pages (the fixed overhead: the interpreter, ONNX
+    Runtime's code and arenas, its sessions holding the dense weights) + the rows touched
+    (distinct rows looked up x row bytes). ``store_resident_mib``: the store file's pages
+    in this process's RSS (smaps): 0 when it is read with pread."""
+    import onnxruntime  # noqa: F401 - in the "imports" figure, not the load time
+
     import runtime
 
+    imports = _rss_mib()
     t0 = time.perf_counter()
     scorer = runtime.load(bundle, "onnxruntime")
     load_s = time.perf_counter() - t0
     after_load = _rss_mib()
     reqs = _requests(scorer.spec, n_requests, 1, seed=5)  # ids uniform over the vocabulary
-    t0 = time.perf_counter()
-    for u, c in reqs:
+    for u, c in reqs[:WARMUP]:  # first runs page ORT's code in and size its arenas
         scorer.score(u, c)
-    return {"load_s": load_s, "rss_after_load_mib": after_load, "requests": n_requests,
-            "serve_s": time.perf_counter() - t0, "rss_after_requests_mib": _rss_mib(),
-            "torch_imported": "torch" in sys.modules}
+    warm = _rss_mib()
+    emb = scorer.manifest.embeddings
+    store_file = Path(bundle) / (emb.file if emb else "embeddings.safetensors")
+    store_warm = _mapped_rss_mib(store_file)
+    t0 = time.perf_counter()
+    for u, c in reqs[WARMUP:]:
+        scorer.score(u, c)
+    serve_s = time.perf_counter() - t0
+    after = _rss_mib()
+    m = scorer.manifest
+    stages = ("user", "group") if scorer.split else ("full",)
+    dense = sum(meta.bytes or 0 for rel, meta in m.files.items()
+                if any(rel.startswith(f"{st}.onnx") for st in stages)) / 2**20
+    touched = _rows_touched(scorer, reqs)
+    store = scorer.store.store if scorer.store is not None else None
+    row_bytes = {t.name: t.bytes / t.rows for t in (m.embeddings.tables if m.embeddings else [])}
+    rows_mib = sum(n * row_bytes[t] for t, n in touched.items()) / 2**20
+    fixed = warm["VmRSS"] - dense - store_warm
+    bound = fixed + dense + rows_mib
+    return {"load_s": load_s, "rss_after_imports_mib": imports, "rss_after_load_mib": after_load,
+            "rss_after_warmup_mib": warm, "requests": n_requests, "serve_s": serve_s, "rss_after_requests_mib": after,
+            "store_read": None if store is None else ("pread" if store.pread else "mmap"),
+            "store_resident_mib": {"after_warmup": store_warm, "after_requests": _mapped_rss_mib(store_file),
+                                   "file": store_file.stat().st_size / 2**20 if store_file.is_file() else 0},
+            "bound_mib": {"dense_weights": dense, "rows_touched": rows_mib, "fixed_overhead": fixed,
+                          "sum": bound, "measured_vmrss": after["VmRSS"],
+                          "within": after["VmRSS"] <= bound},
+            "rows_touched": touched, "torch_imported": "torch" in sys.modules}
 
 
 def child_latency(small: str, large: str, rounds: int) -> dict:
@@ -169,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocabs", type=int, nargs=2, default=[100_000, 3_000_000], metavar=("SMALL", "LARGE"))
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     p.add_argument("--work", default="/tmp/ugsep-bench-scale")
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_scale.json"))
     p.add_argument("--resume", action="store_true", help="reuse child results recorded in --work")
     args = p.parse_args(argv)
@@ -181,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     for label, vocab in zip(("small", "large"), args.vocabs, strict=True):
         ckpt, bundle = work / f"ckpt-{vocab}", work / f"bundle-{vocab}"
-        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt, cache=done(f"ckpt-{vocab}"))}
+        have = (ckpt / "model.safetensors").is_file()  # a recorded checkpoint whose file was removed: rebuilt
+        run = {"vocab": vocab, **run_child("checkpoint", vocab, args.size, ckpt,
+                                           cache=done(f"ckpt-{vocab}") if have else None)}
         run["export"] = run_child("export", ckpt, bundle, cache=done(f"export-{vocab}"))
         run["export"]["peak_rss_over_checkpoint"] = run["export"]["peak_rss_bytes"] / run["checkpoint_bytes"]
         run["store"] = _store_bytes(bundle)
@@ -202,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "int8_bytes_over_fp32": (sum(t["bytes"] for t in store8.values()) / sum(t["bytes"] for t in store32.values())
                                  if store32 else None),  # None: no table reached the store
         "int8_delta_auc": int8_auc,
+        # VmRSS after --requests requests vs dense weights + rows touched + fixed overhead (MiB)
+        "serving_rss_bound": {label: {**run["serve"]["bound_mib"], "requests": run["serve"]["requests"],
+                                      "store_read": run["serve"]["store_read"]} for label, run in runs.items()},
         "runs": runs,
         "int8_export": {**int8_run, "store": store8},
         "latency": lat,
@@ -211,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in list(result)[:4]}, indent=1))
+    print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
     return 0
 
 

@@ -15,11 +15,21 @@ scale and bias per row, the FBGEMM/TorchRec ``Fused8BitRowwise`` convention:
 ``x = q * scale + bias``, scale = (max - min) / 255, bias = min). Lookups are vectorised
 ``np.take`` on the memory map into per-thread preallocated buffers; pages of a table become
 resident only when rows on them are read, so resident memory grows with the rows touched.
+
+Resident memory: a store file up to ``map_limit`` (default ``MAP_LIMIT``, 256 MiB) is read
+through its memory map with ``np.take``. A larger one is read row by row with ``os.pread``
+(the table's pages stay in the page cache, shared by every process, but never enter this
+process's RSS): on Linux a fault on a mapped file maps the whole page-cache folio around it
+(measured on this kernel: ~2 MiB per random row touched; ``MADV_RANDOM`` /
+``MADV_NOHUGEPAGE`` do not stop it), so random lookups into a 3.5 GB table map most of it
+within a few thousand requests, and dropping the mappings again (``MADV_DONTNEED``) costs
+more per row (unmapping 512 PTEs) than a ``pread`` of the row (~1-4 µs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from pathlib import Path
@@ -31,6 +41,7 @@ from runtime.errors import BundleError, RequestError
 from runtime.manifest.sections import Embeddings, StoreLookup, StoreTable
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8}
+MAP_LIMIT = 256 << 20  # store files larger than this are read with pread, not through the map
 _OPEN: dict[tuple, MmapStore] = {}  # (path, size, mtime, tables) -> the process's one mapping
 _OPEN_LOCK = threading.Lock()
 
@@ -68,19 +79,27 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class MmapStore:
-    """Tables in one safetensors file of the bundle, memory-mapped read-only."""
+    """Tables in one safetensors file of the bundle, memory-mapped read-only; a file larger
+    than ``map_limit`` (None: no limit) is read with ``pread`` (``self.pread``)."""
 
-    def __init__(self, path: str | Path, tables: list[StoreTable]) -> None:
+    def __init__(
+        self, path: str | Path, tables: list[StoreTable], map_limit: int | None = MAP_LIMIT
+    ) -> None:
         self.path = Path(path)
         header, base = read_safetensors_header(self.path)
         size = self.path.stat().st_size
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > base else None
+        self.pread = map_limit is not None and size > map_limit
+        self._fd = os.open(self.path, os.O_RDONLY) if self.pread else None
+        self._offsets: dict[tuple[str, str], int] = {}  # (table, part) -> file offset of row 0
         self._meta = {t.name: t for t in tables}
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         for t in tables:
             self._arrays[t.name] = {
                 part: self._view(header, base, size, key, t.name) for part, key in t.tensors.items()
             }
+            for part, key in t.tensors.items():
+                self._offsets[(t.name, part)] = base + int(header[key]["data_offsets"][0])
             self._check_rows(t)
 
     @classmethod
@@ -89,8 +108,13 @@ class MmapStore:
 
         One mapping per file and process: every scorer of the bundle (split, full, parity's
         configurations, a reloaded model) shares it, so a touched page is resident once."""
-        sec = bundle.manifest.embeddings
-        path = Path(bundle.path(sec.file)).resolve()
+        return cls.open_path(bundle.path(bundle.manifest.embeddings.file), bundle.manifest.embeddings)
+
+    @classmethod
+    def open_path(cls, path: str | Path, sec: Embeddings) -> MmapStore:
+        """The store file ``path`` described by a manifest's ``embeddings`` section ``sec``
+        (the process's one mapping of it, as ``open``)."""
+        path = Path(path).resolve()
         try:
             st = path.stat()
         except FileNotFoundError as e:
@@ -145,17 +169,37 @@ class MmapStore:
         if out is None:
             out = np.empty((flat.size, self.dim(table)), dtype=np.float32)
         if "weight" in arrs:
-            w = arrs["weight"]
-            if w.dtype == np.float32:
-                np.take(w, flat, axis=0, out=out)
+            if arrs["weight"].dtype == np.float32:
+                self._rows(table, "weight", flat, out=out)
             else:
-                out[...] = np.take(w, flat, axis=0)
+                out[...] = self._rows(table, "weight", flat)
             return out.reshape(shape)
-        q = np.take(arrs["qweight"], flat, axis=0)
-        sb = np.take(arrs["scale_bias"], flat, axis=0)
+        q = self._rows(table, "qweight", flat)
+        sb = self._rows(table, "scale_bias", flat)
         np.multiply(q, sb[:, :1], out=out)
         out += sb[:, 1:2]
         return out.reshape(shape)
+
+    def _rows(self, table: str, part: str, flat: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``flat`` of one tensor of ``table`` in its stored dtype: ``np.take`` on the
+        map, or one ``pread`` per row (``self.pread``; see the module doc)."""
+        a = self._arrays[table][part]
+        if self._fd is None:
+            return np.take(a, flat, axis=0, out=out)
+        rb, base, fd, pread = a.strides[0], self._offsets[(table, part)], self._fd, os.pread
+        data = b"".join([pread(fd, rb, base + r * rb) for r in flat.tolist()])
+        if len(data) != rb * flat.size:
+            raise BundleError(f"embedding store '{self.path}': short read of table '{table}' (truncated?)")
+        got = np.frombuffer(data, dtype=a.dtype).reshape(flat.size, *a.shape[1:])
+        if out is None:
+            return got
+        out[...] = got
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class StoreFeeds:
@@ -173,6 +217,25 @@ class StoreFeeds:
         }
         for lk in self.lookups:
             _check_vocab(store, lk, spec)
+
+    @classmethod
+    def for_directory(cls, root: str | Path, manifest) -> StoreFeeds | None:
+        """The lookups of ``manifest`` from its store file copied into ``root`` (a Triton
+        orchestrator's copy of the bundle's manifest and store), checked against the
+        manifest's sha256 first."""
+        sec = manifest.embeddings
+        if not sec or not sec.lookups:
+            return None
+        from runtime.bundle import sha256_file
+
+        path = Path(root) / sec.file
+        if not path.is_file():
+            raise BundleError(f"embedding store file '{path}' is missing")
+        entry = manifest.files.get(sec.file)
+        want = entry.sha256 if entry else None
+        if sha256_file(path) != want:
+            raise BundleError(f"embedding store '{path}' does not match its manifest sha256; copy the bundle again")
+        return cls(MmapStore.open_path(path, sec), sec, manifest.spec)
 
     @classmethod
     def for_bundle(cls, bundle, store: EmbeddingStore | None = None) -> StoreFeeds | None:

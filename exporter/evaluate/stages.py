@@ -38,6 +38,7 @@ class Stage:
     run: Callable[[Rows], Outputs] | None = None
     skip_reason: str | None = None
     scorer: Callable[[], Scorer] | None = None  # runtime stages: the scorer behind ``run``
+    close: Callable[[], None] | None = None  # drops what ``run`` opened (sessions, graphs)
 
 
 def eager_outputs(model: torch.nn.Module, spec: FeatureSpec, rows: Rows) -> Outputs:
@@ -102,7 +103,8 @@ def bundle_stages(
     backend = OrtBackend(intra_op_threads=1)
     stages = []
     if m.is_split and program is not None:
-        stages.append(Stage("split-eager", "fp32", _split_eager(m.spec, program)))
+        run, close = _split_eager(m.spec, program)
+        stages.append(Stage("split-eager", "fp32", run, close=close))
     stages.append(_runtime_stage(f"onnx-full{suffix}", bundle, backend, False))
     if m.is_split:
         stages.append(_runtime_stage(f"onnx-split{suffix}", bundle, backend, True, "group"))
@@ -132,11 +134,12 @@ def _runtime_stage(name: str, bundle: Bundle, backend, split: bool, group: str =
     def run(rows: Rows) -> Outputs:
         return _scorer_runner(scorer(), bundle.manifest.spec)(rows)
 
-    return Stage(name, budget_precision(bundle.manifest), run, scorer=scorer)
+    return Stage(name, budget_precision(bundle.manifest), run, scorer=scorer, close=holder.clear)
 
 
-def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> Callable[[Rows], Outputs]:
-    """The UG split's user and group GraphModules, run eagerly like the runtime runs the ONNX."""
+def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> tuple[Callable[[Rows], Outputs], Callable]:
+    """The UG split's user and group GraphModules, run eagerly like the runtime runs the ONNX
+    (and the call that drops them)."""
     holder: dict[str, Any] = {}
 
     def run(rows: Rows) -> Outputs:
@@ -158,7 +161,7 @@ def _split_eager(spec: FeatureSpec, program: Callable[[], Any]) -> Callable[[Row
             out = _as_tuple(res.group(*[feeds[n] for n in res.group_inputs]))
         return {n: t.float().numpy() for n, t in zip(spec.outputs, out, strict=True)}
 
-    return run
+    return run, holder.clear
 
 
 def _as_tuple(out) -> tuple:

@@ -4,12 +4,21 @@
                                            documented ONNX support; exit 1 on errors
     ugsep build-trt BUNDLE [--m 1,8,256]   build_engines(BUNDLE): engines for the GPU here, into
                                            engines/<gpu>-trt<version>/, recorded in the manifest
+    ugsep build-trt BUNDLE --plan          engine_plan(BUNDLE): the optimization profiles of every
+                                           stage input (no TensorRT, no GPU needed)
     ugsep export ... --target trt          pipeline steps ``step_trt_lint`` (before writing:
                                            refuse graphs TensorRT would reject) and
                                            ``step_trt_build`` (after writing, before parity)
 
 ``add_arguments(parser)`` / ``run(args)`` are the ``build-trt`` subcommand (exporter.cli
 delegates to them). Nothing here imports ``tensorrt`` until an engine is built.
+
+A bundle with an embedding store (docs/embedding-store.md): the store stays outside the
+engines. Its stages take the looked-up vectors (``emb<k>__<input>``, float32) as inputs
+like any other; the profiles give each the batch range of its side in that stage (user
+lookups M rows in user.plan, N rows in full.plan; candidate lookups N rows), and the
+runtime's ``StoreFeeds`` feeds them to the engines as it feeds ONNX Runtime. The plan and
+the manifest's engine entry list those inputs (``store_inputs``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from runtime.manifest import Engine
 
@@ -98,7 +108,9 @@ def build_engines(
 
     bundle = Bundle.open(bundle_dir)
     manifest = bundle.manifest
-    stages = stages or (["user", "group"] if manifest.is_split else ["full"])
+    stages = _stages(manifest, stages)
+    ranges = batch_ranges(manifest, m, n)
+    plan = {stage: stage_profiles(bundle.stage_path(stage), stage, manifest, *ranges) for stage in stages}
     if lint:
         text, ok = lint_report(lint_stages(bundle.root))
         if not ok:
@@ -107,7 +119,6 @@ def build_engines(
     log_path = bundle.root / rel_dir / "build.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
-    ranges = batch_ranges(manifest, m, n)
     quantized = manifest.precision in ("w8a16", "w4a16")
     files: dict[str, Any] = {}
     for stage in stages:
@@ -118,16 +129,67 @@ def build_engines(
             workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
             timing_cache=timing_cache_path(cache_dir, rel_dir),
             log_path=log_path,
-            profiles=stage_profiles(path, stage, manifest, *ranges),
+            profiles=plan[stage],
         )
         with console.status(f"building the TensorRT engine for {stage} ({gpu['gpu']}) …"):
             files[f"{rel_dir}/{stage}.plan"] = EngineFromOnnx(path, options)()
     files[f"{rel_dir}/build.log"] = log_path.read_text()
     precision = "strongly-typed" if quantized else ("fp16" if fp16 else "fp32")
     entry = _engine_entry(rel_dir, gpu, trt_version, stages, sorted(files), precision, ranges)
+    store = store_inputs(manifest, plan)
+    if store:  # the tables stay in the bundle's store; these engine inputs are looked-up rows
+        entry.store_inputs = store
     engines = [e for e in manifest.engines if e.dir != rel_dir] + [entry]
     update_bundle(bundle.root, files, engines=engines)
     return entry
+
+
+def _stages(manifest, stages: list[str] | None) -> list[str]:
+    stages = stages or (["user", "group"] if manifest.is_split else ["full"])
+    missing = [s for s in stages if s not in manifest.stages]
+    if missing:
+        raise ExportError(f"the bundle has no stage(s) {missing} (it has: {', '.join(manifest.stages)})")
+    return stages
+
+
+def store_inputs(manifest, plan: dict[str, dict]) -> dict[str, list[str]]:
+    """{stage: [engine inputs that are looked-up store rows]} (empty without a store)."""
+    lookups = {lk.stage_input for lk in (manifest.embeddings.lookups if manifest.embeddings else [])}
+    return {stage: sorted(lookups & set(inputs)) for stage, inputs in plan.items() if lookups & set(inputs)}
+
+
+def engine_plan(bundle_dir: str | Path, *, m: str | None = None, n: str | None = None,
+                stages: list[str] | None = None) -> dict[str, Any]:
+    """``ugsep build-trt --plan``: what ``build_engines`` would give TensorRT, without it.
+
+    {"M": [min, opt, max], "N": [...], "stages": {stage: {input: {"batch": "M"|"N",
+    "min"/"opt"/"max": shape, "store_table": table or None}}}, "store": file or None}.
+    """
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    manifest = bundle.manifest
+    ranges = batch_ranges(manifest, m, n)
+    tables = {lk.stage_input: lk.table for lk in (manifest.embeddings.lookups if manifest.embeddings else [])}
+    out: dict[str, Any] = {}
+    for stage in _stages(manifest, stages):
+        profiles = stage_profiles(bundle.stage_path(stage), stage, manifest, *ranges)
+        out[stage] = {
+            name: {"batch": "M" if _on_m(stage, name, manifest) else "N", "min": list(lo), "opt": list(opt),
+                   "max": list(hi), "store_table": tables.get(name)}
+            for name, (lo, opt, hi) in profiles.items()
+        }
+    return {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values()), "stages": out,
+            "store": manifest.embeddings.file if manifest.embeddings else None}
+
+
+def _on_m(stage: str, name: str, manifest) -> bool:
+    return stage == "user" or (stage == "group" and name in m_rows_inputs(manifest))
+
+
+def m_rows_inputs(manifest) -> set[str]:
+    """The group graph's inputs with M rows (one per user): the boundary tensors."""
+    return {b.name for b in manifest.split.boundary} if manifest.split else set()
 
 
 def _build_target() -> tuple[str, dict, str]:
@@ -187,7 +249,7 @@ def stage_profiles(path: Path, stage: str, manifest, m_range, n_range) -> dict:
     if stage == "user":
         m_inputs = set(inputs)
     elif stage == "group":
-        m_inputs = {b.name for b in manifest.split.boundary} if manifest.split else set()
+        m_inputs = m_rows_inputs(manifest)
     else:
         m_inputs = set()
     return input_profiles(inputs, m_inputs, m_range, n_range)
@@ -203,28 +265,12 @@ def timing_cache_path(cache_dir: str | Path | None, rel_dir: str) -> Path:
 
 
 @dataclass
-class TensorRTOptions:
+class TensorRTOptions(StepOptions):
     """Steps ``trt-lint`` / ``trt-build`` (``--target trt``): the engines built at export."""
 
-    m: str | None = None  # users per call min,opt,max (None: 1,8,limits.max_users_per_call)
-    n: str | None = None  # candidates per call min,opt,max (None: 1,512,limits.max_candidates)
-    require_gpu: bool = False  # no GPU here: fail instead of leaving engines to ugsep build-trt
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--trt-m", default=None, metavar="MIN,OPT,MAX",
-                       help="--target trt: users per call of the engines' profile "
-                       "(default 1,8,limits.max_users_per_call)")
-        p.add_argument("--trt-n", default=None, metavar="MIN,OPT,MAX",
-                       help="--target trt: candidates per call of the engines' profile "
-                       "(default 1,512,limits.max_candidates)")
-        p.add_argument("--trt-require-gpu", action="store_true",
-                       help="--target trt: fail when the engines cannot be built here (default: "
-                       "write the linted bundle and build engines later with ugsep build-trt)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TensorRTOptions:
-        return cls(m=args.trt_m, n=args.trt_n, require_gpu=args.trt_require_gpu)
+    m: str | None = arg("--trt-m", default=None, metavar="MIN,OPT,MAX", help="--target trt: users per call of the engines' profile (default 1,8,limits.max_users_per_call)")
+    n: str | None = arg("--trt-n", default=None, metavar="MIN,OPT,MAX", help="--target trt: candidates per call of the engines' profile (default 1,512,limits.max_candidates)")
+    require_gpu: bool = arg("--trt-require-gpu", default=False, action="store_true", help="--target trt: fail when the engines cannot be built here (default: write the linted bundle and build engines later with ugsep build-trt)")
 
 
 def step_trt_lint(ctx: ExportContext) -> None:
@@ -283,12 +329,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stages to build (default: user+group when split, else full)",
     )
     p.add_argument("--skip-lint", action="store_true", help="skip the TensorRT readiness check")
+    p.add_argument("--plan", action="store_true",
+                   help="print the optimization profile of every stage input and exit (no TensorRT needed)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``ugsep build-trt``: build, print the manifest entry."""
     from exporter.progress import console
 
+    if args.plan:
+        console.print_json(json.dumps(engine_plan(args.bundle, m=args.m, n=args.n, stages=args.stages)))
+        return 0
     entry = build_engines(
         args.bundle,
         m=args.m,

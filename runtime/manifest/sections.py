@@ -244,3 +244,4 @@ class Engine(Section):
     precision: str | None = field_(STR, omit_none=True)
     profiles: dict[str, Any] | None = field_(OBJECT, omit_none=True)  # opaque: M/N ranges
     built: str | None = field_(STR, omit_none=True)
+    store_inputs: dict[str, list[str]] | None = field_(MapOf(ListOf(STR)), omit_none=True)  # per stage: engine inputs that are looked-up store rows

@@ -14,6 +14,11 @@ split's saving (U once per user, not once per candidate) and the cache both hold
 across requests. It does so by handing ``runtime.serving.batcher.run_batch`` a
 scorer whose user/group runs are BLS calls, the same code the HTTP server runs.
 
+A bundle with an embedding store (docs/embedding-store.md): the stage models take the
+looked-up vectors as inputs (their graphs have no tables); the orchestrator carries the
+store file and does the lookups with ``runtime.embstore.StoreFeeds``, as ``ugsep serve``
+does; the tables never reach the GPU models.
+
 Stage models take ``max_batch_size: 0`` with explicit ``-1`` dims: group inputs have
 N rows and boundary tensors M rows, which Triton's single batch dimension cannot
 express. A bundle without a split gets ``<name>_full`` (full.onnx) instead.
@@ -177,6 +182,10 @@ def write_orchestrator(
         ),
     }
     vdir = python_model(root, name, "bls_model.py", cfg)
-    # The orchestrator needs the spec, limits and split layout, not the graphs.
+    # The orchestrator needs the spec, limits and split layout, not the graphs; with an
+    # embedding store also the store file: it looks the rows up before each stage call.
     (vdir / "bundle").mkdir()
     shutil.copyfile(bundle.root / "manifest.json", vdir / "bundle" / "manifest.json")
+    store = bundle.manifest.embeddings
+    if store and store.get("lookups"):
+        shutil.copyfile(bundle.path(store["file"]), vdir / "bundle" / store["file"])

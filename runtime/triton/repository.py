@@ -85,11 +85,6 @@ def write_repository(
         raise BundleError("--embeddings (a Redis tier) is supported for --kind cpu only")
     bundle = Bundle.open(bundle_dir, key=opts.verify, allow_extra_files=opts.allow_extra_files)
     bundle.check_parity(allow_unverified=opts.allow_unverified)
-    if kind == "gpu" and bundle.manifest.embeddings:  # its BLS has no lookup step yet
-        raise BundleError(
-            f"bundle '{bundle.root}' keeps embedding tables in a store; the gpu repository does "
-            "not look rows up yet: use --kind cpu (the bundle's runtime does the lookups)"
-        )
     name = model_name(opts.model_name or bundle.manifest.model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,11 @@ def int8_bundle(tmp_path_factory, ckpt, data):
                    "--precision", "w8a16")
 
 
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory, ckpt, data):
+    return _export(tmp_path_factory.mktemp("emb_b"), ckpt, data, "fp16", "--embeddings", "fp16")
+
+
 def _requests(n_req=4, n=60, seed=5):
     rows, rid = sample_requests(SPEC, n_req, n, seed=seed)
     out = []
@@ -185,6 +190,38 @@ def test_int8_tables_with_w8a16_within_ranking_budget(int8_bundle, store_bundle)
     d, se = metrics["delta_auc"], metrics["delta_auc_ci"]["se"]
     assert abs(d) - 1.96 * se <= 1e-4 and metrics["top10_overlap"]["mean"] >= 0.95
     assert 0 < metrics["max_abs"] < 0.05  # quantized, not exact
+
+
+def test_fp16_tables_half_the_bytes_within_the_fp16_budget(fp16_bundle, store_bundle, model):
+    m = json.loads(open(f"{fp16_bundle}/manifest.json").read())
+    emb = m["embeddings"]
+    fp32 = {t["name"]: t for t in json.loads(open(f"{store_bundle}/manifest.json").read())["embeddings"]["tables"]}
+    assert emb["dtype"] == "fp16" and {t["name"] for t in emb["tables"]} == CUT
+    tensors = load_file(f"{fp16_bundle}/{emb['file']}")
+    sd = model.state_dict()
+    for t in emb["tables"]:
+        assert t["dtype"] == "float16" and t["bytes"] == t["rows"] * t["dim"] * 2
+        assert 2 * t["bytes"] == fp32[t["name"]]["bytes"]  # half of the fp32 store
+        assert np.array_equal(tensors[t["name"]], sd[t["name"]].numpy().astype(np.float16))
+    parity = json.loads(open(f"{fp16_bundle}/parity.json").read())
+    assert parity["passed"]
+    names = {s["name"] for s in parity["stages"] if s["status"] != "skipped"}
+    assert {"onnx-full-emb-fp16", "onnx-split-emb-fp16"} <= names  # judged by the fp16 budget
+    # served: vs eager within fp16's budget, and == eager with its tables rounded to fp16
+    split = runtime.load(fp16_bundle, "onnxruntime")
+    full = runtime.load(fp16_bundle, "onnxruntime", use_split=False)
+    rows, reqs = _requests(seed=9)
+    rounded = make_toy_lookups()
+    with torch.no_grad():
+        for name in CUT:
+            t = rounded.get_parameter(name)
+            t.copy_(t.half().float())
+        eager = model(**to_torch_inputs(SPEC, rows)).numpy()
+        eager16 = rounded(**to_torch_inputs(SPEC, rows)).numpy()
+    for scorer in (split, full):
+        got = np.concatenate([scorer.score(u, c)["ctr"] for u, c in reqs])
+        assert 0 < np.abs(got - eager).max() < 1e-3
+        assert np.abs(got - eager16).max() < 1e-6
 
 
 def test_cli_errors_are_one_line_exit_2(store_bundle, tmp_path, capsys):

@@ -153,18 +153,21 @@ def _gpu_triton() -> tuple[Path, Path] | str:
     return home / "bin" / "tritonserver", home / "backends"
 
 
-@pytest.mark.gpu
-def test_gpu_repository_loads_and_scores_on_a_gpu(tmp_path, tri_bundle, tri_scorer):
+def gpu_server(repo_root) -> TritonServer:
+    """A tritonserver with the onnxruntime backend for a gpu repository (skips without a GPU)."""
     found = _gpu_triton()
     if isinstance(found, str):
         pytest.skip(found)
     binary, backends = found
+    return TritonServer(repo_root, binary=binary, backend_dir=backends, environ=dict(os.environ))
+
+
+@pytest.mark.gpu
+def test_gpu_repository_loads_and_scores_on_a_gpu(tmp_path, tri_bundle, tri_scorer):
     import tritonclient.http as th
 
     repo = write_repository(tri_bundle, tmp_path / "repo", "gpu")
-    with TritonServer(
-        repo.root, binary=binary, backend_dir=backends, environ=dict(os.environ)
-    ) as server:
+    with gpu_server(repo.root) as server:
         client = th.InferenceServerClient(server.http_url)
         for m in repo.models:
             assert client.is_model_ready(m), server.log_tail()

@@ -86,10 +86,11 @@ def check_bundle(
         eager = lambda r: eager_outputs(model, spec, r)  # noqa: E731
         reference = _run_batched(eager, rows, bar, "eager fp32", groups)  # per request
         chunks = groups if scoped else list(C.request_chunks(groups, BATCH_ROWS))
-        results = [
-            _check_stage(st, rows, reference, labels, groups, budgets, bar, chunks, configs)
-            for st in todo
-        ]
+        results = []
+        for st in todo:  # one stage's sessions alive at a time (peak memory of large models)
+            results.append(_check_stage(st, rows, reference, labels, groups, budgets, bar, chunks, configs))
+            if st.close is not None:
+                st.close()
     report = ParityReport(
         bundle=str(bundle.root),
         model_name=bundle.manifest.model_name,

@@ -3,7 +3,10 @@
 Triton's dynamic batcher hands ``execute`` the rankings of concurrent requests. They
 are scored by ``runtime.serving.batcher.run_batch`` with a scorer whose graph runs are
 BLS calls: distinct users that miss the user cache -> ONE call to ``<name>_user``
-(M rows), all candidates -> ONE call to ``<name>_group`` with ``user_index``.
+(M rows), all candidates -> ONE call to ``<name>_group`` with ``user_index``. A bundle
+with an embedding store has its store file beside the manifest (``bundle/``): the rows
+are looked up here, on the CPU, before each stage call (user ids once per user,
+candidate ids once per candidate), and the stage models take the looked-up vectors.
 Parameters (config.pbtxt): stages (JSON), user_cache_bytes, user_cache_ttl_s.
 """
 
@@ -24,8 +27,9 @@ from runtime.triton.triton_models import _common  # noqa: E402
 class BlsStages:
     """What ``run_batch`` needs from a Scorer, with each graph run as a BLS call."""
 
-    def __init__(self, manifest, stages: dict) -> None:
+    def __init__(self, manifest, stages: dict, store=None) -> None:
         self.manifest, self.spec, self.stages = manifest, manifest.spec, stages
+        self.store = store  # runtime.embstore.StoreFeeds of the bundle's store, or None
         self.split = "user" in stages and "group" in stages
         # a request-scoped bundle: one group (or full) call per request (runtime.scorer)
         self.request_scoped = manifest.mixes_rows("group" if self.split else "full")
@@ -33,16 +37,22 @@ class BlsStages:
         self.output_names = list(self.spec.outputs)
         self.max_candidates = manifest.limits.max_candidates
 
+    def lookup(self, inputs, side):
+        """``inputs`` plus the store's rows for the lookups of ``side`` (no store: unchanged)."""
+        return inputs if self.store is None else self.store.feeds(inputs, side)
+
     def run_user(self, users):
-        return self._call("user", users, self.boundary_names)
+        return self._call("user", self.lookup(users, "user"), self.boundary_names)
 
     def run_group(self, cands, boundary, user_index):
+        cands = self.lookup(cands, "group")
         feeds = {**cands, **boundary, "user_index": np.asarray(user_index, dtype=np.int64)}
         return self._call("group", feeds, self.output_names)
 
     def run_full(self, users, cands, user_index):
+        users = self.lookup(users, "user")  # once per user, then gathered per candidate
         feeds = {k: v[user_index] for k, v in users.items()}
-        feeds.update(cands)  # mixed inputs come whole from the candidates
+        feeds.update(self.lookup(cands, "group"))  # mixed inputs come whole from the candidates
         return self._call("full", feeds, self.output_names)
 
     def run_per_request(self, prepared, boundary, slots=None):
@@ -73,11 +83,14 @@ class TritonPythonModel:
     def initialize(self, args):
         here = _common.version_dir(args)
         params = _common.parameters(args)
+        from runtime.embstore import StoreFeeds
         from runtime.manifest import Manifest
         from runtime.serving.batcher import run_batch
         from runtime.serving.cache import UserCache
 
-        self.stages = BlsStages(Manifest.read(here / "bundle"), json.loads(params["stages"]))
+        manifest = Manifest.read(here / "bundle")
+        store = StoreFeeds.for_directory(here / "bundle", manifest)  # None: no store
+        self.stages = BlsStages(manifest, json.loads(params["stages"]), store)
         self.cache = UserCache(
             int(params.get("user_cache_bytes") or 0), float(params.get("user_cache_ttl_s") or 300)
         )
