@@ -187,5 +187,5 @@ def write_orchestrator(
     (vdir / "bundle").mkdir()
     shutil.copyfile(bundle.root / "manifest.json", vdir / "bundle" / "manifest.json")
     store = bundle.manifest.embeddings
-    if store and store.get("lookups"):
-        shutil.copyfile(bundle.path(store["file"]), vdir / "bundle" / store["file"])
+    if store and store.lookups:
+        shutil.copyfile(bundle.path(store.file), vdir / "bundle" / store.file)
