@@ -85,12 +85,9 @@ class Nullable(Kind):
     def load(self, v: Any, at: At) -> Any:
         if v is None:
             return None
-        try:
-            return self.kind.load(v, at)
-        except BundleError:
-            if self.kind.check(v) or not isinstance(self.kind, Scalar | OneOf):
-                raise
-            raise at.expected(self.what, v) from None
+        if isinstance(self.kind, Scalar | OneOf) and not self.kind.check(v):
+            raise at.expected(self.what, v)  # "expected an int or null"
+        return self.kind.load(v, at)
 
     def dump(self, v: Any) -> Any:
         return None if v is None else self.kind.dump(v)
