@@ -8,10 +8,12 @@ Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
   tables ``[T*E, D, H]`` and a batched MatMul: cost follows k, not E; weight bytes moved
   per row, so it suits small batches (the user side at M=1).
 * ``grouped`` rows grouped by expert: the (row, token, slot) assignments sorted by key
-  t*E + e (TopK), their rows gathered once and Split into T*E runs, each run through its
-  expert's two 2-D GEMMs, gated, and one ScatterND (reduction add) back into place: cost
-  follows k, each expert's weights read once per call, so it suits large batches (the group
-  side at N candidates).
+  t*E + e (TopK), counted per key (one ScatterElements add: a histogram), their rows
+  gathered once and Split into T*E runs, each run through its expert's two 2-D GEMMs, the
+  outputs concatenated and put back in (row, token, slot) order by one Gather through the
+  inverse permutation (one ScatterElements), gated and summed over the k slots: cost follows
+  k, each expert's weights read once per call, so it suits large batches (the group side at
+  N candidates).
 * ``padded``  rows grouped by expert as for ``grouped``, but scattered into a zero-padded
   [T*E, cap, D] batch (cap: this call's largest group) and run as ONE batched MatMul per
   layer: a few nodes whatever E is; cost follows the largest group, about k/E of dense
@@ -103,26 +105,51 @@ def build_dense(b: _Builder) -> ir.Value:
     return b.op("Transpose", y, perm=[1, 0, 2])
 
 
-def build_grouped(b: _Builder) -> ir.Value:
-    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
-    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
-    gated, and scatter-added back to its (row, token)."""
+def _sorted_assignments(b: _Builder) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """The B*T*k (row, token, slot) assignments sorted by key t*E + e: (sorted keys, order,
+    source row b*T + t of each sorted assignment, assignments per key [T*E])."""
     bank = b.bank
-    t, e, d, h = bank.w1.shape
-    k = bank.top_k
+    t, e = bank.w1.shape[:2]
     flat = b.const("flat", np.array([-1], dtype=_I64))
     offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
     keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)  # [n], n = B*T*k
-    _, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
-    rows = b.op("Div", order, b.const("k", np.array(k, dtype=_I64)))  # (row, token) = b*T + t
+    skeys, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    ones = b.op("ConstantOfShape", b.op("Shape", keys), value=ir.tensor(np.ones(1, _I64)))
+    counts = b.op("ScatterElements", b.const("key_zeros", np.zeros(t * e, _I64)), keys, ones,
+                  axis=0, reduction="add")  # a histogram: O(n), not an [n, T*E] one-hot
+    return skeys, order, rows, counts
+
+
+def _unsort_and_gate(b: _Builder, sorted_out: ir.Value, order: ir.Value) -> ir.Value:
+    """Sorted expert outputs [n, D] back to (row, token, slot) order, gated, summed over the
+    k slots: [B, T, D]. The inverse permutation is one ScatterElements, the un-sort one
+    Gather (no zero-filled ScatterND with reduction)."""
+    bank = b.bank
+    d = bank.w1.shape[2]
+    n = b.op("Squeeze", b.op("Shape", order), b.const("ax0q", [0]))
+    pos = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), n,
+               b.const("one", np.array(1, dtype=_I64)))
+    inverse = b.op("ScatterElements", order, order, pos, axis=0)  # inverse[order[j]] = j
+    out = b.op("Gather", sorted_out, inverse, axis=0)  # [n, D], n = B*T*k in (b, t, j) order
+    shape = b.op("Concat", b.op("Shape", bank.gates), b.const("d", np.array([d], dtype=_I64)),
+                 axis=0)
+    out = b.op("Reshape", out, shape)  # [B, T, k, D]
+    if bank.top_k == 1:
+        return b.op("Mul", b.op("Squeeze", out, b.const("ax2", [2])), bank.gates)
+    gated = b.op("Mul", out, b.op("Unsqueeze", bank.gates, b.const("ax_g", [-1])))
+    return b.op("ReduceSum", gated, b.const("ax2", [2]), keepdims=0)
+
+
+def build_grouped(b: _Builder) -> ir.Value:
+    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
+    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
+    un-sorted by one Gather, gated and summed over the k slots."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    _, order, rows, counts = _sorted_assignments(b)
     x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))  # [B*T, D]
-    xs = b.op("Gather", x2, rows, axis=0)
-    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
-    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
-                b.const("key_ids", np.arange(t * e, dtype=_I64)))
-    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
-                  keepdims=0)  # [T*E] assignments per (token, expert)
-    parts = b.ops("Split", xs, counts, n=t * e, axis=0)
+    parts = b.ops("Split", b.op("Gather", x2, rows, axis=0), counts, n=t * e, axis=0)
     outs = []
     for i, part in enumerate(parts):
         ti, ei = divmod(i, e)
@@ -130,11 +157,7 @@ def build_grouped(b: _Builder) -> ir.Value:
         hid = b.op("Relu", b.op("Add", hid, b.const(f"b1.t{ti}.e{ei}", bank.b1[ti, ei])))
         outs.append(b.op("Add", b.op("MatMul", hid, b.const(f"w2.t{ti}.e{ei}", bank.w2[ti, ei])),
                          b.const(f"b2.t{ti}.e{ei}", bank.b2[ti, ei])))
-    gated = b.op("Mul", b.op("Concat", *outs, axis=0), b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
-    zeros = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
-    y = b.op("ScatterND", zeros, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
-             reduction="add")
-    return b.op("Reshape", y, b.op("Shape", bank.x))
+    return _unsort_and_gate(b, b.op("Concat", *outs, axis=0), order)
 
 
 def build_padded(b: _Builder) -> ir.Value:
@@ -145,22 +168,12 @@ def build_padded(b: _Builder) -> ir.Value:
     bank = b.bank
     t, e, d, h = bank.w1.shape
     te = t * e
-    flat = b.const("flat", np.array([-1], dtype=_I64))
-    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
-    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)
-    n = b.op("Shape", keys)
-    skeys, order = b.ops("TopK", keys, n, n=2, largest=0, sorted=1)
-    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    skeys, order, rows, counts = _sorted_assignments(b)
     x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))
-    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
-    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
-                b.const("key_ids", np.arange(te, dtype=_I64)))
-    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
-                  keepdims=0)
     start = b.op("CumSum", counts, b.const("ax0s", np.array(0, dtype=_I64)), exclusive=1)
     cap = b.op("ReduceMax", counts, b.const("ax0m", [0]), keepdims=1)  # [1]
-    scalar_n = b.op("Squeeze", n, b.const("ax0q", [0]))
-    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), scalar_n,
+    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)),
+             b.op("Squeeze", b.op("Shape", order), b.const("ax0q", [0])),
              b.const("one", np.array(1, dtype=_I64)))
     slot = b.op("Add", b.op("Mul", skeys, cap), b.op("Sub", i, b.op("Gather", start, skeys, axis=0)))
     slot = b.op("Unsqueeze", slot, b.const("ax_s", [-1]))
@@ -177,11 +190,7 @@ def build_padded(b: _Builder) -> ir.Value:
                b.const("b2_bank", bank.b2.reshape(te, 1, d)))
     picked = b.op("GatherND", b.op("Reshape", out, b.const("rows_d2", np.array([-1, d], dtype=_I64))),
                   slot)
-    gated = b.op("Mul", picked, b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
-    yz = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
-    y = b.op("ScatterND", yz, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
-             reduction="add")
-    return b.op("Reshape", y, b.op("Shape", bank.x))
+    return _unsort_and_gate(b, picked, order)
 
 
 _BUILD = {
