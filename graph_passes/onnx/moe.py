@@ -224,9 +224,12 @@ class SparseMoEFormPass(ir.passes.InPlacePass):
             builder = _Builder(model.graph, bank, type(self).__name__)
             y = _BUILD[self.form](builder)
             model.graph.insert_before(bank.anchor, builder.finish())
-            bank.y.replace_all_uses_with(y)
-            if bank.y in model.graph.outputs:
-                model.graph.outputs[model.graph.outputs.index(bank.y)] = y
+            if bank.y in model.graph.outputs:  # the graph keeps its output's name
+                name = bank.y.name
+                bank.y.replace_all_uses_with(y, replace_graph_outputs=True)
+                bank.y.name, y.name = f"{name}.replaced", name
+            else:
+                bank.y.replace_all_uses_with(y)
         if banks:
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedInitializersPass()(model) if hasattr(

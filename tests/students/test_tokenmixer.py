@@ -179,3 +179,28 @@ def test_student_graph_in_every_form_equals_eager():
                                     providers=["CPUExecutionProvider"])
         got = sess.run(None, {n: rows[n] for n in names})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=form)
+
+
+def test_weight_bytes_count_the_gather_form_expert_tables_fp32_and_int8():
+    from graph_passes.onnx import linear_weight_bytes, quantize_onnx
+
+    t, d, h, e = 2, 32, 64, 4
+    moe = TokenMoE(n_tokens=t, d_model=d, hidden=h, n_experts=e, top_k=2).eval()
+    ep = torch.export.export(moe, (torch.randn(3, t, d),),
+                             dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    forms = {}
+    for form in ("gather", "grouped"):
+        m = ir.serde.deserialize_model(proto)
+        SparseMoEFormPass(form)(m)
+        assert [o.name for o in m.graph.outputs] == ["y"]  # the bank's output was the graph's
+        forms[form] = m
+    gather, grouped = (linear_weight_bytes(forms[f]) for f in ("gather", "grouped"))
+    tables = 2 * t * e * d * h * 4  # w1 [T*E, D, H] and w2 [T*E, H, D], fp32
+    assert gather["fp32"] == grouped["fp32"] >= tables  # the same expert weights, either form
+    assert gather["layers"] == grouped["layers"] - 2 * t * e + 2  # one layer per table
+    q = linear_weight_bytes(quantize_onnx(forms["gather"], target="ort-cpu").model)
+    assert q["quantized_layers"] == 2  # the two tables (the router stays float)
+    assert q["quantized_layers_fp32"] == tables
+    # int8 payload + one fp32 scale per (token, expert, output channel)
+    assert q["quantized_layers_bytes"] == 2 * t * e * d * h + 4 * t * e * (h + d)
