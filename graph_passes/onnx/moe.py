@@ -27,11 +27,13 @@ gather form's weight Gathers also ``ugsep.moe_table`` = w1 / w2 (the quantizer's
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from graph_passes.onnx._util import add_initializer, tag
+from graph_passes.onnx._util import add_initializer, const_array, tag
 from graph_passes.onnx.moe_match import Bank, find_banks
 
 __all__ = ["FORMS", "SparseMoEFormPass", "bank_summary"]
@@ -193,6 +195,96 @@ def build_padded(b: _Builder) -> ir.Value:
     return _unsort_and_gate(b, picked, order)
 
 
+def _last_axis(node: ir.Node, rank: int | None) -> bool:
+    """An ArgMax / ReduceMax over the last axis with keepdims=1 (ArgMax: first maximum)."""
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    if attrs.get("keepdims", 1) != 1 or attrs.get("select_last_index", 0) != 0:
+        return False
+    if node.op_type == "ArgMax":
+        axis = attrs.get("axis", 0)
+    else:
+        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else attrs.get("axes")
+        if axes is None or np.size(axes) != 1:
+            return False
+        axis = int(np.ravel(axes)[0])
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _max_of(value: ir.Value, rank: int | None) -> ir.Value | None:
+    """The output of a last-axis ReduceMax(keepdims) of ``value``, if there is one."""
+    for use in value.uses():
+        n = use.node
+        if n.op_type == "ReduceMax" and use.idx == 0 and _last_axis(n, rank):
+            return n.outputs[0]
+    return None
+
+
+def _routing_rounds(bank: Bank) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(router logits, values, ids) of the student's top-k routing feeding ``bank``: k rounds of
+    ArgMax and ReduceMax, each round masking the chosen expert to -inf (students.moe.route_topk),
+    the rounds' maxima and ids concatenated on the last axis. None if ``bank.idx`` is not that."""
+    k = bank.top_k
+    cat = bank.idx.producer()
+    ids = [bank.idx] if k == 1 else (list(cat.inputs) if cat is not None and cat.op_type == "Concat" else [])
+    if len(ids) != k:
+        return None
+    rank = len(bank.idx.shape) if bank.idx.shape is not None else None
+    argmaxes = [v.producer() for v in ids]
+    if any(a is None or a.op_type != "ArgMax" or not _last_axis(a, rank) for a in argmaxes):
+        return None
+    for prev, cur in itertools.pairwise(argmaxes):  # cur reads prev's input, prev's pick masked
+        where = cur.inputs[0].producer()
+        if where is None or where.op_type != "Where" or where.inputs[2] is not prev.inputs[0]:
+            return None
+        eq, fill = where.inputs[0].producer(), const_array(where.inputs[1])
+        if eq is None or eq.op_type != "Equal" or prev.outputs[0] not in eq.inputs:
+            return None
+        other = const_array(eq.inputs[1 - list(eq.inputs).index(prev.outputs[0])])
+        if fill is None or fill.size != 1 or not np.isneginf(fill).all() or other is None:
+            return None
+        if not np.array_equal(np.ravel(other), np.arange(other.size)):
+            return None
+    maxes = [_max_of(a.inputs[0], rank) for a in argmaxes]
+    if any(m is None for m in maxes):
+        return None
+    if k == 1:
+        return argmaxes[0].inputs[0], maxes[0], bank.idx
+    vcat = [u.node for u in maxes[0].uses() if u.node.op_type == "Concat"]
+    if len(vcat) != 1 or list(vcat[0].inputs) != maxes or vcat[0].attributes["axis"].value not in (-1, rank - 1):
+        return None
+    if cat.attributes["axis"].value not in (-1, (rank or 0) - 1):
+        return None
+    return argmaxes[0].inputs[0], vcat[0].outputs[0], bank.idx
+
+
+def fuse_routing(graph: ir.Graph, bank: Bank, pass_name: str) -> bool:
+    """Replace the k ArgMax rounds of ``bank``'s routing by ONE TopK(k) on the router logits.
+
+    ONNX TopK orders equal values by the lower index first, the tie rule of the rounds
+    (ArgMax's first maximum): the same experts in the same order. The rounds' nodes, left
+    without consumers, are removed by the pass."""
+    found = _routing_rounds(bank)
+    if found is None:
+        return False
+    logits, values, ids = found
+    tape = ir.tape.Tape()
+    k = add_initializer(graph, f"{bank.name}.top_k", np.array([bank.top_k], dtype=_I64))
+    vals, idx = tape.op_multi_out("TopK", [logits, k], {"axis": -1, "largest": 1, "sorted": 1},
+                                  num_outputs=2)
+    for new, old in ((vals, values), (idx, ids)):
+        new.shape, new.type = old.shape, old.type
+    for node in tape.nodes:
+        tag(node, pass_name, moe=bank.name)
+    if logits.producer() is not None:
+        graph.insert_after(logits.producer(), list(tape.nodes))
+    else:
+        graph.insert_before(next(iter(graph)), list(tape.nodes))
+    values.replace_all_uses_with(vals)
+    ids.replace_all_uses_with(idx)
+    bank.idx = idx
+    return True
+
+
 _BUILD = {
     "gather": build_gather,
     "grouped": build_grouped,
@@ -207,10 +299,13 @@ def bank_summary(bank: Bank) -> dict:
 
 
 class SparseMoEFormPass(ir.passes.InPlacePass):
-    """Rewrite every expert bank into ``form`` (one of FORMS); ``self.banks`` lists them."""
+    """Rewrite every expert bank into ``form`` (one of FORMS); ``self.banks`` lists them.
+    With ``fuse_routing`` (default) each bank's k ArgMax rounds become one TopK
+    (``fuse_routing``; ``self.fused_routing`` counts them)."""
 
-    def __init__(self, form: str) -> None:
+    def __init__(self, form: str, fuse_routing: bool = True) -> None:
         super().__init__()
+        self.fuse_routing, self.fused_routing = fuse_routing, 0
         if form not in FORMS:
             raise ValueError(f"MoE form '{form}' is not one of {FORMS}")
         self.form = form
@@ -221,6 +316,8 @@ class SparseMoEFormPass(ir.passes.InPlacePass):
         banks, self.refusals = find_banks(model.graph)
         self.banks = [bank_summary(b) for b in banks]
         for bank in banks:
+            if self.fuse_routing:
+                self.fused_routing += fuse_routing(model.graph, bank, type(self).__name__)
             builder = _Builder(model.graph, bank, type(self).__name__)
             y = _BUILD[self.form](builder)
             model.graph.insert_before(bank.anchor, builder.finish())

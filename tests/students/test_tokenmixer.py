@@ -204,3 +204,30 @@ def test_weight_bytes_count_the_gather_form_expert_tables_fp32_and_int8():
     assert q["quantized_layers_fp32"] == tables
     # int8 payload + one fp32 scale per (token, expert, output channel)
     assert q["quantized_layers_bytes"] == 2 * t * e * d * h + 4 * t * e * (h + d)
+
+
+def test_routing_rounds_fuse_into_one_topk_and_keep_the_tie_rule():
+    # k=2, experts 0, 1 and 2 tie everywhere: the rounds pick 0 then 1 (never 2) unless
+    # expert 3 wins; expert 2 is made different, so a TopK ordering ties otherwise would show
+    moe = TokenMoE(n_tokens=2, d_model=8, hidden=8, n_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        moe.router[:, :, 1] = moe.router[:, :, 0]
+        moe.router[:, :, 2] = moe.router[:, :, 0]
+        moe.experts.b2.normal_()
+    x = torch.randn(64, 2, 8)
+    with torch.no_grad():
+        _, idx, _ = moe.route(x)
+        want = moe(x).numpy()
+    assert not (idx == 2).any() and (idx[..., 0] != 3).any()  # the tie rule is exercised
+    ep = torch.export.export(moe, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=4096)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    for form in FORMS:
+        m = ir.serde.deserialize_model(proto)
+        moe_pass = SparseMoEFormPass(form)
+        moe_pass(m)
+        ops = [n.op_type for n in m.graph]
+        assert moe_pass.fused_routing == 1 and "ArgMax" not in ops and "Where" not in ops, form
+        sess = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=form)
