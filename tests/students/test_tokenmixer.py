@@ -182,6 +182,7 @@ def test_student_graph_in_every_form_equals_eager():
 
 
 def test_weight_bytes_count_the_gather_form_expert_tables_fp32_and_int8():
+    from exporter.steps.graph_record import group_of, quantized_weights
     from graph_passes.onnx import linear_weight_bytes, quantize_onnx
 
     t, d, h, e = 2, 32, 64, 4
@@ -199,7 +200,13 @@ def test_weight_bytes_count_the_gather_form_expert_tables_fp32_and_int8():
     tables = 2 * t * e * d * h * 4  # w1 [T*E, D, H] and w2 [T*E, H, D], fp32
     assert gather["fp32"] == grouped["fp32"] >= tables  # the same expert weights, either form
     assert gather["layers"] == grouped["layers"] - 2 * t * e + 2  # one layer per table
-    q = linear_weight_bytes(quantize_onnx(forms["gather"], target="ort-cpu").model)
+    quantized = {f: quantize_onnx(forms[f], target="ort-cpu").model for f in ("gather", "grouped")}
+    # the manifest's layer rows follow the written graph: int8 tables are seen as int8
+    written = {f: quantized_weights(ir.serde.serialize_model(m)) for f, m in quantized.items()}
+    names = {"experts.w1_table", "experts.w2_table"}
+    assert {w: p for w, p in written["gather"].items() if "router" not in w} == dict.fromkeys(names, "int8")
+    assert {group_of(w) for w in written["grouped"]} == {"experts.w1", "experts.w2"}
+    q = linear_weight_bytes(quantized["gather"])
     assert q["quantized_layers"] == 2  # the two tables (the router stays float)
     assert q["quantized_layers_fp32"] == tables
     # int8 payload + one fp32 scale per (token, expert, output channel)
