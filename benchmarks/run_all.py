@@ -389,16 +389,17 @@ def _md_triton(s: dict) -> list[str]:
 
 
 def _md_moe(s: dict) -> list[str]:
+    rows = [
+        f"| {cfg} | {_x(r['dense_over_sparse_n200'])} | {r['sparse_form_n200']} "
+        f"| {_x(r['eager_over_sparse_n200'], '.0f')} | {_x(r['w8_over_fp32_user_m1'])} |"
+        for cfg, r in s["configs"].items()
+    ]
     lines = [
         "| E, k | group N=200: dense-masked / sparse | sparse form | eager / sparse "
         "| user M=1: W8A16 / fp32 |",
         "|---|---:|---|---:|---:|",
+        *rows,
     ]
-    for cfg, r in s["configs"].items():
-        lines.append(
-            f"| {cfg} | {_x(r['dense_over_sparse_n200'])} | {r['sparse_form_n200']} "
-            f"| {_x(r['eager_over_sparse_n200'], '.0f')} | {_x(r['w8_over_fp32_user_m1'])} |"
-        )
     load = s["load_average"]
     return lines + [
         "",
