@@ -125,6 +125,7 @@ def export_student(work: Path, size: str) -> Path:
     import torch
 
     from exporter import ExportOptions, export_bundle, load_student
+    from exporter.steps.embeddings import EmbeddingsOptions
     from students.checkpoint import save_checkpoint
     from students.zoo import FACTORY, build_model, model_kwargs
 
@@ -135,7 +136,7 @@ def export_student(work: Path, size: str) -> Path:
     save_checkpoint(model, FACTORY, kwargs, model.feature_spec(), ckpt, {"note": "random init (speed only)"})
     # parity is tests' business (tests/redis_tier: tier scores == local store); speed only here
     opts = ExportOptions(max_candidates=1024, parity=False, overwrite=True,
-                         extra={"embeddings": "fp32", "store_min_bytes": 1 << 16})
+                         embeddings=EmbeddingsOptions(dtype="fp32", min_bytes=1 << 16))
     export_bundle(load_student(ckpt), bundle, opts)
     return bundle
 

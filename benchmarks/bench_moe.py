@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu() -> str:
-    from exporter.steps.quant_tune import cpu_name
+    from exporter.timing import cpu_name
 
     return cpu_name()
 

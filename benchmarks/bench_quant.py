@@ -9,7 +9,7 @@ Variants (each a user.onnx + group.onnx pair, or full.onnx when the model has no
                     2-D MatMuls), still fp32: what canonicalisation costs or buys by itself
     ours-w8a16      exporter.steps.quantize at its ort-cpu defaults, i.e. `ugsep export --precision
                     w8a16` (sensitivity-selected int8, MatMulNBits accuracy_level=4) with the
-                    speed choices timed per stage on this CPU (exporter/steps/quant_tune.py: which
+                    speed choices timed per stage on this CPU (exporter/timing.py, exporter/steps/quantize/speed.py: which
                     weights are big enough to pay, whether per-token FFN weights are unrolled
                     and quantized; user side at batch 1, group and full at 256); the choice
                     is in the JSON under selection.speed_tuning. When the tuner also built a
@@ -57,9 +57,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.steps.parity.check import output_metrics  # noqa: E402
-from exporter.steps.parity.metrics import request_groups  # noqa: E402
-from exporter.steps.parity.stages import eager_outputs, user_rows  # noqa: E402
+from exporter.evaluate.metrics import output_metrics, request_groups  # noqa: E402
+from exporter.evaluate.stages import eager_outputs, user_rows  # noqa: E402
 from exporter.steps.quantize import Calibration, QuantizeOptions, quantize_bundle_stages  # noqa: E402
 from exporter.steps.threads import choose_stage_threads  # noqa: E402
 from graph_passes.onnx import linear_weight_bytes, quantize_onnx  # noqa: E402
@@ -108,7 +107,7 @@ def _export_fp32(loaded, work: Path) -> dict[str, onnx.ModelProto]:
     from exporter.pipeline import ExportOptions, export_bundle
 
     options = ExportOptions(
-        precision="fp32", parity=False, overwrite=True, extra={"serve_threads": THREADS}
+        precision="fp32", parity=False, overwrite=True, serve_threads=THREADS
     )
     ctx = export_bundle(loaded, work / "fp32", options)
     return dict(ctx.stages)

@@ -63,6 +63,8 @@ def export_one(ckpt: Path, data: Path, out: Path) -> dict:
     from exporter.data import load_rows
     from exporter.load import load_student
     from exporter.pipeline import ExportOptions, export_bundle
+    from exporter.steps.quantize import QuantizeStepOptions
+    from exporter.steps.threads import ThreadsOptions
 
     loaded = load_student(ckpt)
     rows = load_rows(data, loaded.spec)
@@ -70,12 +72,8 @@ def export_one(ckpt: Path, data: Path, out: Path) -> dict:
         precision="w8a16",
         data=rows,
         overwrite=True,
-        extra={
-            "quant_min_elements": 0,
-            "quant_per_token_stages": ["full", "user", "group"],
-            "quant_tune": False,
-            "stage_threads": False,
-        },
+        quantize=QuantizeStepOptions(min_elements=0, per_token_stages=("full", "user", "group"), tune=False),
+        threads=ThreadsOptions(enabled=False),
     )
     t0 = time.perf_counter()
     ctx = export_bundle(loaded, out, options)
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from exporter.steps.parity.budgets import DEFAULTS
+    from exporter.evaluate.budgets import DEFAULTS
 
     torch.set_num_threads(2)
     budget = DEFAULTS["w8a16"]["abs_delta_auc"]

@@ -47,28 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = load_student(args.checkpoint, factory=args.factory, spec=args.spec,
                           kwargs=json.loads(args.kwargs) if args.kwargs else None,
                           trust=args.trust_module)
-    options = ExportOptions(
-        precision=args.precision,
-        split=not args.no_split,
-        parity=not args.no_parity,
-        data=load_rows(args.data, loaded.spec) if args.data else None,
-        max_candidates=args.max_candidates,
-        overwrite=args.overwrite,
-        seed=args.seed,
-        extra={
-            "target": args.target,
-            "budgets": args.budgets,
-            "quant_min_elements": args.quant_min_elements,
-            "quant_per_token_stages": args.quant_per_token_stages,
-            "quant_tune": not args.no_quant_tune,
-            "quant_small_batch": args.quant_small_batch,
-            "serve_threads": args.serve_threads,
-            "stage_threads": not args.no_stage_threads,
-            "embeddings": args.embeddings,
-            "store_min_bytes": args.store_min_bytes,
-            "moe_form": args.moe_form,
-        },
-    )
+    options = ExportOptions.from_args(args, data=load_rows(args.data, loaded.spec) if args.data else None)
     ctx = export_bundle(loaded, args.out, options)
     console.print(f"bundle written to [bold]{args.out}[/bold]")
     if sign_key is not None:
@@ -112,25 +91,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
 
 
-def _positive(value: str, expected: str = "an integer > 0") -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-    return n
-
-
-def _small_batch(value: str) -> int | None:
-    """--quant-small-batch: auto -> None (timed), off -> 0, N -> N (> 0)."""
-    if value == "auto":
-        return None
-    if value == "off":
-        return 0
-    return _positive(value, "auto, off or a candidate count > 0")
-
-
 def add_trust_argument(p: argparse.ArgumentParser) -> None:
     """``--trust-module PKG`` (repeatable): whose registered factories a checkpoint may name."""
     p.add_argument("--trust-module", action="append", default=[], metavar="PKG",
@@ -149,54 +109,13 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kwargs", help="JSON kwargs for --factory")
     add_trust_argument(p)
     p.add_argument("--spec", help="feature spec (YAML/JSON); default: the checkpoint's spec.json")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "w8a16", "w4a16"])
-    p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
-                   help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU is present (else later: ugsep build-trt)")
-    p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
-    p.add_argument("--no-parity", action="store_true", help="skip the parity check (runtime will refuse the bundle)")
     p.add_argument("--data", help="held-out rows (.npz/.csv) for parity and quantization calibration")
-    p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
-    p.add_argument("--quant-min-elements", type=int, default=None, metavar="N",
-                   help="w8a16/w4a16: keep weights with fewer than N elements in float "
-                   "(default: ort-cpu timed per stage on this CPU, else 16384; gpu/qdq 0; "
-                   "0 quantizes every layer)")
-    p.add_argument("--quant-per-token-stages", nargs="*", default=None, metavar="STAGE",
-                   choices=["full", "user", "group"],
-                   help="w8a16/w4a16: stages whose per-token FFN weights are quantized "
-                   "(default: ort-cpu timed per stage on this CPU, else user; gpu/qdq all three; "
-                   "none: give the flag no values)")
-    p.add_argument("--no-quant-tune", action="store_true",
-                   help="w8a16/w4a16 on ORT CPU: use the fixed speed defaults (16384, user) instead "
-                   "of timing each stage on this CPU (tuning is off anyway when either knob above is given)")
-    p.add_argument("--quant-small-batch", type=_small_batch, default=None, metavar="auto|off|N",
-                   help="w8a16/w4a16 on ORT CPU with tuning: a second group graph (group_small) "
-                   "tuned at 1 candidate, run for calls up to the measured crossover (auto, the "
-                   "default; built only when it wins), never (off), or always for calls of up "
-                   "to N candidates")
-    p.add_argument("--serve-threads", type=_positive, default=None, metavar="N",
-                   help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
-                   "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
-                   "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
-                   "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
-                   "stage's cap at serving time)")
-    p.add_argument("--embeddings", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
-                   "(row-wise scale and bias); see docs/embedding-store.md")
-    p.add_argument("--store-min-bytes", type=int, default=1 << 20, metavar="BYTES",
-                   help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
-                   "a huge value keeps every table in the graphs)")
-    p.add_argument("--no-stage-threads", action="store_true",
-                   help="do not time the small-batch stages on fewer threads: every stage runs on "
-                   "the serving threads")
-    p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
-                   help="sparse MoE models: run every expert bank in this form (default: the "
-                   "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
-    p.add_argument("--max-candidates", type=int, default=4096)
     p.add_argument("--sign", metavar="KEY", default=None,
                    help="sign the bundle's manifest (manifest.sig): a PEM Ed25519 private key "
                    "(ugsep keygen) or hmac:FILE for a shared HMAC-SHA256 secret")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    from exporter.pipeline import ExportOptions  # imports the steps: only when export is parsed
+
+    ExportOptions.add_arguments(p)
 
 
 def _add_check_args(p: argparse.ArgumentParser) -> None:
@@ -218,10 +137,32 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments may be added on first use (``add_later``):
+    ``export`` takes its flags from the step modules, which ``ugsep --help`` and the serving
+    commands never import."""
+
+    add_later = None
+
+    def _complete(self) -> None:
+        add, self.add_later = self.add_later, None
+        if add is not None:
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugsep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_LazyParser)
 
     p = sub.add_parser("train", help="train a teacher and distil a student on synthetic CTR data")
     p.add_argument(
@@ -233,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a checkpoint to a bundle")
-    _add_export_args(p)
+    p.add_later = _add_export_args  # the steps' flags: their modules import torch and onnx
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="parity of every compiled stage against the eager model")

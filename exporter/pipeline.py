@@ -23,37 +23,44 @@ rows the selection never saw.
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
+from exporter.args import positive_int
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
 from exporter.progress import console
-from exporter.steps.capture import capture, flat_input_names, to_torch_inputs
-from exporter.steps.embeddings import step_embeddings
-from exporter.steps.onnx_build import export_onnx
-from exporter.steps.optimize import step_optimize
-from exporter.steps.quantize import CALIBRATION_ROWS, step_quantize
-from exporter.steps.tensorrt import step_trt_build, step_trt_lint
-from exporter.steps.threads import step_stage_threads
-from exporter.steps.write import BundleWriter
+from exporter.steps.capture import step_capture, step_full_onnx
+from exporter.steps.embeddings import EmbeddingsOptions, step_embeddings
+from exporter.steps.optimize import OptimizeOptions, step_optimize
+from exporter.steps.parity import step_parity
+from exporter.steps.quantize import CALIBRATION_ROWS, QuantizeStepOptions, step_quantize
+from exporter.steps.split import step_row_scope, step_split
+from exporter.steps.tensorrt import TensorRTOptions, step_trt_build, step_trt_lint
+from exporter.steps.threads import ThreadsOptions, step_stage_threads
+from exporter.steps.write import WriteOptions, step_write
 from runtime.manifest import DEFAULT_LIMITS
-from runtime.sample import sample_rows
 
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("fp32", "w8a16", "w4a16")
+TARGETS = ("onnx", "trt")
+
+
 @dataclass
 class ExportOptions:
-    """What the user asked for (CLI flags map one to one)."""
+    """What the user asked for: the export-wide choices, and each step's own options
+    (``add_arguments`` / ``from_args`` in the step's module; ``ugsep export`` has one flag
+    per field). ``target``, ``serve_threads`` and ``budgets`` are read by several steps."""
 
     precision: str = "fp32"
     split: bool = True
@@ -63,7 +70,71 @@ class ExportOptions:
     max_candidates: int = DEFAULT_LIMITS["max_candidates"]
     overwrite: bool = False
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    target: str = "onnx"  # trt: graphs TensorRT accepts, engines built when a GPU is present
+    serve_threads: int | None = None  # intra-op threads the bundle is served with (timing)
+    budgets: str | Path | dict[str, Any] | None = None  # parity budgets (file or mapping)
+    embeddings: EmbeddingsOptions = field(default_factory=EmbeddingsOptions)
+    optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
+    quantize: QuantizeStepOptions = field(default_factory=QuantizeStepOptions)
+    threads: ThreadsOptions = field(default_factory=ThreadsOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+    STEP_OPTIONS: ClassVar[dict[str, type]] = {
+        "embeddings": EmbeddingsOptions,
+        "optimize": OptimizeOptions,
+        "quantize": QuantizeStepOptions,
+        "threads": ThreadsOptions,
+        "tensorrt": TensorRTOptions,
+        "write": WriteOptions,
+    }
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        """The export-wide flags, then each step's (in pipeline order)."""
+        p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                       help="fp32, or weight-only int8 / int4 with sensitivity-guided selection")
+        p.add_argument("--target", default="onnx", choices=list(TARGETS),
+                       help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU "
+                       "is present (else later: ugsep build-trt)")
+        p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
+        p.add_argument("--no-parity", action="store_true",
+                       help="skip the parity check (runtime will refuse the bundle)")
+        p.add_argument("--parity-rows", type=positive_int, default=None, metavar="N",
+                       help="parity on the first N held-out rows (default: every --data row but the "
+                       "quantizer's calibration tail; without --data, 1000 sampled rows)")
+        p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
+        p.add_argument("--serve-threads", type=positive_int, default=None, metavar="N",
+                       help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
+                       "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
+                       "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
+                       "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
+                       "stage's cap at serving time)")
+        p.add_argument("--max-candidates", type=positive_int, default=DEFAULT_LIMITS["max_candidates"],
+                       metavar="N", help="the most candidates per call the bundle accepts "
+                       f"(manifest limits; default {DEFAULT_LIMITS['max_candidates']})")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+        p.add_argument("--seed", type=int, default=0, help="seed of sampled rows and example inputs")
+        for options in cls.STEP_OPTIONS.values():
+            options.add_arguments(p)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, data: dict[str, np.ndarray] | None = None) -> ExportOptions:
+        """The options ``ugsep export`` parsed (``data``: the rows --data named, loaded)."""
+        return cls(
+            precision=args.precision,
+            split=not args.no_split,
+            parity=not args.no_parity,
+            parity_rows=args.parity_rows,
+            data=data,
+            max_candidates=args.max_candidates,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            target=args.target,
+            serve_threads=args.serve_threads,
+            budgets=args.budgets,
+            **{name: options.from_args(args) for name, options in cls.STEP_OPTIONS.items()},
+        )
 
 
 @dataclass
@@ -114,95 +185,6 @@ class ExportContext:
 
 
 
-def step_capture(ctx: ExportContext) -> None:
-    spec = ctx.spec
-    if ctx.loaded.program is not None:  # a .pt2 archive is already captured (exporter.program)
-        ctx.program = ctx.loaded.program
-    else:
-        ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed, rows=ctx.options.data)
-    ctx.input_names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
-
-
-def step_full_onnx(ctx: ExportContext) -> None:
-    ctx.stages["full"] = export_onnx(ctx.program, ctx.input_names, list(ctx.spec.outputs))
-
-
-def step_split(ctx: ExportContext) -> None:
-    """UG split (exporter.steps.split): user.onnx + group.onnx, manifest split/flops; else full only."""
-    from exporter.steps.split import split_to_onnx
-
-    rows = ctx.options.data
-    if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
-        rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
-    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
-    ctx.manifest_fields["flops"] = art.flops
-    ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
-        "report": art.report}, indent=2, default=str) + "\n"
-    if art.is_split:
-        ctx.stages["user"], ctx.stages["group"] = art.user, art.group
-        ctx.manifest_fields["split"] = art.manifest_split()
-
-
-def step_row_scope(ctx: ExportContext) -> None:
-    """manifest.row_scope: does each side keep the rows of a call apart (graph_passes.fx)?"""
-    from graph_passes.fx.row_scope import row_scope
-
-    scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
-    ctx.manifest_fields["row_scope"] = scope
-    if scope["full"] == "request":
-        where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
-        console.print(
-            f"[yellow]request-scoped:[/] '{ctx.spec.name}' mixes the rows of a call ({where}); "
-            "the runtime scores each request in its own group call"
-        )
-
-
-def step_write(ctx: ExportContext) -> None:
-    from exporter.steps.graph_record import reconcile
-
-    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
-                          **{k: ctx.options.extra[k] for k in ("external_data_bytes",) if k in ctx.options.extra})
-    try:
-        paths = {s: writer.add_stage(s, f"{s}.onnx", m) for s, m in ctx.stages.items()}
-        # the manifest describes the files as written (layers, boundary, threads), not the plan
-        written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
-        reconcile(ctx.manifest_fields, ctx.stage_meta, written)
-        for stage, meta in ctx.stage_meta.items():
-            if stage in writer.stages:
-                writer.stages[stage].update(meta)
-        for rel, content in ctx.extra_files.items():
-            writer.add(rel, content)
-        fields = {
-            "precision": ctx.options.precision,
-            "source": ctx.loaded.source,
-            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
-            **ctx.manifest_fields,
-        }
-        writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def step_parity(ctx: ExportContext) -> None:
-    """Eager fp32 vs every stage just written; parity.json + manifest.parity in the bundle."""
-    from exporter.steps.parity import check_bundle
-
-    o = ctx.options
-    n_parity, _ = ctx.row_budget()
-    ctx.parity_report = check_bundle(
-        ctx.out_dir,
-        ctx.loaded.eager(),
-        rows=o.data,
-        n_rows=n_parity,
-        seed=o.seed,
-        budgets=o.extra.get("budgets"),
-        program=ctx.captured or ctx.program,
-        progress=False,
-    )
-    console.print(ctx.parity_report.table())
-
-
 Step = Callable[[ExportContext], None]
 PIPELINE: list[tuple[str, Step]] = [
     ("capture", step_capture),
@@ -225,13 +207,14 @@ def export_bundle(
 ) -> ExportContext:
     """Run every pipeline step on ``loaded`` and write the bundle to ``out_dir``."""
     options = options or ExportOptions()
-    if options.precision not in ("fp32", "w8a16", "w4a16"):
+    if options.precision not in PRECISIONS:
         raise ExportError(f"precision '{options.precision}' is not one of fp32, w8a16, w4a16")
+    if options.target not in TARGETS:
+        raise ExportError(f"target '{options.target}' is not one of {', '.join(TARGETS)}")
     ctx = ExportContext(loaded=loaded, out_dir=Path(out_dir), options=options)
     steps = [(n, s) for n, s in PIPELINE if n != "parity" or options.parity]
     steps = [(n, s) for n, s in steps if n != "split" or options.split]
-    target = options.extra.get("target", "onnx")
-    steps = [(n, s) for n, s in steps if not n.startswith("trt-") or target == "trt"]
+    steps = [(n, s) for n, s in steps if not n.startswith("trt-") or options.target == "trt"]
     for i, (name, step) in enumerate(steps, 1):
         t0 = time.perf_counter()
         with console.status(f"[{i}/{len(steps)}] {name} …"):

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 import runtime
 from exporter.cli import main
-from exporter.steps.parity.budgets import DEFAULTS
+from exporter.evaluate.budgets import DEFAULTS
 from runtime.manifest import Manifest
 from students.base import model_inputs
 from students.checkpoint import load_checkpoint
@@ -142,7 +142,7 @@ def test_w8a16_fixed_defaults_on_a_model_too_small_to_gain_refuse_and_name_the_f
 def test_w8a16_default_times_each_stage_on_this_cpu_and_records_the_choice(
     trained, tmp_path, capsys
 ):
-    """By default the ORT CPU speed choices are timed per stage (exporter.steps.quant_tune); the
+    """By default the ORT CPU speed choices are timed per stage (exporter.timing); the
     manifest records every configuration timed, and the bundle is what was chosen."""
     out = tmp_path / "tt-w8a16-tuned"
     argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from exporter import pipeline
 from exporter.load import LoadedModel
-from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages
+from exporter.steps.quantize import QuantizeOptions, QuantizeStepOptions, quantize_bundle_stages
 from graph_passes.onnx import linear_layers
 from runtime.spec import FeatureSpec
 from tests.parity.conftest import SPLIT_SPEC, SplitToy
@@ -83,7 +83,7 @@ def test_manifest_follows_the_written_graphs_not_an_edited_plan(tmp_path, monkey
     options = pipeline.ExportOptions(
         precision="w8a16",
         parity=False,
-        extra={"quant_min_elements": 0, "quant_per_token_stages": ["full", "user", "group"]},
+        quantize=QuantizeStepOptions(min_elements=0, per_token_stages=("full", "user", "group")),
     )
     pipeline.export_bundle(loaded, tmp_path / "b", options)
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())

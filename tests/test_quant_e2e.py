@@ -190,6 +190,7 @@ class TwoSide(torch.nn.Module):
 
 def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path):
     from exporter import ExportOptions, LoadedModel, export_bundle
+    from exporter.steps.quantize import QuantizeStepOptions
     from runtime.manifest import Manifest
 
     model = TwoSide().eval()
@@ -199,7 +200,7 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
         parity=False,
         data={**rows, "request_id": rid},
         parity_rows=200,
-        extra={"quant_min_elements": 0},  # the tiny towers sit below the ORT CPU default
+        quantize=QuantizeStepOptions(min_elements=0),  # the tiny towers sit below the ORT CPU default
     )
     ctx = export_bundle(LoadedModel(spec=SPEC, module=model), tmp_path / "b", opts)
     m = Manifest.read(tmp_path / "b")
@@ -252,7 +253,7 @@ def test_min_elements_keeps_small_weights_fp32_for_speed_and_says_why(exported):
     assert QuantizeOptions().per_token_stages == ("user",)
     assert QuantizeOptions(target="gpu").min_elements == 0
     assert QuantizeOptions(target="gpu").per_token_stages == ("full", "user", "group")
-    # ... and timed per stage on this CPU unless a knob is given (exporter.steps.quant_tune)
+    # ... and timed per stage on this CPU unless a knob is given (exporter.timing)
     assert QuantizeOptions().tune is True
     assert QuantizeOptions(min_elements=0).tune is False
     assert QuantizeOptions(per_token_stages=()).tune is False

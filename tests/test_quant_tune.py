@@ -1,4 +1,4 @@
-"""Speed tuning of the ORT CPU quantization choices (exporter.steps.quant_tune): real graphs, real
+"""Speed tuning of the ORT CPU quantization choices (exporter.timing, exporter.steps.quantize.speed): real graphs, real
 ONNX Runtime timings; the tests check what was decided against what was measured, never a
 timing threshold."""
 
@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.steps.quant_tune import FP32, Config, choose
 from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages, tune_for_speed
+from exporter.steps.quantize.speed import FP32, choose
+from exporter.timing import Config
 
 
 def _chain(dims: list[int], per_token: int = 0, batch: str = "M") -> onnx.ModelProto:
@@ -162,7 +163,7 @@ def _expected_max_rows(rows: list[dict]) -> int:
 
 
 def test_crossover_times_both_graphs_at_growing_n_and_stops_at_the_first_loss():
-    from exporter.steps.quant_tune import crossover
+    from exporter.timing import crossover
 
     fp32 = _chain([64, 1024, 1024, 64], batch="N")
     int8 = quantize_bundle_stages(
@@ -180,7 +181,7 @@ def test_crossover_times_both_graphs_at_growing_n_and_stops_at_the_first_loss():
 
 def test_group_is_tuned_at_one_candidate_too_and_group_small_follows_what_was_measured():
     """The group stage is tuned at 256 candidates and again at 1; a different, faster choice
-    at 1 is timed against the large-batch graph at growing N (quant_tune.crossover) and the
+    at 1 is timed against the large-batch graph at growing N (exporter.timing.crossover) and the
     options carry ``group_small_rows``: every branch is the rule applied to recorded timings."""
     stages = {"user": _chain([64, 256]), "group": _chain([64, 1024, 1024, 64], batch="N")}
     opts, record = tune_for_speed(stages, QuantizeOptions())
@@ -220,10 +221,10 @@ def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_p
     from exporter.steps.optimize import step_optimize
 
     proto = _chain([64, 256], per_token=4, batch="N")
-    for extra, timed in (({"serve_threads": 2}, {"2"}), ({}, {"1", "default"})):
-        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(extra=extra))
+    for threads, timed in ((2, {"2"}), (None, {"1", "default"})):
+        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(serve_threads=threads))
         ctx.stages = {"group": proto}
         step_optimize(ctx)
         rec = ctx.manifest_fields["optimize"]
-        assert rec["serve_threads"] == extra.get("serve_threads")
+        assert rec["serve_threads"] == threads
         assert set(rec["per_token_layout"]["group"]["threads"]) == timed

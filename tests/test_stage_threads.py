@@ -14,6 +14,7 @@ from exporter.pipeline import ExportContext, ExportOptions
 from exporter.steps.quantize import QuantizeOptions, quantize_bundle_stages
 from exporter.steps.threads import (
     DEFAULT,
+    ThreadsOptions,
     choose_stage_threads,
     pick,
     step_stage_threads,
@@ -96,8 +97,8 @@ def test_each_small_batch_stage_gets_the_thread_count_that_ran_fastest():
 def test_the_pipeline_step_writes_the_choice_into_the_stage_entries(tmp_path):
     stages = _stages()
 
-    def ctx_for(**extra):
-        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(extra=extra))
+    def ctx_for(**options):
+        ctx = ExportContext(loaded=None, out_dir=tmp_path, options=ExportOptions(**options))
         ctx.stages = dict(stages)
         ctx.stage_meta = {"group_small": {"max_rows": 64}}
         return ctx
@@ -109,8 +110,9 @@ def test_the_pipeline_step_writes_the_choice_into_the_stage_entries(tmp_path):
         want = None if entry["chosen"] == "2" else int(entry["chosen"])
         assert ctx.stage_meta.get(stage, {}).get("intra_op_threads") == want
     assert ctx.stage_meta["group_small"]["max_rows"] == rec["stages"]["group_small"].get("max_rows", 64)
-    for extra in ({"target": "trt", "serve_threads": 2}, {"stage_threads": False, "serve_threads": 2}):
-        ctx = ctx_for(**extra)
+    for options in ({"target": "trt", "serve_threads": 2},
+                    {"threads": ThreadsOptions(enabled=False), "serve_threads": 2}):
+        ctx = ctx_for(**options)
         step_stage_threads(ctx)
         assert "optimize" not in ctx.manifest_fields
         assert ctx.stage_meta == {"group_small": {"max_rows": 64}}

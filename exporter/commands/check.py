@@ -97,9 +97,9 @@ def _check_bundle_only(bundle: Bundle, args: argparse.Namespace) -> int:
     """
     import numpy as np
 
+    from exporter.evaluate.metrics import request_groups
+    from exporter.evaluate.stages import bundle_stages
     from exporter.steps.parity import load_budgets, output_metrics
-    from exporter.steps.parity.metrics import request_groups
-    from exporter.steps.parity.stages import bundle_stages
     from runtime.sample import sample_requests
 
     m = bundle.manifest
@@ -131,6 +131,6 @@ def _check_bundle_only(bundle: Bundle, args: argparse.Namespace) -> int:
 
 
 def evaluate_budgets(metrics, limits):
-    from exporter.steps.parity.budgets import evaluate
+    from exporter.evaluate.budgets import evaluate
 
     return evaluate(metrics, limits)

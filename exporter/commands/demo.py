@@ -114,7 +114,7 @@ def _export(
         bundle,
         ExportOptions(
             precision=precision, data=data, overwrite=True, seed=seed, parity_rows=parity_rows,
-            extra={"budgets": budgets} if budgets else {},
+            budgets=budgets or None,
         ),
     )
     manifest = Manifest.read(bundle)
@@ -137,8 +137,8 @@ def _export(
 def _score_request(bundle: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     import runtime
     from exporter.data import load_rows
+    from exporter.evaluate.stages import eager_outputs
     from exporter.load import load_student
-    from exporter.steps.parity.stages import eager_outputs
 
     train_dir = out_dir / "train" / "rankmixer"
     scorer = runtime.load(bundle)

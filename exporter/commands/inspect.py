@@ -214,7 +214,7 @@ def _print_stage_threads(m) -> None:
 
 
 def _print_speed_tuning(tuning: dict | None) -> None:
-    """Per stage: each speed configuration timed at export (exporter/steps/quant_tune.py)."""
+    """Per stage: each speed configuration timed at export (exporter/timing.py, exporter/steps/quantize/speed.py)."""
     if not tuning:
         return
     t = Table(title=f"speed tuning at export: {tuning.get('cpu', '?')}, threads {tuning.get('threads')}")

@@ -6,7 +6,7 @@ import linecache
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from torch.utils import _pytree as pytree
 from exporter.errors import ExportError
 from runtime.sample import sample_rows
 from runtime.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1 << 20
@@ -125,3 +128,23 @@ def failure_site(message: str) -> str:
             break
     where = f" at {Path(m['file']).name}:{m['line']} in {m['fn']}"
     return where + (f" (`{code}`)" if code else "")
+
+
+# ---- pipeline steps (exporter.pipeline) ---------------------------------------------------
+
+
+def step_capture(ctx: ExportContext) -> None:
+    """Pipeline step ``capture``: torch.export with a dynamic batch dim on every input."""
+    spec = ctx.spec
+    if ctx.loaded.program is not None:  # a .pt2 archive is already captured (exporter.program)
+        ctx.program = ctx.loaded.program
+    else:
+        ctx.program = capture(ctx.loaded.eager(), spec, seed=ctx.options.seed, rows=ctx.options.data)
+    ctx.input_names = flat_input_names(spec, to_torch_inputs(spec, sample_rows(spec, 1)))
+
+
+def step_full_onnx(ctx: ExportContext) -> None:
+    """The unsplit model as full.onnx: the baseline, and the fallback."""
+    from exporter.steps.onnx_build import export_onnx
+
+    ctx.stages["full"] = export_onnx(ctx.program, ctx.input_names, list(ctx.spec.outputs))

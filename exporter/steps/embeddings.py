@@ -15,11 +15,13 @@ fp16, or int8 (row-wise, runtime/embstore.py).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from exporter.progress import console
 from graph_passes.fx._base import fqn_of, state_of
 from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass, Lookup
 from runtime.spec import FeatureSpec, InputSpec
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 STORE_FILE = "embeddings.safetensors"
@@ -67,13 +72,34 @@ def stage_spec(spec: FeatureSpec, stage_inputs: list[tuple[str, Lookup]]) -> Fea
     return FeatureSpec(name=spec.name, inputs=(*spec.inputs, *extra), outputs=spec.outputs, extra=spec.extra)
 
 
-def step_embeddings(ctx) -> None:
+@dataclass
+class EmbeddingsOptions:
+    """Step ``embeddings``: which tables leave the graphs for the store, and its dtype."""
+
+    dtype: str = "fp32"  # the store's tables: fp32 (exact), fp16, int8 (row-wise scale and bias)
+    min_bytes: int = DEFAULT_MIN_BYTES  # tables of at least this many bytes leave the graphs
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--embeddings", default="fp32", choices=list(EMBEDDING_DTYPES),
+                       help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
+                       "(row-wise scale and bias); see docs/embedding-store.md")
+        p.add_argument("--store-min-bytes", type=int, default=DEFAULT_MIN_BYTES, metavar="BYTES",
+                       help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
+                       "a huge value keeps every table in the graphs)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EmbeddingsOptions:
+        return cls(dtype=args.embeddings, min_bytes=args.store_min_bytes)
+
+
+def step_embeddings(ctx: ExportContext) -> None:
     """Pipeline step: cut the store's tables out of ``ctx.program`` (see module doc)."""
-    o = ctx.options.extra
-    dtype = o.get("embeddings", "fp32")
+    o = ctx.options.embeddings
+    dtype = o.dtype
     if dtype not in EMBEDDING_DTYPES:
         raise ExportError(f"--embeddings '{dtype}' is not one of {', '.join(EMBEDDING_DTYPES)}")
-    min_bytes = int(o.get("store_min_bytes", DEFAULT_MIN_BYTES))
+    min_bytes = int(o.min_bytes)
     lookups = FindEmbeddingsPass(ctx.spec).call(ctx.program).facts["lookups"]
     tables, stay = choose_tables(lookups, min_bytes)
     if not tables:

@@ -9,7 +9,7 @@ GEMM over experts padded to the largest group: best at N candidates). So, as for
 per-token layout (exporter.steps.optimize), each stage is rewritten into each and timed at its batch on ONNX
 Runtime CPU (user 1, group/full 256), interleaved, medians; the faster is kept.
 
-``extra["moe_form"]`` fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
+``--moe-form`` (``OptimizeOptions.moe_form``) fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
 the fallback and benchmark baseline, every expert with a mask). ``--target trt`` is not timed
 here (no GPU at export): it gets ``trt_form`` (dense at E <= 8, where one batched GEMM over
 all experts is cheap on a GPU and needs no data-dependent shapes; gather above), as the
@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter import timing
 from graph_passes.onnx.moe import FORMS, SparseMoEFormPass
 from graph_passes.onnx.moe_match import find_banks
 
@@ -53,36 +54,41 @@ def trt_form(banks: list[dict]) -> str:
 
 
 def choose_moe_form(
-    stage: str, proto: onnx.ModelProto, extra: dict, threads: tuple[int | None, ...] = (1, None)
+    stage: str,
+    proto: onnx.ModelProto,
+    form: str | None = None,
+    *,
+    target: str = "onnx",
+    threads: tuple[int | None, ...] = (1, None),
 ) -> tuple[onnx.ModelProto, dict | None]:
-    """``proto`` with its banks in the chosen form and the manifest record (None: no banks)."""
+    """``proto`` with its banks in the chosen form and the manifest record (None: no banks).
+
+    ``form`` fixes it (None: timed per stage; ``target`` "trt": ``trt_form``)."""
     banks, _ = find_banks(ir.serde.deserialize_model(proto).graph)
     if not banks:
         return proto, None
-    fixed = extra.get("moe_form")
+    fixed = form
     if fixed is not None and fixed not in FORMS:
         from exporter.errors import ExportError
 
         raise ExportError(f"--moe-form '{fixed}' is not one of {', '.join(FORMS)}")
-    if extra.get("target") == "trt" and fixed is None:
+    if target == "trt" and fixed is None:
         _, summary = apply_form(proto, "gather")
         fixed = trt_form(summary)
     if fixed is not None:
         out, summary = apply_form(proto, fixed)
-        return out, {"form": fixed, "chosen_by": "option" if extra.get("moe_form") else "trt",
+        return out, {"form": fixed, "chosen_by": "option" if form else "trt",
                      "banks": summary}
     return _timed(stage, proto, threads)
 
 
 def _timed(stage: str, proto: onnx.ModelProto, threads) -> tuple[onnx.ModelProto, dict]:
-    from exporter.steps import quant_tune
-
     built = {form: apply_form(proto, form) for form in TIMED_FORMS}
-    configs = [quant_tune.Config(f, None, False, built[f][0]) for f in TIMED_FORMS]
-    batch = quant_tune.stage_batch(stage)
+    configs = [timing.Config(f, None, False, built[f][0]) for f in TIMED_FORMS]
+    batch = timing.stage_batch(stage)
     timed: dict[str, dict[str, float]] = {}
     for t in dict.fromkeys(threads):
-        medians = quant_tune.time_configs(configs, batch, threads=t, budget_s=2.0)
+        medians = timing.time_configs(configs, batch, threads=t, budget_s=2.0)
         timed["default" if t is None else str(t)] = {f"{f}_ms": round(medians[f] * 1e3, 4)
                                                        for f in TIMED_FORMS}
     score = {  # geometric mean over thread counts of each form's time / gather's

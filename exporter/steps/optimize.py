@@ -8,14 +8,17 @@ the quantizer starts from the graphs that are served. The rewrites themselves li
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter import timing
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 
@@ -64,7 +67,7 @@ def choose_per_token_layout(
     stage: str, proto: onnx.ModelProto, threads: tuple[int | None, ...] = (1, None)
 ) -> tuple[onnx.ModelProto, dict | None]:
     """The faster of the stage as exported (per-token weights as one batched MatMul) and
-    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.steps.quant_tune)
+    ``unrolled_fp32`` on ONNX Runtime CPU, timed at the stage's batch (exporter.timing)
     with each intra-op thread count in ``threads`` (None: ONNX Runtime's default); unrolled
     wins when the geometric mean of its time ratios is below 1.
 
@@ -72,19 +75,17 @@ def choose_per_token_layout(
     an AMD EPYC (Zen 3), bench RankMixer group graph: unrolled 0.89x the batched time at
     N=256 on one thread, 0.98-0.99x on two; the user graph at batch 1 on two threads 1.15x.
     """
-    from exporter.steps import quant_tune
-
     unrolled = unrolled_fp32(proto)
     if unrolled is None:
         return proto, None
-    batch = quant_tune.stage_batch(stage)
+    batch = timing.stage_batch(stage)
     configs = [
-        quant_tune.Config("batched", None, False, proto),
-        quant_tune.Config("unrolled", None, True, unrolled),
+        timing.Config("batched", None, False, proto),
+        timing.Config("unrolled", None, True, unrolled),
     ]
     timed = {}
     for t in dict.fromkeys(threads):
-        medians = quant_tune.time_configs(configs, batch, threads=t)
+        medians = timing.time_configs(configs, batch, threads=t)
         timed["default" if t is None else str(t)] = {
             "batched_ms": round(medians["batched"] * 1e3, 4),
             "unrolled_ms": round(medians["unrolled"] * 1e3, 4),
@@ -101,24 +102,45 @@ def choose_per_token_layout(
     return (unrolled if chosen == "unrolled" else proto), record
 
 
+@dataclass
+class OptimizeOptions:
+    """Step ``optimize``: the layouts and MoE forms timed (or fixed) per stage."""
+
+    per_token_layout: bool = True  # time batched vs unrolled per-token weights (ORT CPU)
+    moe_form: str | None = None  # sparse MoE banks: this form everywhere (None: timed per stage)
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+                       help="sparse MoE models: run every expert bank in this form (default: the "
+                       "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
+        p.add_argument("--no-per-token-layout", action="store_true",
+                       help="keep per-token weights as one batched MatMul instead of timing it against "
+                       "the unrolled 2-D MatMuls per stage on this CPU")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimizeOptions:
+        return cls(per_token_layout=not args.no_per_token_layout, moe_form=args.moe_form)
+
+
 def step_optimize(ctx: ExportContext) -> None:
     """Rewrite every stage in ``ctx.stages`` in place (see the module docstring): sparse MoE
     expert banks into the form timed fastest for the stage (exporter.steps.moe_form; recorded in
     ``optimize.moe_form``), then the inference rewrites; for ONNX
     Runtime (not ``--target trt``, whose tactics TensorRT times itself on the GPU) keep each
     stage's per-token weights batched or unrolled, whichever ran faster here
-    (``choose_per_token_layout``; ``extra["per_token_layout"] = False`` keeps them batched).
-    ``extra["serve_threads"]`` = N times the layouts with N intra-op threads only (the thread
+    (``choose_per_token_layout``; ``OptimizeOptions.per_token_layout`` False keeps them batched).
+    ``options.serve_threads`` = N times the layouts with N intra-op threads only (the thread
     count the bundle will be served with); without it, 1 thread and ONNX Runtime's default
     are both timed and their geometric mean decides (the better layout can differ between
     them: bench RankMixer group graph on an EPYC Zen 5, unrolled 0.91x at 1 thread, 1.08x at 2)."""
-    extra = ctx.options.extra or {}
-    tune = extra.get("target") != "trt" and extra.get("per_token_layout", True)
-    threads = (int(extra["serve_threads"]),) if extra.get("serve_threads") else (1, None)
+    o = ctx.options
+    tune = o.target != "trt" and o.optimize.per_token_layout
+    threads = (int(o.serve_threads),) if o.serve_threads else (1, None)
     layouts, moe = {}, {}
     for stage, proto in list(ctx.stages.items()):
         # sparse MoE banks first (their matcher reads the graph as exported): form per stage
-        proto, moe_record = choose_moe_form(stage, proto, extra, threads=threads)
+        proto, moe_record = choose_moe_form(stage, proto, o.optimize.moe_form, target=o.target, threads=threads)
         if moe_record is not None:
             moe[stage] = moe_record
         ctx.stages[stage], made = optimize_stage(proto)
@@ -131,12 +153,10 @@ def step_optimize(ctx: ExportContext) -> None:
             if record is not None:
                 layouts[stage] = record
     if layouts or moe:
-        from exporter.steps.quant_tune import cpu_name
-
         ctx.manifest_fields["optimize"] = {
             "per_token_layout": layouts,
-            "cpu": cpu_name(),
-            "serve_threads": extra.get("serve_threads"),  # None: timed at 1 and ORT's default
+            "cpu": timing.cpu_name(),
+            "serve_threads": o.serve_threads,  # None: timed at 1 and ORT's default
         }
         if moe:
             ctx.manifest_fields["optimize"]["moe_form"] = moe

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -29,6 +29,9 @@ from exporter.steps.capture import MAX_BATCH, example_rows
 from exporter.steps.onnx_build import export_onnx
 from graph_passes.fx import USER_INDEX, SplitResult, SplitUserGroupPass
 from runtime.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 EXAMPLE_USERS, EXAMPLE_CANDIDATES = 2, 5  # distinct and > 1: no 0/1 or M == N specialisation
@@ -170,3 +173,35 @@ def _write(art: SplitArtifacts, out_dir: Path) -> dict[str, Path]:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+# ---- pipeline steps (exporter.pipeline) ---------------------------------------------------
+
+
+def step_split(ctx: ExportContext) -> None:
+    """UG split (exporter.steps.split): user.onnx + group.onnx, manifest split/flops; else full only."""
+    rows = ctx.options.data
+    if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
+        rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
+    art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
+    ctx.manifest_fields["flops"] = art.flops
+    ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
+        "report": art.report}, indent=2, default=str) + "\n"
+    if art.is_split:
+        ctx.stages["user"], ctx.stages["group"] = art.user, art.group
+        ctx.manifest_fields["split"] = art.manifest_split()
+
+
+def step_row_scope(ctx: ExportContext) -> None:
+    """manifest.row_scope: does each side keep the rows of a call apart (graph_passes.fx)?"""
+    from exporter.progress import console
+    from graph_passes.fx.row_scope import row_scope
+
+    scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
+    ctx.manifest_fields["row_scope"] = scope
+    if scope["full"] == "request":
+        where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
+        console.print(
+            f"[yellow]request-scoped:[/] '{ctx.spec.name}' mixes the rows of a call ({where}); "
+            "the runtime scores each request in its own group call"
+        )

@@ -19,10 +19,14 @@ import datetime as _dt
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportError
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +201,34 @@ def timing_cache_path(cache_dir: str | Path | None, rel_dir: str) -> Path:
 # ---- pipeline steps (exporter.pipeline, --target trt) ------------------------------------
 
 
-def step_trt_lint(ctx) -> None:
+@dataclass
+class TensorRTOptions:
+    """Steps ``trt-lint`` / ``trt-build`` (``--target trt``): the engines built at export."""
+
+    m: str | None = None  # users per call min,opt,max (None: 1,8,limits.max_users_per_call)
+    n: str | None = None  # candidates per call min,opt,max (None: 1,512,limits.max_candidates)
+    require_gpu: bool = False  # no GPU here: fail instead of leaving engines to ugsep build-trt
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trt-m", default=None, metavar="MIN,OPT,MAX",
+                       help="--target trt: users per call of the engines' profile "
+                       "(default 1,8,limits.max_users_per_call)")
+        p.add_argument("--trt-n", default=None, metavar="MIN,OPT,MAX",
+                       help="--target trt: candidates per call of the engines' profile "
+                       "(default 1,512,limits.max_candidates)")
+        p.add_argument("--trt-require-gpu", action="store_true",
+                       help="--target trt: fail when the engines cannot be built here (default: "
+                       "write the linted bundle and build engines later with ugsep build-trt)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TensorRTOptions:
+        return cls(m=args.trt_m, n=args.trt_n, require_gpu=args.trt_require_gpu)
+
+
+def step_trt_lint(ctx: ExportContext) -> None:
     """Before writing: refuse a TRT export whose graphs TensorRT would reject (no-op for onnx)."""
-    if (ctx.options.extra or {}).get("target") != "trt":
+    if ctx.options.target != "trt":
         return
     text, ok = lint_report(lint_models(ctx.stages))
     if not ok:
@@ -211,12 +240,12 @@ def step_trt_lint(ctx) -> None:
                  len(rec.get("banks", [])), rec["form"], rec.get("chosen_by"))
 
 
-def step_trt_build(ctx) -> None:
+def step_trt_build(ctx: ExportContext) -> None:
     """After writing: build engines for this GPU into the bundle (no-op for --target onnx)."""
-    if (ctx.options.extra or {}).get("target") != "trt":
+    if ctx.options.target != "trt":
         return
-    extra = ctx.options.extra
-    if not extra.get("trt_require_gpu"):
+    o = ctx.options.tensorrt
+    if not o.require_gpu:
         try:
             _build_target()
         except ExportError as e:  # a CPU build box: the graphs are linted, engines come later
@@ -228,7 +257,7 @@ def step_trt_build(ctx) -> None:
                 f"`ugsep build-trt {ctx.out_dir}` on the serving GPU to add engines"
             )
             return
-    build_engines(ctx.out_dir, m=extra.get("trt_m"), n=extra.get("trt_n"), lint=False)
+    build_engines(ctx.out_dir, m=o.m, n=o.n, lint=False)
 
 
 # ---- CLI: ugsep build-trt ----------------------------------------------------------------

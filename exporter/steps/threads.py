@@ -18,7 +18,7 @@ them pays less than the wake-up costs; the fp32 graphs still gain from the secon
 
 So, as for the per-token layout and the w8a16 configurations, the export times it: each
 small-batch stage's final graph (``SMALL_STAGES``) at batch 1 with the serving thread count
-and with each smaller power of two, interleaved rounds, medians (``quant_tune.time_configs``),
+and with each smaller power of two, interleaved rounds, medians (``timing.time_configs``),
 and records the fastest as ``manifest.stages[stage].intra_op_threads`` when it is fewer
 than the serving threads. The runtime's CPU backend opens that stage's session with at most
 that many threads. When ``group_small`` moves to fewer threads, its crossover against the
@@ -28,14 +28,20 @@ Stages that serve large batches (group, full) keep the serving threads.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from exporter import timing
 from runtime.manifest import SMALL_GROUP
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +81,9 @@ def choose_stage_threads(
     to fewer threads it is timed again against ``group`` (unless ``forced_small_rows``: the
     user fixed it), and if group_small then loses even at N=1 it keeps the serving threads.
     """
-    from exporter.steps import quant_tune
-
     options = thread_options(serve_threads)
     record: dict[str, Any] = {
-        "cpu": quant_tune.cpu_name(),
+        "cpu": timing.cpu_name(),
         "serve_threads": _label(serve_threads),
         "stages": {},
     }
@@ -90,14 +94,14 @@ def choose_stage_threads(
         return chosen, rows, record
     for stage in (s for s in SMALL_STAGES if s in stages):
         configs = [
-            quant_tune.Config(f"threads={_label(t)}", None, False, stages[stage], threads=t)
+            timing.Config(f"threads={_label(t)}", None, False, stages[stage], threads=t)
             for t in options
         ]
-        med = quant_tune.time_configs(configs, quant_tune.SMALL_BATCH, threads=serve_threads)
+        med = timing.time_configs(configs, timing.SMALL_BATCH, threads=serve_threads)
         medians = {t: med[c.name] for t, c in zip(options, configs, strict=True)}
         best = pick(medians)
         entry: dict[str, Any] = {
-            "batch": quant_tune.SMALL_BATCH,
+            "batch": timing.SMALL_BATCH,
             "median_ms": {_label(t): round(m * 1e3, 4) for t, m in medians.items()},
             "chosen": _label(best),
         }
@@ -109,7 +113,7 @@ def choose_stage_threads(
         log.info(
             "stage threads %s (batch %d): %s -> %s",
             stage,
-            quant_tune.SMALL_BATCH,
+            timing.SMALL_BATCH,
             ", ".join(f"{k} {v:.3f} ms" for k, v in entry["median_ms"].items()),
             entry["chosen"],
         )
@@ -127,13 +131,11 @@ def _retime_small(
     """(threads, max_rows) for group_small once it ran faster on ``best`` threads: its
     crossover against ``group`` (serving threads) timed again on them, unless ``forced``;
     if it then loses at N=1 it keeps the serving threads and ``rows``. Fills ``entry``."""
-    from exporter.steps import quant_tune
-
     if forced:
         entry["max_rows"] = rows
         entry["why"] = f"max_rows {rows} was given (--quant-small-batch): not re-timed"
         return best, rows
-    new_rows, timings = quant_tune.crossover(
+    new_rows, timings = timing.crossover(
         stages[SMALL_GROUP], stages["group"], threads=serve_threads, small_threads=best
     )
     entry.update(crossover=timings, max_rows=new_rows)
@@ -144,22 +146,39 @@ def _retime_small(
     return serve_threads, rows
 
 
-def step_stage_threads(ctx: Any) -> None:
+@dataclass
+class ThreadsOptions:
+    """Step ``threads``: whether the small-batch stages are timed on fewer threads."""
+
+    enabled: bool = True
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-stage-threads", action="store_true",
+                       help="do not time the small-batch stages on fewer threads: every stage runs on "
+                       "the serving threads")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ThreadsOptions:
+        return cls(enabled=not args.no_stage_threads)
+
+
+def step_stage_threads(ctx: ExportContext) -> None:
     """Pipeline step (exporter.pipeline), ONNX Runtime CPU targets only: time the final
     small-batch stages (after quantization, the graphs as written) and record the choice.
-    Reads ``options.extra``: ``serve_threads`` (None: ORT's default), ``stage_threads``
-    (False: skip), ``quant_small_batch`` (> 0: group_small's max_rows was forced)."""
-    extra = ctx.options.extra or {}
-    if extra.get("target") == "trt" or extra.get("stage_threads") is False:
+    Reads ``options.serve_threads`` (None: ORT's default), ``options.threads.enabled``
+    (False: skip) and ``options.quantize.small_batch`` (> 0: group_small's max_rows was forced)."""
+    o = ctx.options
+    if o.target == "trt" or not o.threads.enabled:
         return
     if not any(s in ctx.stages for s in SMALL_STAGES):
         return
     small = ctx.stage_meta.get(SMALL_GROUP, {})
     chosen, rows, record = choose_stage_threads(
         ctx.stages,
-        extra.get("serve_threads"),
+        o.serve_threads,
         group_small_rows=int(small.get("max_rows", 0)),
-        forced_small_rows=bool(extra.get("quant_small_batch")),
+        forced_small_rows=bool(o.quantize.small_batch),
     )
     from exporter.steps.graph_record import set_stage_threads
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import logging
@@ -9,8 +10,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -19,6 +21,9 @@ from runtime.bundle import sha256_file
 from runtime.manifest import MANIFEST_NAME, Manifest
 from runtime.signing import SIGNATURE_NAME
 from runtime.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
 FileContent = bytes | str | onnx.ModelProto | dict | list | Path | Callable[[Path], None]
@@ -158,3 +163,52 @@ def _drop_stale_signature(root: Path) -> None:
         sig.unlink()
         log.warning("bundle '%s' changed, so its signature %s was removed: re-sign it with "
                     "`ugsep sign %s --key KEY`", root, SIGNATURE_NAME, root)
+
+
+# ---- pipeline step (exporter.pipeline) ----------------------------------------------------
+
+
+@dataclass
+class WriteOptions:
+    """Step ``write``: how the bundle's files are laid out."""
+
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # larger graphs keep their weights in a .data file
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--external-data-bytes", type=int, default=EXTERNAL_DATA_BYTES, metavar="BYTES",
+                       help="ONNX graphs larger than BYTES keep their weights in a .data file beside "
+                       "the graph (default 1 GiB; ONNX protobufs stop at 2 GiB)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WriteOptions:
+        return cls(external_data_bytes=args.external_data_bytes)
+
+
+def step_write(ctx: ExportContext) -> None:
+    """Pipeline step ``write``: the bundle directory, ONNX files, manifest.json with every sha256."""
+    from exporter.steps.graph_record import reconcile
+    from runtime.manifest import DEFAULT_LIMITS
+
+    writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
+                          external_data_bytes=ctx.options.write.external_data_bytes)
+    try:
+        paths = {s: writer.add_stage(s, f"{s}.onnx", m) for s, m in ctx.stages.items()}
+        # the manifest describes the files as written (layers, boundary, threads), not the plan
+        written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
+        reconcile(ctx.manifest_fields, ctx.stage_meta, written)
+        for stage, meta in ctx.stage_meta.items():
+            if stage in writer.stages:
+                writer.stages[stage].update(meta)
+        for rel, content in ctx.extra_files.items():
+            writer.add(rel, content)
+        fields = {
+            "precision": ctx.options.precision,
+            "source": ctx.loaded.source,
+            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
+            **ctx.manifest_fields,
+        }
+        writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)
+    except BaseException:
+        writer.abort()
+        raise

@@ -219,12 +219,15 @@ def test_store_path_is_bit_exact_to_the_in_graph_path(tmp_path, model):
     bundle is written with ONNX external data (a 1 KiB limit stands in for protobuf's 2 GiB):
     full.onnx.data, relative to the bundle, checked on the file, sha256-verified."""
     from exporter import ExportOptions, LoadedModel, export_bundle
+    from exporter.steps.embeddings import EmbeddingsOptions
+    from exporter.steps.write import WriteOptions
 
     nobag = make_toy_lookups(bags=False)
     outs = {}
     for name, min_bytes in (("store", 4096), ("graph", 1 << 40)):
         export_bundle(LoadedModel(spec=SPEC, module=nobag), tmp_path / name, ExportOptions(
-            split=False, parity=False, extra={"store_min_bytes": min_bytes, "external_data_bytes": 1024}))
+            split=False, parity=False, embeddings=EmbeddingsOptions(min_bytes=min_bytes),
+            write=WriteOptions(external_data_bytes=1024)))
         scorer = runtime.load(tmp_path / name, "onnxruntime", allow_unverified=True)
         assert (scorer.store is None) == (name == "graph")
         rows, reqs = _requests(n_req=3, n=50, seed=8)

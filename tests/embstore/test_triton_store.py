@@ -10,6 +10,7 @@ import torch
 
 from exporter import ExportOptions, LoadedModel, export_bundle
 from exporter.steps.capture import to_torch_inputs
+from exporter.steps.embeddings import EmbeddingsOptions
 from runtime.errors import BundleError
 from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec
@@ -26,7 +27,7 @@ def test_cpu_repository_serves_a_store_bundle(tmp_path, triton_env):
     model = make_toy_lookups()
     bundle = tmp_path / "b"
     export_bundle(LoadedModel(spec=spec, module=model), bundle,
-                  ExportOptions(split=False, parity_rows=200, extra={"store_min_bytes": 4096}))
+                  ExportOptions(split=False, parity_rows=200, embeddings=EmbeddingsOptions(min_bytes=4096)))
     with pytest.raises(BundleError, match="use --kind cpu"):
         write_repository(bundle, tmp_path / "gpu", "gpu")
     repo = write_repository(bundle, tmp_path / "repo", "cpu", intra_op_threads=1)

@@ -1,4 +1,4 @@
-"""ΔAUC uncertainty and the verdict that knows it (exporter.steps.parity.auc_noise)."""
+"""ΔAUC uncertainty and the verdict that knows it (exporter.evaluate.auc_noise)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from exporter.steps.parity.auc_noise import (
+from exporter.evaluate.auc_noise import (
     delta_auc_interval,
     judge_auc,
     logit_rel_rms,
     logit_tolerance,
     predictive_se,
 )
-from exporter.steps.parity.budgets import evaluate
-from exporter.steps.parity.metrics import auc, request_groups
+from exporter.evaluate.budgets import evaluate
+from exporter.evaluate.metrics import auc, request_groups
 
 
 def _scores(n_req: int = 120, per: int = 50, noise: float = 0.02, seed: int = 0):

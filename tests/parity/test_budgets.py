@@ -7,7 +7,7 @@ import json
 import pytest
 
 from exporter.errors import ExportError
-from exporter.steps.parity.budgets import evaluate, load_budgets
+from exporter.evaluate.budgets import evaluate, load_budgets
 
 
 def test_defaults_fp32_tight_and_quantized_by_ranking():

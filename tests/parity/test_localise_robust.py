@@ -22,6 +22,8 @@ from torch import nn
 from exporter import ExportOptions, LoadedModel, export_bundle
 from exporter.steps.parity import check_bundle
 from exporter.steps.parity.localise import rms_error
+from exporter.steps.quantize import QuantizeStepOptions
+from exporter.steps.threads import ThreadsOptions
 from runtime.spec import FeatureSpec
 from tests.parity.faults import rehash
 
@@ -59,9 +61,10 @@ class Viewed(nn.Module):
 def viewed_bundle(tmp_path_factory):
     model = Viewed().eval()
     out = tmp_path_factory.mktemp("viewed") / "bundle"
-    extra = {"quant_min_elements": 0, "quant_per_token_stages": ["full", "user", "group"],
-             "quant_tune": False, "stage_threads": False}
-    opts = ExportOptions(precision="w8a16", parity=False, extra=extra)
+    opts = ExportOptions(precision="w8a16", parity=False,
+                         quantize=QuantizeStepOptions(min_elements=0, per_token_stages=("full", "user", "group"),
+                                                      tune=False),
+                         threads=ThreadsOptions(enabled=False))
     export_bundle(LoadedModel(FeatureSpec.from_dict(SPEC), module=model), out, opts)
     return out, model
 

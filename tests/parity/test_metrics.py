@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.steps.parity import metrics as M
+from exporter.evaluate import metrics as M
 
 
 def brute_auc(labels, scores) -> float:

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.steps.parity.auc_noise import Z, logit_tolerance
+from exporter.evaluate.auc_noise import Z, logit_tolerance
 from exporter.steps.quantize import QuantizeOptions, calibration_for, quantize_bundle_stages
 from runtime.manifest import Manifest
 from runtime.sample import sample_requests
@@ -55,7 +55,7 @@ def test_selection_says_when_rows_cannot_resolve_the_budget(split_bundle_master,
     every = QuantizeOptions(
         min_elements=0, per_token_stages=("full", "user", "group"), tune=False
     )
-    lines, logger = _Lines(), logging.getLogger("exporter.steps.quant_noise")
+    lines, logger = _Lines(), logging.getLogger("exporter.steps.quantize.noise")
     logger.addHandler(lines)
     try:
         _, record = quantize_bundle_stages(stages, m.spec, options=every, calibration=calib)

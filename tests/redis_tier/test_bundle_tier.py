@@ -34,12 +34,13 @@ def store_bundles(tmp_path_factory, toy_checkpoint):
     export costs ~10-20 s; parity skipped here: this file checks the tier against the local
     store, and fp32 against the eager model)."""
     from exporter import ExportOptions, export_bundle, load_student
+    from exporter.steps.embeddings import EmbeddingsOptions
 
     out = {}
     for dtype in ("fp32", "int8"):
         path = tmp_path_factory.mktemp(f"store_{dtype}") / "bundle"
         opts = ExportOptions(max_candidates=64, parity=False, split=dtype == "fp32",
-                             extra={"embeddings": dtype, "store_min_bytes": 0})
+                             embeddings=EmbeddingsOptions(dtype=dtype, min_bytes=0))
         export_bundle(load_student(toy_checkpoint, trust=TRUST), path, opts)
         out[dtype] = path
     assert Bundle.open(out["fp32"]).manifest.embeddings["tables"], "the toy tables did not leave the graphs"

@@ -80,7 +80,7 @@ def test_w8a16_engine_matches_eager_within_budget(tmp_path):
     from tests.parity.conftest import SPLIT_SPEC, SplitToy
 
     model, spec = SplitToy().eval(), FeatureSpec.from_dict(SPLIT_SPEC)
-    opts = ExportOptions(precision="w8a16", extra={"target": "trt"})
+    opts = ExportOptions(precision="w8a16", target="trt")
     ctx = ExportContext(
         loaded=LoadedModel(spec=spec, module=model), out_dir=tmp_path / "b", options=opts
     )

@@ -23,7 +23,7 @@ from exporter.pipeline import (
     step_split,
     step_write,
 )
-from exporter.steps.quantize import step_quantize
+from exporter.steps.quantize import QuantizeStepOptions, step_quantize
 from exporter.steps.tensorrt import step_trt_lint
 from runtime.manifest import Manifest
 from runtime.spec import FeatureSpec
@@ -48,8 +48,8 @@ def captured(request):
 def _bundle(captured, tmp_path, precision: str, target: str):
     kind, base = captured
     # every layer a candidate: on ORT CPU the default keeps these tiny weights fp32 for speed
-    extra = {"target": target, "quant_min_elements": 0, "quant_per_token_stages": ["full", "user", "group"]}
-    options = ExportOptions(precision=precision, parity_rows=64, extra=extra)
+    quantize = QuantizeStepOptions(min_elements=0, per_token_stages=("full", "user", "group"))
+    options = ExportOptions(precision=precision, parity_rows=64, target=target, quantize=quantize)
     ctx = ExportContext(
         loaded=base.loaded,
         out_dir=tmp_path / f"{kind}-{precision}-{target}",

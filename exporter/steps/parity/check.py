@@ -10,13 +10,12 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportError
-from exporter.progress import console
-from exporter.steps.parity import auc_noise
-from exporter.steps.parity import configs as C
-from exporter.steps.parity import metrics as M
-from exporter.steps.parity.budgets import Budgets, evaluate, load_budgets
-from exporter.steps.parity.report import ParityReport, StageResult
-from exporter.steps.parity.stages import (
+from exporter.evaluate import auc_noise
+from exporter.evaluate import configs as C
+from exporter.evaluate import metrics as M
+from exporter.evaluate.budgets import Budgets, evaluate, load_budgets
+from exporter.evaluate.metrics import output_metrics
+from exporter.evaluate.stages import (
     Outputs,
     Rows,
     Stage,
@@ -24,6 +23,8 @@ from exporter.steps.parity.stages import (
     eager_outputs,
     user_rows,
 )
+from exporter.progress import console
+from exporter.steps.parity.report import ParityReport, StageResult
 from runtime.bundle import Bundle
 from runtime.sample import sample_requests
 from runtime.spec import FeatureSpec
@@ -63,7 +64,7 @@ def check_bundle(
     The reference is the eager model run once per request. Each stage is scored on whole
     requests (several per call for a row-wise bundle, one per call for a request-scoped
     one), and with ``configs`` every runtime stage is also scored in each configuration
-    the server uses (exporter.steps.parity.configs: per request, merged through the batcher,
+    the server uses (exporter.evaluate.configs: per request, merged through the batcher,
     batch 1, batch max), each against the same reference: a breach in one names it.
     """
     if write and not Path(bundle_dir).is_dir():
@@ -205,26 +206,6 @@ def _check_configs(stage: Stage, rows: Rows, reference: Outputs, labels, groups,
                 rec["breaches"][o] = [f"in configuration {name} ({what}): {b}" for b in bad]
         rec["passed"] = not rec["breaches"]
         out.append(rec)
-    return out
-
-
-def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:
-    """All metrics of one output: element errors; label metrics with the ΔAUC's 95% interval
-    (paired bootstrap over requests, exporter.steps.parity.auc_noise); the logit error relative
-    to the score spread; per-request ranking."""
-    if ref.shape != got.shape:
-        return {"shape_mismatch": f"reference {list(ref.shape)} vs stage {list(got.shape)}"}
-    out: dict[str, Any] = M.element_errors(ref, got)
-    scalar = ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)
-    if scalar and np.all(np.isfinite(got)):
-        out["logit_rel_rms"] = auc_noise.logit_rel_rms(ref, got)
-        if labels is not None:
-            lm = M.label_metrics(labels, ref, got)
-            lm["abs_delta_auc"] = abs(lm["delta_auc"])
-            lm["abs_delta_logloss"] = abs(lm["delta_logloss"])
-            lm["delta_auc_ci"] = auc_noise.delta_auc_interval(labels, ref, got, groups)
-            out.update(lm)
-        out.update(M.ranking_metrics(ref, got, groups))
     return out
 
 

@@ -32,8 +32,8 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
+from exporter.evaluate.stages import Rows, user_rows
 from exporter.steps.capture import capture, to_torch_inputs
-from exporter.steps.parity.stages import Rows, user_rows
 from runtime.bundle import Bundle
 from runtime.manifest import SMALL_GROUP
 from runtime.scorer import USER_INDEX

@@ -7,6 +7,7 @@ compared in float64 so the metrics themselves add no rounding of their own.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -164,3 +165,25 @@ def label_metrics(labels: np.ndarray, ref: np.ndarray, got: np.ndarray) -> dict[
         "logloss": l_got,
         "delta_logloss": l_got - l_ref,
     }
+
+
+def output_metrics(ref: np.ndarray, got: np.ndarray, labels, groups) -> dict[str, Any]:
+    """All metrics of one output: element errors; label metrics with the ΔAUC's 95% interval
+    (paired bootstrap over requests, exporter.evaluate.auc_noise); the logit error relative
+    to the score spread; per-request ranking."""
+    from exporter.evaluate import auc_noise as _auc_noise
+
+    if ref.shape != got.shape:
+        return {"shape_mismatch": f"reference {list(ref.shape)} vs stage {list(got.shape)}"}
+    out: dict[str, Any] = element_errors(ref, got)
+    scalar = ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)
+    if scalar and np.all(np.isfinite(got)):
+        out["logit_rel_rms"] = _auc_noise.logit_rel_rms(ref, got)
+        if labels is not None:
+            lm = label_metrics(labels, ref, got)
+            lm["abs_delta_auc"] = abs(lm["delta_auc"])
+            lm["abs_delta_logloss"] = abs(lm["delta_logloss"])
+            lm["delta_auc_ci"] = _auc_noise.delta_auc_interval(labels, ref, got, groups)
+            out.update(lm)
+        out.update(ranking_metrics(ref, got, groups))
+    return out

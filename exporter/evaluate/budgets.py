@@ -138,9 +138,9 @@ def evaluate(metrics: dict[str, Any], limits: dict[str, float]) -> tuple[list[st
     """(breaches, not evaluated) of one output's metrics against ``limits``; breaches are readable.
 
     ``abs_delta_auc`` with an interval (``delta_auc_ci``) is judged by
-    ``exporter.steps.parity.auc_noise.judge_auc``: by the interval when it resolves the budget,
+    ``exporter.evaluate.auc_noise.judge_auc``: by the interval when it resolves the budget,
     else by the logit error relative to the score spread."""
-    from exporter.steps.parity.auc_noise import judge_auc
+    from exporter.evaluate.auc_noise import judge_auc
 
     breaches, skipped = [], []
     for key, limit in limits.items():

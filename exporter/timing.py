@@ -1,4 +1,7 @@
-"""Which layers pay to run as MatMulNBits on this CPU: measured per stage, not assumed.
+"""Time candidate graphs on this machine: every step that tunes (optimize, moe_form, quantize,
+threads) measures its choices here, as ONNX Runtime CPU will run them.
+
+Which layers pay to run as MatMulNBits on this CPU: measured per stage, not assumed.
 
 Whether ONNX Runtime's weight-only int8 kernel beats fp32 GEMM depends on the CPU, the
 weight's shape and the batch. Measured on two x86-64 machines (2 threads, ORT 1.32,
@@ -7,7 +10,8 @@ accuracy_level=4): a per-token FFN weight [128, 512] at batch 1 ran 0.55x fp32 o
 per-token chain then cost more than the bytes they save; [1024, 1024] at batch 1 ran
 0.21x / 0.30x; every shape lost at batch 256. A fixed threshold tuned on one machine is
 wrong on the other, so, as TensorRT picks tactics by timing them, the exporter
-(``exporter.steps.quantize.tune_for_speed``) times each
+(``exporter.steps.quantize.tune_for_speed``, the configurations in
+``exporter.steps.quantize.speed``) times each
 stage graph the way it will run:
 
   for every stage: the fp32 graph as exported, and the graph quantized under each speed
@@ -35,7 +39,6 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +47,9 @@ import onnx
 
 log = logging.getLogger(__name__)
 
-MIN_ELEMENTS_GRID = (0, 16384, 131072)
 TUNE_CANDIDATES = 256
 SMALL_BATCH = 1
 CROSSOVER_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-TIE = 0.0  # exact ties only: measured, a 2.6% tuner gap was 9% in the benchmark
-FP32 = "fp32"
 
 
 @dataclass
@@ -136,82 +136,6 @@ def time_configs(
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def choose(configs: list[Config], medians: dict[str, float], tie: float = TIE) -> Config:
-    """The fastest config; among those within ``tie`` of it and no slower than fp32, the one
-    quantizing the most weight elements (speed first, then the smaller bundle)."""
-    best = min(medians.values())
-    fp32 = medians.get(FP32, float("inf"))
-    near = [
-        c
-        for c in configs
-        if medians[c.name] <= best * (1 + tie) and (c.name == FP32 or medians[c.name] <= fp32)
-    ]
-    return max(near, key=lambda c: (c.quantized_elements, -medians[c.name]))
-
-
-def tune_stage(
-    stage: str,
-    proto: onnx.ModelProto,
-    build: Callable[[int, bool], tuple[onnx.ModelProto, list[str], int] | None],
-    *,
-    batch: int | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Time the fp32 stage and its quantized configurations; return the record of the choice.
-
-    ``build(min_elements, per_token)`` gives (quantized proto, quantized weight names, weight
-    elements quantized) or None when that configuration quantizes nothing.
-    """
-    batch = stage_batch(stage) if batch is None else batch
-    configs = [Config(FP32, None, False, proto)]
-    seen: set[frozenset[str]] = set()
-    for m in MIN_ELEMENTS_GRID:
-        for per_token in (False, True):
-            built = build(m, per_token)
-            if built is None:
-                continue
-            q, names, elements = built
-            key = frozenset(names)
-            if key in seen:  # e.g. per_token on a stage without per-token weights
-                continue
-            seen.add(key)
-            tag = f"min_elements={m},per_token={'on' if per_token else 'off'}"
-            configs.append(Config(tag, m, per_token, q, elements, len(names)))
-    medians = time_configs(configs, batch, threads=threads) if len(configs) > 1 else {FP32: 0.0}
-    chosen = choose(configs, medians)
-    base = medians[FP32] or 1.0
-    rows = [
-        {
-            "config": c.name,
-            "min_elements": c.min_elements,
-            "per_token": c.per_token,
-            "layers": c.layers,
-            "quantized_elements": c.quantized_elements,
-            "median_ms": round(medians[c.name] * 1e3, 4),
-            "ratio_vs_fp32": round(medians[c.name] / base, 4),
-        }
-        for c in configs
-    ]
-    fastest_quantized = min(
-        (c for c in configs if c.name != FP32), key=lambda c: medians[c.name], default=None
-    )
-    log.info(
-        "speed tuning %s (batch %d): %s -> %s",
-        stage,
-        batch,
-        ", ".join(f"{r['config']} {r['ratio_vs_fp32']:.2f}x" for r in rows[1:]) or "nothing to quantize",
-        chosen.name,
-    )
-    return {
-        "batch": batch,
-        "chosen": chosen.name,
-        "min_elements": chosen.min_elements,
-        "per_token": chosen.per_token,
-        "fastest_quantized": None if fastest_quantized is None else fastest_quantized.name,
-        "configs": rows,
-    }
-
-
 def crossover(
     small: onnx.ModelProto,
     large: onnx.ModelProto,
@@ -249,9 +173,3 @@ def crossover(
         max_rows,
     )
     return max_rows, rows
-
-
-def quantized_elements(proto: onnx.ModelProto, names: list[str]) -> int:
-    """Elements of the named initializers (the weights a configuration quantizes)."""
-    wanted = set(names)
-    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.name in wanted)

@@ -61,7 +61,7 @@ def eager_per_request(run_eager: Callable[[Rows], Outputs], rows: Rows, groups) 
 
 
 def _prepared(scorer: Scorer, spec: FeatureSpec, rows: Rows, idx: np.ndarray) -> Prepared:
-    from exporter.steps.parity.stages import user_rows
+    from exporter.evaluate.stages import user_rows
 
     part = {k: v[idx] for k, v in rows.items()}
     users, _ = user_rows(spec, part)
@@ -73,7 +73,7 @@ def config_runs(
     scorer: Scorer, spec: FeatureSpec, rows: Rows, groups: list[np.ndarray], *, group_chunk: int = 256
 ) -> Iterator[tuple[str, str, Outputs]]:
     """(name, what it is, outputs) for each configuration the server uses for ``scorer``."""
-    from exporter.steps.parity.stages import _scorer_runner
+    from exporter.evaluate.stages import _scorer_runner
     from runtime.serving.batcher import run_batch
 
     run = _scorer_runner(scorer, spec)

@@ -2,7 +2,7 @@
 
 The quantizer (exporter.steps.quantize) measures each configuration on calibration rows; the
 parity step then judges the bundle on held-out rows. Both apply
-``exporter.steps.parity.auc_noise.judge_auc`` to the |ΔAUC| budget; the selection predicts the
+``exporter.evaluate.auc_noise.judge_auc`` to the |ΔAUC| budget; the selection predicts the
 held-out verdict by widening its interval with the held-out rows' noise
 (``auc_noise.predictive_se``). When even that interval cannot resolve the budget, the
 logit error relative to the score spread decides (a warning line and
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from exporter.steps.parity import auc_noise
+from exporter.evaluate import auc_noise
 
 log = logging.getLogger(__name__)
 
