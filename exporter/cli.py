@@ -113,7 +113,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign", metavar="KEY", default=None,
                    help="sign the bundle's manifest (manifest.sig): a PEM Ed25519 private key "
                    "(ugsep keygen) or hmac:FILE for a shared HMAC-SHA256 secret")
-    from exporter.pipeline import ExportOptions  # imports the steps: only when export is parsed
+    from exporter.options import (
+        ExportOptions,  # imports the steps' options: only when export is parsed
+    )
 
     ExportOptions.add_arguments(p)
 

@@ -23,118 +23,38 @@ rows the selection never saw.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from exporter.args import positive_int
 from exporter.errors import ExportError
 from exporter.load import LoadedModel
+from exporter.options import PRECISIONS, TARGETS, ExportOptions
 from exporter.progress import console
 from exporter.steps.capture import step_capture, step_full_onnx
-from exporter.steps.embeddings import EmbeddingsOptions, step_embeddings
-from exporter.steps.optimize import OptimizeOptions, step_optimize
+from exporter.steps.embeddings import step_embeddings
+from exporter.steps.optimize import step_optimize
 from exporter.steps.parity import step_parity
-from exporter.steps.quantize import CALIBRATION_ROWS, QuantizeStepOptions, step_quantize
+from exporter.steps.quantize import CALIBRATION_ROWS, step_quantize
 from exporter.steps.split import step_row_scope, step_split
-from exporter.steps.tensorrt import TensorRTOptions, step_trt_build, step_trt_lint
-from exporter.steps.threads import ThreadsOptions, step_stage_threads
-from exporter.steps.write import WriteOptions, step_write
-from runtime.manifest import DEFAULT_LIMITS
+from exporter.steps.tensorrt import step_trt_build, step_trt_lint
+from exporter.steps.threads import step_stage_threads
+from exporter.steps.write import step_write
 
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+    from exporter.steps.parity import ParityReport
+    from runtime.spec import FeatureSpec
+
+Rows = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
-
-
-PRECISIONS = ("fp32", "w8a16", "w4a16")
-TARGETS = ("onnx", "trt")
-
-
-@dataclass
-class ExportOptions:
-    """What the user asked for: the export-wide choices, and each step's own options
-    (``add_arguments`` / ``from_args`` in the step's module; ``ugsep export`` has one flag
-    per field). ``target``, ``serve_threads`` and ``budgets`` are read by several steps."""
-
-    precision: str = "fp32"
-    split: bool = True
-    parity: bool = True
-    parity_rows: int | None = None  # None: all data rows but the calibration tail; 1000 sampled
-    data: dict[str, np.ndarray] | None = None  # held-out rows (+ label, request_id)
-    max_candidates: int = DEFAULT_LIMITS["max_candidates"]
-    overwrite: bool = False
-    seed: int = 0
-    target: str = "onnx"  # trt: graphs TensorRT accepts, engines built when a GPU is present
-    serve_threads: int | None = None  # intra-op threads the bundle is served with (timing)
-    budgets: str | Path | dict[str, Any] | None = None  # parity budgets (file or mapping)
-    embeddings: EmbeddingsOptions = field(default_factory=EmbeddingsOptions)
-    optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
-    quantize: QuantizeStepOptions = field(default_factory=QuantizeStepOptions)
-    threads: ThreadsOptions = field(default_factory=ThreadsOptions)
-    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
-    write: WriteOptions = field(default_factory=WriteOptions)
-
-    STEP_OPTIONS: ClassVar[dict[str, type]] = {
-        "embeddings": EmbeddingsOptions,
-        "optimize": OptimizeOptions,
-        "quantize": QuantizeStepOptions,
-        "threads": ThreadsOptions,
-        "tensorrt": TensorRTOptions,
-        "write": WriteOptions,
-    }
-
-    @classmethod
-    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        """The export-wide flags, then each step's (in pipeline order)."""
-        p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                       help="fp32, or weight-only int8 / int4 with sensitivity-guided selection")
-        p.add_argument("--target", default="onnx", choices=list(TARGETS),
-                       help="trt: refuse graphs TensorRT cannot build, and build engines when a GPU "
-                       "is present (else later: ugsep build-trt)")
-        p.add_argument("--no-split", action="store_true", help="do not split user/group (full.onnx only)")
-        p.add_argument("--no-parity", action="store_true",
-                       help="skip the parity check (runtime will refuse the bundle)")
-        p.add_argument("--parity-rows", type=positive_int, default=None, metavar="N",
-                       help="parity on the first N held-out rows (default: every --data row but the "
-                       "quantizer's calibration tail; without --data, 1000 sampled rows)")
-        p.add_argument("--budgets", help="parity budgets (JSON/YAML file)")
-        p.add_argument("--serve-threads", type=positive_int, default=None, metavar="N",
-                       help="ONNX Runtime intra-op threads the bundle will be served with (ugsep serve "
-                       "--threads N): layout and w8a16 speed choices are timed with N threads (default: "
-                       "1 and ORT's default for the layout, ORT's default for w8a16), and the user and "
-                       "group_small graphs at batch 1 on N and fewer threads (the faster count is the "
-                       "stage's cap at serving time)")
-        p.add_argument("--max-candidates", type=positive_int, default=DEFAULT_LIMITS["max_candidates"],
-                       metavar="N", help="the most candidates per call the bundle accepts "
-                       f"(manifest limits; default {DEFAULT_LIMITS['max_candidates']})")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
-        p.add_argument("--seed", type=int, default=0, help="seed of sampled rows and example inputs")
-        for options in cls.STEP_OPTIONS.values():
-            options.add_arguments(p)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, data: dict[str, np.ndarray] | None = None) -> ExportOptions:
-        """The options ``ugsep export`` parsed (``data``: the rows --data named, loaded)."""
-        return cls(
-            precision=args.precision,
-            split=not args.no_split,
-            parity=not args.no_parity,
-            parity_rows=args.parity_rows,
-            data=data,
-            max_candidates=args.max_candidates,
-            overwrite=args.overwrite,
-            seed=args.seed,
-            target=args.target,
-            serve_threads=args.serve_threads,
-            budgets=args.budgets,
-            **{name: options.from_args(args) for name, options in cls.STEP_OPTIONS.items()},
-        )
 
 
 @dataclass
@@ -144,23 +64,23 @@ class ExportContext:
     loaded: LoadedModel
     out_dir: Path
     options: ExportOptions
-    program: Any = None
+    program: ExportedProgram | Any = None  # torch.export's program (after the embedding cut)
     input_names: list[str] = field(default_factory=list)
     stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
     stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra manifest keys
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Any] = field(default_factory=dict)
-    parity_report: Any = None
-    stage_spec: Any = None  # the compiled stages' inputs when the embedding step cut tables
-    captured: Any = None  # the program as captured (before the embedding cut)
-    store_rows: Any = None  # rows -> rows + the store's looked-up vectors (exporter.steps.embeddings)
+    parity_report: ParityReport | None = None
+    stage_spec: FeatureSpec | None = None  # the compiled stages' inputs when the embedding step cut tables
+    captured: ExportedProgram | Any = None  # the program as captured (before the embedding cut)
+    store_rows: Callable[[Rows], Rows] | None = None  # rows -> rows + the store's looked-up vectors
 
     @property
-    def spec(self):
+    def spec(self) -> FeatureSpec:
         return self.loaded.spec
 
     @property
-    def graph_spec(self):
+    def graph_spec(self) -> FeatureSpec:
         """The inputs of the compiled stages: the spec plus the store's looked-up vectors."""
         return self.stage_spec or self.loaded.spec
 

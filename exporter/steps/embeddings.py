@@ -15,7 +15,6 @@ fp16, or int8 (row-wise, runtime/embstore.py).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -24,16 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from exporter.progress import console
-from graph_passes.fx._base import fqn_of, state_of
-from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass, Lookup
 from runtime.spec import FeatureSpec, InputSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the FX passes load when the step runs: `ugsep export --help` needs neither
+    import torch
+
     from exporter.pipeline import ExportContext
+    from graph_passes.fx.embeddings import Lookup
 
 log = logging.getLogger(__name__)
 STORE_FILE = "embeddings.safetensors"
@@ -73,28 +73,22 @@ def stage_spec(spec: FeatureSpec, stage_inputs: list[tuple[str, Lookup]]) -> Fea
 
 
 @dataclass
-class EmbeddingsOptions:
+class EmbeddingsOptions(StepOptions):
     """Step ``embeddings``: which tables leave the graphs for the store, and its dtype."""
 
-    dtype: str = "fp32"  # the store's tables: fp32 (exact), fp16, int8 (row-wise scale and bias)
-    min_bytes: int = DEFAULT_MIN_BYTES  # tables of at least this many bytes leave the graphs
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--embeddings", default="fp32", choices=list(EMBEDDING_DTYPES),
-                       help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
-                       "(row-wise scale and bias); see docs/embedding-store.md")
-        p.add_argument("--store-min-bytes", type=int, default=DEFAULT_MIN_BYTES, metavar="BYTES",
-                       help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
-                       "a huge value keeps every table in the graphs)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EmbeddingsOptions:
-        return cls(dtype=args.embeddings, min_bytes=args.store_min_bytes)
+    dtype: str = arg("--embeddings", default="fp32", choices=list(EMBEDDING_DTYPES),
+                     help="embedding tables in the bundle's store: fp32 (exact), fp16, or int8 "
+                     "(row-wise scale and bias); see docs/embedding-store.md")
+    min_bytes: int = arg("--store-min-bytes", type=int, default=DEFAULT_MIN_BYTES, metavar="BYTES",
+                         help="tables of at least BYTES leave the graphs for the store (default 1 MiB; "
+                         "a huge value keeps every table in the graphs)")
 
 
 def step_embeddings(ctx: ExportContext) -> None:
     """Pipeline step: cut the store's tables out of ``ctx.program`` (see module doc)."""
+    from graph_passes.fx._base import fqn_of, state_of
+    from graph_passes.fx.embeddings import CutEmbeddingsPass, FindEmbeddingsPass
+
     o = ctx.options.embeddings
     dtype = o.dtype
     if dtype not in EMBEDDING_DTYPES:
@@ -211,6 +205,8 @@ def write_store(path: Path, weights: dict[str, torch.Tensor], section: dict[str,
 def lookup_rows(weights, section: dict[str, Any], rows: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
     """``rows`` + each lookup's gathered vectors, as the runtime computes them (fp32 tables)
     or dequantised like the store (fp16/int8): the cut stages' inputs, e.g. for calibration."""
+    import torch
+
     out = dict(rows)
     for lk in section["lookups"]:
         ids = np.asarray(rows[lk["input"]], dtype=np.int64)

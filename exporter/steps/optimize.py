@@ -8,7 +8,6 @@ the quantizer starts from the graphs that are served. The rewrites themselves li
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from exporter import timing
+from exporter.args import StepOptions, arg
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
 
@@ -103,24 +103,15 @@ def choose_per_token_layout(
 
 
 @dataclass
-class OptimizeOptions:
+class OptimizeOptions(StepOptions):
     """Step ``optimize``: the layouts and MoE forms timed (or fixed) per stage."""
 
-    per_token_layout: bool = True  # time batched vs unrolled per-token weights (ORT CPU)
-    moe_form: str | None = None  # sparse MoE banks: this form everywhere (None: timed per stage)
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
-                       help="sparse MoE models: run every expert bank in this form (default: the "
-                       "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
-        p.add_argument("--no-per-token-layout", action="store_true",
-                       help="keep per-token weights as one batched MatMul instead of timing it against "
-                       "the unrolled 2-D MatMuls per stage on this CPU")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> OptimizeOptions:
-        return cls(per_token_layout=not args.no_per_token_layout, moe_form=args.moe_form)
+    moe_form: str | None = arg("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+                               help="sparse MoE models: run every expert bank in this form (default: the "
+                               "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
+    per_token_layout: bool = arg("--no-per-token-layout", default=True, action="store_false",
+                                 help="keep per-token weights as one batched MatMul instead of timing it "
+                                 "against the unrolled 2-D MatMuls per stage on this CPU")
 
 
 def step_optimize(ctx: ExportContext) -> None:

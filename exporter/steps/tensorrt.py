@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 
 if TYPE_CHECKING:
@@ -202,28 +203,12 @@ def timing_cache_path(cache_dir: str | Path | None, rel_dir: str) -> Path:
 
 
 @dataclass
-class TensorRTOptions:
+class TensorRTOptions(StepOptions):
     """Steps ``trt-lint`` / ``trt-build`` (``--target trt``): the engines built at export."""
 
-    m: str | None = None  # users per call min,opt,max (None: 1,8,limits.max_users_per_call)
-    n: str | None = None  # candidates per call min,opt,max (None: 1,512,limits.max_candidates)
-    require_gpu: bool = False  # no GPU here: fail instead of leaving engines to ugsep build-trt
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--trt-m", default=None, metavar="MIN,OPT,MAX",
-                       help="--target trt: users per call of the engines' profile "
-                       "(default 1,8,limits.max_users_per_call)")
-        p.add_argument("--trt-n", default=None, metavar="MIN,OPT,MAX",
-                       help="--target trt: candidates per call of the engines' profile "
-                       "(default 1,512,limits.max_candidates)")
-        p.add_argument("--trt-require-gpu", action="store_true",
-                       help="--target trt: fail when the engines cannot be built here (default: "
-                       "write the linted bundle and build engines later with ugsep build-trt)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TensorRTOptions:
-        return cls(m=args.trt_m, n=args.trt_n, require_gpu=args.trt_require_gpu)
+    m: str | None = arg("--trt-m", default=None, metavar="MIN,OPT,MAX", help="--target trt: users per call of the engines' profile (default 1,8,limits.max_users_per_call)")
+    n: str | None = arg("--trt-n", default=None, metavar="MIN,OPT,MAX", help="--target trt: candidates per call of the engines' profile (default 1,512,limits.max_candidates)")
+    require_gpu: bool = arg("--trt-require-gpu", default=False, action="store_true", help="--target trt: fail when the engines cannot be built here (default: write the linted bundle and build engines later with ugsep build-trt)")
 
 
 def step_trt_lint(ctx: ExportContext) -> None:

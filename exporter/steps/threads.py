@@ -28,7 +28,6 @@ Stages that serve large batches (group, full) keep the serving threads.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from exporter import timing
+from exporter.args import StepOptions, arg
 from runtime.manifest import SMALL_GROUP
 
 if TYPE_CHECKING:
@@ -147,20 +147,12 @@ def _retime_small(
 
 
 @dataclass
-class ThreadsOptions:
+class ThreadsOptions(StepOptions):
     """Step ``threads``: whether the small-batch stages are timed on fewer threads."""
 
-    enabled: bool = True
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--no-stage-threads", action="store_true",
-                       help="do not time the small-batch stages on fewer threads: every stage runs on "
-                       "the serving threads")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ThreadsOptions:
-        return cls(enabled=not args.no_stage_threads)
+    enabled: bool = arg("--no-stage-threads", default=True, action="store_false",
+                        help="do not time the small-batch stages on fewer threads: every stage runs on "
+                        "the serving threads")
 
 
 def step_stage_threads(ctx: ExportContext) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from runtime.bundle import sha256_file
 from runtime.manifest import MANIFEST_NAME, Manifest
@@ -169,20 +169,13 @@ def _drop_stale_signature(root: Path) -> None:
 
 
 @dataclass
-class WriteOptions:
+class WriteOptions(StepOptions):
     """Step ``write``: how the bundle's files are laid out."""
 
-    external_data_bytes: int = EXTERNAL_DATA_BYTES  # larger graphs keep their weights in a .data file
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--external-data-bytes", type=int, default=EXTERNAL_DATA_BYTES, metavar="BYTES",
-                       help="ONNX graphs larger than BYTES keep their weights in a .data file beside "
-                       "the graph (default 1 GiB; ONNX protobufs stop at 2 GiB)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> WriteOptions:
-        return cls(external_data_bytes=args.external_data_bytes)
+    external_data_bytes: int = arg("--external-data-bytes", type=int, default=EXTERNAL_DATA_BYTES,
+                                   metavar="BYTES",
+                                   help="ONNX graphs larger than BYTES keep their weights in a .data "
+                                   "file beside the graph (default 1 GiB; ONNX protobufs stop at 2 GiB)")
 
 
 def step_write(ctx: ExportContext) -> None:

@@ -121,7 +121,7 @@ async def _start_grpc(app: FastAPI):
     from runtime.serving.grpc_server import GrpcFrontend
 
     s = app.state
-    frontend = GrpcFrontend(s.repo, s.metrics, s.options, lambda: bool(app.state.ready))
+    frontend = GrpcFrontend(s.repo, s.metrics, s.options, lambda: bool(app.state.ready), s.pending)
     s.grpc_port = await frontend.start(s.options.grpc_host, s.options.grpc_port)
     return frontend
 
@@ -182,6 +182,8 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoad
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
+        if name not in repo.models and pending.message(name):
+            return _error(503, pending.message(name), {"Retry-After": str(pending.retry_after_s)})
         try:
             return resolve(repo, name, version).metadata()
         except HttpError as e:
@@ -192,7 +194,7 @@ def _add_health_routes(app: FastAPI, repo: ModelRepository, pending: PendingLoad
     async def model_ready(name: str, version: str | None = None):
         m = repo.get(name)
         if m is None and pending.message(name):
-            return _error(503, pending.message(name))
+            return _error(503, pending.message(name), {"Retry-After": str(pending.retry_after_s)})
         if m is not None and version is not None and version != m.version:
             m = None
         return Response(status_code=200 if m is not None and app.state.ready else 503 if m else 404)
@@ -209,7 +211,7 @@ def _add_infer_route(
         metrics.requests.labels(label).inc()
         if name not in repo.models and pending.message(name):
             metrics.failure(label, "unavailable")
-            return _error(503, pending.message(name))
+            return _error(503, pending.message(name), {"Retry-After": str(pending.retry_after_s)})
         try:
             content, headers = await _handle(repo, name, version, request, options, budget, metrics)
         except ClientGone:

@@ -7,19 +7,20 @@ here. Inputs come either as ``raw_input_contents`` (one little-endian byte strin
 input, in the order the inputs are listed: what ``tritonclient.grpc`` sends) or as typed
 ``contents`` (``fp32_contents``, ``int64_contents``, ...). Both are checked exactly as
 the HTTP path checks JSON and binary tensors (``runtime.serving.protocol``): the same
-one-line ``RequestError`` naming the input. Outputs always go back as
-``raw_output_contents``, as Triton's server does.
+one-line ``RequestError`` naming the input, and the same bounds (``bounds.check_shape``:
+dims, elements per input from the spec) before any product or array is formed. Outputs
+always go back as ``raw_output_contents``, as Triton's server does.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from runtime.errors import RequestError
+from runtime.serving.bounds import ParseLimits, check_shape
 from runtime.serving.protocol import (
     NUMPY_OF,
     InferRequest,
@@ -43,8 +44,9 @@ def parameter_value(p: pb.InferParameter) -> Any:
     return None if kind is None else getattr(p, kind)
 
 
-def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
+def decode_infer(request: pb.ModelInferRequest, limits: ParseLimits | None = None) -> InferRequest:
     """Decode and check one gRPC infer request (tensors by name, requested outputs, parameters)."""
+    limits = limits or ParseLimits()
     if not request.inputs:
         raise RequestError("the request needs a non-empty 'inputs' list")
     raw = request.raw_input_contents
@@ -55,26 +57,26 @@ def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
         )
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        name = tensor.name
+        name = tensor.name[:128]
         if name in inputs:
             raise RequestError(f"input '{name}' appears more than once in the request")
-        inputs[name] = _decode_input(tensor, raw[i] if raw else None)
+        inputs[name] = _decode_input(tensor, raw[i] if raw else None, limits)
     params = {k: parameter_value(v) for k, v in request.parameters.items()}
     outputs = [(o.name, True) for o in request.outputs] or None
     return InferRequest(inputs=inputs, outputs=outputs, parameters=params,
                         id=request.id or None, binary_output=True)
 
 
-def _decode_input(tensor, raw: bytes | None) -> np.ndarray:
-    name, shape = tensor.name, list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise RequestError(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape}")
+def _decode_input(tensor, raw: bytes | None, limits: ParseLimits) -> np.ndarray:
+    name, shape = tensor.name[:128], list(tensor.shape)
+    # every element costs at least one byte of the payload: raw bytes, or the tensor's message
+    count = check_shape(name, shape, len(raw) if raw is not None else tensor.ByteSize(), limits)
     datatype = tensor.datatype
     if datatype not in NUMPY_OF:
         raise RequestError(
-            f"input '{name}': datatype {datatype!r} is not supported; use one of {', '.join(NUMPY_OF)}"
+            f"input '{name}': datatype {datatype[:40]!r} is not supported; use one of {', '.join(NUMPY_OF)}"
         )
-    dtype, count = NUMPY_OF[datatype], math.prod(shape)
+    dtype = NUMPY_OF[datatype]
     if raw is not None:
         if tensor.HasField("contents"):
             raise RequestError(f"input '{name}' has both typed 'contents' and raw_input_contents")

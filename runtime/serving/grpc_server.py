@@ -10,14 +10,21 @@ the others answer UNIMPLEMENTED. The standard ``grpc.health.v1.Health`` service 
 SERVING while the server is ready ("" and "inference.GRPCInferenceService").
 
 Errors carry the status code of the HTTP error class (``GRPC_CODE``): INVALID_ARGUMENT
-for a malformed request, NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED
-for a full queue, UNAVAILABLE while draining, UNAUTHENTICATED without the bearer token
-(metadata ``authorization: Bearer TOKEN``, when the server has one), INTERNAL for a bug.
-Messages above ``max_body_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED).
+for a malformed request (a message that is not a valid protobuf included: ``ProtocolGuard``),
+NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a full queue or a spent
+latency budget, UNAVAILABLE while draining, while a model waits for its embedding tier
+(``PendingLoads``) or when the tier fails, UNAUTHENTICATED without the bearer token (metadata
+``authorization: Bearer TOKEN``, when the server has one), INTERNAL only for a bug.
+RESOURCE_EXHAUSTED and UNAVAILABLE carry ``retry-after`` (whole seconds) in the trailing
+metadata, as HTTP's ``Retry-After``. Messages are bounded (``MAX_DETAILS``: a client's huge
+name is not echoed back into a status it could not receive). Messages above
+``max_body_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED). A call cancelled by its
+client (or past its deadline) is counted as a disconnect and its queued work is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -25,16 +32,18 @@ from collections.abc import Callable
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from runtime.errors import RequestError, UgsepError
-from runtime.serving.app import HttpError, resolve, run_infer
+from runtime.errors import RequestError, TierUnavailableError, UgsepError
+from runtime.serving.app import HttpError, _parse_limits, resolve, run_infer
 from runtime.serving.batcher import OverloadedError, ShuttingDownError
 from runtime.serving.grpc_codec import decode_infer, encode_infer
 from runtime.serving.metrics import ServingMetrics
 from runtime.serving.model_config import model_config
+from runtime.serving.pending import PendingLoads
 from runtime.serving.repository import ModelRepository, ServeOptions
 
 log = logging.getLogger(__name__)
@@ -43,27 +52,80 @@ C = grpc.StatusCode
 GRPC_CODE = {400: C.INVALID_ARGUMENT, 401: C.UNAUTHENTICATED, 403: C.PERMISSION_DENIED, 404: C.NOT_FOUND,
              405: C.UNIMPLEMENTED, 408: C.DEADLINE_EXCEEDED, 413: C.RESOURCE_EXHAUSTED,
              415: C.INVALID_ARGUMENT, 429: C.RESOURCE_EXHAUSTED, 503: C.UNAVAILABLE}
+MAX_DETAILS = 1024  # characters of a status message (a client's 200 kB model name is not echoed back)
+RETRY_AFTER = "retry-after"  # trailing metadata key: whole seconds, as HTTP's Retry-After
 
 
-def classify(e: Exception) -> tuple[grpc.StatusCode, str, str]:
-    """(status code, metrics reason, message) of an infer failure, as the HTTP path maps it."""
+def classify(e: Exception) -> tuple[grpc.StatusCode, str, str, int | None]:
+    """(status code, metrics reason, message, retry-after seconds or None) of an infer failure,
+    as the HTTP path maps it. A shape claiming more elements than its payload (HTTP 413) is
+    INVALID_ARGUMENT here: the request is what is wrong, and resending it cannot succeed."""
     if isinstance(e, HttpError):
-        return GRPC_CODE.get(e.status, C.INTERNAL if e.status >= 500 else C.INVALID_ARGUMENT), e.reason, str(e)
+        code = GRPC_CODE.get(e.status, C.INTERNAL if e.status >= 500 else C.INVALID_ARGUMENT)
+        return code, e.reason, str(e), None
     if isinstance(e, RequestError):
-        return C.INVALID_ARGUMENT, "bad_request", str(e)
+        return C.INVALID_ARGUMENT, "bad_request", str(e), None
     if isinstance(e, OverloadedError):
-        return C.RESOURCE_EXHAUSTED, "overloaded", str(e)
-    if isinstance(e, ShuttingDownError):
-        return C.UNAVAILABLE, "unavailable", str(e)
-    return C.INTERNAL, "internal", f"internal error ({type(e).__name__}); see the server log"
+        return C.RESOURCE_EXHAUSTED, "overloaded", str(e), e.retry_after_s
+    if isinstance(e, (ShuttingDownError, TierUnavailableError)):
+        return C.UNAVAILABLE, "unavailable", str(e), 1
+    return C.INTERNAL, "internal", f"internal error ({type(e).__name__}); see the server log", None
+
+
+def bounded(message: str) -> str:
+    """``message`` cut to ``MAX_DETAILS`` characters (gRPC sends it as a header-sized trailer)."""
+    return message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 28] + f"... ({len(message)} chars)"
+
+
+async def abort(context, code: grpc.StatusCode, message: str, retry_after_s: int | None = None):
+    """End the call with ``code``, a bounded message and, when given, ``retry-after`` metadata."""
+    trailing = ((RETRY_AFTER, str(retry_after_s)),) if retry_after_s is not None else ()
+    await context.abort(code, bounded(message), trailing_metadata=trailing)
+
+
+class _Undecodable:
+    """What ``ProtocolGuard`` hands a handler in place of a message that did not parse."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {what} message ({str(error)[:200]})"
+
+
+class ProtocolGuard(grpc.aio.ServerInterceptor):
+    """Unary RPCs whose bytes are not a valid protobuf answer INVALID_ARGUMENT, not grpc's UNKNOWN.
+
+    grpc turns a deserializer's exception into UNKNOWN ("Unexpected DecodeError"), a server
+    fault by the status mapping; the guard parses the bytes itself and lets the handler refuse
+    the request as the client fault it is.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+        what = handler_call_details.method.rsplit("/", 1)[-1] + " request"
+
+        def safe_parse(data: bytes):
+            try:
+                return parse(data)
+            except (DecodeError, ValueError) as e:  # ValueError: invalid UTF-8 in a string field
+                return _Undecodable(what, e)
+
+        async def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                await abort(context, C.INVALID_ARGUMENT, request.message)
+            return await behavior(request, context)
+
+        return handler._replace(request_deserializer=safe_parse, unary_unary=guarded)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 RPCs over one ModelRepository (async handlers on the server's loop)."""
 
     def __init__(self, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions,
-                 is_ready: Callable[[], bool]) -> None:
+                 is_ready: Callable[[], bool], pending: PendingLoads | None = None) -> None:
         self.repo, self.metrics, self.options, self.is_ready = repo, metrics, options, is_ready
+        self.pending = pending or PendingLoads()
         self.expected = f"Bearer {options.token}" if options.token else None
 
     async def _authorize(self, context) -> None:
@@ -73,17 +135,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not hmac.compare_digest(got.encode(), self.expected.encode()):
             await context.abort(C.UNAUTHENTICATED, "missing or wrong bearer token")
 
+    async def _unless_pending(self, name: str, context, count: bool = False) -> None:
+        """UNAVAILABLE + retry-after while model ``name`` waits for its embedding tier (HTTP: 503)."""
+        message = self.pending.message(name) if name not in self.repo.models else None
+        if message is not None:
+            if count:
+                self.metrics.failure("_unknown", "unavailable")
+            await abort(context, C.UNAVAILABLE, message, self.pending.retry_after_s)
+
     async def _model(self, name: str, version: str, context):
+        await self._unless_pending(name, context)
         try:
             return resolve(self.repo, name, version or None)
         except HttpError as e:
-            await context.abort(GRPC_CODE.get(e.status, C.NOT_FOUND), str(e))
+            await abort(context, GRPC_CODE.get(e.status, C.NOT_FOUND), str(e))
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.is_ready())
+        return pb.ServerReadyResponse(ready=self.is_ready() and not self.pending.waiting)
 
     async def ModelReady(self, request, context):
         await self._authorize(context)
@@ -117,7 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             body = statistics(self.repo, self.metrics, request.name or None, request.version or None)
         except HttpError as e:
-            await context.abort(GRPC_CODE.get(e.status, C.NOT_FOUND), str(e))
+            await abort(context, GRPC_CODE.get(e.status, C.NOT_FOUND), str(e))
         return json_format.ParseDict(body, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def RepositoryIndex(self, request, context):
@@ -133,20 +204,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         label = name if name in self.repo.models else "_unknown"
         self.metrics.requests.labels(label).inc()
+        await self._unless_pending(name, context, count=True)
         try:
+            version = request.model_version or None
+            model = resolve(self.repo, name, version)  # NOT_FOUND before any decoding, as on HTTP
             t_decode = time.perf_counter()
-            req = decode_infer(request)
+            req = decode_infer(request, _parse_limits(model, self.options))
             self.metrics.observe_phase(label, "decode", time.perf_counter() - t_decode)
-            model, outputs = await run_infer(self.repo, name, req, request.model_version or None, self.metrics)
+            model, outputs = await run_infer(self.repo, name, req, version, self.metrics)
             t_encode = time.perf_counter()
             response = encode_infer(model.name, model.version, req, outputs)
             self.metrics.observe_phase(label, "encode", time.perf_counter() - t_encode)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody to answer
+            self.metrics.disconnects.labels(label).inc()
+            log.info("gRPC client %s cancelled its call (model '%s')", context.peer(), name[:100])
+            raise
         except Exception as e:  # noqa: BLE001 - every class maps to a status code (bugs: INTERNAL)
-            code, reason, message = classify(e)
+            code, reason, message, retry_after = classify(e)
             if code == C.INTERNAL:
-                log.exception("gRPC infer on model '%s' failed", name)
+                log.exception("gRPC infer on model '%s' failed", name[:100])
             self.metrics.failure(label, reason)
-            await context.abort(code, message)
+            await abort(context, code, message, retry_after)
         self.metrics.success(label, time.perf_counter() - t0)
         return response
 
@@ -155,11 +233,11 @@ class GrpcFrontend:
     """The grpc.aio server: ``await start(host, port)`` in the serving loop, ``await stop(grace)``."""
 
     def __init__(self, repo: ModelRepository, metrics: ServingMetrics, options: ServeOptions,
-                 is_ready: Callable[[], bool]) -> None:
-        self.servicer = InferenceServicer(repo, metrics, options, is_ready)
+                 is_ready: Callable[[], bool], pending: PendingLoads | None = None) -> None:
+        self.servicer = InferenceServicer(repo, metrics, options, is_ready, pending)
         limit = int(options.max_body_bytes)
         # so_reuseport 0: a second server on a taken port fails instead of sharing it silently
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+        self.server = grpc.aio.server(interceptors=[ProtocolGuard()], options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.health = _add_health(self.server)

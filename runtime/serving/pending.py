@@ -3,9 +3,10 @@
 A server started with ``--embeddings redis://…`` before the cluster holds the complete
 version a bundle's manifest pins does not exit: the model stays unloaded,
 ``/v2/health/ready`` and the model's ready endpoint answer 503, an infer on it answers
-503 with the message that names the missing version, and a background task retries the
-load every ``interval_s`` until it succeeds (then the model is warmed up, its batcher
-started, and readiness turns true).
+503 (gRPC: UNAVAILABLE) with ``Retry-After`` (gRPC: ``retry-after`` trailing metadata) and
+a message saying the model is loading and naming the missing version, and a background
+task retries the load every ``interval_s`` until it succeeds (then the model is warmed up,
+its batcher started, and readiness turns true).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 from runtime.bundle import Bundle
@@ -36,7 +38,15 @@ class PendingLoads:
 
     def message(self, name: str) -> str | None:
         entry = self.waiting.get(name)
-        return None if entry is None else f"model '{name}' is not loaded: {entry[1]}"
+        if entry is None:
+            return None
+        return (f"model '{name}' is loading: waiting for its embedding tier ({entry[1]}); "
+                f"retry in {self.retry_after_s} s")
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds until the next load attempt at most (``Retry-After``)."""
+        return max(1, math.ceil(self.interval_s))
 
     def start(self, repo, load_model) -> None:
         if self.waiting:

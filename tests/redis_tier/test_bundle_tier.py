@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import torch
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import runtime
 from runtime.bundle import Bundle
@@ -103,27 +106,53 @@ def test_server_waits_for_its_version_then_serves_local_scores(store_bundles, re
     with pytest.raises(TierUnavailableError, match=f"holds no version {version}"):
         runtime.load(path, "onnxruntime", allow_unverified=True, embeddings=url)
     local = runtime.load(path, "onnxruntime", allow_unverified=True)
-    app = build_app([path], allow_unverified=True, embeddings=url)
-    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+    app = build_app([path], allow_unverified=True, embeddings=url, grpc_port=0)
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http, \
+            grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert http.get("/v2/health/ready").status_code == 503
         user, cands = _request(7)
         r = http.post("/v2/models/toy/infer", json=json_body(user, cands))
         assert r.status_code == 503 and f"holds no version {version}" in r.json()["error"]
+        assert "is loading" in r.json()["error"] and r.headers["Retry-After"] == "2"
         assert http.get("/v2/models/toy/ready").status_code == 503
+        # gRPC: UNAVAILABLE (was NOT_FOUND), the same message, retry-after in the trailing metadata
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(_grpc_request(user, cands), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+        assert e.value.details() == r.json()["error"]
+        assert dict(e.value.trailing_metadata())["retry-after"] == "2"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="toy"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "is loading" in e.value.details()
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="toy"), timeout=30).ready
+        assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
         push(url, bundle_tables(Bundle.open(path)), version)
         deadline = time.monotonic() + 30
         while http.get("/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert http.get("/v2/health/ready").status_code == 200
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
         for seed in range(3):
             user, cands = _request(seed)
             r = http.post("/v2/models/toy/infer", json=json_body(user, cands))
             assert r.status_code == 200, r.text
             got = np.asarray(r.json()["outputs"][0]["data"], np.float32)
             assert np.abs(got - local.score(user, cands)["ctr"]).max() == 0
+            out = stub.ModelInfer(_grpc_request(user, cands), timeout=30)
+            assert np.abs(np.frombuffer(out.raw_output_contents[0], "<f4") - local.score(user, cands)["ctr"]).max() == 0
         metrics = http.get("/metrics").text
         assert 'ugsep_embedding_cache_misses_total{model="toy"}' in metrics
         assert 'ugsep_embedding_tier_fetches_total{model="toy"}' in metrics
+
+
+def _grpc_request(user: dict, cands: dict) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="toy")
+    for k, v in {**user, **cands}.items():
+        v = np.ascontiguousarray(v, np.int64 if v.dtype.kind == "i" else np.float32)
+        req.inputs.add(name=k, datatype="INT64" if v.dtype == np.int64 else "FP32", shape=list(v.shape))
+        req.raw_input_contents.append(v.tobytes())
+    return req
 
 
 def _has(url: str, version: str) -> bool:
@@ -141,7 +170,7 @@ def test_node_killed_under_http_503s_its_rows_serves_cached_and_recovers(store_b
         path = store_bundles["fp32"]
         push(cluster.url, bundle_tables(Bundle.open(path)), store_version(Bundle.open(path)))
         local = runtime.load(path, "onnxruntime", allow_unverified=True)
-        app = build_app([path], allow_unverified=True, embeddings=cluster.url)
+        app = build_app([path], allow_unverified=True, embeddings=cluster.url, grpc_port=0)
         warm = _request(1, items=np.array([[0, 1], [2, 3]]))
         cold = _request(1, items=np.arange(4, 40).reshape(-1, 2))   # every other item: all buckets
         with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
@@ -157,6 +186,12 @@ def test_node_killed_under_http_503s_its_rows_serves_cached_and_recovers(store_b
             r = infer(cold)
             assert r.status_code == 503 and "embedding tier redis://127.0.0.1" in r.json()["error"]
             assert time.monotonic() - t0 < 5.0
+            with grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:  # was INTERNAL
+                with pytest.raises(grpc.RpcError) as e:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request(*cold), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+            assert "embedding tier redis://127.0.0.1" in e.value.details()
+            assert dict(e.value.trailing_metadata())["retry-after"] == "1"
             r = infer(warm)
             assert r.status_code == 200
             assert np.abs(np.asarray(r.json()["outputs"][0]["data"], np.float32) - local.score(*warm)["ctr"]).max() == 0

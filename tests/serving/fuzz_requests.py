@@ -77,17 +77,22 @@ def strategies(meta: dict) -> dict[str, st.SearchStrategy[Case]]:
                                                                  "datatype": "INT64", "data": [1, 2]}]}))),
         "huge_ints": st.tuples(big_digits, st.sampled_from(["data", "shape", "id", "binary_data_size"]), base).map(
             lambda t: Case("huge_ints", _huge_int_body(*t))),
-        "big_ints": with_input("data", st.lists(st.integers(2**63, 2**300) | st.integers(-(2**300), -(2**63)),
-                                                min_size=1, max_size=8)).map(lambda d: Case("big_ints", _dump(d))),
+        # at least one value past uint64 / int64 (2**63..2**64 alone is a valid float feature)
+        "big_ints": with_input("data", st.tuples(
+            st.lists(st.integers(2**63, 2**300) | st.integers(-(2**300), -(2**63)), max_size=7),
+            st.integers(2**64, 2**300) | st.integers(-(2**300), -(2**63) - 1)).map(lambda t: [*t[0], t[1]])
+        ).map(lambda d: Case("big_ints", _dump(d))),
         "many_dims": st.tuples(st.integers(33, 300), base).map(lambda t: Case("many_dims", _many_dims(*t))),
         "oversized_array": st.tuples(st.lists(st.integers(10**3, 10**12), min_size=1, max_size=4), idx, base).map(
             lambda t: Case("oversized_array", _oversized(*t))),
         "wrong_dtype": with_input("datatype", st.sampled_from(["BYTES", "FP16", "BOOL", "INT8", "UINT64", "FP64",
                                                               "fp32", "", "STRING"]) | st.text(max_size=8)
                                   ).map(lambda d: Case("wrong_dtype", _dump(d))),
-        "nan_inf": with_input("data", st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]) |
-                                               st.floats(), min_size=1, max_size=8)).map(
-            lambda d: Case("nan_inf", _dump(d))),
+        # at least one non-finite value (finite floats alone can be a valid request)
+        "nan_inf": with_input("data", st.tuples(
+            st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]) | st.floats(), max_size=7),
+            st.sampled_from([float("nan"), float("inf"), -float("inf")])).map(lambda t: [*t[0], t[1]])
+        ).map(lambda d: Case("nan_inf", _dump(d))),
         "missing_inputs": st.tuples(base, st.sets(idx, min_size=1), st.booleans()).map(
             lambda t: Case("missing_inputs", _missing(*t))),
         "bad_json": (st.binary(max_size=400) | st.text(max_size=200).map(str.encode) |

@@ -37,10 +37,7 @@ def quantize_bundle_stages(
     tuning = None
     if opts.tune:
         opts, tuning = tune_for_speed(stages, opts)
-    stages = {k: v for k, v in stages.items() if k != SMALL}
-    if opts.group_small_rows and {"user", "group"} <= set(stages):
-        stages[SMALL] = stages["group"]  # quantized its own way (opts.*_for(SMALL))
-    canonical, per_stage, paths = _paths(stages, opts)
+    stages, canonical, per_stage, paths = _paths(stages, opts)
     runner = _Runner(calibration, spec, canonical.values()) if calibration is not None else None
     record: dict[str, Any] = {
         "precision": opts.precision,
@@ -84,8 +81,12 @@ def quantize_bundle_stages(
 
 
 def _paths(stages: dict[str, onnx.ModelProto], opts: QuantizeOptions):
-    """(canonical stage graphs, min_elements per stage, serving paths) of ``stages``; refuses
-    a bundle in which no linear layer is worth quantizing."""
+    """(stages to quantize, their canonical graphs, min_elements per stage, serving paths);
+    refuses a bundle in which no linear layer is worth quantizing. ``group_small`` (when
+    tuning chose one) starts as the group graph, quantized its own way (opts.*_for(SMALL))."""
+    stages = {k: v for k, v in stages.items() if k != SMALL}
+    if opts.group_small_rows and {"user", "group"} <= set(stages):
+        stages[SMALL] = stages["group"]
     canonical = {
         k: _canonical(k, v, opts.min_elements_for(k), unroll=k in opts.per_token_stages)
         for k, v in stages.items()
@@ -105,4 +106,4 @@ def _paths(stages: dict[str, onnx.ModelProto], opts: QuantizeOptions):
             "--quant-min-elements 0 --quant-per-token-stages full user group "
             "(smaller bundle; slower on ORT CPU)"
         )
-    return canonical, per_stage, paths
+    return stages, canonical, per_stage, paths

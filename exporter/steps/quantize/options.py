@@ -7,11 +7,10 @@ the passes each runs (``PASSES``).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.args import positive_int
+from exporter.args import StepOptions, arg, as_tuple, positive_int
 from exporter.errors import ExportError
 from exporter.evaluate.budgets import DEFAULTS
 from graph_passes.onnx.pipelines import NBITS_MIN_ELEMENTS
@@ -39,7 +38,7 @@ class QuantizeOptions:
     ``W[T, D, H]`` are unrolled and quantized; elsewhere they stay one fp32 batched MatMul.
 
     ``tune`` (default: on for ort-cpu unless either knob is given): choose both per stage by
-    timing each stage graph on this CPU (``tune_for_speed``, exporter/steps/quant_tune.py): what
+    timing each stage graph on this CPU (``tune_for_speed``, exporter/steps/quantize/speed.py): what
     pays depends on the CPU (a per-token [128, 512] weight at batch 1 ran 0.55x fp32 on one
     x86-64 machine and 0.94x on a Zen 3 without VNNI). ``tune_threads``: intra-op threads
     timed (None: ONNX Runtime's default, as the runtime uses). With ``tune`` off the knobs
@@ -149,60 +148,41 @@ def _small_batch(value: str) -> int | None:
 
 
 @dataclass
-class QuantizeStepOptions:
+class QuantizeStepOptions(StepOptions):
     """Step ``quantize``: the user's knobs (the --quant-* flags); ``resolve`` makes the
     ``QuantizeOptions`` of an export from them, the precision, the target and the budget.
     None = chosen for the target (timed on this CPU for ort-cpu unless ``tune`` is off or
     either speed knob is given; see QuantizeOptions)."""
 
-    min_elements: int | None = None
-    per_token_stages: tuple[str, ...] | None = None
-    tune: bool = True
-    small_batch: int | None = None  # None timed, 0 off, K > 0 forced (QuantizeOptions.small_batch)
-    block_size: int | None = None  # None: int8 per output channel (w4a16: 32)
-    accuracy_level: int = 4  # MatMulNBits' (4: int8 activations inside the kernel)
-    stages: tuple[str, ...] = _ALL_STAGES  # stages left out keep fp32 weights
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quant-min-elements", type=int, default=None, metavar="N",
-                       help="w8a16/w4a16: keep weights with fewer than N elements in float "
-                       "(default: ort-cpu timed per stage on this CPU, else 16384; gpu/qdq 0; "
-                       "0 quantizes every layer)")
-        p.add_argument("--quant-per-token-stages", nargs="*", default=None, metavar="STAGE",
-                       choices=list(_ALL_STAGES),
-                       help="w8a16/w4a16: stages whose per-token FFN weights are quantized "
-                       "(default: ort-cpu timed per stage on this CPU, else user; gpu/qdq all three; "
-                       "none: give the flag no values)")
-        p.add_argument("--no-quant-tune", action="store_true",
-                       help="w8a16/w4a16 on ORT CPU: use the fixed speed defaults (16384, user) instead "
-                       "of timing each stage on this CPU (tuning is off anyway when either knob above is given)")
-        p.add_argument("--quant-small-batch", type=_small_batch, default=None, metavar="auto|off|N",
-                       help="w8a16/w4a16 on ORT CPU with tuning: a second group graph (group_small) "
-                       "tuned at 1 candidate, run for calls up to the measured crossover (auto, the "
-                       "default; built only when it wins), never (off), or always for calls of up "
-                       "to N candidates")
-        p.add_argument("--quant-block-size", type=positive_int, default=None, metavar="K",
-                       help="w8a16/w4a16: quantize in blocks of K along the reduction dim (default: "
-                       "w8a16 one scale per output channel, w4a16 32)")
-        p.add_argument("--quant-accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                       help="ort-cpu: MatMulNBits' accuracy_level (default 4: int8 activations "
-                       "inside the kernel, the fast path)")
-        p.add_argument("--quant-stages", nargs="+", default=list(_ALL_STAGES), metavar="STAGE",
-                       choices=list(_ALL_STAGES),
-                       help="w8a16/w4a16: stages to quantize (default all; the others keep fp32 weights)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> QuantizeStepOptions:
-        return cls(
-            min_elements=args.quant_min_elements,
-            per_token_stages=None if args.quant_per_token_stages is None else tuple(args.quant_per_token_stages),
-            tune=not args.no_quant_tune,
-            small_batch=args.quant_small_batch,
-            block_size=args.quant_block_size,
-            accuracy_level=args.quant_accuracy_level,
-            stages=tuple(args.quant_stages),
-        )
+    min_elements: int | None = arg(
+        "--quant-min-elements", type=int, default=None, metavar="N",
+        help="w8a16/w4a16: keep weights with fewer than N elements in float (default: ort-cpu "
+        "timed per stage on this CPU, else 16384; gpu/qdq 0; 0 quantizes every layer)")
+    per_token_stages: tuple[str, ...] | None = arg(
+        "--quant-per-token-stages", nargs="*", default=None, metavar="STAGE", choices=list(_ALL_STAGES),
+        convert=as_tuple,
+        help="w8a16/w4a16: stages whose per-token FFN weights are quantized (default: ort-cpu timed "
+        "per stage on this CPU, else user; gpu/qdq all three; none: give the flag no values)")
+    tune: bool = arg(
+        "--no-quant-tune", default=True, action="store_false",
+        help="w8a16/w4a16 on ORT CPU: use the fixed speed defaults (16384, user) instead of timing "
+        "each stage on this CPU (tuning is off anyway when either knob above is given)")
+    small_batch: int | None = arg(
+        "--quant-small-batch", type=_small_batch, default=None, metavar="auto|off|N",
+        help="w8a16/w4a16 on ORT CPU with tuning: a second group graph (group_small) tuned at 1 "
+        "candidate, run for calls up to the measured crossover (auto, the default; built only when "
+        "it wins), never (off), or always for calls of up to N candidates")
+    block_size: int | None = arg(
+        "--quant-block-size", type=positive_int, default=None, metavar="K",
+        help="w8a16/w4a16: quantize in blocks of K along the reduction dim (default: w8a16 one "
+        "scale per output channel, w4a16 32)")
+    accuracy_level: int = arg(
+        "--quant-accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+        help="ort-cpu: MatMulNBits' accuracy_level (default 4: int8 activations inside the "
+        "kernel, the fast path)")
+    stages: tuple[str, ...] = arg(
+        "--quant-stages", nargs="+", default=_ALL_STAGES, metavar="STAGE", choices=list(_ALL_STAGES),
+        convert=as_tuple, help="w8a16/w4a16: stages to quantize (default all; the others keep fp32 weights)")
 
     def resolve(
         self, precision: str, *, target: str = "onnx", budget: dict[str, float] | None = None,

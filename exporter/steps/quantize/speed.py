@@ -52,20 +52,7 @@ def tune_stage(
     elements quantized) or None when that configuration quantizes nothing.
     """
     batch = timing.stage_batch(stage) if batch is None else batch
-    configs = [timing.Config(FP32, None, False, proto)]
-    seen: set[frozenset[str]] = set()
-    for m in MIN_ELEMENTS_GRID:
-        for per_token in (False, True):
-            built = build(m, per_token)
-            if built is None:
-                continue
-            q, names, elements = built
-            key = frozenset(names)
-            if key in seen:  # e.g. per_token on a stage without per-token weights
-                continue
-            seen.add(key)
-            tag = f"min_elements={m},per_token={'on' if per_token else 'off'}"
-            configs.append(timing.Config(tag, m, per_token, q, elements, len(names)))
+    configs = _configs(proto, build)
     medians = timing.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {FP32: 0.0}
     chosen = choose(configs, medians)
     base = medians[FP32] or 1.0
@@ -99,6 +86,25 @@ def tune_stage(
         "fastest_quantized": None if fastest_quantized is None else fastest_quantized.name,
         "configs": rows,
     }
+
+
+def _configs(proto: onnx.ModelProto, build) -> list[timing.Config]:
+    """The fp32 graph and each distinct configuration of ``MIN_ELEMENTS_GRID`` x per-token."""
+    configs = [timing.Config(FP32, None, False, proto)]
+    seen: set[frozenset[str]] = set()
+    for m in MIN_ELEMENTS_GRID:
+        for per_token in (False, True):
+            built = build(m, per_token)
+            if built is None:
+                continue
+            q, names, elements = built
+            key = frozenset(names)
+            if key in seen:  # e.g. per_token on a stage without per-token weights
+                continue
+            seen.add(key)
+            tag = f"min_elements={m},per_token={'on' if per_token else 'off'}"
+            configs.append(timing.Config(tag, m, per_token, q, elements, len(names)))
+    return configs
 
 
 def quantized_elements(proto: onnx.ModelProto, names: list[str]) -> int:

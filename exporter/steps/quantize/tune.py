@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def tune_for_speed(
     stages: dict[str, onnx.ModelProto], opts: QuantizeOptions
 ) -> tuple[QuantizeOptions, dict[str, Any]]:
-    """Pick each stage's speed configuration by timing it on this CPU (exporter.steps.quant_tune).
+    """Pick each stage's speed configuration by timing it on this CPU (exporter.steps.quantize.speed, exporter.timing).
 
     Returns the options with the chosen per-stage ``min_elements``, ``per_token_stages`` and
     ``stages`` (a stage whose fp32 graph is fastest is not quantized) and the record for
