@@ -34,8 +34,9 @@ _INT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4"}
 
 
 def group_of(weight: str) -> str:
-    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``."""
-    return re.sub(r"\.t\d+$", "", weight)
+    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
+    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
@@ -50,6 +51,10 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             out[props.get("ugsep.weight") or node.name] = f"int{bits}"
+        elif node.op_type == "Gather" and props.get("ugsep.pass") == "QuantizeExpertTablesPass":
+            q = inits.get(node.input[0])  # a gather-form MoE table: int8 slices (or their scales)
+            if q is not None and q.data_type in _INT_TYPES and "ugsep.weight" in props:
+                out[props["ugsep.weight"]] = _INT_TYPES[q.data_type]
         elif node.op_type == "MatMul" and node.domain == "" and len(node.input) > 1:
             dq = dq_source.get(node.input[1])
             q = inits.get(dq.input[0]) if dq is not None else None
