@@ -175,13 +175,13 @@ def _rows_touched(scorer, reqs) -> dict[str, int]:
     """Distinct rows each store table is asked for by ``reqs`` (ids + per-field offsets)."""
     import numpy as np
 
-    sec = scorer.manifest.embeddings or {}
+    sec = scorer.manifest.embeddings
     rows: dict[str, list] = {}
-    for lk in sec.get("lookups", []):
-        side = 0 if lk["side"] == "user" else 1
-        off = 0 if lk.get("offsets") is None else np.asarray(lk["offsets"], np.int64)
-        ids = np.concatenate([(r[side][lk["input"]].astype(np.int64) + off).ravel() for r in reqs])
-        rows.setdefault(lk["table"], []).append(ids)
+    for lk in sec.lookups if sec else []:
+        side = 0 if lk.side == "user" else 1
+        off = 0 if lk.offsets is None else np.asarray(lk.offsets, np.int64)
+        ids = np.concatenate([(r[side][lk.input].astype(np.int64) + off).ravel() for r in reqs])
+        rows.setdefault(lk.table, []).append(ids)
     return {t: int(np.unique(np.concatenate(v)).size) for t, v in rows.items()}
 
 
@@ -218,7 +218,8 @@ def child_serve(bundle: str, n_requests: int) -> dict:
     for u, c in reqs[:WARMUP]:  # first runs page ORT's code in and size its arenas
         scorer.score(u, c)
     warm = _rss_mib()
-    store_file = Path(bundle) / ((scorer.manifest.embeddings or {}).get("file") or "embeddings.safetensors")
+    emb = scorer.manifest.embeddings
+    store_file = Path(bundle) / (emb.file if emb else "embeddings.safetensors")
     store_warm = _mapped_rss_mib(store_file)
     t0 = time.perf_counter()
     for u, c in reqs[WARMUP:]:
@@ -227,11 +228,11 @@ def child_serve(bundle: str, n_requests: int) -> dict:
     after = _rss_mib()
     m = scorer.manifest
     stages = ("user", "group") if scorer.split else ("full",)
-    dense = sum(meta["bytes"] for rel, meta in m.files.items()
+    dense = sum(meta.bytes or 0 for rel, meta in m.files.items()
                 if any(rel.startswith(f"{st}.onnx") for st in stages)) / 2**20
     touched = _rows_touched(scorer, reqs)
     store = scorer.store.store if scorer.store is not None else None
-    row_bytes = {t["name"]: t["bytes"] / t["rows"] for t in (m.embeddings or {}).get("tables", [])}
+    row_bytes = {t.name: t.bytes / t.rows for t in (m.embeddings.tables if m.embeddings else [])}
     rows_mib = sum(n * row_bytes[t] for t, n in touched.items()) / 2**20
     fixed = warm["VmRSS"] - dense - store_warm
     bound = fixed + dense + rows_mib
@@ -293,8 +294,10 @@ def _delta_auc(bundle: Path) -> dict:
 
 
 def _store_bytes(bundle: Path) -> dict:
-    emb = json.loads((bundle / "manifest.json").read_text()).get("embeddings") or {}
-    return {t["name"]: {"bytes": t["bytes"], "fp32_bytes": t["rows"] * t["dim"] * 4} for t in emb.get("tables", [])}
+    from runtime.manifest import Manifest
+
+    emb = Manifest.read(bundle).embeddings
+    return {t.name: {"bytes": t.bytes, "fp32_bytes": t.rows * t.dim * 4} for t in (emb.tables if emb else [])}
 
 
 def main(argv: list[str] | None = None) -> int:

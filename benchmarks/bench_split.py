@@ -40,6 +40,7 @@ from exporter.commands.bench import DEFAULT_NS, print_table, run_bench  # noqa: 
 from exporter.load import LoadedModel, load_student  # noqa: E402
 from exporter.pipeline import ExportOptions, export_bundle  # noqa: E402
 from exporter.steps.capture import to_torch_inputs  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
 
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out_json=out / "bench_split.json",
         out_png=out / "bench_split.png",
     )
-    split = json.loads((bundle / "manifest.json").read_text())["split"]
-    result["boundary"] = split["boundary"]
+    result["boundary"] = [b.to_dict() for b in Manifest.read(bundle).split.boundary]
     by_n = {r["n"]: r for r in result["results"]}
     if 16 in by_n:
         result["fraction_of_ceiling_n16"] = by_n[16]["fraction_of_ceiling"]

@@ -93,6 +93,13 @@ def _serve_args(ctx: Context, name: str) -> list[str]:
     return args + (["--quick"] if ctx.quick else [])
 
 
+def _moe_args(ctx: Context) -> list[str]:
+    args = ["--out", str(ctx.out / "bench_moe.json")]
+    # full: the script's defaults (E 8/16 x k 1/2, 15 rounds at N=200, 150 at M=1), as committed;
+    # quick: the headline config only, a few rounds (the bench student's capture dominates)
+    return args + (["--experts", "16", "--top-k", "2", "--rounds", "3"] if ctx.quick else [])
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One script, how to call it, the JSON it writes and how to summarise that JSON."""
@@ -203,6 +210,25 @@ def paired(segments: list[dict], variant: str, baseline: str) -> dict[str, dict]
     return out
 
 
+def summarise_moe(d: dict) -> dict:
+    """The two headline ratios, and per (E, k): sparse vs dense-masked at N=200, W8A16 vs fp32 at M=1."""
+    return {
+        "dense_over_sparse_e16_k2_n200": d["dense_over_sparse_e16_k2_n200"],
+        "w8_over_fp32_user_m1": d["w8_over_fp32_user_m1"],
+        "threads": d["threads"],
+        "load_average": {"before": d["loadavg_before"][0], "after": d["loadavg_after"][0]},
+        "configs": {
+            f"E={c['experts']} k={c['top_k']}": {
+                "dense_over_sparse_n200": c["dense_over_sparse_n200"],
+                "sparse_form_n200": c["sparse_form_n200"],
+                "eager_over_sparse_n200": c["eager_over_sparse_n200"],
+                "w8_over_fp32_user_m1": c["w8_over_fp32_user_m1"],
+            }
+            for c in d["configs"]
+        },
+    }
+
+
 def summarise_triton(d: dict) -> dict:
     """Each Triton variant relative to ``ugsep serve`` (paired by round), per concurrency."""
     segments = d["segments"]
@@ -238,8 +264,10 @@ BENCHMARKS = (
         lambda c: _serve_args(c, "triton"),
         summarise_triton,
     ),
+    Benchmark("moe", "bench_moe.py", "bench_moe.json", _moe_args, summarise_moe),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
+NO_STUDENT = ("quant_accuracy_level", "moe")  # need no distilled RankMixer checkpoint
 
 
 def collect(out: Path, names: list[str] | None = None) -> dict[str, dict]:
@@ -360,6 +388,27 @@ def _md_triton(s: dict) -> list[str]:
     return _ratio_table(s["vs_ugsep_serve"], "ugsep serve") + ["", f"{s['student']}, N={s['candidates']}."]
 
 
+def _md_moe(s: dict) -> list[str]:
+    rows = [
+        f"| {cfg} | {_x(r['dense_over_sparse_n200'])} | {r['sparse_form_n200']} "
+        f"| {_x(r['eager_over_sparse_n200'], '.0f')} | {_x(r['w8_over_fp32_user_m1'])} |"
+        for cfg, r in s["configs"].items()
+    ]
+    lines = [
+        "| E, k | group N=200: dense-masked / sparse | sparse form | eager / sparse "
+        "| user M=1: W8A16 / fp32 |",
+        "|---|---:|---|---:|---:|",
+        *rows,
+    ]
+    load = s["load_average"]
+    return lines + [
+        "",
+        f"Headline (E=16, k=2): dense-masked / sparse {_x(s['dense_over_sparse_e16_k2_n200'])} "
+        f"(goal >= 3x), W8A16 / fp32 at M=1 {_x(s['w8_over_fp32_user_m1'])} (goal <= 0.7x). "
+        f"ORT CPU, {s['threads']} threads; load average {load['before']:.1f} → {load['after']:.1f}.",
+    ]
+
+
 _MD = {
     "split": ("UG split vs full graph (bench_split)", _md_split),
     "quant_accuracy_level": (
@@ -369,6 +418,7 @@ _MD = {
     "quant": ("W8A16 on ORT CPU (bench_quant)", _md_quant),
     "serve": ("ugsep serve vs eager PyTorch (bench_serve)", _md_serve),
     "triton": ("Triton vs ugsep serve (bench_triton)", _md_triton),
+    "moe": ("Sparse MoE vs dense-masked, W8A16 experts (bench_moe)", _md_moe),
 }
 
 
@@ -539,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.summary_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        needs_student = any(n != "quant_accuracy_level" for n in names)
+        needs_student = any(n not in NO_STUDENT for n in names)
         ckpt = args.checkpoint or (
             train_student(Context(args.quick, args.out, args.work, None)) if needs_student else None
         )

@@ -68,7 +68,7 @@ class ExportContext:
     input_names: list[str] = field(default_factory=list)
     stages: dict[str, onnx.ModelProto] = field(default_factory=dict)
     stage_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra manifest keys
-    manifest_fields: dict[str, Any] = field(default_factory=dict)
+    manifest_fields: dict[str, Any] = field(default_factory=dict)  # Manifest field -> typed section
     extra_files: dict[str, Any] = field(default_factory=dict)
     parity_report: ParityReport | None = None
     stage_spec: FeatureSpec | None = None  # the compiled stages' inputs when the embedding step cut tables

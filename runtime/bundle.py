@@ -41,7 +41,7 @@ class Bundle:
 
     def stage_path(self, stage: str) -> Path:
         try:
-            return self.root / self.manifest.stages[stage]["file"]
+            return self.root / self.manifest.stages[stage].file
         except KeyError as e:
             raise BundleError(
                 f"bundle '{self.root}' has no '{stage}' stage "
@@ -90,9 +90,9 @@ class Bundle:
         and each stage graph matching the spec, the boundary and the vocabularies."""
         m = self.manifest
         for stage, st in m.stages.items():
-            if st["file"] not in m.files:
+            if st.file not in m.files:
                 raise BundleError(
-                    f"bundle '{self.root}': stage '{stage}' file '{st['file']}' is not listed "
+                    f"bundle '{self.root}': stage '{stage}' file '{st.file}' is not listed "
                     "in the manifest's files, so it cannot be verified"
                 )
         check_layout(self.root, m, allow_extra_files=allow_extra_files)
@@ -103,10 +103,10 @@ class Bundle:
             if not p.is_file():
                 raise BundleError(f"bundle '{self.root}': listed file '{rel}' is missing")
             got = sha256_file(p)
-            if got != meta["sha256"]:
+            if got != meta.sha256:
                 raise BundleError(
                     f"bundle '{self.root}': file '{rel}' does not match its manifest sha256 "
-                    f"(expected {meta['sha256'][:16]}…, found {got[:16]}…): the bundle is corrupt "
+                    f"(expected {meta.sha256[:16]}…, found {got[:16]}…): the bundle is corrupt "
                     "or was modified after export; re-export it"
                 )
         check_graphs(self.root, m)
@@ -117,8 +117,8 @@ class Bundle:
         problem = None
         if p is None:
             problem = "has no parity record (run `ugsep check` on it first)"
-        elif not p.get("passed", False):
-            failed = ", ".join(p.get("failed_stages", [])) or "see parity.json"
+        elif not p.passed:
+            failed = ", ".join(p.failed_stages) or "see parity.json"
             problem = f"failed its parity check ({failed})"
         if problem is None:
             return

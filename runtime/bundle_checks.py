@@ -22,7 +22,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from runtime.errors import BundleError
-from runtime.manifest import MANIFEST_NAME, SMALL_GROUP, Manifest
+from runtime.manifest import MANIFEST_NAME, SMALL_GROUP, Manifest, Stage
 from runtime.onnx_wire import GraphInfo, Node, ValueInfo, read_graph
 from runtime.signing import SIGNATURE_NAME
 
@@ -39,8 +39,8 @@ _TABLE_PRODUCERS = frozenset({"DequantizeLinear", "Cast", "Identity"})
 
 def check_layout(root: Path, manifest: Manifest, *, allow_extra_files: bool = False) -> None:
     """Paths inside the bundle, no symlinks, no unlisted files, one graph file per stage."""
-    engine_dirs = [str(e["dir"]) for e in manifest.engines if isinstance(e, dict) and "dir" in e]
-    for rel in [*manifest.files, *(st["file"] for st in manifest.stages.values()), *engine_dirs]:
+    engine_dirs = [e.dir for e in manifest.engines]
+    for rel in [*manifest.files, *(st.file for st in manifest.stages.values()), *engine_dirs]:
         _check_rel_path(root, rel)
     extra = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -77,10 +77,10 @@ def _check_rel_path(root: Path, rel: str) -> None:
 def _check_distinct_stage_files(root: Path, manifest: Manifest) -> None:
     owner: dict[str, str] = {}
     for stage, st in manifest.stages.items():
-        other = owner.setdefault(st["file"], stage)
+        other = owner.setdefault(st.file, stage)
         if other != stage:
             raise BundleError(
-                f"bundle '{root}': stages '{other}' and '{stage}' both point at '{st['file']}'; "
+                f"bundle '{root}': stages '{other}' and '{stage}' both point at '{st.file}'; "
                 "each stage has its own graph file (the manifest was edited?)"
             )
 
@@ -89,8 +89,8 @@ def check_graphs(root: Path, manifest: Manifest) -> dict[str, GraphInfo]:
     """Every stage graph against the spec, the boundary and its manifest entry; returns them."""
     graphs = {}
     for stage, st in manifest.stages.items():
-        g = read_graph(root / st["file"])
-        where = f"bundle '{root}': stage '{stage}' graph '{st['file']}'"
+        g = read_graph(root / st.file)
+        where = f"bundle '{root}': stage '{stage}' graph '{st.file}'"
         _check_listed_names(where, st, g)
         _check_stage_io(where, stage, manifest, g)
         check_vocab_tables(where, manifest, g)
@@ -98,9 +98,9 @@ def check_graphs(root: Path, manifest: Manifest) -> dict[str, GraphInfo]:
     return graphs
 
 
-def _check_listed_names(where: str, entry: dict, g: GraphInfo) -> None:
+def _check_listed_names(where: str, entry: Stage, g: GraphInfo) -> None:
     for key, values in (("inputs", g.inputs), ("outputs", g.outputs)):
-        listed = entry.get(key)
+        listed = getattr(entry, key)
         names = [v.name for v in values]
         if listed is not None and sorted(listed) != sorted(names):
             raise BundleError(
@@ -111,23 +111,23 @@ def _check_listed_names(where: str, entry: dict, g: GraphInfo) -> None:
 def _expected(stage: str, manifest: Manifest) -> tuple[dict, list[str], str]:
     """(allowed inputs {name: (dtype, full shape)}, required outputs, what the inputs are)."""
     allowed, required, what = _expected_from_spec(stage, manifest)
-    for lk in (manifest.embeddings or {}).get("lookups") or []:  # rows the runtime looks up
-        if stage == "full" or lk["side"] == ("user" if stage == "user" else "group"):
-            allowed[lk["stage_input"]] = ("float32", None)
+    for lk in manifest.embeddings.lookups if manifest.embeddings else []:  # rows the runtime looks up
+        if stage == "full" or lk.side == ("user" if stage == "user" else "group"):
+            allowed[lk.stage_input] = ("float32", None)
     return allowed, required, what
 
 
 def _expected_from_spec(stage: str, manifest: Manifest) -> tuple[dict, list[str], str]:
     spec = manifest.spec
-    boundary = (manifest.split or {}).get("boundary") or []
+    boundary = manifest.split.boundary if manifest.split else []
     def entry(s):
         return (s.dtype, ["batch", *s.shape])
     if stage == "user":
         allowed = {s.name: entry(s) for s in spec.inputs if s.side in ("user", "mixed")}
-        return allowed, [b["name"] for b in boundary], "a user-side input of the spec"
+        return allowed, [b.name for b in boundary], "a user-side input of the spec"
     if stage in ("group", SMALL_GROUP):
         allowed = {s.name: entry(s) for s in spec.group_inputs}
-        allowed.update({b["name"]: (b.get("dtype"), b.get("shape")) for b in boundary})
+        allowed.update({b.name: (b.dtype, b.shape) for b in boundary})
         allowed[USER_INDEX] = ("int64", ["N"])
         what = "a candidate input of the spec, a boundary tensor or user_index"
         return allowed, list(spec.outputs), what
@@ -152,8 +152,8 @@ def _check_stage_io(where: str, stage: str, manifest: Manifest, g: GraphInfo) ->
                 "stage points at the wrong graph or the manifest was edited"
             )
     if stage == "user":
-        for b in (manifest.split or {}).get("boundary") or []:
-            _check_value(where, "output", outputs[b["name"]], b.get("dtype"), b.get("shape"))
+        for b in manifest.split.boundary if manifest.split else []:
+            _check_value(where, "output", outputs[b.name], b.dtype, b.shape)
 
 
 def _check_value(where: str, kind: str, v: ValueInfo, dtype, shape) -> None:

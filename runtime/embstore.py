@@ -38,9 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from runtime.errors import BundleError, RequestError
+from runtime.manifest.sections import Embeddings, StoreLookup, StoreTable
 
-SECTION_KEYS = ("file", "dtype", "tables", "lookups", "in_graph")
-TABLE_DTYPES = ("float32", "float16", "int8_rowwise")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8}
 MAP_LIMIT = 256 << 20  # store files larger than this are read with pread, not through the map
 _OPEN: dict[tuple, MmapStore] = {}  # (path, size, mtime, tables) -> the process's one mapping
@@ -84,7 +83,7 @@ class MmapStore:
     than ``map_limit`` (None: no limit) is read with ``pread`` (``self.pread``)."""
 
     def __init__(
-        self, path: str | Path, tables: list[dict[str, Any]], map_limit: int | None = MAP_LIMIT
+        self, path: str | Path, tables: list[StoreTable], map_limit: int | None = MAP_LIMIT
     ) -> None:
         self.path = Path(path)
         header, base = read_safetensors_header(self.path)
@@ -93,14 +92,14 @@ class MmapStore:
         self.pread = map_limit is not None and size > map_limit
         self._fd = os.open(self.path, os.O_RDONLY) if self.pread else None
         self._offsets: dict[tuple[str, str], int] = {}  # (table, part) -> file offset of row 0
-        self._meta = {t["name"]: t for t in tables}
+        self._meta = {t.name: t for t in tables}
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         for t in tables:
-            self._arrays[t["name"]] = {
-                part: self._view(header, base, size, key, t["name"]) for part, key in t["tensors"].items()
+            self._arrays[t.name] = {
+                part: self._view(header, base, size, key, t.name) for part, key in t.tensors.items()
             }
-            for part, key in t["tensors"].items():
-                self._offsets[(t["name"], part)] = base + int(header[key]["data_offsets"][0])
+            for part, key in t.tensors.items():
+                self._offsets[(t.name, part)] = base + int(header[key]["data_offsets"][0])
             self._check_rows(t)
 
     @classmethod
@@ -109,10 +108,10 @@ class MmapStore:
 
         One mapping per file and process: every scorer of the bundle (split, full, parity's
         configurations, a reloaded model) shares it, so a touched page is resident once."""
-        return cls.open_path(bundle.path(bundle.manifest.embeddings["file"]), bundle.manifest.embeddings)
+        return cls.open_path(bundle.path(bundle.manifest.embeddings.file), bundle.manifest.embeddings)
 
     @classmethod
-    def open_path(cls, path: str | Path, sec: dict[str, Any]) -> MmapStore:
+    def open_path(cls, path: str | Path, sec: Embeddings) -> MmapStore:
         """The store file ``path`` described by a manifest's ``embeddings`` section ``sec``
         (the process's one mapping of it, as ``open``)."""
         path = Path(path).resolve()
@@ -120,11 +119,11 @@ class MmapStore:
             st = path.stat()
         except FileNotFoundError as e:
             raise BundleError(f"embedding store file '{path}' is missing") from e
-        key = (str(path), st.st_size, st.st_mtime_ns, json.dumps(sec["tables"], sort_keys=True))
+        key = (str(path), st.st_size, st.st_mtime_ns, json.dumps([t.to_dict() for t in sec.tables], sort_keys=True))
         with _OPEN_LOCK:
             store = _OPEN.get(key)
             if store is None:
-                store = _OPEN[key] = cls(path, sec["tables"])
+                store = _OPEN[key] = cls(path, sec.tables)
         return store
 
     def _view(self, header, base: int, size: int, key: str, table: str) -> np.ndarray:
@@ -141,24 +140,24 @@ class MmapStore:
         shape = tuple(int(d) for d in info["shape"])
         return np.ndarray(shape, dtype=dtype, buffer=self._mm, offset=base + start)
 
-    def _check_rows(self, t: dict[str, Any]) -> None:
-        arrs = self._arrays[t["name"]]
+    def _check_rows(self, t: StoreTable) -> None:
+        arrs = self._arrays[t.name]
         main = arrs.get("weight", arrs.get("qweight"))
-        if main is None or main.shape != (t["rows"], t["dim"]):
+        if main is None or main.shape != (t.rows, t.dim):
             got = None if main is None else list(main.shape)
             raise BundleError(
-                f"embedding store '{self.path}': table '{t['name']}' has shape {got}, the manifest "
-                f"says [{t['rows']}, {t['dim']}]"
+                f"embedding store '{self.path}': table '{t.name}' has shape {got}, the manifest "
+                f"says [{t.rows}, {t.dim}]"
             )
 
     def rows(self, table: str) -> int:
-        return int(self._meta[table]["rows"])
+        return self._meta[table].rows
 
     def dim(self, table: str) -> int:
-        return int(self._meta[table]["dim"])
+        return self._meta[table].dim
 
     def dtype(self, table: str) -> str:
-        return str(self._meta[table]["dtype"])
+        return self._meta[table].dtype
 
     def nbytes(self, table: str) -> int:
         return int(sum(a.nbytes for a in self._arrays[table].values()))
@@ -206,14 +205,17 @@ class MmapStore:
 class StoreFeeds:
     """The stage inputs of a bundle's store lookups, per side, from validated id inputs."""
 
-    def __init__(self, store: EmbeddingStore, section: dict[str, Any], spec) -> None:
+    def __init__(self, store: EmbeddingStore, section: Embeddings, spec) -> None:
         self.store = store
-        self.lookups = [dict(lk) for lk in section["lookups"]]
+        self.lookups = list(section.lookups)
         self._local = threading.local()
-        for lk in self.lookups:
-            lk["_offsets"] = None if lk.get("offsets") is None else np.asarray(lk["offsets"], np.int64).reshape(
-                [int(d) for d in spec.input(lk["input"]).shape]
+        self._offsets = {  # per lookup: the table offset of each id column, shaped like the ids
+            lk.stage_input: None if lk.offsets is None else np.asarray(lk.offsets, np.int64).reshape(
+                [int(d) for d in spec.input(lk.input).shape]
             )
+            for lk in self.lookups
+        }
+        for lk in self.lookups:
             _check_vocab(store, lk, spec)
 
     @classmethod
@@ -222,14 +224,15 @@ class StoreFeeds:
         orchestrator's copy of the bundle's manifest and store), checked against the
         manifest's sha256 first."""
         sec = manifest.embeddings
-        if not sec or not sec.get("lookups"):
+        if not sec or not sec.lookups:
             return None
         from runtime.bundle import sha256_file
 
-        path = Path(root) / sec["file"]
+        path = Path(root) / sec.file
         if not path.is_file():
             raise BundleError(f"embedding store file '{path}' is missing")
-        want = (manifest.files.get(sec["file"]) or {}).get("sha256")
+        entry = manifest.files.get(sec.file)
+        want = entry.sha256 if entry else None
         if sha256_file(path) != want:
             raise BundleError(f"embedding store '{path}' does not match its manifest sha256; copy the bundle again")
         return cls(MmapStore.open_path(path, sec), sec, manifest.spec)
@@ -238,7 +241,7 @@ class StoreFeeds:
     def for_bundle(cls, bundle, store: EmbeddingStore | None = None) -> StoreFeeds | None:
         """The bundle's lookups from its own store, or from ``store`` (a remote tier)."""
         sec = bundle.manifest.embeddings
-        if not sec or not sec.get("lookups"):
+        if not sec or not sec.lookups:
             return None
         return cls(store or MmapStore.open(bundle), sec, bundle.manifest.spec)
 
@@ -246,33 +249,34 @@ class StoreFeeds:
         """``inputs`` + the gathered rows of every lookup on ``side`` ("user", "group" or
         "both") whose id input is present."""
         out = dict(inputs)
-        todo = [(lk, self._rows(lk, inputs[lk["input"]])) for lk in self.lookups
-                if (side == "both" or lk["side"] == side) and lk["input"] in inputs]
+        todo = [(lk, self._rows(lk, inputs[lk.input])) for lk in self.lookups
+                if (side == "both" or lk.side == side) and lk.input in inputs]
         many = getattr(self.store, "lookup_many", None)
         if many is not None and len(todo) > 1:  # a remote tier: every lookup in one round trip
-            got = many([(lk["table"], ids) for lk, ids in todo])
-            return {**out, **{lk["stage_input"]: v for (lk, _), v in zip(todo, got, strict=True)}}
+            got = many([(lk.table, ids) for lk, ids in todo])
+            return {**out, **{lk.stage_input: v for (lk, _), v in zip(todo, got, strict=True)}}
         for lk, ids in todo:
-            buf = self._buffer(lk["stage_input"], ids.size, self.store.dim(lk["table"]))
-            out[lk["stage_input"]] = self.store.lookup(lk["table"], ids, out=buf)
+            buf = self._buffer(lk.stage_input, ids.size, self.store.dim(lk.table))
+            out[lk.stage_input] = self.store.lookup(lk.table, ids, out=buf)
         return out
 
     def check(self, inputs: dict[str, np.ndarray], side: str) -> None:
         """RequestError naming the input and the id when an id of ``side`` is outside its table."""
         for lk in self.lookups:
-            if lk["side"] == side and lk["input"] in inputs:
-                self._rows(lk, inputs[lk["input"]])
+            if lk.side == side and lk.input in inputs:
+                self._rows(lk, inputs[lk.input])
 
-    def _rows(self, lk: dict[str, Any], ids: np.ndarray) -> np.ndarray:
+    def _rows(self, lk: StoreLookup, ids: np.ndarray) -> np.ndarray:
         rows = ids.astype(np.int64, copy=False)
-        if lk["_offsets"] is not None:
-            rows = rows + lk["_offsets"]
-        n = self.store.rows(lk["table"])
+        offsets = self._offsets[lk.stage_input]
+        if offsets is not None:
+            rows = rows + offsets
+        n = self.store.rows(lk.table)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             pos = np.flatnonzero((rows.reshape(-1) < 0) | (rows.reshape(-1) >= n))[0]
             bad = int(ids.reshape(-1)[pos])
             raise RequestError(
-                f"input '{lk['input']}' has id {bad} outside embedding table '{lk['table']}' "
+                f"input '{lk.input}' has id {bad} outside embedding table '{lk.table}' "
                 f"({n} rows)"
             )
         return rows
@@ -286,46 +290,24 @@ class StoreFeeds:
         return buf[:n]
 
 
-def _check_vocab(store: EmbeddingStore, lk: dict[str, Any], spec) -> None:
+def _check_vocab(store: EmbeddingStore, lk: StoreLookup, spec) -> None:
     """A store whose rows cannot hold the spec's vocabulary (plus offsets) is refused."""
-    vocab = spec.input(lk["input"]).vocab
+    vocab = spec.input(lk.input).vocab
     if vocab is None:
         return
-    top = (max(lk["offsets"]) if lk.get("offsets") else 0) + vocab
-    rows = store.rows(lk["table"])
+    top = (max(lk.offsets) if lk.offsets else 0) + vocab
+    rows = store.rows(lk.table)
     if top > rows:
         raise BundleError(
-            f"embedding table '{lk['table']}' has {rows} rows but input '{lk['input']}' "
+            f"embedding table '{lk.table}' has {rows} rows but input '{lk.input}' "
             f"(vocab {vocab}) needs {top}; the store does not match the spec"
         )
-
-
-def check_section(sec: Any, where: str) -> None:
-    """Structural check of the manifest's ``embeddings`` section (None: no store)."""
-    if sec is None:
-        return
-    bad = not isinstance(sec, dict) or any(k not in sec for k in SECTION_KEYS)
-    if not bad:
-        bad = not all(
-            isinstance(t, dict) and t.get("dtype") in TABLE_DTYPES and isinstance(t.get("tensors"), dict)
-            and isinstance(t.get("rows"), int) and isinstance(t.get("dim"), int)
-            for t in sec["tables"]
-        )
-    names = {t.get("name") for t in sec["tables"]} if not bad else set()
-    if not bad:
-        bad = not all(
-            isinstance(lk, dict) and lk.get("table") in names and lk.get("side") in ("user", "group")
-            and isinstance(lk.get("stage_input"), str) and isinstance(lk.get("input"), str)
-            for lk in sec["lookups"]
-        )
-    if bad:
-        raise BundleError(f"{where}: the 'embeddings' section is malformed; re-export the bundle")
 
 
 def budget_precision(manifest) -> str:
     """The parity budget of a bundle's stages: int8 tables are judged like W8A16 (ranking
     metrics), fp16 tables like fp16, unless the dense precision is already coarser."""
-    dtype = (manifest.embeddings or {}).get("dtype", "fp32")
+    dtype = manifest.store_dtype
     if manifest.precision != "fp32" or dtype == "fp32":
         return manifest.precision
     return {"int8": "w8a16", "fp16": "fp16"}[dtype]
@@ -333,5 +315,5 @@ def budget_precision(manifest) -> str:
 
 def store_suffix(manifest) -> str:
     """'-emb-int8' / '-emb-fp16' for stage names of a bundle with a quantized store."""
-    dtype = (manifest.embeddings or {}).get("dtype", "fp32")
+    dtype = manifest.store_dtype
     return "" if dtype == "fp32" else f"-emb-{dtype}"

@@ -60,7 +60,7 @@ class Scorer:
         self.backend = backend
         self.split = use_split and self.manifest.is_split
         self.request_scoped = self.manifest.mixes_rows("group" if self.split else "full")
-        self.max_candidates = int(self.manifest.limits["max_candidates"])
+        self.max_candidates = self.manifest.limits.max_candidates
         self.output_names = list(self.spec.outputs)
         if group_variant not in ("auto", "group", SMALL_GROUP):
             raise InternalError(f"group_variant {group_variant!r} is not auto, group or {SMALL_GROUP}")
@@ -72,7 +72,7 @@ class Scorer:
         if self.split:
             self.user_session = backend.open(bundle, "user")
             self.group_session = backend.open(bundle, "group")
-            self.boundary_names = [b["name"] for b in self.manifest.split["boundary"]]
+            self.boundary_names = [b.name for b in self.manifest.split.boundary]
             rows = self.manifest.small_group_rows
             if group_variant == SMALL_GROUP:
                 if not rows:

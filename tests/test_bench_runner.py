@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-COMMITTED = ("split", "quant", "quant_accuracy_level", "serve")
+COMMITTED = ("split", "quant", "quant_accuracy_level", "serve", "moe")
 
 
 def _load_runner():
@@ -86,6 +86,27 @@ def test_serve_summary_has_ratio_and_p99_per_concurrency(summary):
     assert s["flop_ceiling_split"] == raw["flop_ceiling_split"]
 
 
+def test_moe_summary_matches_the_file(summary):
+    raw = _raw("moe")
+    s = summary["moe"]["summary"]
+    assert s["dense_over_sparse_e16_k2_n200"] == raw["dense_over_sparse_e16_k2_n200"]
+    assert s["w8_over_fp32_user_m1"] == raw["w8_over_fp32_user_m1"]
+    assert len(s["configs"]) == len(raw["configs"])
+    for c in raw["configs"]:
+        row = s["configs"][f"E={c['experts']} k={c['top_k']}"]
+        assert row["dense_over_sparse_n200"] == c["dense_over_sparse_n200"]
+        assert row["w8_over_fp32_user_m1"] == c["w8_over_fp32_user_m1"]
+
+
+def test_moe_quick_mode_runs_the_headline_config_only(tmp_path):
+    quick = run_all.BY_NAME["moe"].args(run_all.Context(True, tmp_path, tmp_path, None))
+    full = run_all.BY_NAME["moe"].args(run_all.Context(False, tmp_path, tmp_path, None))
+    q = " ".join(quick)
+    assert "--experts 16" in q and "--top-k 2" in q and "--rounds 3" in q
+    assert full == ["--out", str(tmp_path / "bench_moe.json")]  # the committed defaults
+    assert "moe" in run_all.NO_STUDENT  # random-init student: no checkpoint to train first
+
+
 def test_paired_ratio_is_per_round_median():
     # the serve segments are real: recompute ugsep/eager with the triton helper, same numbers
     raw = _raw("serve")
@@ -110,7 +131,12 @@ def test_markdown_and_files_written(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "drop"),
-    [("split", ("results",)), ("quant", ("latency", "N=512")), ("serve", ("paired_ratios",))],
+    [
+        ("split", ("results",)),
+        ("quant", ("latency", "N=512")),
+        ("serve", ("paired_ratios",)),
+        ("moe", ("configs",)),
+    ],
 )
 def test_schema_change_is_a_clear_error(tmp_path, name, drop):
     b = run_all.BY_NAME[name]

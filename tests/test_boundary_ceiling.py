@@ -13,6 +13,7 @@ from exporter.cli import main
 from exporter.commands.inspect import ceiling
 from exporter.steps.split import split_to_onnx
 from runtime.ceiling import flop_ceiling
+from runtime.manifest import Flops
 from runtime.spec import FeatureSpec
 from tests.test_split_e2e import DEEPFM_SPEC, _deepfm, _deepfm_rows
 
@@ -23,7 +24,7 @@ from tests.test_split_e2e import DEEPFM_SPEC, _deepfm, _deepfm_rows
 )
 def test_one_ceiling_formula_with_a_side_of_zero_flops(u, g, n, want):
     assert flop_ceiling(u, g, n) == pytest.approx(want)
-    assert ceiling({"user_per_row": u, "group_per_row": g}, n) == pytest.approx(want)
+    assert ceiling(Flops(user_per_row=u, group_per_row=g), n) == pytest.approx(want)
 
 
 @pytest.mark.slow

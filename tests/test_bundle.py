@@ -20,7 +20,7 @@ def bundle_copy(toy_bundle, tmp_path):
 
 def test_clean_bundle_verifies(bundle_copy):
     b = Bundle.open(bundle_copy)
-    assert "full.onnx" in b.manifest.files and b.manifest.stages["full"]["file"] == "full.onnx"
+    assert "full.onnx" in b.manifest.files and b.manifest.stages["full"].file == "full.onnx"
 
 
 def test_one_flipped_byte_is_refused_naming_the_file(bundle_copy):

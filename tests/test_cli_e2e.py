@@ -67,7 +67,7 @@ def test_check_passes_on_every_data_row(trained, bundle, capsys):
     assert "parity passed" in err
     n = len(load_npz(trained / "heldout.npz")["label"])
     parity = Manifest.read(bundle).parity
-    assert parity["passed"], parity
+    assert parity.passed, parity
     assert f"{n} rows" in err  # all rows of --data, not a 1000-row default
 
 
@@ -87,7 +87,7 @@ def test_inspect_shows_weight_bytes_and_the_quantized_layers_ratio(bundle, capsy
     capsys.readouterr()
     assert main(["inspect", str(bundle)]) == 0
     err = capsys.readouterr().err
-    q = Manifest.read(bundle).quantization
+    q = Manifest.read(bundle).quantization.to_dict()
     table = err[err.index("weight bytes before/after w8a16") :]
     for side in ("user", "group", "full"):
         layers = _nbits_layers(bundle / f"{side}.onnx")
@@ -185,17 +185,17 @@ def test_serve_threads_sets_the_threads_the_speed_choices_are_timed_with(trained
     out = tmp_path / "tt-1thread"
     assert main([*argv, "--out", str(out), "--serve-threads", "1", "--quant-small-batch", "off"]) == 0
     m = Manifest.read(out)
-    tuning = m.quantization["speed_tuning"]
+    tuning = m.quantization.to_dict()["speed_tuning"]
     assert tuning["threads"] == 1 and set(tuning["stages"]) == {"user", "group", "full"}
     # served on one thread: no stage is timed on fewer, none is capped
-    assert m.optimize["stage_threads"]["why"] == "served with 1 thread: nothing to choose"
-    assert not any("intra_op_threads" in st for st in m.stages.values())
+    assert m.optimize.stage_threads.why == "served with 1 thread: nothing to choose"
+    assert not any(st.intra_op_threads for st in m.stages.values())
     # --no-stage-threads: the threads step does not run
     plain = tmp_path / "tt-no-stage-threads"
     assert main(["export", str(trained / "student"), "--out", str(plain), "--no-stage-threads"]) == 0
     m = Manifest.read(plain)
-    assert "stage_threads" not in (m.optimize or {})
-    assert not any("intra_op_threads" in st for st in m.stages.values())
+    assert m.optimize is None or m.optimize.stage_threads is None
+    assert not any(st.intra_op_threads for st in m.stages.values())
 
 
 def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_path, capsys):
@@ -208,16 +208,16 @@ def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_p
     argv = ["export", str(trained / "student"), "--out", str(out), "--precision", "w8a16"]
     assert main([*argv, "--data", data, "--quant-small-batch", "8"]) == 0
     m = Manifest.read(out)
-    assert m.stages["group_small"]["max_rows"] == 8 and m.small_group_rows == 8
+    assert m.stages["group_small"].max_rows == 8 and m.small_group_rows == 8
     assert "group_small.onnx" in m.files
     small_ops = {n.op_type for n in onnx.load(out / "group_small.onnx").graph.node}
     assert "MatMulNBits" in small_ops
-    q = m.quantization
+    q = m.quantization.to_dict()
     assert q["group_small"] == {"max_rows": 8}
     assert q["outcome"]["user+group_small"]["selected"]["passed"]
     assert q["weight_bytes"]["group_small"]["quantized_layers"] > 0
     assert any(r["stage"] == "group_small" and r["precision"] == "int8" for r in q["layers"])
-    assert m.parity["passed"] and m.parity["summary"]["onnx-split-small-w8a16"]["status"] == "passed"
+    assert m.parity.passed and m.parity.summary["onnx-split-small-w8a16"]["status"] == "passed"
     parity = json.loads((out / "parity.json").read_text())
     small_stage = next(s for s in parity["stages"] if s["name"] == "onnx-split-small-w8a16")
     assert small_stage["outputs"]["ctr"]["max_abs"] <= W8A16_MAX_ABS
@@ -228,7 +228,7 @@ def test_group_small_serves_small_calls_and_is_checked_on_its_own(trained, tmp_p
     # the faster count is the stage's cap, and the Scorer's sessions run with it
     from exporter.steps.threads import DEFAULT, pick
 
-    timed = m.optimize["stage_threads"]["stages"]
+    timed = m.optimize.to_dict()["stage_threads"]["stages"]
     assert set(timed) == {"user", "group_small"}
     sessions = {"user": scorer.user_session, "group_small": scorer.small_session}
     for stage, r in timed.items():

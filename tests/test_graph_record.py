@@ -17,6 +17,7 @@ from exporter import pipeline
 from exporter.load import LoadedModel
 from exporter.steps.quantize import QuantizeOptions, QuantizeStepOptions, quantize_bundle_stages
 from graph_passes.onnx import linear_layers
+from runtime.manifest import BoundaryTensor
 from runtime.spec import FeatureSpec
 from tests.parity.conftest import SPLIT_SPEC, SplitToy
 
@@ -66,12 +67,12 @@ def test_selection_plans_with_the_passs_own_min_k_rule():
 
 def _edit_plan(ctx) -> None:
     """A step between quantize/threads and write that makes the plan lie about the graphs."""
-    for row in ctx.manifest_fields["quantization"]["layers"]:
-        row["precision"] = "fp32" if row["precision"].startswith("int") else "int8"
+    for row in ctx.manifest_fields["quantization"].layers:
+        row.precision = "fp32" if row.precision.startswith("int") else "int8"
     ctx.stage_meta.setdefault("user", {})["intra_op_threads"] = 7
-    boundary = ctx.manifest_fields["split"]["boundary"]
-    boundary[0]["dtype"] = "float16"
-    boundary.append({"name": "ghost", "dtype": "float32", "shape": ["M", 3], "source": "x"})
+    boundary = ctx.manifest_fields["split"].boundary
+    boundary[0].dtype = "float16"
+    boundary.append(BoundaryTensor(name="ghost", dtype="float32", shape=["M", 3], source="x"))
 
 
 @pytest.mark.slow

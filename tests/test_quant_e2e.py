@@ -205,7 +205,7 @@ def test_export_bundle_w8a16_writes_quantized_split_stages_and_manifest(tmp_path
     ctx = export_bundle(LoadedModel(spec=SPEC, module=model), tmp_path / "b", opts)
     m = Manifest.read(tmp_path / "b")
     assert m.precision == "w8a16" and m.is_split
-    q = m.quantization
+    q = m.quantization.to_dict()
     assert set(q["weight_bytes"]) == {"user", "group", "full"}
     for side in ("user", "group"):
         ops = {n.op_type for n in onnx.load(tmp_path / "b" / f"{side}.onnx").graph.node}

@@ -226,5 +226,5 @@ def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_p
         ctx.stages = {"group": proto}
         step_optimize(ctx)
         rec = ctx.manifest_fields["optimize"]
-        assert rec["serve_threads"] == threads
-        assert set(rec["per_token_layout"]["group"]["threads"]) == timed
+        assert rec.serve_threads == threads
+        assert set(rec.per_token_layout["group"].threads) == timed

@@ -98,7 +98,7 @@ def test_validation_does_not_mutate_inputs(scorer):
 def test_export_records_parity_and_the_runtime_accepts_it(toy_bundle):
     """export_bundle runs the parity step last: the bundle it writes is served as is."""
     scorer = runtime.load(toy_bundle)
-    assert scorer.manifest.parity["passed"] is True
+    assert scorer.manifest.parity.passed is True
 
 
 def test_bundle_without_parity_is_refused_by_default(tmp_path, toy_checkpoint):

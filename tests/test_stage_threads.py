@@ -105,11 +105,12 @@ def test_the_pipeline_step_writes_the_choice_into_the_stage_entries(tmp_path):
 
     ctx = ctx_for(serve_threads=2)
     step_stage_threads(ctx)
-    rec = ctx.manifest_fields["optimize"]["stage_threads"]
-    for stage, entry in rec["stages"].items():
-        want = None if entry["chosen"] == "2" else int(entry["chosen"])
+    rec = ctx.manifest_fields["optimize"].stage_threads
+    for stage, entry in rec.stages.items():
+        want = None if entry.chosen == "2" else int(entry.chosen)
         assert ctx.stage_meta.get(stage, {}).get("intra_op_threads") == want
-    assert ctx.stage_meta["group_small"]["max_rows"] == rec["stages"]["group_small"].get("max_rows", 64)
+    small = rec.stages["group_small"].max_rows
+    assert ctx.stage_meta["group_small"]["max_rows"] == (64 if small is None else small)
     for options in ({"target": "trt", "serve_threads": 2},
                     {"threads": ThreadsOptions(enabled=False), "serve_threads": 2}):
         ctx = ctx_for(**options)

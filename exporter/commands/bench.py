@@ -117,16 +117,16 @@ def _best_eager_threads(call, threads: int) -> int | None:
 
 
 def _eager_model(manifest, trust: tuple[str, ...] | list[str] = ()) -> Any:
-    src = manifest.source or {}
-    if not src.get("checkpoint") or not Path(src["checkpoint"]).exists():
+    src = manifest.source
+    if not src.checkpoint or not Path(src.checkpoint).exists():
         log.warning("no checkpoint recorded in the manifest: eager PyTorch is not measured")
         return None
     from exporter.load import load_student
 
     # the manifest is data: its factory is imported only from a trusted module
     return load_student(
-        src["checkpoint"], spec=manifest.spec, trust=trust,
-        factory=src.get("factory") if not Path(src["checkpoint"]).is_dir() else None,
+        src.checkpoint, spec=manifest.spec, trust=trust,
+        factory=src.factory if not Path(src.checkpoint).is_dir() else None,
         factory_from=f"the manifest of bundle '{manifest.model_name}'",
     ).eager()
 
@@ -185,8 +185,7 @@ def _measure(calls, repeats: int, seconds_per_n: float, seed: int) -> dict:
 
 
 def _summarise(samples, manifest, threads: int, bundle: str) -> dict[str, Any]:
-    flops = manifest.flops or {}
-    u, g = flops.get("user_per_row"), flops.get("group_per_row")
+    u, g = manifest.flops.user_per_row, manifest.flops.group_per_row
     rows = []
     for n, per in samples.items():
         med = {v: statistics.median(s) for v, s in per.items() if s}
@@ -205,7 +204,7 @@ def _summarise(samples, manifest, threads: int, bundle: str) -> dict[str, Any]:
         "model": manifest.model_name,
         "threads": threads,
         "backend": "onnxruntime-cpu",
-        "flops": flops,
+        "flops": manifest.flops.to_dict(),
         "results": rows,
     }
 

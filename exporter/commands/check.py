@@ -23,8 +23,8 @@ def reference_for(
     only from a ``trust``-ed module (exporter.trust). ``factory`` given by the caller is the
     caller's own choice.
     """
-    src = bundle.manifest.source or {}
-    path = checkpoint or src.get("checkpoint")
+    src = bundle.manifest.source
+    path = checkpoint or src.checkpoint
     if not path:
         raise ExportError(
             f"bundle '{bundle.root}' records no source checkpoint; pass --checkpoint"
@@ -35,13 +35,13 @@ def reference_for(
         )
     loaded = load_student(
         path,
-        factory=factory or src.get("factory"),
-        kwargs=src.get("kwargs"),
+        factory=factory or src.factory,
+        kwargs=src.kwargs,
         spec=bundle.manifest.spec,
         trust=trust,
         factory_from="the caller" if factory else f"the manifest of bundle '{bundle.root}'",
     )
-    want = src.get("checkpoint_sha256")
+    want = src.checkpoint_sha256
     got = loaded.source.get("checkpoint_sha256")
     if want and got != want:
         raise ExportError(
@@ -103,7 +103,7 @@ def _check_bundle_only(bundle: Bundle, args: argparse.Namespace) -> int:
     from runtime.sample import sample_requests
 
     m = bundle.manifest
-    recorded = (m.parity or {}).get("passed")
+    recorded = m.parity.passed if m.parity else None
     console.print(f"bundle '{bundle.root}': files verified; recorded parity: "
                   + {True: "passed", False: "FAILED", None: "none"}[recorded])
     budgets = load_budgets(args.budgets) if args.budgets else load_budgets(None)

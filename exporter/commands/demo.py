@@ -124,12 +124,13 @@ def _export(
         "bundle": str(bundle),
         "precision": precision,
         "split": manifest.is_split,
-        "boundary_tensors": len((manifest.split or {}).get("boundary", [])),
-        "ceiling_n512": _round(ceiling(manifest.flops or {}, 512)),
+        "boundary_tensors": len(manifest.split.boundary) if manifest.split else 0,
+        "ceiling_n512": _round(ceiling(manifest.flops, 512)),
         "parity_passed": bool(report.passed),
         "parity_rows": report.rows["n"],
         "worst_stage": worst,
-        "weight_bytes": (manifest.quantization or {}).get("weight_bytes"),
+        "weight_bytes": {k: v.to_dict() for k, v in manifest.quantization.weight_bytes.items()}
+        if manifest.quantization else None,
         "export_seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -13,21 +13,21 @@ def print_embeddings(m) -> None:
     if not sec:
         return
     uses: dict[str, list[str]] = {}
-    for lk in sec["lookups"]:
-        uses.setdefault(lk["table"], []).append(f"{lk['input']} ({lk['side']}, {lk['op']})")
-    t = Table(title=f"embedding store: {sec['file']} ({sec['dtype']}, memory-mapped)")
+    for lk in sec.lookups:
+        uses.setdefault(lk.table, []).append(f"{lk.input} ({lk.side}, {lk.op})")
+    t = Table(title=f"embedding store: {sec.file} ({sec.dtype}, memory-mapped)")
     for c in ("table", "rows", "dim", "dtype", "bytes", "bytes / fp32", "looked up by"):
         t.add_column(c)
-    for tab in sec["tables"]:
-        fp32 = tab["rows"] * tab["dim"] * 4
-        t.add_row(tab["name"], str(tab["rows"]), str(tab["dim"]), tab["dtype"], _mib(tab["bytes"]),
-                  f"{tab['bytes'] / fp32:.3f}" if tab.get("bytes") else "–", "; ".join(uses.get(tab["name"], [])))
+    for tab in sec.tables:
+        fp32 = tab.rows * tab.dim * 4
+        t.add_row(tab.name, str(tab.rows), str(tab.dim), tab.dtype, _mib(tab.bytes),
+                  f"{tab.bytes / fp32:.3f}" if tab.bytes else "–", "; ".join(uses.get(tab.name, [])))
     console.print(t)
-    total = sum(tab.get("bytes") or 0 for tab in sec["tables"])
-    console.print(f"store: {len(sec['tables'])} table(s), {_mib(total)}; user-side ids are looked up "
+    total = sum(tab.bytes or 0 for tab in sec.tables)
+    console.print(f"store: {len(sec.tables)} table(s), {_mib(total)}; user-side ids are looked up "
                   "once per request, candidate ids once per candidate")
-    for s in sec.get("in_graph", []):
-        console.print(f"in graph: {s['name']} [{s['rows']} x {s['dim']}], {_mib(s['bytes'])}: {s['reason']}")
+    for s in sec.in_graph:
+        console.print(f"in graph: {s.name} [{s.rows} x {s.dim}], {_mib(s.bytes)}: {s.reason}")
 
 
 def _mib(n: int | None) -> str:

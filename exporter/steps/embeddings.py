@@ -27,6 +27,8 @@ import numpy as np
 from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from exporter.progress import console
+from runtime.manifest import Embeddings
+from runtime.manifest.sections import InGraphTable, StoreLookup, StoreTable
 from runtime.spec import FeatureSpec, InputSpec
 
 if TYPE_CHECKING:  # torch and the FX passes load when the step runs: `ugsep export --help` needs neither
@@ -119,28 +121,28 @@ def step_embeddings(ctx: ExportContext) -> None:
     )
 
 
-def store_section(weights, inputs, stay, dtype: str, min_bytes: int) -> dict[str, Any]:
-    """The manifest's ``embeddings`` record (table sha256 and bytes filled in by write_store)."""
+def store_section(weights, inputs, stay, dtype: str, min_bytes: int) -> Embeddings:
+    """The manifest's ``embeddings`` section (table sha256 and bytes filled in by write_store)."""
     tables = []
     for name, w in weights.items():
         tensors = {"weight": name} if dtype != "int8" else {"qweight": f"{name}.qweight", "scale_bias": f"{name}.scale_bias"}
-        tables.append({
-            "name": name, "rows": int(w.shape[0]), "dim": int(w.shape[1]),
-            "dtype": TABLE_DTYPE[dtype], "source_dtype": str(w.dtype).replace("torch.", ""),
-            "file": STORE_FILE, "tensors": tensors, "sha256": None, "bytes": None,
-        })
+        tables.append(StoreTable(
+            name=name, rows=int(w.shape[0]), dim=int(w.shape[1]),
+            dtype=TABLE_DTYPE[dtype], source_dtype=str(w.dtype).replace("torch.", ""),
+            file=STORE_FILE, tensors=tensors, sha256=None, bytes=None,
+        ))
     lookups = [
-        {
-            "stage_input": name, "table": lk.table, "input": lk.input, "side": lk.side,
-            "op": lk.op if lk.mode is None else f"{lk.op}({lk.mode})", "offsets": lk.offsets,
-            "shape": [*lk.ids_shape, lk.dim], "node": lk.node, "module": lk.module,
-        }
+        StoreLookup(
+            stage_input=name, table=lk.table, input=lk.input, side=lk.side,
+            op=lk.op if lk.mode is None else f"{lk.op}({lk.mode})", offsets=lk.offsets,
+            shape=[*lk.ids_shape, lk.dim], node=lk.node, module=lk.module,
+        )
         for name, lk in inputs
     ]
-    return {
-        "format": "safetensors", "file": STORE_FILE, "dtype": dtype, "min_table_bytes": min_bytes,
-        "tables": tables, "lookups": lookups, "in_graph": stay,
-    }
+    return Embeddings(
+        format="safetensors", file=STORE_FILE, dtype=dtype, min_table_bytes=min_bytes,
+        tables=tables, lookups=lookups, in_graph=[InGraphTable.from_dict(s, "embeddings step", "in_graph") for s in stay],
+    )
 
 
 def _parts(w: torch.Tensor, dtype: str):
@@ -171,9 +173,9 @@ def rowwise_int8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.stack([scale, lo.astype(np.float32)], axis=1)
 
 
-def write_store(path: Path, weights: dict[str, torch.Tensor], section: dict[str, Any]) -> None:
+def write_store(path: Path, weights: dict[str, torch.Tensor], section: Embeddings) -> None:
     """Stream every table into one safetensors file; fills each table's sha256 and bytes."""
-    dtype = section["dtype"]
+    dtype = section.dtype
     plan, offset = [], 0
     for name, w in weights.items():
         for suffix, st, shape, it in _parts(w, dtype):
@@ -184,7 +186,7 @@ def write_store(path: Path, weights: dict[str, torch.Tensor], section: dict[str,
               for _n, key, st, shape, _it, off, size in plan}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tables = {t["name"]: t for t in section["tables"]}
+    tables = {t.name: t for t in section.tables}
     hashes = {name: hashlib.sha256() for name in tables}  # a table's parts, in file order
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
@@ -197,26 +199,26 @@ def write_store(path: Path, weights: dict[str, torch.Tensor], section: dict[str,
                 written += len(buf)
             if written != size:
                 raise ExportError(f"store table '{name}': wrote {written} bytes, expected {size}")
-            tables[name]["bytes"] = (tables[name]["bytes"] or 0) + size
+            tables[name].bytes = (tables[name].bytes or 0) + size
     for name, h in hashes.items():
-        tables[name]["sha256"] = h.hexdigest()
+        tables[name].sha256 = h.hexdigest()
 
 
-def lookup_rows(weights, section: dict[str, Any], rows: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
+def lookup_rows(weights, section: Embeddings, rows: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
     """``rows`` + each lookup's gathered vectors, as the runtime computes them (fp32 tables)
     or dequantised like the store (fp16/int8): the cut stages' inputs, e.g. for calibration."""
     import torch
 
     out = dict(rows)
-    for lk in section["lookups"]:
-        ids = np.asarray(rows[lk["input"]], dtype=np.int64)
-        if lk["offsets"] is not None:
-            ids = ids + np.asarray(lk["offsets"], np.int64).reshape(spec.input(lk["input"]).shape)
-        w = weights[lk["table"]].detach()[torch.from_numpy(ids.reshape(-1))].float().numpy()
-        if section["dtype"] == "fp16":
+    for lk in section.lookups:
+        ids = np.asarray(rows[lk.input], dtype=np.int64)
+        if lk.offsets is not None:
+            ids = ids + np.asarray(lk.offsets, np.int64).reshape(spec.input(lk.input).shape)
+        w = weights[lk.table].detach()[torch.from_numpy(ids.reshape(-1))].float().numpy()
+        if section.dtype == "fp16":
             w = w.astype(np.float16).astype(np.float32)
-        elif section["dtype"] == "int8":
+        elif section.dtype == "int8":
             q, sb = rowwise_int8(w)
             w = q * sb[:, :1] + sb[:, 1:2]
-        out[lk["stage_input"]] = w.reshape(*ids.shape, -1).astype(np.float32)
+        out[lk.stage_input] = w.reshape(*ids.shape, -1).astype(np.float32)
     return out

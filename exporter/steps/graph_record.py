@@ -26,14 +26,18 @@ from typing import Any
 
 import onnx
 
+from runtime.manifest import BoundaryTensor, Quantization, Split
+from runtime.manifest.tuning import QuantLayer
+
 log = logging.getLogger(__name__)
 THREADS_KEY = "ugsep.intra_op_threads"
 _INT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4"}
 
 
 def group_of(weight: str) -> str:
-    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``."""
-    return re.sub(r"\.t\d+$", "", weight)
+    """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
+    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
@@ -50,6 +54,10 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
             out[props.get("ugsep.weight") or node.name] = f"int{bits}"
         elif node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
             out[props.get("ugsep.weight") or node.name] = "w8a8"  # int8 weights and activations
+        elif node.op_type == "Gather" and props.get("ugsep.pass") == "QuantizeExpertTablesPass":
+            q = inits.get(node.input[0])  # a gather-form MoE table: int8 slices (or their scales)
+            if q is not None and q.data_type in _INT_TYPES and "ugsep.weight" in props:
+                out[props["ugsep.weight"]] = _INT_TYPES[q.data_type]
         elif node.op_type == "MatMul" and node.domain == "" and len(node.input) > 1:
             dq = dq_source.get(node.input[1])
             q = inits.get(dq.input[0]) if dq is not None else None
@@ -113,9 +121,9 @@ def reconcile(
     (the graphs as written) hold; one line per planned fact the graphs contradict."""
     facts = describe_written(stages)
     notes = _reconcile_threads(stage_meta, facts["threads"])
-    if fields.get("split") and "boundary" in facts:
+    if fields.get("split") is not None and "boundary" in facts:
         notes += _reconcile_boundary(fields["split"], facts["boundary"])
-    if fields.get("quantization"):
+    if fields.get("quantization") is not None:
         notes += _reconcile_layers(fields["quantization"], facts["quantized"])
     for line in notes:
         log.warning("manifest follows the written graph: %s", line)
@@ -136,8 +144,8 @@ def _reconcile_threads(stage_meta, threads: dict[str, int | None]) -> list[str]:
     return notes
 
 
-def _reconcile_boundary(split: dict[str, Any], found: list[dict[str, Any]]) -> list[str]:
-    planned = {b["name"]: b for b in split.get("boundary") or []}
+def _reconcile_boundary(split: Split, found: list[dict[str, Any]]) -> list[str]:
+    planned = {b.name: b for b in split.boundary}
     notes = [f"boundary '{n}' is planned but not passed from user.onnx to group.onnx"
              for n in planned if n not in {b["name"] for b in found}]
     out = []
@@ -145,45 +153,42 @@ def _reconcile_boundary(split: dict[str, Any], found: list[dict[str, Any]]) -> l
         p = planned.get(b["name"])
         if p is None:
             notes.append(f"boundary '{b['name']}' is in the graphs but not in the plan")
-        elif (p.get("dtype"), list(p.get("shape") or [])) != (b["dtype"], b["shape"]):
+        elif (p.dtype, list(p.shape)) != (b["dtype"], b["shape"]):
             notes.append(
-                f"boundary '{b['name']}': planned {p.get('dtype')} {p.get('shape')}, "
+                f"boundary '{b['name']}': planned {p.dtype} {p.shape}, "
                 f"the graphs say {b['dtype']} {b['shape']}"
             )
-        out.append({**b, "source": (p or {}).get("source")})
-    split["boundary"] = out
+        out.append(BoundaryTensor(**b, source=p.source if p else None))
+    split.boundary = out
     return notes
 
 
-def _reconcile_layers(record: dict[str, Any], quantized: dict[str, dict[str, str]]) -> list[str]:
+def _reconcile_layers(record: Quantization, quantized: dict[str, dict[str, str]]) -> list[str]:
     """Each layer row's precision from its stage graph (by layer group); rows for quantized
     layers the plan did not list; ``kept_float`` recomputed; ``layers_source`` says so."""
     notes, seen = [], set()
     by_group = {
         s: {group_of(w): p for w, p in q.items()} for s, q in quantized.items()
     }
-    for row in record.get("layers", []):
-        stage, group = row["stage"], group_of(row["name"].split(":", 1)[1])
+    for row in record.layers:
+        stage, group = row.stage, group_of(row.name.split(":", 1)[1])
         seen.add((stage, group))
         found = by_group.get(stage, {}).get(group, "fp32")
-        if row["precision"] != found:
-            notes.append(f"layer {row['name']}: planned {row['precision']}, the graph has {found}")
-            row["why"] = f"graph: the written {stage}.onnx runs it {found} (planned {row['precision']})"
-            row["kernel"] = "fp32 MatMul" if found == "fp32" else "quantized (as written)"
-            row["precision"] = found
+        if row.precision != found:
+            notes.append(f"layer {row.name}: planned {row.precision}, the graph has {found}")
+            row.why = f"graph: the written {stage}.onnx runs it {found} (planned {row.precision})"
+            row.kernel = "fp32 MatMul" if found == "fp32" else "quantized (as written)"
+            row.precision = found
     for stage, groups in by_group.items():
         for group, prec in groups.items():
             if (stage, group) not in seen:
                 notes.append(f"layer {stage}:{group} is {prec} in the graph but not in the plan")
-                record.setdefault("layers", []).append(
-                    {"name": f"{stage}:{group}", "stage": stage, "weights": 1, "precision": prec,
-                     "kernel": "quantized (as written)", "why": "graph: not in the plan",
-                     "effect": None}
-                )
-    layers = record.get("layers", [])
-    record["kept_float"] = [
-        r["name"] for r in layers if r["precision"] == "fp32" and not r["why"].startswith("speed")
-    ]
-    record["quantized_layers"] = sum(r["precision"] != "fp32" for r in layers)
-    record["layers_source"] = "read back from the written stage graphs (exporter.steps.graph_record)"
+                record.layers.append(QuantLayer(
+                    name=f"{stage}:{group}", stage=stage, weights=1, precision=prec,
+                    kernel="quantized (as written)", why="graph: not in the plan", effect=None,
+                ))
+    layers = record.layers
+    record.kept_float = [r.name for r in layers if r.precision == "fp32" and not r.why.startswith("speed")]
+    record.quantized_layers = sum(r.precision != "fp32" for r in layers)
+    record.layers_source = "read back from the written stage graphs (exporter.steps.graph_record)"
     return notes

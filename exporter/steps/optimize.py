@@ -21,6 +21,8 @@ from exporter import timing
 from exporter.args import StepOptions, arg
 from exporter.steps.moe_form import choose_moe_form
 from graph_passes.onnx import PASS_KEY, optimize_inference
+from runtime.manifest import Optimize
+from runtime.manifest.tuning import LayoutChoice, MoeForm
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext
@@ -144,10 +146,9 @@ def step_optimize(ctx: ExportContext) -> None:
             if record is not None:
                 layouts[stage] = record
     if layouts or moe:
-        ctx.manifest_fields["optimize"] = {
-            "per_token_layout": layouts,
-            "cpu": timing.cpu_name(),
-            "serve_threads": o.serve_threads,  # None: timed at 1 and ORT's default
-        }
-        if moe:
-            ctx.manifest_fields["optimize"]["moe_form"] = moe
+        ctx.manifest_fields["optimize"] = Optimize(
+            per_token_layout={s: LayoutChoice.from_dict(r, "optimize step", s) for s, r in layouts.items()},
+            cpu=timing.cpu_name(),
+            serve_threads=o.serve_threads,  # None: timed at 1 and ORT's default
+            moe_form={s: MoeForm.from_dict(r, "optimize step", s) for s, r in moe.items()} or None,
+        )

@@ -28,6 +28,7 @@ from exporter.errors import ExportError
 from exporter.steps.capture import MAX_BATCH, example_rows
 from exporter.steps.onnx_build import export_onnx
 from graph_passes.fx import USER_INDEX, SplitResult, SplitUserGroupPass
+from runtime.manifest import Flops, RowScope, Split
 from runtime.spec import FeatureSpec
 
 if TYPE_CHECKING:
@@ -184,12 +185,12 @@ def step_split(ctx: ExportContext) -> None:
     if rows is not None and ctx.store_rows is not None:  # cut tables: the stages read looked-up rows
         rows = ctx.store_rows({k: v[:256] for k, v in rows.items()})  # examples: a few rows
     art = split_to_onnx(ctx.program, ctx.graph_spec, seed=ctx.options.seed, rows=rows)
-    ctx.manifest_fields["flops"] = art.flops
+    ctx.manifest_fields["flops"] = Flops.from_dict(art.flops, "split step")
     ctx.extra_files["split_report.json"] = json.dumps(art.manifest_split() or {
         "report": art.report}, indent=2, default=str) + "\n"
     if art.is_split:
         ctx.stages["user"], ctx.stages["group"] = art.user, art.group
-        ctx.manifest_fields["split"] = art.manifest_split()
+        ctx.manifest_fields["split"] = Split.from_dict(art.manifest_split(), "split step")
 
 
 def step_row_scope(ctx: ExportContext) -> None:
@@ -198,7 +199,7 @@ def step_row_scope(ctx: ExportContext) -> None:
     from graph_passes.fx.row_scope import row_scope
 
     scope = row_scope(ctx.program, split="split" in ctx.manifest_fields)
-    ctx.manifest_fields["row_scope"] = scope
+    ctx.manifest_fields["row_scope"] = RowScope.from_dict(scope, "row-scope step")
     if scope["full"] == "request":
         where = "; ".join(f"{m['op']} ({m['reason']}) at {m['source'] or m['node']}" for m in scope["mixing"][:3])
         console.print(

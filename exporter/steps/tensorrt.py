@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
+from runtime.manifest import Engine
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext
@@ -137,8 +138,8 @@ def build_engines(
     entry = _engine_entry(rel_dir, gpu, trt_version, stages, sorted(files), precision, ranges)
     store = store_inputs(manifest, plan)
     if store:  # the tables stay in the bundle's store; these engine inputs are looked-up rows
-        entry["store_inputs"] = store
-    engines = [e for e in manifest.engines if e.get("dir") != rel_dir] + [entry]
+        entry.store_inputs = store
+    engines = [e for e in manifest.engines if e.dir != rel_dir] + [entry]
     update_bundle(bundle.root, files, engines=engines)
     return entry
 
@@ -153,7 +154,7 @@ def _stages(manifest, stages: list[str] | None) -> list[str]:
 
 def store_inputs(manifest, plan: dict[str, dict]) -> dict[str, list[str]]:
     """{stage: [engine inputs that are looked-up store rows]} (empty without a store)."""
-    lookups = {lk["stage_input"] for lk in ((manifest.embeddings or {}).get("lookups") or [])}
+    lookups = {lk.stage_input for lk in (manifest.embeddings.lookups if manifest.embeddings else [])}
     return {stage: sorted(lookups & set(inputs)) for stage, inputs in plan.items() if lookups & set(inputs)}
 
 
@@ -169,7 +170,7 @@ def engine_plan(bundle_dir: str | Path, *, m: str | None = None, n: str | None =
     bundle = Bundle.open(bundle_dir)
     manifest = bundle.manifest
     ranges = batch_ranges(manifest, m, n)
-    tables = {lk["stage_input"]: lk["table"] for lk in ((manifest.embeddings or {}).get("lookups") or [])}
+    tables = {lk.stage_input: lk.table for lk in (manifest.embeddings.lookups if manifest.embeddings else [])}
     out: dict[str, Any] = {}
     for stage in _stages(manifest, stages):
         profiles = stage_profiles(bundle.stage_path(stage), stage, manifest, *ranges)
@@ -179,7 +180,7 @@ def engine_plan(bundle_dir: str | Path, *, m: str | None = None, n: str | None =
             for name, (lo, opt, hi) in profiles.items()
         }
     return {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values()), "stages": out,
-            "store": (manifest.embeddings or {}).get("file")}
+            "store": manifest.embeddings.file if manifest.embeddings else None}
 
 
 def _on_m(stage: str, name: str, manifest) -> bool:
@@ -188,7 +189,7 @@ def _on_m(stage: str, name: str, manifest) -> bool:
 
 def m_rows_inputs(manifest) -> set[str]:
     """The group graph's inputs with M rows (one per user): the boundary tensors."""
-    return {b["name"] for b in (manifest.split or {}).get("boundary", [])}
+    return {b.name for b in manifest.split.boundary} if manifest.split else set()
 
 
 def _build_target() -> tuple[str, dict, str]:
@@ -203,26 +204,26 @@ def _build_target() -> tuple[str, dict, str]:
     return trt.__version__, gpu, engine_dir_name(gpu["gpu"], trt.__version__)
 
 
-def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -> dict[str, Any]:
-    """The manifest ``engines`` record (see runtime.manifest)."""
-    return {
-        "dir": rel_dir,
-        **gpu,
-        "trt_version": trt_version,
-        "stages": stages,
-        "files": files,
-        "precision": precision,
-        "profiles": {"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
-        "built": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
+def _engine_entry(rel_dir, gpu, trt_version, stages, files, precision, ranges) -> Engine:
+    """The manifest ``engines`` entry (runtime.manifest.Engine)."""
+    return Engine(
+        dir=rel_dir,
+        gpu=gpu["gpu"],
+        compute_capability=gpu["compute_capability"],
+        trt_version=trt_version,
+        stages=stages,
+        files=files,
+        precision=precision,
+        profiles={"M": list(vars(ranges[0]).values()), "N": list(vars(ranges[1]).values())},
+        built=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    )
 
 
 def batch_ranges(manifest, m: str | None, n: str | None):
     """(M range, N range) from flags or the manifest's limits."""
     from exporter.steps.trt_engine import BatchRange
 
-    lim = manifest.limits
-    max_m, max_n = int(lim["max_users_per_call"]), int(lim["max_candidates"])
+    max_m, max_n = manifest.limits.max_users_per_call, manifest.limits.max_candidates
     m_range = BatchRange.parse(m) if m else BatchRange(1, min(DEFAULT_OPT_M, max_m), max_m)
     n_range = BatchRange.parse(n) if n else BatchRange(1, min(DEFAULT_OPT_N, max_n), max_n)
     return m_range, n_range
@@ -280,10 +281,10 @@ def step_trt_lint(ctx: ExportContext) -> None:
     if not ok:
         raise ExportError(f"--target trt: the exported graphs are not ready for TensorRT:\n{text}")
     log.info("TensorRT readiness: %d graph(s) ready", len(ctx.stages))
-    moe = ((ctx.manifest_fields.get("optimize") or {}).get("moe_form")) or {}
-    for stage, rec in moe.items():  # exporter.steps.moe_form.trt_form: which MoE form TensorRT gets
+    opt = ctx.manifest_fields.get("optimize")
+    for stage, rec in ((opt.moe_form if opt else None) or {}).items():  # moe_form.trt_form: TRT's form
         log.info("TensorRT: %s.onnx runs its %d MoE bank(s) in the %s form (%s)", stage,
-                 len(rec.get("banks", [])), rec["form"], rec.get("chosen_by"))
+                 len(rec.banks), rec.form, rec.chosen_by)
 
 
 def step_trt_build(ctx: ExportContext) -> None:

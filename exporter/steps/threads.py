@@ -38,7 +38,8 @@ import onnx
 
 from exporter import timing
 from exporter.args import StepOptions, arg
-from runtime.manifest import SMALL_GROUP
+from runtime.manifest import SMALL_GROUP, Optimize
+from runtime.manifest.tuning import StageThreads
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext
@@ -181,4 +182,5 @@ def step_stage_threads(ctx: ExportContext) -> None:
         set_stage_threads(ctx.stages[stage], threads)  # the graph carries it; the manifest reads it
     if SMALL_GROUP in ctx.stage_meta:
         ctx.stage_meta[SMALL_GROUP]["max_rows"] = rows
-    ctx.manifest_fields.setdefault("optimize", {})["stage_threads"] = record
+    opt = ctx.manifest_fields.setdefault("optimize", Optimize())
+    opt.stage_threads = StageThreads.from_dict(record, "threads step", "optimize.stage_threads")

@@ -18,7 +18,7 @@ import onnx
 from exporter.args import StepOptions, arg
 from exporter.errors import ExportError
 from runtime.bundle import sha256_file
-from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.manifest import MANIFEST_NAME, FileEntry, Limits, Manifest, Source, Stage
 from runtime.signing import SIGNATURE_NAME
 from runtime.spec import FeatureSpec
 
@@ -90,7 +90,7 @@ class BundleWriter:
         self.overwrite = overwrite
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._stage_dir = Path(tempfile.mkdtemp(prefix=".ugsep-", dir=self.out_dir.parent))
-        self.stages: dict[str, dict[str, Any]] = {}
+        self.stages: dict[str, Stage] = {}
 
     def add(self, rel: str, content: FileContent) -> Path:
         path = self._stage_dir / rel
@@ -101,15 +101,17 @@ class BundleWriter:
         """Write a stage's graph; ``meta`` adds keys to its manifest entry (e.g. max_rows).
         Returns the path written (staged until ``finish``)."""
         path = self.add(rel, model)
-        self.stages[stage] = {
-            "file": rel,
-            "inputs": [i.name for i in model.graph.input],
-            "outputs": [o.name for o in model.graph.output],
+        self.stages[stage] = Stage(
+            file=rel,
+            inputs=[i.name for i in model.graph.input],
+            outputs=[o.name for o in model.graph.output],
             **meta,
-        }
+        )
         return path
 
     def finish(self, *, model_name: str, spec: FeatureSpec, **fields: Any) -> Manifest:
+        """Write ``manifest.json`` and move the bundle into place. ``fields`` are the other
+        Manifest fields: typed sections (runtime.manifest), checked as the runtime reads them."""
         manifest = Manifest(
             model_name=model_name,
             spec=spec,
@@ -118,7 +120,7 @@ class BundleWriter:
             toolchain_version=toolchain_version(),
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             **fields,
-        )
+        ).checked(f"{self.out_dir / MANIFEST_NAME} (as written)")
         (self._stage_dir / MANIFEST_NAME).write_text(manifest.dumps())
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
@@ -129,26 +131,29 @@ class BundleWriter:
         shutil.rmtree(self._stage_dir, ignore_errors=True)
 
 
-def hash_files(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, bytes}} for every file under ``root`` but the manifest."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
-            out[str(p.relative_to(root))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    return out
+def hash_files(root: Path) -> dict[str, FileEntry]:
+    """{relative path: its sha256 and bytes} for every file under ``root`` but the manifest."""
+    return {str(p.relative_to(root)): file_entry(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
 def update_bundle(bundle_dir: str | Path, files: dict[str, FileContent], **fields: Any) -> Manifest:
-    """Add or replace files in an existing bundle and update manifest fields; re-hashes them."""
+    """Add or replace files in an existing bundle and update manifest fields (typed sections,
+    or their JSON, checked as the runtime reads them); re-hashes the files."""
     root = Path(bundle_dir)
     manifest = Manifest.read(root)
     for rel, content in files.items():
         write_file(root / rel, content)
-        manifest.files[rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+        manifest.files[rel] = file_entry(root / rel)
     for key, value in fields.items():
         if not hasattr(manifest, key):
             raise ExportError(f"manifest has no field '{key}'")
         setattr(manifest, key, value)
+    manifest = manifest.checked(f"{root / MANIFEST_NAME} (as updated)")
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.dumps())
     os.replace(tmp, root / MANIFEST_NAME)
@@ -181,7 +186,6 @@ class WriteOptions(StepOptions):
 def step_write(ctx: ExportContext) -> None:
     """Pipeline step ``write``: the bundle directory, ONNX files, manifest.json with every sha256."""
     from exporter.steps.graph_record import reconcile
-    from runtime.manifest import DEFAULT_LIMITS
 
     writer = BundleWriter(ctx.out_dir, overwrite=ctx.options.overwrite,
                           external_data_bytes=ctx.options.write.external_data_bytes)
@@ -191,14 +195,14 @@ def step_write(ctx: ExportContext) -> None:
         written = {s: onnx.load(str(p), load_external_data=False) for s, p in paths.items()}
         reconcile(ctx.manifest_fields, ctx.stage_meta, written)
         for stage, meta in ctx.stage_meta.items():
-            if stage in writer.stages:
-                writer.stages[stage].update(meta)
+            for key, value in meta.items() if stage in writer.stages else ():
+                setattr(writer.stages[stage], key, value)
         for rel, content in ctx.extra_files.items():
             writer.add(rel, content)
         fields = {
             "precision": ctx.options.precision,
-            "source": ctx.loaded.source,
-            "limits": {**DEFAULT_LIMITS, "max_candidates": ctx.options.max_candidates},
+            "source": Source.from_dict(ctx.loaded.source, "the loaded model"),
+            "limits": Limits.default(max_candidates=ctx.options.max_candidates),
             **ctx.manifest_fields,
         }
         writer.finish(model_name=ctx.spec.name, spec=ctx.spec, **fields)

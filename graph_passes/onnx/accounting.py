@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from graph_passes.onnx._util import const_array
@@ -19,7 +20,9 @@ def linear_weight_bytes(model: ir.Model) -> dict[str, int]:
     """Bytes of the constant weights of every linear layer, as fp32 and as stored now.
 
     Linear layers are MatMul/Gemm with a constant weight, MatMul on a DequantizeLinear of a
-    constant, and MatMulNBits. Returns ``{"layers", "quantized_layers", "fp32", "quantized",
+    constant, MatMulNBits, and the sparse MoE gather form's expert tables (a constant
+    ``[T*E, K, N]`` table gathered into a MatMul's weight input, fp32 or int8 + Cast with its
+    gathered per-expert scales; graph_passes.onnx.moe / moe_quant), one layer per table. Returns ``{"layers", "quantized_layers", "fp32", "quantized",
     "quantized_layers_fp32", "quantized_layers_bytes"}``: ``fp32`` is what the layers'
     weights cost in float32, ``quantized`` what they cost in this graph (int payload + scales
     for quantized layers, float bytes for layers kept in float). The ratio of the last two
@@ -51,6 +54,8 @@ def linear_weight_bytes(model: ir.Model) -> dict[str, int]:
 
 
 def _layer_bytes(node: ir.Node) -> tuple[int | None, int]:
+    if node.domain == "" and node.op_type == "Gather":
+        return _expert_table_bytes(node)
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         k, n = node.attributes["K"].value, node.attributes["N"].value
         return k * n * _FLOAT_BYTES, _nbytes(node.inputs[1]) + _nbytes(node.inputs[2])
@@ -68,3 +73,42 @@ def _layer_bytes(node: ir.Node) -> tuple[int | None, int]:
     if arr is None or arr.ndim < 2:
         return None, 0
     return arr.size * _FLOAT_BYTES, int(arr.nbytes)
+
+
+def _weight_input_of_matmul(value: ir.Value, through_cast: bool) -> ir.Node | None:
+    """The MatMul that takes ``value`` (or its Cast, if ``through_cast``) as its weight input."""
+    for use in value.uses():
+        node = use.node
+        if node.domain != "":
+            continue
+        if node.op_type == "MatMul" and use.idx == 1 and not through_cast:
+            return node
+        if through_cast and node.op_type == "Cast":
+            found = _weight_input_of_matmul(node.outputs[0], False)
+            if found is not None:
+                return found
+    return None
+
+
+def _expert_table_bytes(gather: ir.Node) -> tuple[int | None, int]:
+    """A gather-form expert table: (fp32 bytes, bytes stored now) or (None, 0)."""
+    table = const_array(gather.inputs[0])
+    if table is None or table.ndim != 3:
+        return None, 0
+    if table.dtype == np.float32:
+        if _weight_input_of_matmul(gather.outputs[0], False) is None:
+            return None, 0
+        return table.size * _FLOAT_BYTES, int(table.nbytes)
+    if table.dtype != np.int8:
+        return None, 0
+    matmul = _weight_input_of_matmul(gather.outputs[0], True)
+    if matmul is None:
+        return None, 0
+    scale = 0  # the per-(expert, channel) scales, gathered by the same ids into the Mul after it
+    for use in matmul.outputs[0].uses():
+        if use.node.op_type == "Mul":
+            other = use.node.inputs[1 - use.idx]
+            src = other.producer() if other is not None else None
+            if src is not None and src.op_type == "Gather" and src.inputs[1] is gather.inputs[1]:
+                scale += _nbytes(src.inputs[0])
+    return table.size * _FLOAT_BYTES, int(table.nbytes) + scale

@@ -8,10 +8,12 @@ Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
   tables ``[T*E, D, H]`` and a batched MatMul: cost follows k, not E; weight bytes moved
   per row, so it suits small batches (the user side at M=1).
 * ``grouped`` rows grouped by expert: the (row, token, slot) assignments sorted by key
-  t*E + e (TopK), their rows gathered once and Split into T*E runs, each run through its
-  expert's two 2-D GEMMs, gated, and one ScatterND (reduction add) back into place: cost
-  follows k, each expert's weights read once per call, so it suits large batches (the group
-  side at N candidates).
+  t*E + e (TopK), counted per key (one ScatterElements add: a histogram), their rows
+  gathered once and Split into T*E runs, each run through its expert's two 2-D GEMMs, the
+  outputs concatenated and put back in (row, token, slot) order by one Gather through the
+  inverse permutation (one ScatterElements), gated and summed over the k slots: cost follows
+  k, each expert's weights read once per call, so it suits large batches (the group side at
+  N candidates).
 * ``padded``  rows grouped by expert as for ``grouped``, but scattered into a zero-padded
   [T*E, cap, D] batch (cap: this call's largest group) and run as ONE batched MatMul per
   layer: a few nodes whatever E is; cost follows the largest group, about k/E of dense
@@ -25,11 +27,13 @@ gather form's weight Gathers also ``ugsep.moe_table`` = w1 / w2 (the quantizer's
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from graph_passes.onnx._util import add_initializer, tag
+from graph_passes.onnx._util import add_initializer, const_array, tag
 from graph_passes.onnx.moe_match import Bank, find_banks
 
 __all__ = ["FORMS", "SparseMoEFormPass", "bank_summary"]
@@ -103,26 +107,51 @@ def build_dense(b: _Builder) -> ir.Value:
     return b.op("Transpose", y, perm=[1, 0, 2])
 
 
-def build_grouped(b: _Builder) -> ir.Value:
-    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
-    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
-    gated, and scatter-added back to its (row, token)."""
+def _sorted_assignments(b: _Builder) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """The B*T*k (row, token, slot) assignments sorted by key t*E + e: (sorted keys, order,
+    source row b*T + t of each sorted assignment, assignments per key [T*E])."""
     bank = b.bank
-    t, e, d, h = bank.w1.shape
-    k = bank.top_k
+    t, e = bank.w1.shape[:2]
     flat = b.const("flat", np.array([-1], dtype=_I64))
     offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
     keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)  # [n], n = B*T*k
-    _, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
-    rows = b.op("Div", order, b.const("k", np.array(k, dtype=_I64)))  # (row, token) = b*T + t
+    skeys, order = b.ops("TopK", keys, b.op("Shape", keys), n=2, largest=0, sorted=1)
+    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    ones = b.op("ConstantOfShape", b.op("Shape", keys), value=ir.tensor(np.ones(1, _I64)))
+    counts = b.op("ScatterElements", b.const("key_zeros", np.zeros(t * e, _I64)), keys, ones,
+                  axis=0, reduction="add")  # a histogram: O(n), not an [n, T*E] one-hot
+    return skeys, order, rows, counts
+
+
+def _unsort_and_gate(b: _Builder, sorted_out: ir.Value, order: ir.Value) -> ir.Value:
+    """Sorted expert outputs [n, D] back to (row, token, slot) order, gated, summed over the
+    k slots: [B, T, D]. The inverse permutation is one ScatterElements, the un-sort one
+    Gather (no zero-filled ScatterND with reduction)."""
+    bank = b.bank
+    d = bank.w1.shape[2]
+    n = b.op("Squeeze", b.op("Shape", order), b.const("ax0q", [0]))
+    pos = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), n,
+               b.const("one", np.array(1, dtype=_I64)))
+    inverse = b.op("ScatterElements", order, order, pos, axis=0)  # inverse[order[j]] = j
+    out = b.op("Gather", sorted_out, inverse, axis=0)  # [n, D], n = B*T*k in (b, t, j) order
+    shape = b.op("Concat", b.op("Shape", bank.gates), b.const("d", np.array([d], dtype=_I64)),
+                 axis=0)
+    out = b.op("Reshape", out, shape)  # [B, T, k, D]
+    if bank.top_k == 1:
+        return b.op("Mul", b.op("Squeeze", out, b.const("ax2", [2])), bank.gates)
+    gated = b.op("Mul", out, b.op("Unsqueeze", bank.gates, b.const("ax_g", [-1])))
+    return b.op("ReduceSum", gated, b.const("ax2", [2]), keepdims=0)
+
+
+def build_grouped(b: _Builder) -> ir.Value:
+    """Rows grouped by expert: the B*T*k (row, token, slot) assignments sorted by key t*E + e,
+    the rows gathered once, split into T*E runs, each run through its expert's two GEMMs,
+    un-sorted by one Gather, gated and summed over the k slots."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    _, order, rows, counts = _sorted_assignments(b)
     x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))  # [B*T, D]
-    xs = b.op("Gather", x2, rows, axis=0)
-    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
-    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
-                b.const("key_ids", np.arange(t * e, dtype=_I64)))
-    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
-                  keepdims=0)  # [T*E] assignments per (token, expert)
-    parts = b.ops("Split", xs, counts, n=t * e, axis=0)
+    parts = b.ops("Split", b.op("Gather", x2, rows, axis=0), counts, n=t * e, axis=0)
     outs = []
     for i, part in enumerate(parts):
         ti, ei = divmod(i, e)
@@ -130,11 +159,7 @@ def build_grouped(b: _Builder) -> ir.Value:
         hid = b.op("Relu", b.op("Add", hid, b.const(f"b1.t{ti}.e{ei}", bank.b1[ti, ei])))
         outs.append(b.op("Add", b.op("MatMul", hid, b.const(f"w2.t{ti}.e{ei}", bank.w2[ti, ei])),
                          b.const(f"b2.t{ti}.e{ei}", bank.b2[ti, ei])))
-    gated = b.op("Mul", b.op("Concat", *outs, axis=0), b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
-    zeros = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
-    y = b.op("ScatterND", zeros, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
-             reduction="add")
-    return b.op("Reshape", y, b.op("Shape", bank.x))
+    return _unsort_and_gate(b, b.op("Concat", *outs, axis=0), order)
 
 
 def build_padded(b: _Builder) -> ir.Value:
@@ -145,22 +170,12 @@ def build_padded(b: _Builder) -> ir.Value:
     bank = b.bank
     t, e, d, h = bank.w1.shape
     te = t * e
-    flat = b.const("flat", np.array([-1], dtype=_I64))
-    offsets = b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None])
-    keys = b.op("Reshape", b.op("Add", bank.idx, offsets), flat)
-    n = b.op("Shape", keys)
-    skeys, order = b.ops("TopK", keys, n, n=2, largest=0, sorted=1)
-    rows = b.op("Div", order, b.const("k", np.array(bank.top_k, dtype=_I64)))
+    skeys, order, rows, counts = _sorted_assignments(b)
     x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))
-    gs = b.op("Gather", b.op("Reshape", bank.gates, flat), order, axis=0)
-    hits = b.op("Equal", b.op("Unsqueeze", keys, b.const("ax_l", [-1])),
-                b.const("key_ids", np.arange(te, dtype=_I64)))
-    counts = b.op("ReduceSum", b.op("Cast", hits, to=ir.DataType.INT64), b.const("ax0", [0]),
-                  keepdims=0)
     start = b.op("CumSum", counts, b.const("ax0s", np.array(0, dtype=_I64)), exclusive=1)
     cap = b.op("ReduceMax", counts, b.const("ax0m", [0]), keepdims=1)  # [1]
-    scalar_n = b.op("Squeeze", n, b.const("ax0q", [0]))
-    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)), scalar_n,
+    i = b.op("Range", b.const("zero", np.array(0, dtype=_I64)),
+             b.op("Squeeze", b.op("Shape", order), b.const("ax0q", [0])),
              b.const("one", np.array(1, dtype=_I64)))
     slot = b.op("Add", b.op("Mul", skeys, cap), b.op("Sub", i, b.op("Gather", start, skeys, axis=0)))
     slot = b.op("Unsqueeze", slot, b.const("ax_s", [-1]))
@@ -177,11 +192,97 @@ def build_padded(b: _Builder) -> ir.Value:
                b.const("b2_bank", bank.b2.reshape(te, 1, d)))
     picked = b.op("GatherND", b.op("Reshape", out, b.const("rows_d2", np.array([-1, d], dtype=_I64))),
                   slot)
-    gated = b.op("Mul", picked, b.op("Unsqueeze", gs, b.const("ax_g", [-1])))
-    yz = b.op("ConstantOfShape", b.op("Shape", x2), value=ir.tensor(np.zeros(1, np.float32)))
-    y = b.op("ScatterND", yz, b.op("Unsqueeze", rows, b.const("ax_r", [-1])), gated,
-             reduction="add")
-    return b.op("Reshape", y, b.op("Shape", bank.x))
+    return _unsort_and_gate(b, picked, order)
+
+
+def _last_axis(node: ir.Node, rank: int | None) -> bool:
+    """An ArgMax / ReduceMax over the last axis with keepdims=1 (ArgMax: first maximum)."""
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    if attrs.get("keepdims", 1) != 1 or attrs.get("select_last_index", 0) != 0:
+        return False
+    if node.op_type == "ArgMax":
+        axis = attrs.get("axis", 0)
+    else:
+        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else attrs.get("axes")
+        if axes is None or np.size(axes) != 1:
+            return False
+        axis = int(np.ravel(axes)[0])
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _max_of(value: ir.Value, rank: int | None) -> ir.Value | None:
+    """The output of a last-axis ReduceMax(keepdims) of ``value``, if there is one."""
+    for use in value.uses():
+        n = use.node
+        if n.op_type == "ReduceMax" and use.idx == 0 and _last_axis(n, rank):
+            return n.outputs[0]
+    return None
+
+
+def _routing_rounds(bank: Bank) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(router logits, values, ids) of the student's top-k routing feeding ``bank``: k rounds of
+    ArgMax and ReduceMax, each round masking the chosen expert to -inf (students.moe.route_topk),
+    the rounds' maxima and ids concatenated on the last axis. None if ``bank.idx`` is not that."""
+    k = bank.top_k
+    cat = bank.idx.producer()
+    ids = [bank.idx] if k == 1 else (list(cat.inputs) if cat is not None and cat.op_type == "Concat" else [])
+    if len(ids) != k:
+        return None
+    rank = len(bank.idx.shape) if bank.idx.shape is not None else None
+    argmaxes = [v.producer() for v in ids]
+    if any(a is None or a.op_type != "ArgMax" or not _last_axis(a, rank) for a in argmaxes):
+        return None
+    for prev, cur in itertools.pairwise(argmaxes):  # cur reads prev's input, prev's pick masked
+        where = cur.inputs[0].producer()
+        if where is None or where.op_type != "Where" or where.inputs[2] is not prev.inputs[0]:
+            return None
+        eq, fill = where.inputs[0].producer(), const_array(where.inputs[1])
+        if eq is None or eq.op_type != "Equal" or prev.outputs[0] not in eq.inputs:
+            return None
+        other = const_array(eq.inputs[1 - list(eq.inputs).index(prev.outputs[0])])
+        if fill is None or fill.size != 1 or not np.isneginf(fill).all() or other is None:
+            return None
+        if not np.array_equal(np.ravel(other), np.arange(other.size)):
+            return None
+    maxes = [_max_of(a.inputs[0], rank) for a in argmaxes]
+    if any(m is None for m in maxes):
+        return None
+    if k == 1:
+        return argmaxes[0].inputs[0], maxes[0], bank.idx
+    vcat = [u.node for u in maxes[0].uses() if u.node.op_type == "Concat"]
+    if len(vcat) != 1 or list(vcat[0].inputs) != maxes or vcat[0].attributes["axis"].value not in (-1, rank - 1):
+        return None
+    if cat.attributes["axis"].value not in (-1, (rank or 0) - 1):
+        return None
+    return argmaxes[0].inputs[0], vcat[0].outputs[0], bank.idx
+
+
+def fuse_routing(graph: ir.Graph, bank: Bank, pass_name: str) -> bool:
+    """Replace the k ArgMax rounds of ``bank``'s routing by ONE TopK(k) on the router logits.
+
+    ONNX TopK orders equal values by the lower index first, the tie rule of the rounds
+    (ArgMax's first maximum): the same experts in the same order. The rounds' nodes, left
+    without consumers, are removed by the pass."""
+    found = _routing_rounds(bank)
+    if found is None:
+        return False
+    logits, values, ids = found
+    tape = ir.tape.Tape()
+    k = add_initializer(graph, f"{bank.name}.top_k", np.array([bank.top_k], dtype=_I64))
+    vals, idx = tape.op_multi_out("TopK", [logits, k], {"axis": -1, "largest": 1, "sorted": 1},
+                                  num_outputs=2)
+    for new, old in ((vals, values), (idx, ids)):
+        new.shape, new.type = old.shape, old.type
+    for node in tape.nodes:
+        tag(node, pass_name, moe=bank.name)
+    if logits.producer() is not None:
+        graph.insert_after(logits.producer(), list(tape.nodes))
+    else:
+        graph.insert_before(next(iter(graph)), list(tape.nodes))
+    values.replace_all_uses_with(vals)
+    ids.replace_all_uses_with(idx)
+    bank.idx = idx
+    return True
 
 
 _BUILD = {
@@ -198,10 +299,13 @@ def bank_summary(bank: Bank) -> dict:
 
 
 class SparseMoEFormPass(ir.passes.InPlacePass):
-    """Rewrite every expert bank into ``form`` (one of FORMS); ``self.banks`` lists them."""
+    """Rewrite every expert bank into ``form`` (one of FORMS); ``self.banks`` lists them.
+    With ``fuse_routing`` (default) each bank's k ArgMax rounds become one TopK
+    (``fuse_routing``; ``self.fused_routing`` counts them)."""
 
-    def __init__(self, form: str) -> None:
+    def __init__(self, form: str, fuse_routing: bool = True) -> None:
         super().__init__()
+        self.fuse_routing, self.fused_routing = fuse_routing, 0
         if form not in FORMS:
             raise ValueError(f"MoE form '{form}' is not one of {FORMS}")
         self.form = form
@@ -212,12 +316,17 @@ class SparseMoEFormPass(ir.passes.InPlacePass):
         banks, self.refusals = find_banks(model.graph)
         self.banks = [bank_summary(b) for b in banks]
         for bank in banks:
+            if self.fuse_routing:
+                self.fused_routing += fuse_routing(model.graph, bank, type(self).__name__)
             builder = _Builder(model.graph, bank, type(self).__name__)
             y = _BUILD[self.form](builder)
             model.graph.insert_before(bank.anchor, builder.finish())
-            bank.y.replace_all_uses_with(y)
-            if bank.y in model.graph.outputs:
-                model.graph.outputs[model.graph.outputs.index(bank.y)] = y
+            if bank.y in model.graph.outputs:  # the graph keeps its output's name
+                name = bank.y.name
+                bank.y.replace_all_uses_with(y, replace_graph_outputs=True)
+                bank.y.name, y.name = f"{name}.replaced", name
+            else:
+                bank.y.replace_all_uses_with(y)
         if banks:
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedInitializersPass()(model) if hasattr(

@@ -28,6 +28,7 @@ import re
 import numpy as np
 
 from runtime.errors import BackendUnavailableError, BundleError
+from runtime.manifest import Engine
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def engine_dir_name(gpu: str, trt_version: str) -> str:
     return f"engines/{slug}-trt{trt_version}"
 
 
-def select_engine(bundle, gpu: dict, trt_version: str) -> dict:
+def select_engine(bundle, gpu: dict, trt_version: str) -> Engine:
     """The manifest engine entry built for this GPU model and TensorRT version, or refuse."""
     engines = bundle.manifest.engines
     if not engines:
@@ -99,13 +100,13 @@ def select_engine(bundle, gpu: dict, trt_version: str) -> dict:
         )
     for eng in engines:
         if (
-            eng.get("gpu") == gpu["gpu"]
-            and str(eng.get("compute_capability")) == gpu["compute_capability"]
-            and str(eng.get("trt_version")) == trt_version
+            eng.gpu == gpu["gpu"]
+            and eng.compute_capability == gpu["compute_capability"]
+            and eng.trt_version == trt_version
         ):
             return eng
     built = "; ".join(
-        f"{e.get('gpu')} (sm {e.get('compute_capability')}, TensorRT {e.get('trt_version')})"
+        f"{e.gpu} (sm {e.compute_capability}, TensorRT {e.trt_version})"
         for e in engines
     )
     raise BackendUnavailableError(
@@ -143,9 +144,9 @@ class TrtBackend:
     def open(self, bundle, stage: str) -> TrtSession:
         trt = import_tensorrt()
         eng = select_engine(bundle, gpu_info(self.device), trt.__version__)
-        path = bundle.root / eng["dir"] / f"{stage}.plan"
+        path = bundle.root / eng.dir / f"{stage}.plan"
         if not path.is_file():
-            raise BundleError(f"bundle '{bundle.root}': engine '{eng['dir']}' has no {stage}.plan")
+            raise BundleError(f"bundle '{bundle.root}': engine '{eng.dir}' has no {stage}.plan")
         return TrtSession(path.read_bytes(), device=self.device, where=str(path))
 
 

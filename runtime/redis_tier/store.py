@@ -24,9 +24,9 @@ _STORE_DTYPE = {v: k for k, v in _TIER_DTYPE.items()}
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
 
 
-def _section(bundle) -> dict:
+def _section(bundle):
     sec = bundle.manifest.embeddings
-    if not sec or not sec.get("tables"):
+    if not sec or not sec.tables:
         raise BundleError(
             f"bundle '{bundle.root}' has no embedding store (its tables are in the graphs); "
             "export it with the store to use a Redis tier"
@@ -37,17 +37,17 @@ def _section(bundle) -> dict:
 def store_version(bundle) -> str:
     """The store file's sha256 (from the manifest, verified when the bundle was opened)."""
     sec = _section(bundle)
-    entry = bundle.manifest.files.get(sec["file"])
-    if not entry or not entry.get("sha256"):
-        raise BundleError(f"bundle '{bundle.root}': the store file '{sec['file']}' has no sha256 in the manifest")
-    return str(entry["sha256"])
+    entry = bundle.manifest.files.get(sec.file)
+    if not entry or not entry.sha256:
+        raise BundleError(f"bundle '{bundle.root}': the store file '{sec.file}' has no sha256 in the manifest")
+    return str(entry.sha256)
 
 
 def bundle_layouts(bundle) -> dict[str, TableLayout]:
     """The tier layouts (no buckets yet) of the bundle's store tables."""
     return {
-        t["name"]: TableLayout(t["name"], int(t["rows"]), int(t["dim"]), _TIER_DTYPE[t["dtype"]])
-        for t in _section(bundle)["tables"]
+        t.name: TableLayout(t.name, t.rows, t.dim, _TIER_DTYPE[t.dtype])
+        for t in _section(bundle).tables
     }
 
 
@@ -70,19 +70,19 @@ class StoreTable:
 def bundle_tables(bundle) -> list[StoreTable]:
     """Every store table of ``bundle`` as a push source, read through one memory map."""
     sec = _section(bundle)
-    path = bundle.path(sec["file"])
+    path = bundle.path(sec.file)
     header, base = read_safetensors_header(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     layouts = bundle_layouts(bundle)
     out = []
-    for t in sec["tables"]:
+    for t in sec.tables:
         parts = {}
-        for part, key in t["tensors"].items():
+        for part, key in t.tensors.items():
             info = header[key]
             start, _ = info["data_offsets"]
             parts[part] = np.ndarray(tuple(info["shape"]), dtype=_ST_DTYPES[info["dtype"]], buffer=mm,
                                      offset=base + int(start))
-        out.append(StoreTable(layouts[t["name"]], parts))
+        out.append(StoreTable(layouts[t.name], parts))
     return out
 
 

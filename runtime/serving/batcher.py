@@ -180,7 +180,7 @@ class Batcher:
         self.scorer, self.cache = scorer, cache
         self.max_queue, self.max_delay_s = max_queue, max_delay_s
         self.max_batch_candidates = max_batch_candidates
-        self.max_users = int(scorer.manifest.limits.get("max_users_per_call", 256))
+        self.max_users = scorer.manifest.limits.max_users_per_call
         self.workers, self.on_batch = workers, on_batch
         self.group_chunk = group_chunk
         self._clock = clock

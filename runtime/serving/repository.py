@@ -144,7 +144,7 @@ def _timed_warmup(scorer: Scorer) -> list[tuple[float, int]]:
 def content_digest(model: ServedModel) -> str:
     """The bundle's files and their sha256s (from the verified manifest): equal digests, same model."""
     files = model.scorer.manifest.files
-    return hashlib.sha256(repr(sorted((k, v.get("sha256")) for k, v in files.items())).encode()).hexdigest()
+    return hashlib.sha256(repr(sorted((k, v.sha256) for k, v in files.items())).encode()).hexdigest()
 
 
 def _group_chunk(options: ServeOptions, scorer: Scorer) -> int:

@@ -112,7 +112,7 @@ def _ort_dtype(ort_type: str, name: str) -> str:
 def batching_config(bundle: Bundle, opts: RepositoryOptions) -> dict:
     """Triton's dynamic batcher over rankings, bounded by the bundle's limits."""
     return {
-        "max_batch_size": int(bundle.manifest.limits["max_users_per_call"]),
+        "max_batch_size": bundle.manifest.limits.max_users_per_call,
         "dynamic_batching": {"max_queue_delay_microseconds": int(opts.max_queue_delay_us)},
     }
 

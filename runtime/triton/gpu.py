@@ -37,6 +37,7 @@ from pathlib import Path
 from runtime.backends.ort import capped_threads
 from runtime.bundle import Bundle
 from runtime.errors import BundleError
+from runtime.manifest import Engine
 from runtime.triton._common import (
     VERSION,
     RepositoryOptions,
@@ -126,11 +127,11 @@ def _plans(bundle: Bundle, stage: str, vdir: Path, trt_version: str | None) -> d
     """
     cc_files: dict[str, str] = {}
     for eng in _engines(bundle, trt_version):
-        cc = str(eng.get("compute_capability", ""))
-        src = bundle.root / eng["dir"] / f"{stage}.plan"
+        cc = eng.compute_capability or ""
+        src = bundle.root / eng.dir / f"{stage}.plan"
         if not cc or not src.is_file():
             raise BundleError(
-                f"bundle '{bundle.root}': engine entry {eng.get('dir')!r} has no compute capability "
+                f"bundle '{bundle.root}': engine entry {eng.dir!r} has no compute capability "
                 f"or no '{stage}.plan'"
             )
         if cc in cc_files:
@@ -147,13 +148,13 @@ def _plans(bundle: Bundle, stage: str, vdir: Path, trt_version: str | None) -> d
     }
 
 
-def _engines(bundle: Bundle, trt_version: str | None) -> list[dict]:
+def _engines(bundle: Bundle, trt_version: str | None) -> list[Engine]:
     engines = bundle.manifest.engines
     if trt_version is None:
         return engines
-    kept = [e for e in engines if str(e.get("trt_version")) == trt_version]
+    kept = [e for e in engines if e.trt_version == trt_version]
     if not kept:
-        found = sorted({str(e.get("trt_version")) for e in engines})
+        found = sorted({str(e.trt_version) for e in engines})
         raise BundleError(
             f"bundle '{bundle.root}' has no TensorRT engines for TensorRT {trt_version} "
             f"(it has engines for: {', '.join(found)})"
@@ -186,5 +187,5 @@ def write_orchestrator(
     (vdir / "bundle").mkdir()
     shutil.copyfile(bundle.root / "manifest.json", vdir / "bundle" / "manifest.json")
     store = bundle.manifest.embeddings
-    if store and store.get("lookups"):
-        shutil.copyfile(bundle.path(store["file"]), vdir / "bundle" / store["file"])
+    if store and store.lookups:
+        shutil.copyfile(bundle.path(store.file), vdir / "bundle" / store.file)

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from exporter.steps.embeddings import rowwise_int8
 from runtime.embstore import MmapStore
+from runtime.manifest.sections import StoreTable
 
 ROWS, DIM = 1 << 19, 16  # 32 MiB of float32
 
@@ -34,8 +35,8 @@ def _store(tmp_path, kind: str):
         dt = {"float32": np.float32, "float16": np.float16}[kind]
         save_file({"t": w.astype(dt)}, str(path))
         tensors, want = {"weight": "t"}, w.astype(dt).astype(np.float32)
-    meta = [{"name": "t", "rows": ROWS, "dim": DIM, "dtype": {"int8": "int8_rowwise"}.get(kind, kind),
-             "tensors": tensors}]
+    meta = [StoreTable(name="t", rows=ROWS, dim=DIM, dtype={"int8": "int8_rowwise"}.get(kind, kind),
+                       tensors=tensors)]
     return want.astype(np.float32), path, meta
 
 

@@ -17,6 +17,7 @@ from exporter.cli import main
 from exporter.steps.capture import to_torch_inputs
 from runtime.embstore import MmapStore
 from runtime.errors import BundleError, RequestError
+from runtime.manifest.sections import StoreTable
 from runtime.sample import sample_requests
 from runtime.serving import ServerThread, build_app
 from runtime.spec import FeatureSpec
@@ -233,7 +234,7 @@ def test_cli_errors_are_one_line_exit_2(store_bundle, tmp_path, capsys):
     assert "embeddings.safetensors" in err and "Traceback" not in err and len(err.splitlines()) == 1
     tables = json.loads((b / "manifest.json").read_text())["embeddings"]["tables"]
     with pytest.raises(BundleError, match="truncated"):  # read without the sha256 check too
-        MmapStore(store, tables)
+        MmapStore(store, [StoreTable.from_dict(t, "manifest", "table") for t in tables])
     store.unlink()  # missing
     assert main(["inspect", str(b)]) == 2
     assert "embeddings.safetensors' is missing" in capsys.readouterr().err

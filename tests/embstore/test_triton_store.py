@@ -134,7 +134,7 @@ def test_bls_store_copy_is_checked(tmp_path, split_store_bundle, model):
     manifest = Manifest.read(held)
     feeds = StoreFeeds.for_directory(held, manifest)  # what the orchestrator's initialize runs
     cands = _rankings(1, 3, seed=6)[1][0][1]
-    key = next(lk["stage_input"] for lk in feeds.lookups if lk["input"] == "item_ids")
+    key = next(lk.stage_input for lk in feeds.lookups if lk.input == "item_ids")
     np.testing.assert_array_equal(feeds.feeds(cands, "group")[key], model.item_w.detach().numpy()[cands["item_ids"]])
     raw = bytearray((held / "embeddings.safetensors").read_bytes())
     raw[-1] ^= 1

@@ -110,7 +110,7 @@ def test_engines_of_a_store_bundle_score_like_eager(trt_store_bundle, model, tmp
 
     bundle = shutil.copytree(trt_store_bundle, tmp_path / "b")
     entry = build_engines(bundle, m="1,2,8", n="1,64,512", cache_dir=tmp_path)
-    assert set(entry["store_inputs"]) == {"user", "group"}
+    assert set(entry.store_inputs) == {"user", "group"}
     scorer = runtime.load(bundle, backend="tensorrt", allow_unverified=True)
     rows, rid = sample_requests(SPEC, 3, 40, seed=12)
     got = np.concatenate([

@@ -91,7 +91,7 @@ def build_split_bundle(model: SplitToy, out_dir) -> None:
 def boundary_names(bundle_dir) -> list[str]:
     from runtime.manifest import Manifest
 
-    return [b["name"] for b in Manifest.read(bundle_dir).split["boundary"]]
+    return [b.name for b in Manifest.read(bundle_dir).split.boundary]
 
 
 @pytest.fixture(scope="session")

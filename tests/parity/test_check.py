@@ -36,9 +36,9 @@ def test_split_bundle_passes_on_every_stage_and_records_it(split_bundle, split_m
     for name in ("split-eager", "onnx-full", "onnx-split"):
         assert report.stage(name).outputs["ctr"]["max_abs"] <= 1e-5
     m = Manifest.read(split_bundle)
-    assert m.parity["passed"] is True and m.parity["failed_stages"] == []
-    assert m.parity["report"] == "parity.json"
-    assert m.files["parity.json"]["sha256"] == sha256_file(split_bundle / "parity.json")
+    assert m.parity.passed is True and m.parity.failed_stages == []
+    assert m.parity.report == "parity.json"
+    assert m.files["parity.json"].sha256 == sha256_file(split_bundle / "parity.json")
     Bundle.open(split_bundle)  # still verifies, parity.json included
     on_disk = json.loads((split_bundle / "parity.json").read_text())
     assert on_disk == json.loads(json.dumps(report.to_dict()))
@@ -89,7 +89,7 @@ def test_runtime_refuses_unchecked_and_failed_bundles(split_bundle, split_model)
     scale_weight(split_bundle, "group.onnx", "group.cross", 1.5)
     report = check_bundle(split_bundle, split_model, n_rows=200, progress=False, localise=False)
     assert not report.passed and report.failed_stages == ["onnx-split"]
-    assert Manifest.read(split_bundle).parity["failed_stages"] == ["onnx-split"]
+    assert Manifest.read(split_bundle).parity.failed_stages == ["onnx-split"]
     with pytest.raises(ParityError, match=r"failed its parity check \(onnx-split\)"):
         runtime.load(split_bundle)
     assert runtime.load(split_bundle, allow_unverified=True) is not None

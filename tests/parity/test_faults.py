@@ -143,7 +143,7 @@ def w8_bundle_master(split_bundle_master, tmp_path_factory):
     from exporter.steps.write import BundleWriter
 
     m = Manifest.read(split_bundle_master)
-    stages = {k: onnx.load(str(split_bundle_master / v["file"])) for k, v in m.stages.items()}
+    stages = {k: onnx.load(str(split_bundle_master / v.file)) for k, v in m.stages.items()}
     every = QuantizeOptions(min_elements=0, per_token_stages=("full", "user", "group"))
     quantized, record = quantize_bundle_stages(stages, m.spec, options=every)
     out = tmp_path_factory.mktemp("w8") / "bundle"

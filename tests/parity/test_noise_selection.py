@@ -35,7 +35,7 @@ def labelled_rows(model, spec, n_req: int, seed: int) -> dict[str, np.ndarray]:
 
 def _stages(bundle) -> tuple[dict[str, onnx.ModelProto], Manifest]:
     m = Manifest.read(bundle)
-    return {k: onnx.load(str(bundle / v["file"])) for k, v in m.stages.items()}, m
+    return {k: onnx.load(str(bundle / v.file)) for k, v in m.stages.items()}, m
 
 
 class _Lines(logging.Handler):

@@ -46,7 +46,7 @@ def store_bundles(tmp_path_factory, toy_checkpoint):
                              embeddings=EmbeddingsOptions(dtype=dtype, min_bytes=0))
         export_bundle(load_student(toy_checkpoint, trust=TRUST), path, opts)
         out[dtype] = path
-    assert Bundle.open(out["fp32"]).manifest.embeddings["tables"], "the toy tables did not leave the graphs"
+    assert Bundle.open(out["fp32"]).manifest.embeddings.tables, "the toy tables did not leave the graphs"
     return out
 
 

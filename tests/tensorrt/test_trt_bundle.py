@@ -70,7 +70,7 @@ def test_profiles_put_users_on_m_and_candidates_on_n(trt_split_bundle):
     bundle = Bundle.open(trt_split_bundle)
     m = bundle.manifest
     m_range, n_range = batch_ranges(m, None, "1,100,2000")
-    assert (m_range.min, m_range.opt, m_range.max) == (1, 8, m.limits["max_users_per_call"])
+    assert (m_range.min, m_range.opt, m_range.max) == (1, 8, m.limits.max_users_per_call)
     user = stage_profiles(bundle.stage_path("user"), "user", m, m_range, n_range)
     # SPLIT_SPEC: user_ids [3] int64, user_dense [4]
     assert user == {
@@ -78,7 +78,7 @@ def test_profiles_put_users_on_m_and_candidates_on_n(trt_split_bundle):
         "user_dense": ((1, 4), (8, 4), (256, 4)),
     }
     group = stage_profiles(bundle.stage_path("group"), "group", m, m_range, n_range)
-    boundary = {b["name"] for b in m.split["boundary"]}
+    boundary = {b.name for b in m.split.boundary}
     assert boundary and boundary < set(group)
     for name, (lo, opt, hi) in group.items():
         want = (1, 8, 256) if name in boundary else (1, 100, 2000)
@@ -103,9 +103,9 @@ def test_select_engine_refuses_another_gpu_or_tensorrt_version(trt_split_bundle)
     bundle = _with_engines(
         trt_split_bundle, [{"dir": engine_dir_name("NVIDIA L4", "10.7.0"), **l4}]
     )
-    assert bundle.manifest.engines[0]["dir"] == "engines/nvidia-l4-trt10.7.0"
+    assert bundle.manifest.engines[0].dir == "engines/nvidia-l4-trt10.7.0"
     here = {"gpu": "NVIDIA L4", "compute_capability": "8.9"}
-    assert select_engine(bundle, here, "10.7.0")["dir"] == "engines/nvidia-l4-trt10.7.0"
+    assert select_engine(bundle, here, "10.7.0").dir == "engines/nvidia-l4-trt10.7.0"
     a100 = {"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
     with pytest.raises(BackendUnavailableError) as e:
         select_engine(bundle, a100, "10.7.0")

@@ -55,8 +55,8 @@ def test_build_engines_records_them_and_runtime_matches_eager(trt_split_bundle, 
     entry = build_engines(trt_split_bundle, m="1,2,8", n="1,64,512", cache_dir=tmp_path)
     bundle = Bundle.open(trt_split_bundle)  # verifies every file, plans included
     assert bundle.manifest.engines == [entry]
-    assert {f"{entry['dir']}/user.plan", f"{entry['dir']}/group.plan"} <= set(bundle.manifest.files)
-    assert (trt_split_bundle / entry["dir"] / "build.log").stat().st_size > 0
+    assert {f"{entry.dir}/user.plan", f"{entry.dir}/group.plan"} <= set(bundle.manifest.files)
+    assert (trt_split_bundle / entry.dir / "build.log").stat().st_size > 0
     assert any(tmp_path.rglob("*.timing-cache"))
     scorer = runtime.load(trt_split_bundle, backend="tensorrt", allow_unverified=True)
     spec = bundle.manifest.spec
@@ -87,7 +87,7 @@ def test_w8a16_engine_matches_eager_within_budget(tmp_path):
     for step in (step_capture, step_full_onnx, step_split, step_quantize, step_write):
         step(ctx)
     entry = build_engines(ctx.out_dir, cache_dir=tmp_path / "cache")
-    assert entry["precision"] == "strongly-typed"
+    assert entry.precision == "strongly-typed"
     scorer = runtime.load(ctx.out_dir, backend="tensorrt", allow_unverified=True)
     got, full = _score(scorer, spec, 200, seed=3)
     assert np.abs(got - _eager(model, spec, full)).max() <= W8A16_ATOL
@@ -96,7 +96,7 @@ def test_w8a16_engine_matches_eager_within_budget(tmp_path):
 def test_engine_for_another_gpu_is_refused(trt_split_bundle, tmp_path):
     entry = build_engines(trt_split_bundle, m="1,1,4", n="1,8,64", cache_dir=tmp_path)
     other = copy.deepcopy(entry)
-    other["gpu"], other["compute_capability"] = "Some Other GPU", "1.0"
+    other.gpu, other.compute_capability = "Some Other GPU", "1.0"
     update_bundle(trt_split_bundle, {}, engines=[other])
     with pytest.raises(BackendUnavailableError, match="no TensorRT engine for this machine"):
         runtime.load(trt_split_bundle, backend="tensorrt", allow_unverified=True)

@@ -38,7 +38,7 @@ def test_cpu_config_batches_rankings_from_the_bundle_limits(tmp_path, tri_bundle
     assert repo.models == ["toysplit"]
     cfg = load_config(tmp_path / "toysplit")
     limits = Manifest.read(tri_bundle).limits
-    assert cfg.backend == "python" and cfg.max_batch_size == limits["max_users_per_call"]
+    assert cfg.backend == "python" and cfg.max_batch_size == limits.max_users_per_call
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 777
     assert io(cfg) == {
         "user_ids": ("TYPE_INT64", [3]),

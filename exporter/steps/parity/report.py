@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.manifest import Parity
+
 REPORT_NAME = "parity.json"
 REPORT_VERSION = 1
 
@@ -103,14 +105,14 @@ class ParityReport:
             for s in self.stages
         }
 
-    def manifest_record(self) -> dict[str, Any]:
-        """The ``manifest.parity`` entry (the runtime guard reads passed / failed_stages)."""
-        return {
-            "passed": self.passed,
-            "failed_stages": self.failed_stages,
-            "summary": self.summary(),
-            "report": REPORT_NAME,
-        }
+    def manifest_record(self) -> Parity:
+        """The ``manifest.parity`` section (the runtime guard reads passed / failed_stages)."""
+        return Parity(
+            passed=self.passed,
+            failed_stages=self.failed_stages,
+            summary=self.summary(),
+            report=REPORT_NAME,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

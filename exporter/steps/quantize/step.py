@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from exporter.steps.quantize.bundle import quantize_bundle_stages
 from exporter.steps.quantize.calibrate import calibration_for
 from runtime.manifest import SMALL_GROUP as SMALL
+from runtime.manifest import Quantization
 
 if TYPE_CHECKING:
     from exporter.pipeline import ExportContext
@@ -35,7 +36,8 @@ def step_quantize(ctx: ExportContext) -> None:
         budget = load_budgets(o.budgets).for_stage("quantize", o.precision)
     opts = o.quantize.resolve(o.precision, target=o.target, budget=budget, threads=o.serve_threads)
     n_parity, n_calib = ctx.row_budget()
-    scoped = (ctx.manifest_fields.get("row_scope") or {}).get("full") == "request"
+    scope = ctx.manifest_fields.get("row_scope")
+    scoped = scope is not None and scope.full == "request"
     calib = calibration_for(
         ctx.loaded.eager(),
         ctx.spec,
@@ -52,4 +54,4 @@ def step_quantize(ctx: ExportContext) -> None:
     ctx.stages.update(stages)
     if SMALL in stages:
         ctx.stage_meta[SMALL] = {"max_rows": record[SMALL]["max_rows"]}
-    ctx.manifest_fields["quantization"] = record
+    ctx.manifest_fields["quantization"] = Quantization.from_dict(record, "quantize step")

@@ -149,8 +149,7 @@ def selection_limits(limits: dict[str, float]) -> dict[str, float]:
 def fixed_plan(stage: str, proto: onnx.ModelProto, weight_bits: int, min_elements: int,
                per_token: bool) -> tuple[_Plan, dict[str, Any]]:
     """Untimed: every eligible layer of a group (or unsplit full) stage in w8a8, the user stage fp32."""
-    record = {"batch": None, "chosen": "fixed", "min_elements": min_elements,
-              "per_token": per_token, "configs": []}
+    record = {"chosen": "fixed", "min_elements": min_elements, "per_token": per_token, "configs": []}
     if stage == "user":
         return _Plan(stage, "fp32", None, [], 0, weight_bits), {**record, "scheme": "fp32"}
     canon = _canonical(stage, proto, min_elements, unroll=per_token)
@@ -173,7 +172,7 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
     for stage in (s for s in ("user", "group", "full") if s in stages):
         if stage == "full" and split:  # the served path is user+group: full stays fp32
             plans[stage] = _Plan(stage, "fp32", None, [], 0, weight_bits)
-            tuning["stages"][stage] = {"batch": None, "chosen": FP32, "scheme": "fp32", "min_elements": None,
+            tuning["stages"][stage] = {"chosen": FP32, "scheme": "fp32", "min_elements": None,
                                        "per_token": False, "configs": [], "why": FULL_FP32}
         elif tune:
             plans[stage], tuning["stages"][stage] = tune_stage(

@@ -33,9 +33,9 @@ class BlsStages:
         self.split = "user" in stages and "group" in stages
         # a request-scoped bundle: one group (or full) call per request (runtime.scorer)
         self.request_scoped = manifest.mixes_rows("group" if self.split else "full")
-        self.boundary_names = [b["name"] for b in manifest.split["boundary"]] if self.split else []
+        self.boundary_names = [b.name for b in manifest.split.boundary] if self.split else []
         self.output_names = list(self.spec.outputs)
-        self.max_candidates = int(manifest.limits["max_candidates"])
+        self.max_candidates = manifest.limits.max_candidates
 
     def lookup(self, inputs, side):
         """``inputs`` plus the store's rows for the lookups of ``side`` (no store: unchanged)."""
