@@ -55,7 +55,7 @@ def _ops(path) -> list[str]:
 def test_w8a8_export_passes_parity_and_records_the_choice(trained, bundle, capsys):
     manifest = Manifest.read(bundle)
     assert manifest.precision == "w8a8"
-    assert manifest.parity["passed"], manifest.parity
+    assert manifest.parity.passed, manifest.parity
     q = json.loads((bundle / "manifest.json").read_text())["quantization"]
     assert q["precision"] == "w8a8" and q["budget"] == DEFAULTS["w8a16"]
     assert q["scheme"]["stages"]["user"]["scheme"] == "fp32"

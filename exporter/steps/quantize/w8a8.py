@@ -41,6 +41,7 @@ from exporter.steps.quantize.select import budget_damage
 from exporter.steps.quantize.speed import FP32, MIN_ELEMENTS_GRID, choose, quantized_elements
 from graph_passes.onnx import linear_layers
 from graph_passes.onnx.w8a8 import KERNEL, dynamic_quantize_matmuls, weight_bits_for_cpu
+from runtime.manifest import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,8 @@ def step_quantize_w8a8(ctx: Any) -> None:
     if o.budgets:
         limits = load_budgets(o.budgets).for_stage("quantize", W8A8)
     n_parity, n_calib = ctx.row_budget()
-    scoped = (ctx.manifest_fields.get("row_scope") or {}).get("full") == "request"
+    scope = ctx.manifest_fields.get("row_scope")
+    scoped = scope is not None and scope.full == "request"
     calib = calibration_for(ctx.loaded.eager(), ctx.spec, o.data, skip_rows=n_parity,
                             n_rows=n_calib, seed=o.seed, request_scoped=scoped)
     if ctx.store_rows is not None:
@@ -323,4 +325,4 @@ def step_quantize_w8a8(ctx: Any) -> None:
         weight_bits=bits, tune=bool(q.tune), min_elements=int(q.min_elements or 0),
         per_token_stages=tuple(q.per_token_stages or ()))
     ctx.stages.update(stages)
-    ctx.manifest_fields["quantization"] = record
+    ctx.manifest_fields["quantization"] = Quantization.from_dict(record, "quantize step (w8a8)")
