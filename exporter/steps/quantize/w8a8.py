@@ -9,13 +9,19 @@ So, per stage, by timing on this CPU (exporter.timing, as the w8a16 speed tuner)
  1. configurations (user and group; the full graph of a split bundle stays fp32,
     ``FULL_FP32``; an unsplit bundle's full graph is tuned as the group): fp32 as
     exported; w8a8 at each ``min_elements`` of the tuner's grid, with per-token weights
-    unrolled or kept batched; on the user stage also the same w8a16
-    configurations (the user side "keeps W8A16 or fp32" unless w8a8 is faster there too);
+    unrolled or kept batched; the user stage gets the w8a16 configurations instead (it is
+    never w8a8: one user call serves the distinct users of merged requests and its outputs
+    are cached, so a per-call activation range would leak from one request into another);
  2. each stage takes its fastest configuration (ties to the one quantizing more);
  3. accuracy, against the eager fp32 outputs on held-out rows under the w8a16 ranking budget
     (|ΔAUC|, top-10 overlap, max abs): all chosen layers quantized; if that misses, each layer
     group alone is measured, ranked by the share of the budget it uses, and the fewest most
     damaging groups are kept float (bisection), as for w8a16 (exporter/steps/quantize/select.py).
+
+A served stage left with DynamicQuantizeMatMul mixes the rows of its call (one activation
+range per tensor, per call): ``mark_call_scoped`` records it as request-scoped in
+``manifest.row_scope``, so the runtime runs one group call per request and a request's scores
+never depend on another request's candidates (they still depend, within budget, on its own).
 
 The parity verdict on the written bundle is the judge (budget ``w8a8`` = ``w8a16``'s). Every
 choice goes to ``manifest.quantization``: ``scheme`` (per stage), ``speed_tuning`` (every
@@ -42,6 +48,7 @@ from exporter.steps.quantize.speed import FP32, MIN_ELEMENTS_GRID, choose, quant
 from graph_passes.onnx import linear_layers
 from graph_passes.onnx.w8a8 import KERNEL, dynamic_quantize_matmuls, weight_bits_for_cpu
 from runtime.manifest import Quantization
+from runtime.manifest.sections import RowMixing
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,9 @@ def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: in
     configs = [timing.Config(FP32, None, False, proto)]
     plans: dict[str, _Plan] = {FP32: _Plan(stage, "fp32", None, [], 0, weight_bits)}
     seen: set[tuple[str, frozenset[str]]] = set()
-    schemes = (W8A8, W8A16) if w8a16_too else (W8A8,)
+    # the user stage is never w8a8: one user call serves the distinct users of merged requests
+    # and its outputs are cached, so a per-call activation range would leak between requests
+    schemes = (W8A16,) if w8a16_too else (W8A8,)
     for per_token in (False, True):
         for m in MIN_ELEMENTS_GRID:
             canon = _canonical(stage, proto, m, unroll=per_token)
@@ -326,3 +335,23 @@ def step_quantize_w8a8(ctx: Any) -> None:
         per_token_stages=tuple(q.per_token_stages or ()))
     ctx.stages.update(stages)
     ctx.manifest_fields["quantization"] = Quantization.from_dict(record, "quantize step (w8a8)")
+    if scope is not None:
+        mark_call_scoped(scope, stages, split={"user", "group"} <= set(ctx.stages))
+
+
+CALL_RANGE = ("w8a8: activations are quantized with one range per tensor, computed per call, so "
+              "a row's score depends a little on the other rows of the call")
+
+
+def mark_call_scoped(scope: Any, stages: dict[str, onnx.ModelProto], *, split: bool) -> None:
+    """A served stage with DynamicQuantizeMatMul mixes the rows of its call: record it in
+    ``manifest.row_scope`` ("request"), so the runtime never merges two requests into one call
+    of it and a request's scores never depend on another request's candidates."""
+    side = "group" if split else "full"
+    nodes = [n.name for n in stages[side].graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    if not nodes:
+        return
+    setattr(scope, side, "request")
+    scope.mixing.append(RowMixing(op="DynamicQuantizeMatMul", node=nodes[0], reason=CALL_RANGE,
+                                  source=None))
+    log.info("w8a8: the %s stage is request-scoped (%d DynamicQuantizeMatMul)", side, len(nodes))
