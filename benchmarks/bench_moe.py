@@ -169,7 +169,7 @@ def bench_config(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=15, help="rounds at N=200 (x10 at M=1)")
+    p.add_argument("--rounds", type=int, default=30, help="rounds at N=200 (x10 at M=1)")
     p.add_argument("--user-threads", type=int, default=None,
                    help="threads for the user graph at M=1 (default --threads; the export's "
                    "threads step often picks 1 for it)")
