@@ -65,15 +65,25 @@ class Config:
     threads: int | None = None  # intra-op threads for this config; None: the timing call's
 
 
-def cpu_name() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` line's value in ``/proc/cpuinfo`` (None when absent or unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU feature flags (empty when ``/proc/cpuinfo`` says none)."""
+    return (_cpuinfo("flags") or "").split()
 
 
 def stage_batch(stage: str) -> int:

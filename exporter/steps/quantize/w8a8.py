@@ -59,18 +59,6 @@ KERNELS = {
 }
 
 
-def cpu_flags() -> list[str]:
-    """The CPU feature flags (``/proc/cpuinfo``; empty when unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
-
-
 class _Plan:
     """One stage's chosen configuration: scheme, canonical graph and the layers it quantizes."""
 
@@ -327,7 +315,7 @@ def step_quantize_w8a8(ctx: Any) -> None:
     if ctx.store_rows is not None:
         calib.rows = ctx.store_rows(calib.rows)
     calib.heldout_rows = n_parity
-    bits = weight_bits_for_cpu(cpu_flags())
+    bits = weight_bits_for_cpu(timing.cpu_flags())
     q = o.quantize
     stages, record = quantize_w8a8(
         ctx.stages, ctx.graph_spec, calibration=calib, limits=limits, threads=o.serve_threads,
