@@ -36,8 +36,10 @@ _INT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4"}
 
 def group_of(weight: str) -> str:
     """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
-    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
-    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight); a
+    fused-form bank's two weights ``bank.fused_w1`` / ``bank.fused_w2`` are one group ``bank``
+    (QMoE quantizes both or neither)."""
+    return re.sub(r"(\.t\d+(\.e\d+)?|\.fused_w[12])$", "", weight)
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
@@ -52,6 +54,9 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             out[props.get("ugsep.weight") or node.name] = f"int{bits}"
+        elif node.op_type == "QMoE" and node.domain == "com.microsoft" and "ugsep.weights" in props:
+            for w in props["ugsep.weights"].split(","):  # a fused-form MoE bank's two weights
+                out[w] = "int8"
         elif node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
             out[props.get("ugsep.weight") or node.name] = "w8a8"  # int8 weights and activations
         elif node.op_type == "Gather" and props.get("ugsep.pass") == "QuantizeExpertTablesPass":

@@ -138,6 +138,8 @@ def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
     for form in ("grouped", "padded"):  # data-dependent TopK K (the sort): not in TensorRT
         assert has_errors(findings[form])
         assert any("TopK" in str(f) and "build-time constant" in str(f) for f in findings[form])
+    assert has_errors(findings["fused"])  # com.microsoft.MoE: an ONNX Runtime contrib op
+    assert any("MoE" in str(f) and "contrib op" in str(f) for f in findings["fused"])
     assert trt_form(moe.banks) == "dense"  # E=4 <= 8
     assert trt_form([{**moe.banks[0], "experts": 16}]) == "gather"
 
@@ -238,3 +240,55 @@ def test_routing_rounds_fuse_into_one_topk_and_keep_the_tie_rule():
                                     providers=["CPUExecutionProvider"])
         got = sess.run(None, {"x": x.numpy()})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=form)
+
+
+def test_fused_form_w8a16_is_qmoe_with_the_gather_forms_int8_numbers():
+    """W8A16 of the fused form (com.microsoft.QMoE) quantizes the same int8 values and scales
+    as the gather form's tables, so the two W8A16 graphs agree to fp32 rounding (and differ
+    from fp32); the bank is one layer group, its weight bytes are counted, and a selection
+    naming only one of its two weights leaves it float."""
+    from exporter.steps.graph_record import group_of, quantized_weights
+    from exporter.steps.quantize import group_of as select_group_of
+    from graph_passes.onnx import linear_layers, linear_weight_bytes, quantize_onnx
+
+    t, d, h, e = 2, 32, 64, 4
+    torch.manual_seed(3)
+    moe = TokenMoE(n_tokens=t, d_model=d, hidden=h, n_experts=e, top_k=2, gate="sigmoid").eval()
+    with torch.no_grad():
+        moe.experts.b1.normal_()
+        moe.experts.b2.normal_()
+    x = torch.randn(9, t, d)
+    ep = torch.export.export(moe, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    forms = {}
+    for form in ("gather", "fused"):
+        m = ir.serde.deserialize_model(proto)
+        SparseMoEFormPass(form)(m)
+        forms[form] = m
+    fused_names = [n for n in linear_layers(forms["fused"]) if "fused_w" in n]
+    assert sorted(fused_names) == ["experts.fused_w1", "experts.fused_w2"]
+    assert {group_of(n) for n in fused_names} == {select_group_of(n) for n in fused_names} == {"experts"}
+
+    def run(m):
+        sess = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x.numpy()})[0]
+
+    fp32 = run(forms["fused"])
+    half = quantize_onnx(ir.serde.serialize_model(forms["fused"]), only=["experts.fused_w1"])
+    assert [n.op_type for n in half.model.graph if n.domain == "com.microsoft"] == ["MoE"]
+    w8 = {f: quantize_onnx(ir.serde.serialize_model(m), target="ort-cpu") for f, m in forms.items()}
+    ops = [n.op_type for n in w8["fused"].model.graph if n.domain == "com.microsoft"]
+    assert ops == ["QMoE"]
+    got = {f: run(r.model) for f, r in w8.items()}
+    assert np.abs(got["fused"] - fp32).max() > 1e-4  # int8 weights do change the output
+    np.testing.assert_allclose(got["fused"], got["gather"], rtol=1e-5, atol=1e-5)
+    written = quantized_weights(ir.serde.serialize_model(w8["fused"].model))
+    assert {w: p for w, p in written.items() if "router" not in w} == {
+        "experts.fused_w1": "int8", "experts.fused_w2": "int8"}
+    before, after = linear_weight_bytes(forms["fused"]), linear_weight_bytes(w8["fused"].model)
+    tables = 2 * t * e * d * h * 4
+    assert before["fp32"] == linear_weight_bytes(forms["gather"])["fp32"] >= tables
+    assert after["quantized_layers"] == 2 and after["quantized_layers_fp32"] == tables
+    # int8 payload + one fp32 scale per (token, expert, output channel), as the gather tables
+    assert after["quantized_layers_bytes"] == 2 * t * e * d * h + 4 * t * e * (h + d)
