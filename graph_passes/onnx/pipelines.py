@@ -100,7 +100,8 @@ def quantize_onnx(
 
     skip = set(skip) | router_weights(model.graph)
     tables = QuantizeExpertTablesPass(only=only, skip=skip, bits=bits)
-    fused = QuantizeFusedMoEPass(only=only, skip=skip)  # W8 only (at other bits: kept float)
+    # W8 only (at other bits the fused form's banks stay float)
+    fused = QuantizeFusedMoEPass(only=only, skip=skip, block_size=block_size or nbits_block_size)
     quant = QuantizeWeightsInt8Pass(
         bits=bits, block_size=block_size, skip=skip, only=only, min_elements=min_elements
     )
