@@ -89,6 +89,29 @@ def test_w8a16_quantizes_expert_tables_per_expert_and_passes_check(trained, tmp_
     assert main(["check", str(bundle), "--data", str(trained / "rows.npz")]) == 0
 
 
+def test_w8a16_fused_form_is_qmoe_and_passes_the_default_budgets(trained, tmp_path):
+    """--moe-form fused: every stage's banks are one com.microsoft.MoE, W8A16 lowers them to
+    QMoE (int8 weights per expert, channel and block), the manifest lists each bank's two
+    weights as int8 like the graph has them, and parity passes at the default budgets."""
+    bundle = tmp_path / "b8f"
+    rc = main(["export", str(trained / "student"), "--out", str(bundle), "--precision", "w8a16",
+               "--data", str(trained / "rows.npz"), "--moe-form", "fused", "--no-quant-tune",
+               "--quant-min-elements", "0", "--quant-small-batch", "off"])
+    assert rc == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {f["form"] for f in manifest["optimize"]["moe_form"].values()} == {"fused"}
+    user = onnx.load(bundle / "user.onnx")
+    assert [n.op_type for n in user.graph.node if n.op_type in ("MoE", "QMoE")] == ["QMoE", "QMoE"]
+    q = {t.name: numpy_helper.to_array(t) for t in user.graph.initializer}[
+        "layers.0.user_moe.experts.fused_w1_q"]
+    assert q.dtype == np.uint8 and q.shape == (4 * 4, 64, 32)  # [T*E, H, D]: (out, in) per expert
+    layers = {r["name"]: r for r in manifest["quantization"]["layers"]}
+    fused = [r for n, r in layers.items() if "user_moe.experts.fused_w" in n]
+    assert len(fused) == 4 and all(r["precision"] == "int8" for r in fused)
+    assert manifest["parity"]["passed"]
+    assert main(["check", str(bundle), "--data", str(trained / "rows.npz")]) == 0
+
+
 def test_w8a16_default_path_times_the_forms_and_passes_the_default_budgets(
     trained, tmp_path, caplog
 ):
