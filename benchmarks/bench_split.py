@@ -207,9 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     for precision in filter(None, args.also.split(",")):
         result["variants"][precision] = variant(loaded, Path(args.work) / f"bundle-{precision}", precision,
                                                 args, by_n, result["flops"])
-    best = max([("fp32", result.get("fraction_of_ceiling_n16", 0.0))]
-               + [(k, v["fraction_of_ceiling_n16"]) for k, v in result["variants"].items()], key=lambda kv: kv[1])
-    result["fraction_of_ceiling_n16_best"] = {"precision": best[0], "fraction": best[1]}
     result["load_average"]["end"] = os.getloadavg()
     (out / "bench_split.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
