@@ -5,18 +5,19 @@
 For each E in --experts and k in --top-k: a `bench` TokenMixer-Large-style student (16 tokens,
 D=128, H=256, 2 layers; random init, seed 0: latency does not depend on the weights, routing
 spreads rows over the experts) is captured and split (exporter.steps.split), and each stage's
-expert banks are rewritten into every form (graph_passes.onnx.moe): gather, grouped, padded
-and dense-masked (every expert, gates 0 for the unselected); "sparse" at N=200 is the faster
-of grouped and padded. Timed, interleaved round by round,
+expert banks are rewritten into every form (graph_passes.onnx.moe): gather, grouped, padded,
+dense-masked (every expert, gates 0 for the unselected) and fused (one com.microsoft.MoE node
+per bank); "sparse" at N=200 is the fastest of grouped, padded and fused. Timed, interleaved round by round,
 medians: the user graph at M=1 and the group graph at N=200 candidates (one user), on ONNX
 Runtime CPU, against the split graphs run eagerly in PyTorch on one thread (the student's
-own sparse gather forward; two OpenMP threads on the shared machine ran ~10x slower). The user graph at M=1 is also timed as W8A16 in both sparse forms (gather: expert tables
-int8 per expert and output channel; grouped: each expert's 2-D weights as MatMulNBits; 2-D
-weights >= 16,384 elements int8, routers float) and compared with the faster fp32 form.
+own sparse gather forward; two OpenMP threads on the shared machine ran ~10x slower). The user graph at M=1 is also timed as W8A16 in the sparse forms (gather: expert tables
+int8 per expert and output channel; grouped: each expert's 2-D weights as MatMulNBits; fused:
+QMoE with the same int8 numbers as gather; 2-D weights >= 16,384 elements int8, routers
+float) and the fastest is compared with the fastest fp32 form.
 At N=200 eager PyTorch (seconds per call) is timed 3 times after the interleaved graphs. Every
 form's outputs are compared with eager. Writes benchmarks/results/bench_moe.json with the
 headline ratios ``dense_over_sparse_e16_k2_n200`` (dense-masked / sparse group graph at N=200)
-and ``w8_over_fp32_user_m1`` (faster W8A16 / faster fp32 user graph at M=1, E=16, k=2).
+and ``w8_over_fp32_user_m1`` (fastest W8A16 / fastest fp32 user graph at M=1, E=16, k=2).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from exporter.steps.split import split_to_onnx  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
 
-FORMS = ("gather", "grouped", "padded", "dense")
+FORMS = ("gather", "grouped", "padded", "dense", "fused")
+SPARSE_USER = ("gather", "grouped", "fused")  # the forms the export times, as W8A16 too at M=1
+SPARSE_GROUP = ("grouped", "padded", "fused")
 N_CANDIDATES = 200
 
 
@@ -94,7 +97,7 @@ def _bench_stage(proto, feeds, want, eager, threads: int, rounds: int, w8: bool 
     graphs = {f: optimize_stage(apply_form(proto, f)[0])[0] for f in FORMS}
     n_quant = {}
     if w8:
-        for f in ("gather", "grouped"):
+        for f in SPARSE_USER:
             graphs[f"w8_{f}"], n_quant[f] = _w8(graphs[f])
     sess = {f: _session(p, threads) for f, p in graphs.items()}
     del graphs
@@ -110,22 +113,25 @@ def _bench_stage(proto, feeds, want, eager, threads: int, rounds: int, w8: bool 
 
 
 def ratios(user_ms: dict, group_ms: dict) -> dict[str, float]:
-    """The ratios of one config. fp32 at M=1 is its faster sparse form (gather or grouped, as
-    the export would choose), so W8A16 is compared with the best fp32 graph, not the slower."""
-    fp32_user = min(user_ms["gather"], user_ms["grouped"])
-    sparse = min(group_ms["grouped"], group_ms["padded"])
-    w8_user = min(user_ms["w8_gather"], user_ms["w8_grouped"])
+    """The ratios of one config. fp32 at M=1 is its fastest sparse form (as the export would
+    choose), so W8A16 (its fastest form) is compared with the best fp32 graph, not a slower one."""
+    fp32_form = min(SPARSE_USER, key=lambda f: user_ms[f])
+    w8_form = min(SPARSE_USER, key=lambda f: user_ms[f"w8_{f}"])
+    group_form = min(SPARSE_GROUP, key=lambda f: group_ms[f])
+    fp32_user, w8_user, sparse = user_ms[fp32_form], user_ms[f"w8_{w8_form}"], group_ms[group_form]
     return {
         "dense_over_sparse_n200": round(group_ms["dense"] / sparse, 3),
-        "sparse_form_n200": "grouped" if group_ms["grouped"] <= group_ms["padded"] else "padded",
+        "sparse_form_n200": group_form,
         "dense_over_grouped_n200": round(group_ms["dense"] / group_ms["grouped"], 3),
         "dense_over_padded_n200": round(group_ms["dense"] / group_ms["padded"], 3),
+        "dense_over_fused_n200": round(group_ms["dense"] / group_ms["fused"], 3),
         "dense_over_gather_n200": round(group_ms["dense"] / group_ms["gather"], 3),
         "eager_over_sparse_n200": round(group_ms["eager"] / sparse, 3),
         "dense_over_sparse_user_m1": round(user_ms["dense"] / fp32_user, 3),
         "w8_over_fp32_user_m1": round(w8_user / fp32_user, 3),
-        "fp32_user_m1_form": "gather" if user_ms["gather"] <= user_ms["grouped"] else "grouped",
-        "w8_user_m1_form": "gather" if user_ms["w8_gather"] <= user_ms["w8_grouped"] else "grouped",
+        "w8_over_fp32_same_form_user_m1": {f: round(user_ms[f"w8_{f}"] / user_ms[f], 3) for f in SPARSE_USER},
+        "fp32_user_m1_form": fp32_form,
+        "w8_user_m1_form": w8_form,
     }
 
 
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "dense_over_sparse_e16_k2_n200": head["dense_over_sparse_n200"],
         "w8_over_fp32_user_m1": head["w8_over_fp32_user_m1"],
         "headline_config": {"experts": head["experts"], "top_k": head["top_k"]},
-        "sparse_at_n200": "the faster of grouped and padded (the export times them too)",
+        "sparse_at_n200": "the fastest of grouped, padded and fused (the export times them too)",
+        "user_m1": "fp32 and W8A16 each in its fastest of gather, grouped and fused",
         "n_candidates": N_CANDIDATES,
         "threads": args.threads,
         "user_threads": args.user_threads or args.threads,

@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stream_floor import fraction_bound, stream_floor, weight_bytes  # noqa: E402
+
 import runtime  # noqa: E402
 from exporter.commands.bench import DEFAULT_NS, print_table, run_bench  # noqa: E402
 from exporter.load import LoadedModel, load_student  # noqa: E402
@@ -67,6 +69,18 @@ def parity(bundle: Path, loaded: LoadedModel, n: int = 16) -> float:
     with torch.no_grad():
         ref = loaded.eager()(**to_torch_inputs(spec, full)).numpy()
     return float(np.abs(got - ref).max())
+
+
+def bandwidth_bound(bundle: Path, threads: int, row16: dict, flops: dict) -> dict:
+    """The user graph's weight-stream floor at M=1 and the bound it puts on the N=16 fraction."""
+    scorer = runtime.load(bundle, backend="onnxruntime", allow_unverified=True, intra_op_threads=threads)
+    u = sample_rows(scorer.spec, 1, 7)
+    feeds = {s.name: u[s.name] for s in scorer.spec.user_inputs}
+    sf = stream_floor(lambda: scorer.run_user(feeds), weight_bytes(bundle / "user.onnx"), threads)
+    bound = fraction_bound(row16, flops, sf["stream_ms"])
+    print(f"user M=1 {sf['user_m1_ms']:.2f} ms; streaming its {sf['user_weight_bytes'] / 1e6:.1f} MB of "
+          f"weights {sf['stream_ms']:.2f} ms ({sf['stream_gb_per_s']:.1f} GB/s) -> N=16 fraction <= {bound:.2f}")
+    return {"stream_floor": sf, "fraction_of_ceiling_n16_bandwidth_bound": bound}
 
 
 def _sgemm_s(kind: str, a, b) -> float:
@@ -119,7 +133,7 @@ def group_vs_sgemm(bundle: Path, threads: int, group_flops_per_row: int, n: int 
 
 
 def variant(loaded: LoadedModel, bundle: Path, precision: str, args, fp32_by_n: dict,
-            group_flops_per_row: int) -> dict:
+            flops: dict) -> dict:
     """The student at ``precision``: split vs its own full at N=16, and its group vs sgemm."""
     t0 = time.perf_counter()
     if not (args.reuse and (bundle / "manifest.json").exists()):
@@ -131,10 +145,11 @@ def variant(loaded: LoadedModel, bundle: Path, precision: str, args, fp32_by_n: 
     row = res["results"][0]
     out = {"bundle": str(bundle), "export_s": export_s, "n16": row,
            "fraction_of_ceiling_n16": row["fraction_of_ceiling"]}
+    out.update(bandwidth_bound(bundle, args.threads, row, flops))
     if 16 in fp32_by_n:  # its split against the fp32 full graph (separate runs, medians each)
         out["fraction_of_ceiling_n16_vs_fp32_full"] = (
             fp32_by_n[16]["full_ms"] / row["split_ms"] / row["ceiling"])
-    sg = group_vs_sgemm(bundle, args.threads, group_flops_per_row)
+    sg = group_vs_sgemm(bundle, args.threads, flops["group_per_row"])
     out["group_gflops_over_sgemm_n2048"] = sg["group_gflops_over_sgemm_n2048"]
     out["group_vs_sgemm"] = sg["group_vs_sgemm"]
     q = json.loads((bundle / "manifest.json").read_text()).get("quantization") or {}
@@ -186,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     by_n = {r["n"]: r for r in result["results"]}
     if 16 in by_n:
         result["fraction_of_ceiling_n16"] = by_n[16]["fraction_of_ceiling"]
+        result.update(bandwidth_bound(bundle, args.threads, by_n[16], result["flops"]))
     result.update(group_vs_sgemm(bundle, args.threads, result["flops"]["group_per_row"]))
     result["variants"] = {}
     for precision in filter(None, args.also.split(",")):
         result["variants"][precision] = variant(loaded, Path(args.work) / f"bundle-{precision}", precision,
-                                                args, by_n, result["flops"]["group_per_row"])
+                                                args, by_n, result["flops"])
     result["load_average"]["end"] = os.getloadavg()
     (out / "bench_split.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

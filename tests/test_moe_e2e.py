@@ -89,6 +89,59 @@ def test_w8a16_quantizes_expert_tables_per_expert_and_passes_check(trained, tmp_
     assert main(["check", str(bundle), "--data", str(trained / "rows.npz")]) == 0
 
 
+def _fused_export(trained, bundle, *extra) -> tuple[dict, dict[str, str]]:
+    rc = main(["export", str(trained / "student"), "--out", str(bundle), "--precision", "w8a16",
+               "--data", str(trained / "rows.npz"), "--moe-form", "fused", "--no-quant-tune",
+               "--quant-min-elements", "0", "--quant-small-batch", "off", *extra])
+    assert rc == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    user = onnx.load(bundle / "user.onnx")
+    ops = {}  # bank -> the op that runs it in user.onnx
+    for n in user.graph.node:
+        if n.op_type in ("MoE", "QMoE"):
+            w1 = n.input[2]  # fc1_experts_weights: <bank>.fused_w1[_q]
+            ops[w1.split(".fused_w1")[0]] = n.op_type
+    return manifest, ops
+
+
+def test_w8a16_fused_form_is_qmoe_and_passes_its_budget(trained, tmp_path):
+    """--moe-form fused: every stage's banks are one com.microsoft.MoE, W8A16 lowers them to
+    QMoE (int8 weights per expert, channel and block); under a budget that admits every bank,
+    both user banks are QMoE, the manifest lists each bank as one int8 layer group run by QMoE,
+    and parity and ``ugsep check`` pass at that budget."""
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(json.dumps({"w8a16": {"abs_delta_auc": 0.05, "top10_overlap_mean": 0.8}}))
+    bundle = tmp_path / "b8f"
+    manifest, ops = _fused_export(trained, bundle, "--budgets", str(budgets))
+    assert {f["form"] for f in manifest["optimize"]["moe_form"].values()} == {"fused"}
+    assert ops == {"layers.0.user_moe.experts": "QMoE", "layers.1.user_moe.experts": "QMoE"}
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(bundle / "user.onnx").graph.initializer}[
+        "layers.0.user_moe.experts.fused_w1_q"]
+    assert q.dtype == np.uint8 and q.shape == (4 * 4, 64, 32)  # [T*E, H, D]: (out, in) per expert
+    rows = [r for r in manifest["quantization"]["layers"] if r["name"].endswith("_moe.experts")]
+    assert len(rows) == 8  # user, group: 2 banks each; full: 4
+    assert all(r["precision"] == "int8" and r["weights"] == 2 for r in rows)
+    assert {r["kernel"] for r in rows} == {"QMoE(bits=8, block_size=32)"}  # D=32: largest 2^k | D, H
+    assert manifest["parity"]["passed"]
+    assert main(["check", str(bundle), "--data", str(trained / "rows.npz"),
+                 "--budgets", str(budgets)]) == 0
+
+
+def test_w8a16_fused_form_at_the_default_budgets_keeps_graph_and_manifest_agreed(trained, tmp_path):
+    """At the default (tight) ranking budget the selection may keep a bank float: whichever it
+    keeps, a float bank stays com.microsoft.MoE and an int8 one is QMoE in user.onnx, exactly
+    as the manifest's rows say, and parity passes."""
+    manifest, ops = _fused_export(trained, tmp_path / "b8d")
+    rows = {r["name"].split(":", 1)[1]: r for r in manifest["quantization"]["layers"]
+            if r["stage"] == "user" and r["name"].endswith("_moe.experts")}
+    assert set(rows) == set(ops) == {"layers.0.user_moe.experts", "layers.1.user_moe.experts"}
+    for bank, op in ops.items():
+        assert (op == "QMoE") == (rows[bank]["precision"] == "int8"), (bank, op, rows[bank])
+        assert rows[bank]["kernel"].startswith("QMoE(" if op == "QMoE" else "fp32")
+    assert "QMoE" in ops.values()  # the budget admits at least one bank on this student
+    assert manifest["parity"]["passed"]
+
+
 def test_w8a16_default_path_times_the_forms_and_passes_the_default_budgets(
     trained, tmp_path, caplog
 ):

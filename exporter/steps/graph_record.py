@@ -36,35 +36,51 @@ _INT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4"}
 
 def group_of(weight: str) -> str:
     """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
-    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
-    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight); a
+    fused-form bank's two weights ``bank.fused_w1`` / ``bank.fused_w2`` are one group ``bank``
+    (QMoE quantizes both or neither)."""
+    return re.sub(r"(\.t\d+(\.e\d+)?|\.fused_w[12])$", "", weight)
 
 
-def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
-    """{weight name: "int8" | "int4"} of the layers this graph runs with quantized weights."""
-    out: dict[str, str] = {}
+def quantized_layers(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """{weight name: (precision, kernel)} of the layers this graph runs with quantized weights:
+    precision "int8" | "int4" | "w8a8", kernel the op that runs it, as written."""
+    out: dict[str, tuple[str, str]] = {}
     inits = {t.name: t for t in model.graph.initializer}
     dq_source = {
         n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output
     }
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            out[props.get("ugsep.weight") or node.name] = f"int{bits}"
+            bits = attrs.get("bits", 4)
+            kernel = f"MatMulNBits(bits={bits}, accuracy_level={attrs.get('accuracy_level', 0)})"
+            out[props.get("ugsep.weight") or node.name] = (f"int{bits}", kernel)
+        elif node.op_type == "QMoE" and node.domain == "com.microsoft" and "ugsep.weights" in props:
+            block = attrs.get("block_size")
+            kernel = f"QMoE(bits=8, {f'block_size={block}' if block else 'per channel'})"
+            for w in props["ugsep.weights"].split(","):  # a fused-form MoE bank's two weights
+                out[w] = ("int8", kernel)
         elif node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
-            out[props.get("ugsep.weight") or node.name] = "w8a8"  # int8 weights and activations
+            # int8 weights and activations
+            out[props.get("ugsep.weight") or node.name] = ("w8a8", "DynamicQuantizeMatMul")
         elif node.op_type == "Gather" and props.get("ugsep.pass") == "QuantizeExpertTablesPass":
             q = inits.get(node.input[0])  # a gather-form MoE table: int8 slices (or their scales)
             if q is not None and q.data_type in _INT_TYPES and "ugsep.weight" in props:
-                out[props["ugsep.weight"]] = _INT_TYPES[q.data_type]
+                out[props["ugsep.weight"]] = (_INT_TYPES[q.data_type], "Gather(int8) -> dequantize")
         elif node.op_type == "MatMul" and node.domain == "" and len(node.input) > 1:
             dq = dq_source.get(node.input[1])
             q = inits.get(dq.input[0]) if dq is not None else None
             if q is not None and q.data_type in _INT_TYPES:
                 name = props.get("ugsep.weight") or re.sub(r"_dq$", "", dq.output[0])
-                out[name] = _INT_TYPES[q.data_type]
+                out[name] = (_INT_TYPES[q.data_type], "DequantizeLinear -> MatMul")
     return out
+
+
+def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """{weight name: "int8" | "int4" | "w8a8"} of the layers this graph runs quantized."""
+    return {w: prec for w, (prec, _) in quantized_layers(model).items()}
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[Any]:
@@ -106,7 +122,7 @@ def set_stage_threads(model: onnx.ModelProto, threads: int | None) -> None:
 def describe_written(stages: dict[str, onnx.ModelProto]) -> dict[str, Any]:
     """Per stage: quantized weights and threads; and the boundary when split."""
     facts: dict[str, Any] = {
-        "quantized": {s: quantized_weights(m) for s, m in stages.items()},
+        "quantized": {s: quantized_layers(m) for s, m in stages.items()},
         "threads": {s: stage_threads(m) for s, m in stages.items()},
     }
     if "user" in stages and "group" in stages:
@@ -163,13 +179,16 @@ def _reconcile_boundary(split: Split, found: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _reconcile_layers(record: Quantization, quantized: dict[str, dict[str, str]]) -> list[str]:
-    """Each layer row's precision from its stage graph (by layer group); rows for quantized
-    layers the plan did not list; ``kept_float`` recomputed; ``layers_source`` says so."""
+def _reconcile_layers(
+    record: Quantization, quantized: dict[str, dict[str, tuple[str, str]]]
+) -> list[str]:
+    """Each layer row's precision and kernel from its stage graph (by layer group); rows for
+    quantized layers the plan did not list; ``kept_float`` recomputed; ``layers_source`` says so."""
     notes, seen = [], set()
     by_group = {
-        s: {group_of(w): p for w, p in q.items()} for s, q in quantized.items()
+        s: {group_of(w): p for w, (p, _) in q.items()} for s, q in quantized.items()
     }
+    kernels = {s: {group_of(w): k for w, (_, k) in q.items()} for s, q in quantized.items()}
     for row in record.layers:
         stage, group = row.stage, group_of(row.name.split(":", 1)[1])
         seen.add((stage, group))
@@ -177,15 +196,17 @@ def _reconcile_layers(record: Quantization, quantized: dict[str, dict[str, str]]
         if row.precision != found:
             notes.append(f"layer {row.name}: planned {row.precision}, the graph has {found}")
             row.why = f"graph: the written {stage}.onnx runs it {found} (planned {row.precision})"
-            row.kernel = "fp32 MatMul" if found == "fp32" else "quantized (as written)"
             row.precision = found
+            row.kernel = "fp32 MatMul" if found == "fp32" else kernels[stage][group]
+        elif found != "fp32":
+            row.kernel = kernels[stage][group]  # the op the graph runs it with
     for stage, groups in by_group.items():
         for group, prec in groups.items():
             if (stage, group) not in seen:
                 notes.append(f"layer {stage}:{group} is {prec} in the graph but not in the plan")
                 record.layers.append(QuantLayer(
                     name=f"{stage}:{group}", stage=stage, weights=1, precision=prec,
-                    kernel="quantized (as written)", why="graph: not in the plan", effect=None,
+                    kernel=kernels[stage][group], why="graph: not in the plan", effect=None,
                 ))
     layers = record.layers
     record.kept_float = [r.name for r in layers if r.precision == "fp32" and not r.why.startswith("speed")]

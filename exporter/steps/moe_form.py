@@ -5,11 +5,14 @@ student's eager forward: the k selected experts' weight slices gathered per row 
 Which sparse form runs fastest depends on the batch: ``gather`` moves k weight slices per
 row (best at the user side's M=1), ``grouped`` / ``padded`` read each expert's weights once
 per call and run GEMMs over the rows that selected it (one GEMM per expert, or one batched
-GEMM over experts padded to the largest group: best at N candidates). So, as for the
+GEMM over experts padded to the largest group: best at N candidates), ``fused`` is ONE
+``com.microsoft.MoE`` node per bank (ONNX Runtime's kernel: no weight slices copied, one node
+whatever E is; measured best at M=1 on the bench student, and its W8A16 lowering QMoE reads
+int8 weights in place). So, as for the
 per-token layout (exporter.steps.optimize), each stage is rewritten into each and timed at its batch on ONNX
 Runtime CPU (user 1, group/full 256), interleaved, medians; the faster is kept.
 
-``--moe-form`` (``OptimizeOptions.moe_form``) fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense``; dense is
+``--moe-form`` (``OptimizeOptions.moe_form``) fixes the form instead (``gather`` / ``grouped`` / ``padded`` / ``dense`` / ``fused``; dense is
 the fallback and benchmark baseline, every expert with a mask). ``--target trt`` is not timed
 here (no GPU at export): it gets ``trt_form`` (dense at E <= 8, where one batched GEMM over
 all experts is cheap on a GPU and needs no data-dependent shapes; gather above), as the
@@ -31,7 +34,7 @@ from graph_passes.onnx.moe_match import find_banks
 log = logging.getLogger(__name__)
 
 __all__ = ["apply_form", "choose_moe_form", "trt_form"]
-TIMED_FORMS = ("gather", "grouped", "padded")
+TIMED_FORMS = ("gather", "grouped", "padded", "fused")
 TRT_DENSE_MAX_EXPERTS = 8
 
 

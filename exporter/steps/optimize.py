@@ -108,9 +108,10 @@ def choose_per_token_layout(
 class OptimizeOptions(StepOptions):
     """Step ``optimize``: the layouts and MoE forms timed (or fixed) per stage."""
 
-    moe_form: str | None = arg("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense"],
+    moe_form: str | None = arg("--moe-form", default=None, choices=["gather", "grouped", "padded", "dense", "fused"],
                                help="sparse MoE models: run every expert bank in this form (default: the "
-                               "sparse forms timed per stage; dense = every expert with a mask, the baseline)")
+                               "sparse forms timed per stage; dense = every expert with a mask, the baseline; fused = "
+                               "ONNX Runtime's com.microsoft.MoE)")
     per_token_layout: bool = arg("--no-per-token-layout", default=True, action="store_false",
                                  help="keep per-token weights as one batched MatMul instead of timing it "
                                  "against the unrolled 2-D MatMuls per stage on this CPU")

@@ -22,7 +22,8 @@ def linear_weight_bytes(model: ir.Model) -> dict[str, int]:
     Linear layers are MatMul/Gemm with a constant weight, MatMul on a DequantizeLinear of a
     constant, MatMulNBits, and the sparse MoE gather form's expert tables (a constant
     ``[T*E, K, N]`` table gathered into a MatMul's weight input, fp32 or int8 + Cast with its
-    gathered per-expert scales; graph_passes.onnx.moe / moe_quant), one layer per table. Returns ``{"layers", "quantized_layers", "fp32", "quantized",
+    gathered per-expert scales; graph_passes.onnx.moe / moe_quant), one layer per table, and the
+    fused form's com.microsoft.MoE / QMoE weights (two layers a bank). Returns ``{"layers", "quantized_layers", "fp32", "quantized",
     "quantized_layers_fp32", "quantized_layers_bytes"}``: ``fp32`` is what the layers'
     weights cost in float32, ``quantized`` what they cost in this graph (int payload + scales
     for quantized layers, float bytes for layers kept in float). The ratio of the last two
@@ -40,17 +41,33 @@ def linear_weight_bytes(model: ir.Model) -> dict[str, int]:
         0,
     )
     for node in model.graph.all_nodes():
-        fp32, now = _layer_bytes(node)
-        if fp32 is None:
-            continue
-        acc["layers"] += 1
-        acc["fp32"] += fp32
-        acc["quantized"] += now
-        if now < fp32:
-            acc["quantized_layers"] += 1
-            acc["quantized_layers_fp32"] += fp32
-            acc["quantized_layers_bytes"] += now
+        for fp32, now in _fused_moe_bytes(node) or [_layer_bytes(node)]:
+            if fp32 is None:
+                continue
+            acc["layers"] += 1
+            acc["fp32"] += fp32
+            acc["quantized"] += now
+            if now < fp32:
+                acc["quantized_layers"] += 1
+                acc["quantized_layers_fp32"] += fp32
+                acc["quantized_layers_bytes"] += now
     return acc
+
+
+def _fused_moe_bytes(node: ir.Node) -> list[tuple[int, int]] | None:
+    """A fused-form bank (com.microsoft.MoE, or QMoE after W8A16): its two weights as two
+    layers, (fp32 bytes, bytes stored now) each; None for any other node."""
+    if node.domain != "com.microsoft" or node.op_type not in ("MoE", "QMoE"):
+        return None
+    if node.op_type == "MoE":  # x, router, W1, b1, W2, b2
+        ws = [const_array(node.inputs[i]) for i in (2, 4)]
+        return [(w.size * _FLOAT_BYTES, int(w.nbytes)) for w in ws if w is not None]
+    out = []  # x, router, W1q, s1, b1, W2q, s2, b2: uint8 one byte per weight
+    for wi, si in ((2, 3), (5, 6)):
+        q = const_array(node.inputs[wi])
+        if q is not None:
+            out.append((q.size * _FLOAT_BYTES, int(q.nbytes) + _nbytes(node.inputs[si])))
+    return out
 
 
 def _layer_bytes(node: ir.Node) -> tuple[int | None, int]:

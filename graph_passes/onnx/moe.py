@@ -20,6 +20,11 @@ Forms (all compute y[b, t] = sum_j gates[b,t,j] * FFN_{t, idx[b,t,j]}(x[b, t])):
   at balanced routing. The padding rows are never read back.
 * ``dense``   every expert on every token (broadcast MatMul over [T, E]), outputs weighted by
   the gates scattered into E slots: the fallback and the benchmark's baseline.
+* ``fused``   ONE ``com.microsoft.MoE`` node per bank (ONNX Runtime's CPU kernel, not a standard
+  op): the T*E (token, expert) pairs are its experts and the graph's own routing (TopK, the
+  tie rule) picks them through its router input; no weight slice is copied (each selected
+  expert's GEMM reads the weights in place), one node whatever E is. W8A16 lowers it to
+  ``com.microsoft.QMoE`` (graph_passes.onnx.moe_quant). ONNX Runtime only (TensorRT refuses it).
 
 Every node made carries ``ugsep.pass`` = the pass name and ``ugsep.moe`` = the bank name; the
 gather form's weight Gathers also ``ugsep.moe_table`` = w1 / w2 (the quantizer's handle).
@@ -36,9 +41,9 @@ import onnx_ir.passes.common as common_passes
 from graph_passes.onnx._util import add_initializer, const_array, tag
 from graph_passes.onnx.moe_match import Bank, find_banks
 
-__all__ = ["FORMS", "SparseMoEFormPass", "bank_summary"]
+__all__ = ["FORMS", "FUSED_WEIGHTS", "SparseMoEFormPass", "bank_summary"]
 
-FORMS = ("gather", "grouped", "padded", "dense")
+FORMS = ("gather", "grouped", "padded", "dense", "fused")
 _I64 = np.int64
 
 
@@ -195,6 +200,43 @@ def build_padded(b: _Builder) -> ir.Value:
     return _unsort_and_gate(b, picked, order)
 
 
+MS_DOMAIN = "com.microsoft"
+FUSED_WEIGHTS = ("fused_w1", "fused_w2")  # the fused form's weights: <bank>.fused_w1 / .fused_w2
+_GATE_FLOOR = -1e30  # log-gate floor: exp(floor - max) is exactly 0, never -inf (the unselected)
+
+
+def build_fused(b: _Builder) -> ir.Value:
+    """ONE ``com.microsoft.MoE`` node per bank (ONNX Runtime's CPU kernel: rows grouped by
+    expert, one GEMM pair per non-empty expert, experts split across the intra-op threads).
+    The (token, expert) pairs are its T*E experts; the graph's own routing picks them: the
+    router input is log(gate) at the k selected flat ids t*E + e of each (row, token) and
+    -inf elsewhere, so the kernel's top-k takes exactly those k and its normalised weights are
+    gate / sum(gates); the output times sum(gates) is sum_j gate_j FFN_j(x)."""
+    bank = b.bank
+    t, e, d, h = bank.w1.shape
+    te, k = t * e, bank.top_k
+    flat = b.op("Add", bank.idx, b.const("offsets", (np.arange(t, dtype=_I64) * e)[:, None]))
+    pairs = b.const("rows_k", np.array([-1, k], dtype=_I64))
+    logg = b.op("Max", b.op("Log", bank.gates), b.const("gate_floor", np.array(_GATE_FLOOR, np.float32)))
+    rows = b.op("Slice", b.op("Shape", b.op("Reshape", flat, pairs)), b.const("s0", [0]), b.const("s1", [1]))
+    base = b.op("ConstantOfShape", b.op("Concat", rows, b.const("te", np.array([te], dtype=_I64)), axis=0),
+                value=ir.tensor(np.full(1, -np.inf, np.float32)))
+    router = b.op("ScatterElements", base, b.op("Reshape", flat, pairs), b.op("Reshape", logg, pairs), axis=1)
+    x2 = b.op("Reshape", bank.x, b.const("rows_d", np.array([-1, d], dtype=_I64)))
+    node = b.tape.op(
+        "MoE",
+        [x2, router, b.const(FUSED_WEIGHTS[0], np.ascontiguousarray(
+            bank.w1.reshape(te, d, h).transpose(0, 2, 1))),  # [T*E, H, D]: (out, in) per expert
+         b.const("fc1_bias", bank.b1.reshape(te, h)),
+         b.const(FUSED_WEIGHTS[1], np.ascontiguousarray(bank.w2.reshape(te, h, d).transpose(0, 2, 1))),
+         b.const("fc2_bias", bank.b2.reshape(te, d))],
+        {"k": k, "activation_type": "relu", "normalize_routing_weights": 1},
+        domain=MS_DOMAIN,
+    )
+    y = b.op("Reshape", node, b.op("Shape", bank.x))
+    return b.op("Mul", y, b.op("ReduceSum", bank.gates, b.const("ax_last_k", [-1]), keepdims=1))
+
+
 def _last_axis(node: ir.Node, rank: int | None) -> bool:
     """An ArgMax / ReduceMax over the last axis with keepdims=1 (ArgMax: first maximum)."""
     attrs = {k: v.value for k, v in node.attributes.items()}
@@ -290,6 +332,7 @@ _BUILD = {
     "grouped": build_grouped,
     "padded": build_padded,
     "dense": build_dense,
+    "fused": build_fused,
 }
 
 
@@ -321,6 +364,8 @@ class SparseMoEFormPass(ir.passes.InPlacePass):
             builder = _Builder(model.graph, bank, type(self).__name__)
             y = _BUILD[self.form](builder)
             model.graph.insert_before(bank.anchor, builder.finish())
+            if self.form == "fused":
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
             if bank.y in model.graph.outputs:  # the graph keeps its output's name
                 name = bank.y.name
                 bank.y.replace_all_uses_with(y, replace_graph_outputs=True)

@@ -51,7 +51,7 @@ def linear_layers(model: ir.Model, min_k: int = MIN_K, min_elements: int = 0) ->
     ``NBITS_MIN_ELEMENTS`` for ``min_elements``).
     """
     from graph_passes.onnx.moe_match import router_weights
-    from graph_passes.onnx.moe_quant import expert_tables
+    from graph_passes.onnx.moe_quant import expert_tables, fused_banks
 
     routers = router_weights(model.graph)  # kept float: int8 could flip which experts run
     names: list[str] = []
@@ -66,6 +66,10 @@ def linear_layers(model: ir.Model, min_k: int = MIN_K, min_elements: int = 0) ->
         table = node.inputs[0]
         if const_array(table).size >= min_elements and table.name not in names:
             names.append(table.name)
+    for node in fused_banks(model.graph):  # the fused form's two weights (one layer group)
+        for w in (node.inputs[2], node.inputs[4]):
+            if const_array(w).size >= min_elements and w.name not in names:
+                names.append(w.name)
     return names
 
 
@@ -92,14 +96,18 @@ def quantize_onnx(
     if canonicalize:
         canonicalize_linear(model, unroll_min_elements=min_elements)
     from graph_passes.onnx.moe_match import router_weights
-    from graph_passes.onnx.moe_quant import QuantizeExpertTablesPass
+    from graph_passes.onnx.moe_quant import QuantizeExpertTablesPass, QuantizeFusedMoEPass
 
     skip = set(skip) | router_weights(model.graph)
     tables = QuantizeExpertTablesPass(only=only, skip=skip, bits=bits)
+    # W8 only (at other bits the fused form's banks stay float)
+    fused = QuantizeFusedMoEPass(only=only, skip=skip, block_size=block_size or nbits_block_size)
     quant = QuantizeWeightsInt8Pass(
         bits=bits, block_size=block_size, skip=skip, only=only, min_elements=min_elements
     )
     passes: list[ir.passes.PassBase] = [tables, quant, common_passes.RemoveUnusedNodesPass()]
+    if bits == 8:
+        passes.insert(1, fused)
     lowering = None
     if target == "ort-cpu":
         lowering = LowerToMatMulNBitsPass(
@@ -114,7 +122,7 @@ def quantize_onnx(
         r for r in quant.refusals if not r.reason.startswith(("listed in skip", "not selected"))
     ]
     refusals += getattr(lowering, "refusals", [])
-    return QuantizeResult(model, tables.quantized + quant.quantized, refusals)
+    return QuantizeResult(model, tables.quantized + fused.quantized + quant.quantized, refusals)
 
 
 def describe(refusals: list[Refusal]) -> list[str]:

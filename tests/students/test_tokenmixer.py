@@ -138,6 +138,8 @@ def test_trt_lint_covers_the_moe_forms_and_names_the_one_a_trt_build_gets():
     for form in ("grouped", "padded"):  # data-dependent TopK K (the sort): not in TensorRT
         assert has_errors(findings[form])
         assert any("TopK" in str(f) and "build-time constant" in str(f) for f in findings[form])
+    assert has_errors(findings["fused"])  # com.microsoft.MoE: an ONNX Runtime contrib op
+    assert any("MoE" in str(f) and "contrib op" in str(f) for f in findings["fused"])
     assert trt_form(moe.banks) == "dense"  # E=4 <= 8
     assert trt_form([{**moe.banks[0], "experts": 16}]) == "gather"
 
@@ -238,3 +240,66 @@ def test_routing_rounds_fuse_into_one_topk_and_keep_the_tie_rule():
                                     providers=["CPUExecutionProvider"])
         got = sess.run(None, {"x": x.numpy()})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=form)
+
+
+def test_fused_form_w8a16_is_block_int8_qmoe_one_layer_group():
+    """W8A16 of the fused form is com.microsoft.QMoE: its uint8 weights dequantize to the
+    float weights within half a quantization step per (expert, channel, block), its output
+    is as close to fp32 as the gather form's W8A16 (within 2x) but not equal; the bank is
+    one layer group, its weight bytes are counted, and a selection naming only one of its
+    two weights leaves it float."""
+    from exporter.steps.graph_record import group_of, quantized_weights
+    from exporter.steps.quantize import group_of as select_group_of
+    from graph_passes.onnx import linear_layers, linear_weight_bytes, quantize_onnx
+    from graph_passes.onnx.moe_quant import qmoe_block_size
+
+    t, d, h, e = 2, 32, 64, 4
+    torch.manual_seed(3)
+    moe = TokenMoE(n_tokens=t, d_model=d, hidden=h, n_experts=e, top_k=2, gate="sigmoid").eval()
+    with torch.no_grad():
+        moe.experts.b1.normal_()
+        moe.experts.b2.normal_()
+    x = torch.randn(9, t, d)
+    ep = torch.export.export(moe, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    proto = export_onnx(ep, ["x"], ["y"])
+    forms = {}
+    for form in ("gather", "fused"):
+        m = ir.serde.deserialize_model(proto)
+        SparseMoEFormPass(form)(m)
+        forms[form] = m
+    fused_names = [n for n in linear_layers(forms["fused"]) if "fused_w" in n]
+    assert sorted(fused_names) == ["experts.fused_w1", "experts.fused_w2"]
+    assert {group_of(n) for n in fused_names} == {select_group_of(n) for n in fused_names} == {"experts"}
+
+    def run(m):
+        sess = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x.numpy()})[0]
+
+    fp32 = run(forms["fused"])
+    half = quantize_onnx(ir.serde.serialize_model(forms["fused"]), only=["experts.fused_w1"])
+    assert [n.op_type for n in half.model.graph if n.domain == "com.microsoft"] == ["MoE"]
+    w8 = {f: quantize_onnx(ir.serde.serialize_model(m), target="ort-cpu") for f, m in forms.items()}
+    qmoe = [n for n in w8["fused"].model.graph if n.domain == "com.microsoft"]
+    assert [n.op_type for n in qmoe] == ["QMoE"]
+    block = qmoe_block_size([d, h])
+    assert block == 32 and qmoe[0].attributes["block_size"].value == block
+    want = {1: moe.experts.w1.detach().numpy(), 2: moe.experts.w2.detach().numpy()}
+    for j, (wi, si) in enumerate(((2, 3), (5, 6)), start=1):
+        q = ir.convenience.get_const_tensor(qmoe[0].inputs[wi]).numpy().astype(np.float32) - 128
+        s = ir.convenience.get_const_tensor(qmoe[0].inputs[si]).numpy()
+        deq = (q.reshape(*s.shape, block) * s[..., None]).reshape(q.shape)  # [T*E, N, K]
+        w = want[j].reshape(t * e, *want[j].shape[2:]).transpose(0, 2, 1)  # (out, in) per expert
+        assert np.all(np.abs(deq - w) <= np.repeat(s, block, axis=-1) / 2 + 1e-7)
+    got = {f: run(r.model) for f, r in w8.items()}
+    err = {f: np.abs(g - fp32).max() for f, g in got.items()}
+    assert 1e-4 < err["fused"] <= 2 * err["gather"]  # int8 weights change the output, as much
+    written = quantized_weights(ir.serde.serialize_model(w8["fused"].model))
+    assert {w: p for w, p in written.items() if "router" not in w} == {
+        "experts.fused_w1": "int8", "experts.fused_w2": "int8"}
+    before, after = linear_weight_bytes(forms["fused"]), linear_weight_bytes(w8["fused"].model)
+    tables = 2 * t * e * d * h * 4
+    assert before["fp32"] == linear_weight_bytes(forms["gather"])["fp32"] >= tables
+    assert after["quantized_layers"] == 2 and after["quantized_layers_fp32"] == tables
+    # int8 payload + one fp32 scale per (token, expert, output channel, block of 32)
+    assert after["quantized_layers_bytes"] == 2 * t * e * d * h + 4 * t * e * (h * d + d * h) // block

@@ -26,8 +26,10 @@ from graph_passes.onnx.quantize import MIN_K
 
 def group_of(weight: str) -> str:
     """The layer group of a weight: per-token pieces ``w.t3`` belong to ``w``, and so do a
-    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight)."""
-    return re.sub(r"\.t\d+(\.e\d+)?$", "", weight)
+    grouped-form MoE bank's per-expert pieces ``w.t3.e5`` (one group per bank weight); a
+    fused-form bank's two weights ``bank.fused_w1`` / ``bank.fused_w2`` are one group ``bank``
+    (QMoE quantizes both or neither)."""
+    return re.sub(r"(\.t\d+(\.e\d+)?|\.fused_w[12])$", "", weight)
 
 
 @dataclass
