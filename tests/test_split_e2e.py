@@ -101,6 +101,29 @@ def test_rankmixer_split_hoists_encoder_target_kv_and_user_tokens(rankmixer_bund
     assert all(b["shape"][0] == "M" for b in split["boundary"])
 
 
+def test_rankmixer_group_token_mixing_runs_per_part_and_scores_like_eager(rankmixer_bundle):
+    """The group graph's token mixing (Concat of gathered user tokens and candidate tokens,
+    then Reshape / Slice / Transpose) runs per part, the user part before its Gather
+    (graph_passes.onnx.hoist_gathered); a call merging several users still scores as eager."""
+    import onnx
+
+    model, spec, out = rankmixer_bundle
+    group = onnx.load(str(out / "group.onnx"), load_external_data=False)
+    hoisted = [
+        n for n in group.graph.node
+        if any(p.key == "ugsep.pass" and p.value == "HoistGatheredConcatPass" for p in n.metadata_props)
+    ]
+    gathers = [n for n in hoisted if n.op_type == "Gather"]
+    assert gathers and any(n.op_type == "Transpose" for n in hoisted)
+    producers = {o: n.op_type for n in group.graph.node for o in n.output}
+    assert all(producers.get(g.input[0]) in ("Transpose", "Slice", "Reshape") for g in gathers)
+    scorer = runtime.load(out, backend="onnxruntime", allow_unverified=True)
+    reqs = _requests(spec, [5, 2, 4], seed=11)
+    assert not scorer.request_scoped  # fp32: one group call with user_index over 3 users
+    got = np.concatenate([r[spec.outputs[0]] for r in scorer.score_many(reqs)])
+    assert np.abs(got - _eager(model, spec, _full_rows(spec, reqs))).max() <= TOL
+
+
 @pytest.mark.parametrize("kind", ["dcn", "twotower"])
 def test_other_students_split_matches_eager_through_ort(kind, tmp_path):
     from exporter.steps.capture import capture

@@ -2,7 +2,8 @@
 backend lowering.
 
 Every exported stage, at every precision, first gets ``optimize_inference`` (per_token.py:
-per-token Einsum -> broadcast MatMul, which ONNX Runtime runs faster).
+per-token Einsum -> broadcast MatMul, which ONNX Runtime runs faster; hoist_gathered.py: the
+layout ops after a Concat of gathered user rows run per part, the user part before its Gather).
 
 The quantization pipeline, in order (see ``pipelines.quantize_onnx``):
 
@@ -26,6 +27,7 @@ from graph_passes.onnx.canonicalize import (
     canonicalize_linear,
 )
 from graph_passes.onnx.errors import PassError
+from graph_passes.onnx.hoist_gathered import HoistGatheredConcatPass
 from graph_passes.onnx.lower import Fp16ActivationsPass, LowerToMatMulNBitsPass, pack_matmul_nbits
 from graph_passes.onnx.per_token import (
     PerTokenEinsumToMatMulPass,
@@ -39,6 +41,7 @@ __all__ = [
     "PASS_KEY",
     "Fp16ActivationsPass",
     "GemmToMatMulPass",
+    "HoistGatheredConcatPass",
     "LowerToMatMulNBitsPass",
     "PassError",
     "PerTokenEinsumToMatMulPass",

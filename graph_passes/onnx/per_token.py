@@ -3,7 +3,8 @@
     per_token_plan(einsum_node)          (token axis, weight stored [T, H, D]?) or why not
     PerTokenEinsumToMatMulPass           Einsum("btd,tdh->bth", x, W) with constant W
                                          ->  Transpose(x) -> MatMul(x[T,B,D], W[T,D,H]) -> Transpose
-    optimize_inference(model)            the fp32 rewrites every exported stage gets
+    optimize_inference(model)            the fp32 rewrites every exported stage gets (these,
+                                         then hoist_gathered.HoistGatheredConcatPass)
 
 ONNX Runtime CPU runs ``Einsum`` through a generic path (its own transposes and a batched
 GEMM); the broadcast ``MatMul`` on a token-major activation is one MLAS batched GEMM, and
@@ -24,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, tag
+from graph_passes.onnx.hoist_gathered import HoistGatheredConcatPass
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,14 @@ def optimize_inference(model: ir.Model) -> ir.passes.PassResult:
     """The rewrites every exported stage gets, at every precision (in place, in order).
 
     Numerics-preserving only (fp32 in, fp32 out, same reductions up to GEMM blocking), so
-    full.onnx and the split stages are optimised alike and compared fairly. Dead code last
-    (a ``[T, H, D]`` weight replaced by its transposed copy).
+    full.onnx and the split stages are optimised alike and compared fairly: per-token
+    Einsums to MatMul, then the layout ops after a Concat of gathered user rows run per part
+    (``HoistGatheredConcatPass``: copies only; it finds nothing in full.onnx, which has no
+    Gather of user rows). Dead code last (a ``[T, H, D]`` weight replaced by its transposed
+    copy, a Gather whose part moved).
     """
     return ir.passes.Sequential(
         PerTokenEinsumToMatMulPass(),
+        HoistGatheredConcatPass(),
         common_passes.RemoveUnusedNodesPass(),
     )(model)
