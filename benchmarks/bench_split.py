@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,15 +74,27 @@ def parity(bundle: Path, loaded: LoadedModel, n: int = 16) -> float:
 
 
 def bandwidth_bound(bundle: Path, threads: int, row16: dict, flops: dict) -> dict:
-    """The user graph's weight-stream floor at M=1 and the bound it puts on the N=16 fraction."""
-    scorer = runtime.load(bundle, backend="onnxruntime", allow_unverified=True, intra_op_threads=threads)
-    u = sample_rows(scorer.spec, 1, 7)
-    feeds = {s.name: u[s.name] for s in scorer.spec.user_inputs}
-    sf = stream_floor(lambda: scorer.run_user(feeds), weight_bytes(bundle / "user.onnx"), threads)
-    bound = fraction_bound(row16, flops, sf["stream_ms"])
-    print(f"user M=1 {sf['user_m1_ms']:.2f} ms; streaming its {sf['user_weight_bytes'] / 1e6:.1f} MB of "
-          f"weights {sf['stream_ms']:.2f} ms ({sf['stream_gb_per_s']:.1f} GB/s) -> N=16 fraction <= {bound:.2f}")
-    return {"stream_floor": sf, "fraction_of_ceiling_n16_bandwidth_bound": bound}
+    """The user graph's weight-stream floor at M=1 and the bound it puts on the N=16 fraction:
+    at the benchmark's thread count, and at the user stage's own (the export's ``threads``
+    step stamps one on small-batch stages; the split runs it with that) when it differs."""
+    u = None
+    out: dict = {}
+    stage_threads = json.loads((bundle / "manifest.json").read_text()).get("stages", {}).get(
+        "user", {}).get("intra_op_threads")
+    for key, th in (("", threads), ("_at_user_stage_threads", stage_threads)):
+        if th is None or (key and th == threads):
+            continue
+        scorer = runtime.load(bundle, backend="onnxruntime", allow_unverified=True, intra_op_threads=th)
+        u = u if u is not None else sample_rows(scorer.spec, 1, 7)
+        feeds = {s.name: u[s.name] for s in scorer.spec.user_inputs}
+        sf = stream_floor(lambda s=scorer, f=feeds: s.run_user(f), weight_bytes(bundle / "user.onnx"), th)
+        bound = fraction_bound(row16, flops, sf["stream_ms"])
+        print(f"user M=1 on {th} thread(s) {sf['user_m1_ms']:.2f} ms; streaming its "
+              f"{sf['user_weight_bytes'] / 1e6:.1f} MB of weights {sf['stream_ms']:.2f} ms "
+              f"({sf['stream_gb_per_s']:.1f} GB/s) -> N=16 fraction <= {bound:.2f}")
+        out[f"stream_floor{key}"] = sf
+        out[f"fraction_of_ceiling_n16_bandwidth_bound{key}"] = bound
+    return out
 
 
 def _sgemm_s(kind: str, a, b) -> float:
@@ -157,6 +171,23 @@ def variant(loaded: LoadedModel, bundle: Path, precision: str, args, fp32_by_n: 
     return out
 
 
+def shared_pool(bundle: Path, args, ns: tuple[int, ...] = (16, 512)) -> dict:
+    """Full vs split with ONNX Runtime's process-wide pool (``ugsep bench --thread-pool
+    process``, in a process of its own: the pool is process-wide state), interleaved, medians."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "exporter.cli", "bench", str(bundle), "--n", *map(str, ns),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--seconds-per-n",
+               str(args.seconds_per_n), "--no-eager", "--thread-pool", "process",
+               "--json", f"{tmp}/b.json", "--png", f"{tmp}/b.png"]
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        res = json.loads(Path(f"{tmp}/b.json").read_text())
+    rows = {r["n"]: {k: r[k] for k in ("full_ms", "split_ms", "speedup", "ceiling", "fraction_of_ceiling")}
+            for r in res["results"]}
+    print("shared pool: " + ", ".join(f"N={n} full {r['full_ms']:.2f} ms split {r['split_ms']:.2f} ms "
+                                      f"({r['fraction_of_ceiling']:.2f} of the ceiling)" for n, r in rows.items()))
+    return {"threads": args.threads, "rows": rows, "load_average": res["load_average"]}
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -203,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         result["fraction_of_ceiling_n16"] = by_n[16]["fraction_of_ceiling"]
         result.update(bandwidth_bound(bundle, args.threads, by_n[16], result["flops"]))
     result.update(group_vs_sgemm(bundle, args.threads, result["flops"]["group_per_row"]))
+    result["shared_thread_pool"] = shared_pool(bundle, args)
+    if 16 in result["shared_thread_pool"]["rows"]:
+        result["fraction_of_ceiling_n16_shared_thread_pool"] = (
+            result["shared_thread_pool"]["rows"][16]["fraction_of_ceiling"])
     result["variants"] = {}
     for precision in filter(None, args.also.split(",")):
         result["variants"][precision] = variant(loaded, Path(args.work) / f"bundle-{precision}", precision,

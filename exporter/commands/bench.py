@@ -46,10 +46,13 @@ def run_bench(
     eager: Any = None,
     seed: int = 0,
     trust: tuple[str, ...] | list[str] = (),
+    thread_pool: str = "session",
 ) -> dict[str, Any]:
     """Benchmark ``bundle``; ``eager`` is the nn.Module (or "auto": rebuild from the manifest,
-    importing its factory only from ``trust``-ed modules)."""
-    variants = _variants(bundle, threads, eager, trust)
+    importing its factory only from ``trust``-ed modules). ``thread_pool="process"``: full and
+    split share ONNX Runtime's process-wide pool (runtime/backends/ort.py; process-wide state:
+    run it in a process of its own)."""
+    variants = _variants(bundle, threads, eager, trust, thread_pool)
     spec = variants["split"][0].spec if "split" in variants else variants["full"][0].spec
     calls = {n: _calls(variants, spec, n, seed) for n in ns}
     eager_threads = _best_eager_threads(calls[max(ns)].get("eager"), threads)
@@ -57,6 +60,7 @@ def run_bench(
     samples = _measure(calls, repeats, seconds_per_n, seed)
     manifest = next(iter(variants.values()))[0].manifest
     result = _summarise(samples, manifest, threads, str(bundle))
+    result["thread_pool"] = thread_pool
     # a shared machine: say how busy it was, so the numbers can be read in context
     result["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}
     if eager_threads is not None:
@@ -68,17 +72,13 @@ def run_bench(
     return result
 
 
-def _variants(bundle, threads: int, eager, trust=()) -> dict[str, tuple[Any, Any]]:
+def _variants(bundle, threads: int, eager, trust=(), thread_pool: str = "session") -> dict[str, tuple[Any, Any]]:
     """name -> (scorer or None, callable factory)."""
-    full = runtime.load(
-        bundle, backend="onnxruntime", allow_unverified=True, use_split=False, intra_op_threads=threads
-    )
+    opts = {"intra_op_threads": threads, **({"thread_pool": thread_pool} if thread_pool != "session" else {})}
+    full = runtime.load(bundle, backend="onnxruntime", allow_unverified=True, use_split=False, **opts)
     out: dict[str, tuple[Any, Any]] = {"full": (full, None)}
     if full.manifest.is_split:
-        out["split"] = (
-            runtime.load(bundle, backend="onnxruntime", allow_unverified=True, intra_op_threads=threads),
-            None,
-        )
+        out["split"] = (runtime.load(bundle, backend="onnxruntime", allow_unverified=True, **opts), None)
     else:
         log.warning("bundle '%s' is not split: only full (and eager) are measured", bundle)
     model = _eager_model(full.manifest, trust) if eager == "auto" else eager
@@ -249,6 +249,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="max repeats per (variant, N)")
     p.add_argument("--seconds-per-n", type=float, default=20.0, help="time budget per N")
     p.add_argument("--no-eager", action="store_true", help="skip eager PyTorch")
+    p.add_argument("--thread-pool", choices=("session", "process"), default="session",
+                   help="ONNX Runtime intra-op pools: one per session (default, as served by "
+                   "default) or one shared by full and split (ugsep serve --thread-pool process)")
     from exporter.cli import add_trust_argument
 
     add_trust_argument(p)
@@ -270,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         out_png=args.png,
         eager=None if args.no_eager else "auto",
         trust=args.trust_module,
+        thread_pool=args.thread_pool,
     )
     print_table(result)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -31,6 +32,43 @@ def _no_gpu_reason() -> str | None:
     if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return "the NVIDIA driver reports no usable GPU (cuInit/cuDeviceGetCount failed)"
     return None if count.value > 0 else "the NVIDIA driver reports 0 GPUs"
+
+
+THREAD_POOLS = ("session", "process")
+_process_pool: dict[str, int] = {}  # {"threads": n} once this process's shared pool exists
+
+
+def process_thread_pool(threads: int | None) -> int:
+    """Create (once per process) ONNX Runtime's process-wide intra-op thread pool that every
+    session opened with ``thread_pool="process"`` shares; returns its size.
+
+    Why: a split bundle runs its user and group sessions back to back. With a pool per
+    session, idle workers must not spin (they would steal the cores the other session is
+    running on: ``allow_spinning`` below), so every parallel node of a small-batch graph pays
+    a thread wake-up. One shared pool can spin (ORT's default for it) without stealing from a
+    sibling session. Measured on the ``bench`` RankMixer, 2 threads (docs/split-efficiency.md):
+    split at N=16 ~0.65x the time, full graph ~0.68x, N=512 ~0.9x. The pool is the
+    process's: its size is fixed at first use, and sessions cannot have their own thread
+    counts (the manifest's per-stage ``intra_op_threads`` does not apply)."""
+    want = threads or (os.cpu_count() or 1)
+    have = _process_pool.get("threads")
+    if have is None:
+        try:
+            _ort().capi._pybind_state.set_global_thread_pool_sizes(want, 1)
+        except Exception as e:  # noqa: BLE001 - ORT raises a plain RuntimeError / Fail
+            raise BackendUnavailableError(
+                "cannot create ONNX Runtime's process-wide thread pool in this process "
+                f"(another library created it first?): {e}"
+            ) from e
+        _process_pool["threads"] = want
+        return want
+    if have != want:
+        raise BackendUnavailableError(
+            f"this process's shared ONNX Runtime thread pool has {have} intra-op threads; "
+            f"a backend asked for {want}: use one thread count per process with "
+            "thread_pool='process'"
+        )
+    return have
 
 
 def capped_threads(threads: int | None, cap: int | None) -> int | None:
@@ -78,6 +116,7 @@ class OrtBackend:
         allow_spinning: bool = False,
         disabled_optimizers: tuple[str, ...] | None = None,
         stage_threads: bool = True,
+        thread_pool: str = "session",
     ) -> None:
         """``allow_spinning`` (default off): ORT's idle intra-op threads busy-wait for work.
         A split bundle runs two sessions back to back, each with its own pool, so on a small
@@ -86,7 +125,14 @@ class OrtBackend:
         single session on dedicated cores. ``stage_threads`` (default on): run a stage whose
         manifest entry has ``intra_op_threads`` on at most that many threads (the export
         timed the small-batch stages faster on fewer threads than they are served with).
+        ``thread_pool``: ``"session"`` (default) gives each session its own intra-op pool;
+        ``"process"`` shares one spinning pool of ``intra_op_threads`` across every session of
+        the process (``process_thread_pool``; ``stage_threads`` and ``allow_spinning`` then do
+        not apply).
         """
+        if thread_pool not in THREAD_POOLS:
+            raise ValueError(f"thread_pool must be one of {THREAD_POOLS}, got {thread_pool!r}")
+        self.thread_pool = thread_pool
         self.stage_threads = stage_threads
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -116,7 +162,15 @@ class OrtBackend:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = capped_threads(self.intra_op_threads, max_threads)
-        if threads:
+        if self.thread_pool == "process":
+            process_thread_pool(self.intra_op_threads)
+            so.use_per_session_threads = False
+        elif "threads" in _process_pool:
+            raise BackendUnavailableError(
+                "this process shares one ONNX Runtime thread pool (thread_pool='process'), "
+                "so every session must use it: open this one with thread_pool='process' too"
+            )
+        elif threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = self.inter_op_threads
         so.log_severity_level = 3

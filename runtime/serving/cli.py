@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve KServe v2 over gRPC on this port, same --host (default: off; Triton uses 8001)")
     p.add_argument("--backend", default=d.backend, help="onnxruntime, ort-cuda, ort-tensorrt, tensorrt or auto")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per graph (default: backend's)")
+    p.add_argument("--thread-pool", choices=("session", "process"), default=d.thread_pool,
+                   help="ONNX Runtime CPU: an intra-op pool per session (default), or one spinning "
+                   "pool of --threads shared by every graph of the process (faster at small "
+                   "batches with --threads >= 2; docs/serving.md)")
     p.add_argument("--allow-unverified", action="store_true", help="serve bundles without a passed parity record")
     p.add_argument("--no-split", action="store_true", help="serve full.onnx even when the bundle is split")
     p.add_argument("--cache-mb", type=float, default=d.cache_bytes / MB, help="user cache bound in MiB (0: off)")
@@ -85,7 +89,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
     token = _token("--token-env", args.token_env)
     return ServeOptions(
         backend=args.backend, allow_unverified=args.allow_unverified, use_split=not args.no_split,
-        intra_op_threads=args.threads, cache_bytes=int(args.cache_mb * MB), cache_ttl_s=args.cache_ttl,
+        intra_op_threads=args.threads, thread_pool=args.thread_pool, cache_bytes=int(args.cache_mb * MB), cache_ttl_s=args.cache_ttl,
         max_queue=args.max_queue, max_delay_ms=args.max_delay_ms,
         max_batch_candidates=args.max_batch_candidates, group_chunk_candidates=args.group_chunk,
         workers=args.workers,

@@ -39,6 +39,7 @@ class ServeOptions:
     allow_unverified: bool = False
     use_split: bool = True
     intra_op_threads: int | None = None
+    thread_pool: str = "session"  # ORT: "process" shares one spinning pool (runtime/backends/ort.py)
     cache_bytes: int = 64 << 20
     cache_ttl_s: float = 300.0
     max_queue: int = 512
@@ -107,6 +108,8 @@ class ServedModel:
 def load_model(path: str | Path, options: ServeOptions, version: str = "1") -> ServedModel:
     """Open, verify, warm up (blocking): the model is ready to serve when this returns."""
     backend_opts = {"intra_op_threads": options.intra_op_threads} if options.intra_op_threads else {}
+    if options.thread_pool != "session":
+        backend_opts["thread_pool"] = options.thread_pool
     scorer = runtime.load(
         path, options.backend, allow_unverified=options.allow_unverified,
         use_split=options.use_split, verify=options.verify,

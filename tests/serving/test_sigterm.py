@@ -50,15 +50,25 @@ def _wait_accepted(url: str, n: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"the server did not receive {n} requests")
 
 
-def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
+def start_server(bundle, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``python -m runtime.serving BUNDLE FLAGS`` on a free loopback port, ready; (process, url)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "runtime.serving", str(split_bundle), "--port", str(port),
-           "--max-delay-ms", "3000", "--latency-budget-ms", "600000", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "runtime.serving", str(bundle), "--port", str(port), *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def test_sigterm_drains_in_flight_requests(split_bundle, scorer):
+    proc, url = start_server(split_bundle, "--max-delay-ms", "3000", "--latency-budget-ms", "600000",
+                             "--log-level", "warning")
+    try:
         reqs = [make_request(i, 5) for i in range(6)]
         with cf.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, f"{url}/v2/models/toysplit/infer",
