@@ -202,10 +202,13 @@ def _scopes(props: dict[str, str]) -> list[str]:
     return scopes if len(scopes) >= 2 else []
 
 
-def match(ref: list[RefNode], values: list[OnnxValue]) -> dict[str, OnnxValue]:
-    """Reference node name -> ONNX value (see the module docstring for the rules)."""
+def match(ref: list[RefNode], values: list[OnnxValue], by_name: bool = True) -> dict[str, OnnxValue]:
+    """Reference node name -> ONNX value (see the module docstring for the rules).
+    ``by_name=False``: the graphs were exported from a rewritten program whose FX names
+    need not be the reference's (embedding tables cut out for the store renumber nodes), so
+    only the structural rule applies."""
     matched: dict[str, OnnxValue] = {}
-    by_name = {r.name: r for r in ref}
+    by_name = {r.name: r for r in ref} if by_name else {}
     for v in values:
         r = by_name.get(v.fx_name)
         if r is not None and (r.path, r.target) == (v.path, v.target):
@@ -231,7 +234,7 @@ def first_divergence(ref: list[RefNode], got: dict[str, Any], where, tol: float)
     its RMS (``rms_error``; near-zero tensors are measured against the graph's typical scale).
     A view-like op cannot make an error, only show one: the blame goes to the op that made
     its input (``seen_at`` names the view the error was measured on)."""
-    pairs = match(ref, got["values"])
+    pairs = match(ref, got["values"], by_name=got.get("same_names", True))
     floor = FLOOR_SHARE * _typical_rms(ref)
     compared, last_ok = 0, None
     agreeing: dict[str, set[str]] = defaultdict(set)
@@ -379,10 +382,28 @@ def _run_with_values(model: onnx.ModelProto, graph: str, feeds: Rows):
     return values, {(graph, k): a for k, a in zip(names, outs, strict=True)}
 
 
+def _has_store(bundle: Bundle) -> bool:
+    sec = bundle.manifest.embeddings
+    return bool(sec and sec.lookups)
+
+
+def _with_store(bundle: Bundle, rows: Rows, side: str) -> Rows:
+    """``rows`` plus the bundle's embedding-store lookups of ``side`` (the graphs take the
+    gathered rows, not the ids, for tables that left them); copies, as the store reuses its
+    buffers between calls."""
+    from runtime.embstore import StoreFeeds
+
+    store = StoreFeeds.for_bundle(bundle)
+    if store is None:
+        return rows
+    return {k: np.array(v) for k, v in store.feeds(rows, side).items()}
+
+
 def _run_full(bundle: Bundle, rows: Rows):
     model = onnx.load(str(bundle.stage_path("full")))
-    values, arrays = _run_with_values(model, "full.onnx", rows)
-    got = {"values": values, "arrays": arrays, "models": {"full.onnx": model}}
+    values, arrays = _run_with_values(model, "full.onnx", _with_store(bundle, rows, "both"))
+    got = {"values": values, "arrays": arrays, "models": {"full.onnx": model},
+           "same_names": not _has_store(bundle)}
     return got, {"m": None, "user_index": None}
 
 
@@ -390,12 +411,13 @@ def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows, stage: str = "grou
     users, user_index = user_rows(spec, rows)
     user = onnx.load(str(bundle.stage_path("user")))
     group = onnx.load(str(bundle.stage_path(stage)))
-    uv, ua = _run_with_values(user, "user.onnx", users)
+    uv, ua = _run_with_values(user, "user.onnx", _with_store(bundle, users, "user"))
     boundary = {k: a for (_, k), a in ua.items()}
-    feeds = {**rows, **boundary, USER_INDEX: user_index}
+    feeds = {**_with_store(bundle, rows, "group"), **boundary, USER_INDEX: user_index}
     gname = f"{stage}.onnx"
     gv, ga = _run_with_values(group, gname, feeds)
     m = len(next(iter(users.values())))
     models = {"user.onnx": user, gname: group}
-    got = {"values": uv + gv, "arrays": {**ga, **ua}, "models": models}
+    got = {"values": uv + gv, "arrays": {**ga, **ua}, "models": models,
+           "same_names": not _has_store(bundle)}
     return got, {"m": m, "user_index": user_index}
