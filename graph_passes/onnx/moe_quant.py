@@ -62,20 +62,33 @@ def quantize_table(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray
     return q, scale
 
 
-class QuantizeExpertTablesPass(ir.passes.InPlacePass):
+class _SelectedWeightsPass(ir.passes.InPlacePass):
+    """A pass that quantizes the weights a selection names: all (``only`` None) or those in
+    ``only``, never those in ``skip``; ``quantized`` lists (weight, node) after a call."""
+
+    def __init__(self, only: Iterable[str] | None = None, skip: Iterable[str] = ()):
+        super().__init__()
+        self.only = None if only is None else set(only)
+        self.skip = set(skip)
+        self.quantized: list[tuple[str, str]] = []
+
+    def selected(self, names: Iterable[str]) -> bool:
+        """Whether every weight in ``names`` is to be quantized."""
+        return all(n not in self.skip and (self.only is None or n in self.only) for n in names)
+
+
+class QuantizeExpertTablesPass(_SelectedWeightsPass):
     """Quantize every gather-form expert table (or those in ``only``, never those in ``skip``)."""
 
     def __init__(self, only: Iterable[str] | None = None, skip: Iterable[str] = (), bits: int = 8):
-        super().__init__()
-        self.only = None if only is None else set(only)
-        self.skip, self.bits = set(skip), bits
-        self.quantized: list[tuple[str, str]] = []
+        super().__init__(only, skip)
+        self.bits = bits
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.quantized = []
         for node in expert_tables(model.graph):
             name = node.inputs[0].name
-            if name in self.skip or (self.only is not None and name not in self.only):
+            if not self.selected([name]):
                 continue
             uses = list(node.outputs[0].uses())
             if len(uses) != 1 or uses[0].node.op_type != "MatMul" or uses[0].idx != 1:
@@ -137,24 +150,20 @@ def quantize_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
     return q.astype(np.uint8).reshape(e, n, k), (scale[..., 0] if block_size == 0 else scale)
 
 
-class QuantizeFusedMoEPass(ir.passes.InPlacePass):
+class QuantizeFusedMoEPass(_SelectedWeightsPass):
     """Lower every fused-form MoE node to QMoE with int8 weights (``quantize_blocks``). A bank
     is quantized when neither weight is in ``skip`` and (``only`` None or) both are in
     ``only``: QMoE cannot keep one of them float."""
 
     def __init__(self, only: Iterable[str] | None = None, skip: Iterable[str] = (), block_size: int = 128):
-        super().__init__()
-        self.only = None if only is None else set(only)
-        self.skip, self.block_size = set(skip), block_size
-        self.quantized: list[tuple[str, str]] = []
+        super().__init__(only, skip)
+        self.block_size = block_size
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.quantized = []
         for node in fused_banks(model.graph):
             names = [node.inputs[i].name for i in (2, 4)]
-            if any(n in self.skip for n in names) or (
-                self.only is not None and not all(n in self.only for n in names)
-            ):
+            if not self.selected(names):
                 continue
             self._rewrite(model.graph, node, names)
             self.quantized += [(n, node_name(node)) for n in names]

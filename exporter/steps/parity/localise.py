@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from exporter.evaluate.stages import Rows, user_rows
 from exporter.steps.capture import capture, to_torch_inputs
 from runtime.bundle import Bundle
+from runtime.embstore import StoreFeeds
 from runtime.manifest import SMALL_GROUP
 from runtime.scorer import USER_INDEX
 from runtime.spec import FeatureSpec
@@ -382,42 +383,36 @@ def _run_with_values(model: onnx.ModelProto, graph: str, feeds: Rows):
     return values, {(graph, k): a for k, a in zip(names, outs, strict=True)}
 
 
-def _has_store(bundle: Bundle) -> bool:
-    sec = bundle.manifest.embeddings
-    return bool(sec and sec.lookups)
-
-
-def _with_store(bundle: Bundle, rows: Rows, side: str) -> Rows:
-    """``rows`` plus the bundle's embedding-store lookups of ``side`` (the graphs take the
-    gathered rows, not the ids, for tables that left them); copies, as the store reuses its
-    buffers between calls."""
-    from runtime.embstore import StoreFeeds
-
-    store = StoreFeeds.for_bundle(bundle)
+def _with_store(store, rows: Rows, side: str) -> Rows:
+    """``rows`` plus the embedding-store lookups of ``side`` (the graphs take the gathered
+    rows, not the ids, for tables that left them; ``store`` None: unchanged); copies, as the
+    store reuses its buffers between calls."""
     if store is None:
         return rows
     return {k: np.array(v) for k, v in store.feeds(rows, side).items()}
 
 
 def _run_full(bundle: Bundle, rows: Rows):
+    store = StoreFeeds.for_bundle(bundle)
     model = onnx.load(str(bundle.stage_path("full")))
-    values, arrays = _run_with_values(model, "full.onnx", _with_store(bundle, rows, "both"))
+    values, arrays = _run_with_values(model, "full.onnx", _with_store(store, rows, "both"))
     got = {"values": values, "arrays": arrays, "models": {"full.onnx": model},
-           "same_names": not _has_store(bundle)}
+           "same_names": store is None}
     return got, {"m": None, "user_index": None}
 
 
 def _run_split(bundle: Bundle, spec: FeatureSpec, rows: Rows, stage: str = "group"):
     users, user_index = user_rows(spec, rows)
+    store = StoreFeeds.for_bundle(bundle)
     user = onnx.load(str(bundle.stage_path("user")))
     group = onnx.load(str(bundle.stage_path(stage)))
-    uv, ua = _run_with_values(user, "user.onnx", _with_store(bundle, users, "user"))
+    uv, ua = _run_with_values(user, "user.onnx", _with_store(store, users, "user"))
     boundary = {k: a for (_, k), a in ua.items()}
-    feeds = {**_with_store(bundle, rows, "group"), **boundary, USER_INDEX: user_index}
+    feeds = {**_with_store(store, rows, "group"), **boundary, USER_INDEX: user_index}
     gname = f"{stage}.onnx"
     gv, ga = _run_with_values(group, gname, feeds)
     m = len(next(iter(users.values())))
     models = {"user.onnx": user, gname: group}
     got = {"values": uv + gv, "arrays": {**ga, **ua}, "models": models,
-           "same_names": not _has_store(bundle)}
+           "same_names": store is None}
     return got, {"m": m, "user_index": user_index}
