@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "cpu": _cpu(),
+        "cpu_features": _cpu_features(),
         "configs": configs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: result[k] for k in ("dense_over_sparse_e16_k2_n200", "w8_over_fp32_user_m1",
                                               "loadavg_after")}))
     return 0
+
+
+def _cpu_features() -> dict:
+    from exporter.timing import cpu_summary
+
+    return cpu_summary()
 
 
 def _cpu() -> str:

@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.timing import cpu_summary  # noqa: E402
 from runtime.sample import sample_input  # noqa: E402
 from runtime.serving.protocol import HEADER_LENGTH, kserve_datatype  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
@@ -423,7 +424,7 @@ def main(argv=None) -> int:
         "duration_s": args.duration, "max_requests": args.max_requests, "rounds": args.rounds,
         "flops": flops, "flop_ceiling_split": (n * (u + g) / (u + n * g)) if u and g else None,
         "flop_ceiling_cached": ((u + g) / g) if u and g else None,
-        "ugsep_cache_at_end": cache, "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+        "ugsep_cache_at_end": cache, "machine": {"cpus": os.cpu_count(), "cpu": cpu_summary(), "load_avg": os.getloadavg(),
                                                  "load_avg_start": load_start,
                                                  "load_avg_1min_over_segments": [min(loads), float(np.median(loads)),
                                                                                  max(loads)],

@@ -44,6 +44,7 @@ from exporter.commands.bench import DEFAULT_NS, print_table, run_bench  # noqa: 
 from exporter.load import LoadedModel, load_student  # noqa: E402
 from exporter.pipeline import ExportOptions, export_bundle  # noqa: E402
 from exporter.steps.capture import to_torch_inputs  # noqa: E402
+from exporter.timing import cpu_summary  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         result["variants"][precision] = variant(loaded, Path(args.work) / f"bundle-{precision}", precision,
                                                 args, by_n, result["flops"])
     result["load_average"]["end"] = os.getloadavg()
+    result["cpu"] = cpu_summary()  # w8a8's figures depend on its int8 dot product (VNNI or not)
     (out / "bench_split.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     return 0

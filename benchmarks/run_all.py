@@ -126,7 +126,8 @@ def summarise_split(d: dict) -> dict:
         }
         for r in d["results"]
     }
-    return {"threads": d["threads"], "load_average": d["load_average"], "per_n": rows}
+    return {"threads": d["threads"], "load_average": d["load_average"], "per_n": rows,
+            "cpu": d.get("cpu")}
 
 
 def _bytes_ratio(stages: dict) -> float:
@@ -187,6 +188,7 @@ def summarise_serve(d: dict) -> dict:
         "flop_ceiling_split": d["flop_ceiling_split"],
         "cache_hit_ratio": d["ugsep_cache_at_end"].get("ugsep_cache_hit_ratio"),
         "vs_eager": per,
+        "cpu": d.get("machine", {}).get("cpu"),
     }
 
 
@@ -312,8 +314,16 @@ def _md_split(s: dict) -> list[str]:
     load = s["load_average"]
     return lines + [
         "",
-        f"ORT CPU, {s['threads']} threads; load average {load['before']:.1f} → {load['after']:.1f}.",
+        f"ORT CPU, {s['threads']} threads; load average {load['before']:.1f} → {load['after']:.1f}."
+        + _cpu_note(s.get("cpu")),
     ]
+
+
+def _cpu_note(cpu: dict | None) -> str:
+    """' CPU: AMD EPYC (avx512, int8 dot product avx512_vnni).' — w8a8 figures depend on it."""
+    if not cpu:
+        return ""
+    return f" CPU: {cpu['name']} ({cpu['simd']}, int8 dot product {cpu['int8_dot'] or 'none'})."
 
 
 def _threads(chosen: dict | None) -> str:
@@ -380,7 +390,7 @@ def _md_serve(s: dict) -> list[str]:
     return _ratio_table(s["vs_eager"], "eager") + [
         "",
         f"{s['student']}, N={s['candidates']}; FLOP ceiling of the split {_x(s['flop_ceiling_split'])}; "
-        f"user-cache hit ratio {_x(s['cache_hit_ratio'], '.0%', '')}.",
+        f"user-cache hit ratio {_x(s['cache_hit_ratio'], '.0%', '')}." + _cpu_note(s.get("cpu")),
     ]
 
 

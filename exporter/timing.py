@@ -36,7 +36,6 @@ configuration's median and ratio to fp32) goes into ``manifest.quantization.spee
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -65,25 +64,8 @@ class Config:
     threads: int | None = None  # intra-op threads for this config; None: the timing call's
 
 
-def _cpuinfo(key: str) -> str | None:
-    """The first ``key`` line's value in ``/proc/cpuinfo`` (None when absent or unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU feature flags (empty when ``/proc/cpuinfo`` says none)."""
-    return (_cpuinfo("flags") or "").split()
+# the CPU reading lives in the runtime (it never imports the exporter); re-exported here
+from runtime.cpu import cpu_flags, cpu_name, cpu_summary  # noqa: E402,F401
 
 
 def stage_batch(stage: str) -> int:

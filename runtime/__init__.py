@@ -78,6 +78,12 @@ def load(
     be = resolve_backend(backend, bundle, **backend_options)
     if backend == "auto":
         log.info("backend auto picked '%s' for bundle '%s'", be.name, bundle.root)
+    if be.name == "onnxruntime":
+        from runtime.cpu import int8_saturation_warning
+
+        warning = int8_saturation_warning(bundle.manifest.quantization)
+        if warning:
+            log.warning("bundle '%s': %s", bundle.root, warning)
     store = None
     if embeddings:
         from runtime.redis_tier.store import RedisStore

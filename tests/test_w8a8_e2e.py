@@ -100,6 +100,13 @@ def test_w8a8_export_passes_parity_and_records_the_choice(trained, bundle, capsy
     shown = capsys.readouterr()
     text = shown.out + shown.err
     assert "w8a8 per stage:" in text and "group w8a8" in text
+    # the export CPU's int8 path is recorded with the weight bits it decided, and shown
+    from graph_passes.onnx.w8a8 import weight_bits_for_cpu
+    from runtime.cpu import cpu_flags, cpu_summary
+
+    assert q["scheme"]["int8_dot"] == cpu_summary()["int8_dot"]
+    assert q["scheme"]["weight_bits"] == weight_bits_for_cpu(cpu_flags())
+    assert "int8 dot product:" in text
 
 
 def test_served_w8a8_scores_equal_the_python_api(bundle):
@@ -150,3 +157,32 @@ def test_w8a8_for_tensorrt_is_refused_in_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "precision w8a8 runs ONNX Runtime CPU's DynamicQuantizeMatMul" in err
     assert "Traceback" not in err and not (out / "manifest.json").exists()
+
+
+AVX2_ONLY = ["sse4_2", "avx", "avx2", "fma"]  # x86-64 without an int8 dot product (Zen 3)
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_8bit_weights_on_a_cpu_without_vnni_are_named_at_load(bundle, bits, tmp_path, monkeypatch,
+                                                              caplog):
+    """The export picks 8-bit weights on a VNNI CPU; served where u8s8 runs vpmaddubsw they can
+    saturate int16 sums, so loading says so (7-bit weights, the non-VNNI choice, load quietly)."""
+    import logging
+    import shutil
+
+    import runtime.cpu as cpu
+    from runtime.manifest import Quantization
+
+    bundle = shutil.copytree(bundle, tmp_path / "b")
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["quantization"]["scheme"]["weight_bits"] = bits
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    q = Quantization.from_dict(data["quantization"], "test")
+    assert (cpu.int8_saturation_warning(q, AVX2_ONLY) is not None) == (bits == 8)
+    assert cpu.int8_saturation_warning(q, AVX2_ONLY + ["avx512f", "avx512_vnni"]) is None
+    assert cpu.int8_saturation_warning(q, ["fp", "asimd", "asimddp"]) is None  # Arm: sdot/udot
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX2_ONLY)  # serve "on" a Zen 3
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        runtime.load(bundle, "onnxruntime", allow_unverified=True)
+    assert ("can saturate" in caplog.text) == (bits == 8), caplog.text

@@ -164,7 +164,9 @@ def _print_w8a8_scheme(q) -> None:
         return
     parts = [f"{s} {r['scheme']} ({r['layers']} layer(s), {r['kernel'].split(' (')[0]})" for s, r in stages.items()]
     bits = q.scheme.get("weight_bits")
-    console.print(f"w8a8 per stage: {'; '.join(parts)}; weights int8 ({bits}-bit range)")
+    dot = q.scheme.get("int8_dot", "?")  # "?": a bundle written before it was recorded
+    console.print(f"w8a8 per stage: {'; '.join(parts)}; weights int8 ({bits}-bit range; export "
+                  f"CPU's int8 dot product: {dot or 'none, u8s8 via vpmaddubsw'})")
 
 
 def _print_layout(optimize: Optimize | None) -> None:

@@ -102,3 +102,17 @@ def test_weight_bits_for_cpu():
     assert weight_bits_for_cpu(["avx2", "avx512f", "avx512_vnni"]) == 8
     assert weight_bits_for_cpu(["avx2", "avx_vnni"]) == 8
     assert weight_bits_for_cpu(["fp", "asimd", "asimddp"]) == 8  # Arm
+
+
+def test_cpu_summary_names_the_int8_path_the_figures_depend_on():
+    from exporter.timing import cpu_summary
+
+    zen3 = ["sse4_2", "avx", "avx2", "fma"]
+    zen4 = zen3 + ["avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]
+    assert cpu_summary("Zen 3", zen3) == {"name": "Zen 3", "simd": "avx2", "int8_dot": None, "bf16": False}
+    assert cpu_summary("Zen 4", zen4) == {"name": "Zen 4", "simd": "avx512", "int8_dot": "avx512_vnni",
+                                          "bf16": True}
+    assert cpu_summary("Alder Lake", zen3 + ["avx_vnni"])["int8_dot"] == "avx_vnni"
+    # the same flags decide w8a8's weight bits: no int8 dot product -> 7-bit weights
+    assert (cpu_summary("z", zen3)["int8_dot"] is None) == (weight_bits_for_cpu(zen3) == 7)
+    assert cpu_summary("here")["name"] == "here"  # this machine's flags, any CPU

@@ -206,7 +206,10 @@ def quantize_w8a8(stages: dict[str, onnx.ModelProto], spec: Any, *, calibration=
                       if weight_bits == 7 else ""),
                    "activations": "w8a8: uint8 asymmetric per tensor, computed per call; "
                    "w8a16: int8 blocks inside MatMulNBits (accuracy_level 4)",
-                   "weight_bits": weight_bits, "target": "ort-cpu"},
+                   "weight_bits": weight_bits, "target": "ort-cpu",
+                   # the export CPU's int8 dot product decided weight_bits; runtime.load warns
+                   # when 8-bit weights are served where u8s8 can saturate (runtime/cpu.py)
+                   "int8_dot": timing.cpu_summary()["int8_dot"]},
         "passes": ["canonicalize_linear", "DynamicQuantizeMatMulPass | QuantizeWeightsInt8Pass+LowerToMatMulNBitsPass"],
         "budget": limits if runner else None,
         "selection_limits": select_limits if runner else None,
