@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from graph_passes.onnx._util import Refusal, add_initializer, const_array, node_name, tag
 from graph_passes.onnx.quantize import MIN_K, quantize_weight, weight_refusal
+from runtime.cpu import saturates_8bit_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,12 @@ KERNEL = "DynamicQuantizeMatMul"
 
 
 def weight_bits_for_cpu(flags: Iterable[str]) -> int:
-    """8 when the CPU has a VNNI int8 dot product (or is not x86-64), else 7 (reduce range).
+    """8 when the CPU has an int8 dot product (VNNI) or is not x86-64, else 7 (reduce range).
 
     ``flags``: the CPU's feature flags (``/proc/cpuinfo`` "flags" on Linux; the caller reads
-    them, this module does no I/O). x86-64 is recognised by ``avx2``/``sse4_2`` in them."""
-    f = set(flags)
-    if not f & {"avx2", "sse4_2", "avx"}:
-        return 8  # not x86-64 (e.g. Arm: sdot/udot, no saturating 16-bit step)
-    return 8 if f & {"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"} else 7
+    them, this module does no I/O). The rule is ``runtime.cpu.saturates_8bit_weights``, the
+    same one the runtime uses to warn when 8-bit weights are served where they can saturate."""
+    return 7 if saturates_8bit_weights(flags) else 8
 
 
 class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
