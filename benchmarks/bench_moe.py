@@ -40,6 +40,7 @@ from exporter.steps.capture import capture  # noqa: E402
 from exporter.steps.moe_form import apply_form  # noqa: E402
 from exporter.steps.optimize import optimize_stage  # noqa: E402
 from exporter.steps.split import split_to_onnx  # noqa: E402
+from runtime.cpu import cpu_summary  # noqa: E402
 from runtime.sample import sample_rows  # noqa: E402
 from runtime.spec import FeatureSpec  # noqa: E402
 
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_m1": args.rounds * 10,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "cpu": _cpu(),
-        "cpu_features": _cpu_features(),
+        "cpu": cpu_summary()["name"],
+        "cpu_features": cpu_summary(),
         "configs": configs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -213,18 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: result[k] for k in ("dense_over_sparse_e16_k2_n200", "w8_over_fp32_user_m1",
                                               "loadavg_after")}))
     return 0
-
-
-def _cpu_features() -> dict:
-    from exporter.timing import cpu_summary
-
-    return cpu_summary()
-
-
-def _cpu() -> str:
-    from exporter.timing import cpu_name
-
-    return cpu_name()
 
 
 if __name__ == "__main__":

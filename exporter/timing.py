@@ -44,6 +44,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+# the CPU reading lives in the runtime (it never imports the exporter); re-exported here
+from runtime.cpu import cpu_flags, cpu_name, cpu_summary  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 TUNE_CANDIDATES = 256
@@ -62,10 +65,6 @@ class Config:
     quantized_elements: int = 0
     layers: int = 0
     threads: int | None = None  # intra-op threads for this config; None: the timing call's
-
-
-# the CPU reading lives in the runtime (it never imports the exporter); re-exported here
-from runtime.cpu import cpu_flags, cpu_name, cpu_summary  # noqa: E402,F401
 
 
 def stage_batch(stage: str) -> int:

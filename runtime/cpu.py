@@ -13,7 +13,9 @@ import platform
 from collections.abc import Iterable
 from typing import Any
 
-INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+# int8 dot-product flags, in the order cpu_summary reports them (Linux spells them with an
+# underscore; the unspaced spellings are other tools')
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni", "avxvnni")
 
 
 def _cpuinfo(key: str) -> str | None:
@@ -53,7 +55,7 @@ def cpu_summary(name: str | None = None, flags: Iterable[str] | None = None) -> 
 def saturates_8bit_weights(flags: Iterable[str]) -> bool:
     """True on x86-64 without an int8 dot product (u8s8 GEMM via ``vpmaddubsw``)."""
     f = set(flags)
-    return bool(f & {"avx2", "sse4_2", "avx"}) and not f & {*INT8_DOT, "avxvnni", "avx512vnni"}
+    return bool(f & {"avx2", "sse4_2", "avx"}) and not f.intersection(INT8_DOT)
 
 
 def int8_saturation_warning(quantization: Any, flags: Iterable[str] | None = None) -> str | None:
