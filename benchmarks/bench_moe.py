@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(bench_config(e, k, args.threads, args.rounds, args.user_threads))
             print(json.dumps({x: configs[-1][x] for x in ("user_m1_ms", "group_n200_ms")}), flush=True)
     head = next((c for c in configs if (c["experts"], c["top_k"]) == (16, 2)), configs[-1])
+    cpu = cpu_summary()
     result = {
         "dense_over_sparse_e16_k2_n200": head["dense_over_sparse_n200"],
         "w8_over_fp32_user_m1": head["w8_over_fp32_user_m1"],
@@ -205,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_m1": args.rounds * 10,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "cpu": cpu_summary()["name"],
-        "cpu_features": cpu_summary(),
+        "cpu": cpu["name"],
+        "cpu_features": cpu,
         "configs": configs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
