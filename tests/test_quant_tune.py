@@ -228,3 +228,17 @@ def test_serve_threads_times_the_layout_with_the_serving_thread_count_only(tmp_p
         rec = ctx.manifest_fields["optimize"]
         assert rec.serve_threads == threads
         assert set(rec.per_token_layout["group"].threads) == timed
+
+
+def test_the_choice_is_made_on_the_recorded_figures():
+    """Two medians 0.01 ns apart at batch 1: raw, the quantized one is "slower than fp32" and
+    loses; the record shows both as 0.0100 ms, where it ties fp32 and wins (more elements).
+    The tuner decides on the recorded figures, so a reader recomputing it agrees."""
+    from exporter.steps.quantize.speed import recorded_medians
+
+    cfgs = [_cfg(FP32, 0), _cfg("a", 100)]
+    raw = {FP32: 1.000000004e-5, "a": 1.000000005e-5}
+    assert choose(cfgs, raw).name == FP32
+    shown = {k: round(v * 1e3, 4) for k, v in recorded_medians(raw).items()}  # median_ms
+    assert shown == {FP32: 0.01, "a": 0.01}
+    assert choose(cfgs, recorded_medians(raw)).name == choose(cfgs, shown).name == "a"

@@ -44,7 +44,13 @@ from exporter.steps.quantize.calibrate import calibration_for
 from exporter.steps.quantize.options import QuantizeOptions
 from exporter.steps.quantize.runner import _Runner
 from exporter.steps.quantize.select import budget_damage
-from exporter.steps.quantize.speed import FP32, MIN_ELEMENTS_GRID, choose, quantized_elements
+from exporter.steps.quantize.speed import (
+    FP32,
+    MIN_ELEMENTS_GRID,
+    choose,
+    quantized_elements,
+    recorded_medians,
+)
 from graph_passes.onnx import linear_layers
 from graph_passes.onnx.w8a8 import KERNEL, dynamic_quantize_matmuls, weight_bits_for_cpu
 from runtime.manifest import Quantization
@@ -109,6 +115,7 @@ def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: in
     batch = timing.stage_batch(stage)
     medians = timing.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {
         FP32: 0.0}
+    medians = recorded_medians(medians)  # decide on the figures the record shows
     chosen = choose(configs, medians)
     base = medians[FP32] or 1.0
     rows = [{"config": c.name, "scheme": plans[c.name].scheme, "min_elements": c.min_elements,
