@@ -65,6 +65,14 @@ def _split_args(ctx: Context) -> list[str]:
     )
 
 
+def _gemv_args(ctx: Context) -> list[str]:
+    args = ["--out", str(ctx.out / "gemv_m1.json")]
+    bundle = ctx.work / "split" / "bundle"  # the N=16 bound needs split's fp32 bundle, when it ran
+    if (bundle / "manifest.json").exists():
+        args += ["--bundle", str(bundle)]
+    return args + (["--rounds", "5"] if ctx.quick else [])
+
+
 def _accuracy_level_args(ctx: Context) -> list[str]:
     args = ["--out", str(ctx.out / "bench_quant_accuracy_level.json")]
     full_onnx = ctx.work / "split" / "bundle" / "full.onnx"  # reuse split's export when it ran
@@ -128,6 +136,21 @@ def summarise_split(d: dict) -> dict:
     }
     return {"threads": d["threads"], "load_average": d["load_average"], "per_n": rows,
             "cpu": d.get("cpu")}
+
+
+def summarise_gemv_m1(d: dict) -> dict:
+    """GEMV rates at M=1, per-token layouts, and (with a bundle) the N=16 bound they give."""
+    n16 = d.get("n16")
+    keys = ("fraction_of_ceiling_n16_stages", "fraction_of_ceiling_n16_best_gemv_bound",
+            "user_m1_kernel_ms", "group_n16_gflops", "group_ms_for_0_8_with_best_gemv_user")
+    return {
+        "threads": d["gemv"]["threads"],
+        "gemv_gb_per_s": d["gemv"]["gb_per_s"],
+        "ort_gemv_over_best": d["ort_gemv_over_best"],
+        "per_token_batched_over_unrolled": {k: v["batched_over_unrolled"] for k, v in d["per_token"].items()},
+        "n16": {k: n16[k] for k in keys} if n16 else None,
+        "cpu": d.get("cpu"),
+    }
 
 
 def _bytes_ratio(stages: dict) -> float:
@@ -244,6 +267,7 @@ def summarise_triton(d: dict) -> dict:
 
 BENCHMARKS = (
     Benchmark("split", "bench_split.py", "bench_split.json", _split_args, summarise_split),
+    Benchmark("gemv_m1", "gemv_m1.py", "gemv_m1.json", _gemv_args, summarise_gemv_m1),
     Benchmark(
         "quant_accuracy_level",
         "bench_quant_accuracy_level.py",
@@ -269,7 +293,7 @@ BENCHMARKS = (
     Benchmark("moe", "bench_moe.py", "bench_moe.json", _moe_args, summarise_moe),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
-NO_STUDENT = ("quant_accuracy_level", "moe")  # need no distilled RankMixer checkpoint
+NO_STUDENT = ("quant_accuracy_level", "moe", "gemv_m1")  # need no distilled RankMixer checkpoint
 
 
 def collect(out: Path, names: list[str] | None = None) -> dict[str, dict]:
@@ -317,6 +341,25 @@ def _md_split(s: dict) -> list[str]:
         f"ORT CPU, {s['threads']} threads; load average {load['before']:.1f} → {load['after']:.1f}."
         + _cpu_note(s.get("cpu")),
     ]
+
+
+def _md_gemv_m1(s: dict) -> list[str]:
+    rates = s["gemv_gb_per_s"]
+    lines = ["| GEMV [1,1024]x[1024,1024] | GB/s |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in rates.items()]
+    layouts = ", ".join(f"{k.upper()} {_x(v)}" for k, v in s["per_token_batched_over_unrolled"].items())
+    lines += ["", f"ONNX Runtime's GEMV at {_x(s['ort_gemv_over_best'])} of the best; per-token FFN "
+              f"batched / unrolled: {layouts}."]
+    b = s.get("n16")
+    if b:
+        k = b["user_m1_kernel_ms"]
+        lines += ["", f"N=16: stages at {b['fraction_of_ceiling_n16_stages']:.0%} of the FLOP ceiling; "
+                  f"with every user weight at the best GEMV rate and no other user node, at most "
+                  f"{b['fraction_of_ceiling_n16_best_gemv_bound']:.0%} (user graph at M=1: GEMMs "
+                  f"{k['gemm']:.2f} ms, its {k['other_nodes']} other nodes {k['other']:.2f} ms; group "
+                  f"graph {b['group_n16_gflops']:.0f} GFLOP/s, {b['group_ms_for_0_8_with_best_gemv_user']:.2f} ms "
+                  f"needed for 80 %)."]
+    return lines + ["", f"ORT CPU, {s['threads']} thread(s)." + _cpu_note(s.get("cpu"))]
 
 
 def _cpu_note(cpu: dict | None) -> str:
@@ -421,6 +464,7 @@ def _md_moe(s: dict) -> list[str]:
 
 _MD = {
     "split": ("UG split vs full graph (bench_split)", _md_split),
+    "gemv_m1": ("What an fp32 user graph at batch 1 could cost at best (gemv_m1)", _md_gemv_m1),
     "quant_accuracy_level": (
         "MatMulNBits accuracy_level (bench_quant_accuracy_level)",
         _md_accuracy_level,

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-COMMITTED = ("split", "quant", "quant_accuracy_level", "serve", "moe")
+COMMITTED = ("split", "gemv_m1", "quant", "quant_accuracy_level", "serve", "moe")
 
 
 def _load_runner():
@@ -107,6 +107,30 @@ def test_moe_quick_mode_runs_the_headline_config_only(tmp_path):
     assert "moe" in run_all.NO_STUDENT  # random-init student: no checkpoint to train first
 
 
+def test_gemv_m1_summary_matches_the_file(summary):
+    raw = _raw("gemv_m1")
+    s = summary["gemv_m1"]["summary"]
+    assert s["gemv_gb_per_s"] == raw["gemv"]["gb_per_s"]
+    assert s["per_token_batched_over_unrolled"] == {
+        "m1": raw["per_token"]["m1"]["batched_over_unrolled"],
+        "m16": raw["per_token"]["m16"]["batched_over_unrolled"]}
+    bound = raw["n16"]["fraction_of_ceiling_n16_best_gemv_bound"]
+    assert s["n16"]["fraction_of_ceiling_n16_best_gemv_bound"] == bound
+    assert f"at most {bound:.0%}" in run_all.to_markdown({"gemv_m1": summary["gemv_m1"]})
+
+
+def test_gemv_m1_takes_the_split_bundle_when_split_ran(tmp_path):
+    ctx = run_all.Context(False, tmp_path, tmp_path, None)
+    assert run_all.BY_NAME["gemv_m1"].args(ctx) == ["--out", str(tmp_path / "gemv_m1.json")]
+    bundle = tmp_path / "split" / "bundle"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    assert run_all.BY_NAME["gemv_m1"].args(ctx)[-2:] == ["--bundle", str(bundle)]
+    # split runs first, so its bundle exists by the time gemv_m1's arguments are built
+    names = [b.name for b in run_all.BENCHMARKS]
+    assert names.index("split") < names.index("gemv_m1")
+
+
 def test_paired_ratio_is_per_round_median():
     # the serve segments are real: recompute ugsep/eager with the triton helper, same numbers
     raw = _raw("serve")
@@ -136,6 +160,7 @@ def test_markdown_and_files_written(tmp_path):
         ("quant", ("latency", "N=512")),
         ("serve", ("paired_ratios",)),
         ("moe", ("configs",)),
+        ("gemv_m1", ("per_token",)),
     ],
 )
 def test_schema_change_is_a_clear_error(tmp_path, name, drop):
