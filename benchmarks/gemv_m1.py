@@ -45,10 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_stage import _only, profile, stage_feeds  # noqa: E402
+from profile_stage import _only, profile, session, stage_feeds  # noqa: E402
 from stream_floor import weight_bytes  # noqa: E402
 
-from runtime.backends.ort import OrtBackend  # noqa: E402
 from runtime.ceiling import flop_ceiling  # noqa: E402
 from runtime.cpu import cpu_summary  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
@@ -198,17 +197,11 @@ def best_gemv_bound(full_ms: float, group_ms: float, user_bytes: int, gb_per_s: 
 
 def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 16) -> dict:
     """The bundle's stages at 1 and 2 threads, and the split's bound with ideal user GEMVs."""
-
-    def sess(stage: str, threads: int) -> ort.InferenceSession:
-        so = OrtBackend(intra_op_threads=threads).session_options()
-        return ort.InferenceSession(str(Path(bundle) / f"{stage}.onnx"), so,
-                                    providers=["CPUExecutionProvider"])
-
     feeds = {s: stage_feeds(bundle, s, n) for s in ("full", "user", "group")}
-    calls, sessions = {}, {}
+    calls = {}
     for stage in ("full", "user", "group"):
         for t in (1, 2):
-            s = sessions[(stage, t)] = sess(stage, t)
+            s = session(bundle, stage, t)
             f = _only(s, feeds[stage])
             calls[f"{stage}_t{t}"] = lambda s=s, f=f: s.run(None, f)
     med = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
@@ -216,14 +209,16 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
     best_ms = {st: med[f"{st}_t{best[st]}"] for st in best}
 
     # where the user graph's time goes at M=1, on its better thread count
-    so = OrtBackend(intra_op_threads=best["user"]).session_options()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "ugsep_gemv_m1")
-    prof_sess = ort.InferenceSession(str(Path(bundle) / "user.onnx"), so,
-                                     providers=["CPUExecutionProvider"])
+    prof_sess = session(bundle, "user", best["user"], enable_profiling=True,
+                        profile_file_prefix=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ugsep_gemv_m1"))
     prof = profile(prof_sess, _only(prof_sess, feeds["user"]), runs=50, top=0)
-    gemm_ms = sum(v["ms"] for k, v in prof["op_types"].items() if k in GEMM_OPS)
-    other_ms = sum(v["ms"] for k, v in prof["op_types"].items() if k not in GEMM_OPS)
+    kernel = {"gemm": 0.0, "other": 0.0, "other_nodes": 0}
+    for op, v in prof["op_types"].items():
+        if op in GEMM_OPS:
+            kernel["gemm"] += v["ms"]
+        else:
+            kernel["other"] += v["ms"]
+            kernel["other_nodes"] += v["nodes"]
 
     flops = Manifest.read(bundle).flops
     ceiling = flop_ceiling(flops.user_per_row, flops.group_per_row, n)
@@ -234,9 +229,7 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
         "bundle": bundle, "n": n, "rounds": rounds, "stage_ms": {k: round(v, 4) for k, v in med.items()},
         "best_threads": best, "ceiling": round(ceiling, 4),
         "user_weight_bytes": user_bytes,
-        "user_m1_kernel_ms": {"gemm": round(gemm_ms, 4), "other": round(other_ms, 4),
-                              "other_nodes": sum(v["nodes"] for k, v in prof["op_types"].items()
-                                                 if k not in GEMM_OPS)},
+        "user_m1_kernel_ms": {k: round(v, 4) for k, v in kernel.items()},
         "user_m1_ms_if_streamed_at_best_gemv": round(ideal["user_ms"], 4),
         # the stage sessions alone (no scorer), each at its better thread count
         "fraction_of_ceiling_n16_stages": round(best_ms["full"] / split_ms / ceiling, 4),
