@@ -87,11 +87,20 @@ def _feeds(sess, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def recorded_medians(medians: dict[str, float]) -> dict[str, float]:
+    """Medians (s) at the resolution the manifest records them (0.1 µs: ``median_ms`` to 4
+    decimals), so the choice made from them is the one a reader recomputes from the record
+    (at batch 1 two configurations can sit within that resolution of the tie line)."""
+    return {k: round(v * 1e3, 4) / 1e3 for k, v in medians.items()}
+
+
 def time_configs(
     configs: list[Config], batch: int, *, threads: int | None = None, budget_s: float = 4.0
 ) -> dict[str, float]:
     """Median seconds per run of each config's graph at ``batch``, interleaved round by round
-    (each config with its own ``threads`` if set, else ``threads``; None: ORT's default)."""
+    (each config with its own ``threads`` if set, else ``threads``; None: ORT's default), at
+    the resolution every tuner records them (``recorded_medians``): each step that chooses
+    from these decides on the figures its record shows."""
     import onnxruntime as ort
 
     from runtime.backends.ort import OrtBackend
@@ -124,7 +133,7 @@ def time_configs(
             for _ in range(reps):
                 s.run(None, feeds[name])
             times[name].append((time.perf_counter() - t) / reps)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return recorded_medians({name: statistics.median(v) for name, v in times.items()})
 
 
 def crossover(

@@ -234,7 +234,7 @@ def test_the_choice_is_made_on_the_recorded_figures():
     """Two medians 0.01 ns apart at batch 1: raw, the quantized one is "slower than fp32" and
     loses; the record shows both as 0.0100 ms, where it ties fp32 and wins (more elements).
     The tuner decides on the recorded figures, so a reader recomputing it agrees."""
-    from exporter.steps.quantize.speed import recorded_medians
+    from exporter.timing import recorded_medians
 
     cfgs = [_cfg(FP32, 0), _cfg("a", 100)]
     raw = {FP32: 1.000000004e-5, "a": 1.000000005e-5}
@@ -242,3 +242,16 @@ def test_the_choice_is_made_on_the_recorded_figures():
     shown = {k: round(v * 1e3, 4) for k, v in recorded_medians(raw).items()}  # median_ms
     assert shown == {FP32: 0.01, "a": 0.01}
     assert choose(cfgs, recorded_medians(raw)).name == choose(cfgs, shown).name == "a"
+
+
+def test_time_configs_returns_the_figures_the_records_show():
+    """Every tuner (threads, optimize, moe_form, crossover, w8a16, w8a8) chooses from
+    time_configs' medians and records them as ``median_ms`` to 4 decimals: the medians it
+    returns are already at that resolution, so a choice recomputed from any record agrees."""
+    from exporter.timing import recorded_medians, time_configs
+
+    configs = [Config("a", None, False, _chain([16, 32, 16])), Config("b", None, False, _chain([16, 64, 16]))]
+    med = time_configs(configs, 1, threads=1, budget_s=0.05)
+    assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
+    assert recorded_medians(med) == med
+    assert {k: round(v * 1e3, 4) / 1e3 for k, v in med.items()} == med

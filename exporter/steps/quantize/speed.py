@@ -38,13 +38,6 @@ def choose(configs: list[timing.Config], medians: dict[str, float], tie: float =
     return max(near, key=lambda c: (c.quantized_elements, -medians[c.name]))
 
 
-def recorded_medians(medians: dict[str, float]) -> dict[str, float]:
-    """Medians (s) at the resolution the manifest records them (0.1 µs: ``median_ms`` to 4
-    decimals), so the choice made from them is the one a reader recomputes from the record
-    (at batch 1 two configurations can sit within that resolution of the tie line)."""
-    return {k: round(v * 1e3, 4) / 1e3 for k, v in medians.items()}
-
-
 def tune_stage(
     stage: str,
     proto: onnx.ModelProto,
@@ -61,7 +54,6 @@ def tune_stage(
     batch = timing.stage_batch(stage) if batch is None else batch
     configs = _configs(proto, build)
     medians = timing.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {FP32: 0.0}
-    medians = recorded_medians(medians)  # decide on the figures the record shows
     chosen = choose(configs, medians)
     base = medians[FP32] or 1.0
     rows = [

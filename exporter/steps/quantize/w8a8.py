@@ -49,7 +49,6 @@ from exporter.steps.quantize.speed import (
     MIN_ELEMENTS_GRID,
     choose,
     quantized_elements,
-    recorded_medians,
 )
 from graph_passes.onnx import linear_layers
 from graph_passes.onnx.w8a8 import KERNEL, dynamic_quantize_matmuls, weight_bits_for_cpu
@@ -115,7 +114,6 @@ def tune_stage(stage: str, proto: onnx.ModelProto, weight_bits: int, threads: in
     batch = timing.stage_batch(stage)
     medians = timing.time_configs(configs, batch, threads=threads) if len(configs) > 1 else {
         FP32: 0.0}
-    medians = recorded_medians(medians)  # decide on the figures the record shows
     chosen = choose(configs, medians)
     base = medians[FP32] or 1.0
     rows = [{"config": c.name, "scheme": plans[c.name].scheme, "min_elements": c.min_elements,
