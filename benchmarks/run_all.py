@@ -149,6 +149,8 @@ def summarise_gemv_m1(d: dict) -> dict:
         "ort_gemv_over_best": d["ort_gemv_over_best"],
         "per_token_batched_over_unrolled": {k: v["batched_over_unrolled"] for k, v in d["per_token"].items()},
         "n16": {k: n16[k] for k in keys} if n16 else None,
+        # share of the group graph's FLOPs that need no boundary tensor (older runs lack it)
+        "group_boundary_free_flop_share": (n16.get("group_boundary_free") or {}).get("free_flop_share") if n16 else None,
         "cpu": d.get("cpu"),
     }
 
@@ -359,6 +361,9 @@ def _md_gemv_m1(s: dict) -> list[str]:
                   f"{k['gemm']:.2f} ms, its {k['other_nodes']} other nodes {k['other']:.2f} ms; group "
                   f"graph {b['group_n16_gflops']:.0f} GFLOP/s, {b['group_ms_for_0_8_with_best_gemv_user']:.2f} ms "
                   f"needed for 80 %)."]
+    if s.get("group_boundary_free_flop_share") is not None:
+        lines += ["", f"Group graph FLOPs that need no user-stage output (could overlap it on another "
+                  f"core): {s['group_boundary_free_flop_share']:.1%}."]
     return lines + ["", f"ORT CPU, {s['threads']} thread(s)." + _cpu_note(s.get("cpu"))]
 
 

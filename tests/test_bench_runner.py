@@ -116,7 +116,11 @@ def test_gemv_m1_summary_matches_the_file(summary):
         "m16": raw["per_token"]["m16"]["batched_over_unrolled"]}
     bound = raw["n16"]["fraction_of_ceiling_n16_best_gemv_bound"]
     assert s["n16"]["fraction_of_ceiling_n16_best_gemv_bound"] == bound
-    assert f"at most {bound:.0%}" in run_all.to_markdown({"gemv_m1": summary["gemv_m1"]})
+    md = run_all.to_markdown({"gemv_m1": summary["gemv_m1"]})
+    assert f"at most {bound:.0%}" in md
+    share = raw["n16"]["group_boundary_free"]["free_flop_share"]
+    assert s["group_boundary_free_flop_share"] == share
+    assert f"could overlap it on another core): {share:.1%}" in md
 
 
 def test_gemv_m1_takes_the_split_bundle_when_split_ran(tmp_path):

@@ -7,7 +7,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gemv_m1", ROOT / "benchmarks" / "gemv_m1.py")
@@ -42,3 +44,32 @@ def test_gemv_rates_checks_every_onnx_runtime_variant_against_numpy():
     r = gm.gemv_rates(threads=1, rounds=2, k=32, n=24, count=3)
     assert r["shape"] == [1, 32, 24] and r["matrices"] == 3
     assert set(r["gb_per_s"]) == {"onnxruntime_matmul", "onnxruntime_matmul_no_prepack", "numpy", "torch_linear"}
+
+
+def test_boundary_free_flops_counts_by_hand():
+    # cand [N,4] @ W1[4,8] needs no boundary; u [M,4] @ W2[4,8] does, and so does everything after
+    # the Add that joins them; a Gemm with transA=1 checks K is read from the right axis.
+    w = lambda name, *shape: numpy_helper.from_array(np.ones(shape, np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("MatMul", ["cand", "W1"], ["c1"]),             # free: 2·N·8·4
+        helper.make_node("Gemm", ["candT", "W4"], ["c2"], transA=1),    # free: [4,N]^T @ [4,8] → 2·N·8·4
+        helper.make_node("MatMul", ["u", "W2"], ["u1"]),                # waits: 2·1·8·4
+        helper.make_node("Add", ["c1", "u1"], ["h"]),                   # waits
+        helper.make_node("Add", ["h", "c2"], ["h2"]),                   # waits
+        helper.make_node("MatMul", ["h2", "W3"], ["y"]),                # waits: 2·N·2·8
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("cand", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("candT", TensorProto.FLOAT, [4, "N"]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, ["M", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [w("W1", 4, 8), w("W2", 4, 8), w("W3", 8, 2), w("W4", 4, 8)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    r = gm.boundary_free_flops(model, {"u"}, n=5)
+    assert (r["nodes"], r["free_nodes"]) == (6, 2)
+    assert r["free_flops"] == 2 * (2 * 5 * 8 * 4)
+    assert r["flops"] == 2 * (2 * 5 * 8 * 4) + 2 * 1 * 8 * 4 + 2 * 5 * 2 * 8
+    assert r["free_flop_share"] == pytest.approx(640 / (640 + 64 + 160))
+    # the caller's model is not modified (its dims stay symbolic)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
