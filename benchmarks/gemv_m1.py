@@ -267,12 +267,12 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
             kernel["other"] += v["ms"]
             kernel["other_nodes"] += v["nodes"]
 
-    flops = Manifest.read(bundle).flops
+    manifest = Manifest.read(bundle)
+    flops = manifest.flops
     ceiling = flop_ceiling(flops.user_per_row, flops.group_per_row, n)
-    user_bytes = weight_bytes(Path(bundle) / "user.onnx")
+    user_bytes = weight_bytes(Path(bundle) / manifest.stages["user"].file)
     ideal = best_gemv_bound(best_ms["full"], best_ms["group"], user_bytes, best_gemv_gb_per_s, ceiling)
     split_ms = best_ms["user"] + best_ms["group"]
-    manifest = Manifest.read(bundle)
     free = boundary_free_flops(onnx.load(str(Path(bundle) / manifest.stages["group"].file)),
                                {b.name for b in manifest.split.boundary}, n)
     return {
