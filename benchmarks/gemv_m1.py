@@ -23,7 +23,12 @@ round (medians):
   ``fraction_of_ceiling_n16_best_gemv_bound``: the fraction the split would reach if every
   user weight streamed at the best GEMV rate above and no other user node cost anything,
   with the group graph and the full graph each at its own better thread count. If that bound
-  is below the goal, no user-graph rewrite on these kernels reaches it; and
+  is below the goal, no user-graph rewrite on these kernels reaches it;
+  ``roofline`` / ``fraction_of_ceiling_n16_roofline``: the same with no kernel assumption at
+  all: per thread count, the user stage costs one ``MatMul`` streaming the user graph's weight
+  bytes (``stream_t1``/``stream_t2``, interleaved with the stages) and the group stage runs at
+  the full graph's own FLOP rate; with the user-stage time 0.8 leaves beside the group stage
+  as measured (``user_ms_for_0_8``), to set against that stream time; and
   ``group_boundary_free``: the group graph's nodes and contraction FLOPs that need no boundary
   tensor, i.e. what could run on the other core while the user stage streams its weights.
 
@@ -49,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_stage import _only, profile, session, stage_feeds  # noqa: E402
-from stream_floor import weight_bytes  # noqa: E402
+from stream_floor import _gemv_session, fraction_bound, weight_bytes  # noqa: E402
 
 from runtime.ceiling import flop_ceiling  # noqa: E402
 from runtime.cpu import cpu_summary  # noqa: E402
@@ -198,6 +203,31 @@ def best_gemv_bound(full_ms: float, group_ms: float, user_bytes: int, gb_per_s: 
             "group_ms_for_0_8": full_ms / (0.8 * ceiling) - user_ms}
 
 
+def roofline_bounds(med: dict[str, float], n: int, ceiling: float, user_per_row: float,
+                    group_per_row: float, user_bytes: int) -> dict[str, dict[str, float]]:
+    """Per thread count t, from the interleaved medians ``med`` (ms; keys ``full_t{t}``,
+    ``group_t{t}`` and ``stream_t{t}``): the highest fraction of ``ceiling`` the split can reach
+    at ``n`` if its user stage cost only streaming ``user_bytes`` (the ``stream_t{t}`` MatMul)
+    and its group stage ran at the full graph's own FLOP rate at t threads
+    (``stream_floor.fraction_bound``). Kernels that made the group graph faster would make the
+    full graph faster too, so this is the memory roofline of the comparison itself, not of one
+    graph's kernels. Also the user-stage time that 0.8 leaves beside the group stage as
+    measured (``user_ms_for_0_8``), to set against ``stream_ms``."""
+    out = {}
+    for t in (1, 2):
+        full_ms, stream_ms = med[f"full_t{t}"], med[f"stream_t{t}"]
+        row = {"n": n, "full_ms": full_ms, "ceiling": ceiling}
+        flops = {"user_per_row": user_per_row, "group_per_row": group_per_row}
+        out[f"t{t}"] = {
+            "full_ms": round(full_ms, 4), "stream_ms": round(stream_ms, 4),
+            "stream_gb_per_s": round(user_bytes / stream_ms / 1e6, 2),
+            "full_gflops": round(n * (user_per_row + group_per_row) / full_ms / 1e6, 2),
+            "fraction": round(fraction_bound(row, flops, stream_ms), 4),
+            "user_ms_for_0_8": round(full_ms / (0.8 * ceiling) - med[f"group_t{t}"], 4),
+        }
+    return out
+
+
 def _contraction_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     """2·M·N·K of a ``MatMul`` or ``Gemm`` whose shapes inference resolved, else 0."""
     if node.op_type not in ("MatMul", "Gemm"):
@@ -244,6 +274,8 @@ def boundary_free_flops(model: onnx.ModelProto, boundary: set[str], n: int) -> d
 
 def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 16) -> dict:
     """The bundle's stages at 1 and 2 threads, and the split's bound with ideal user GEMVs."""
+    manifest = Manifest.read(bundle)
+    user_bytes = weight_bytes(Path(bundle) / manifest.stages["user"].file)
     feeds = {s: stage_feeds(bundle, s, n) for s in ("full", "user", "group")}
     calls = {}
     for stage in ("full", "user", "group"):
@@ -251,6 +283,10 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
             s = session(bundle, stage, t)
             f = _only(s, feeds[stage])
             calls[f"{stage}_t{t}"] = lambda s=s, f=f: s.run(None, f)
+    x = np.ones((1, 4096), np.float32)
+    for t in (1, 2):  # one MatMul streaming the user graph's weight bytes: the floor at M=1
+        s = _gemv_session(user_bytes, t)
+        calls[f"stream_t{t}"] = lambda s=s: s.run(None, {"x": x})
     med = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
     best = {st: min((1, 2), key=lambda t, st=st: med[f"{st}_t{t}"]) for st in ("full", "user", "group")}
     best_ms = {st: med[f"{st}_t{best[st]}"] for st in best}
@@ -267,10 +303,9 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
             kernel["other"] += v["ms"]
             kernel["other_nodes"] += v["nodes"]
 
-    manifest = Manifest.read(bundle)
     flops = manifest.flops
     ceiling = flop_ceiling(flops.user_per_row, flops.group_per_row, n)
-    user_bytes = weight_bytes(Path(bundle) / manifest.stages["user"].file)
+    roofline = roofline_bounds(med, n, ceiling, flops.user_per_row, flops.group_per_row, user_bytes)
     ideal = best_gemv_bound(best_ms["full"], best_ms["group"], user_bytes, best_gemv_gb_per_s, ceiling)
     split_ms = best_ms["user"] + best_ms["group"]
     free = boundary_free_flops(onnx.load(str(Path(bundle) / manifest.stages["group"].file)),
@@ -286,6 +321,10 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
         "fraction_of_ceiling_n16_best_gemv_bound": round(ideal["fraction"], 4),
         "group_n16_gflops": round(n * flops.group_per_row / best_ms["group"] / 1e6, 2),
         "group_ms_for_0_8_with_best_gemv_user": round(ideal["group_ms_for_0_8"], 4),
+        # the memory roofline: user stage = streaming its weights, everything else at the full
+        # graph's own FLOP rate, per thread count; the best of them
+        "roofline": roofline,
+        "fraction_of_ceiling_n16_roofline": max(r["fraction"] for r in roofline.values()),
         # what of the group graph could overlap the user stage on the other core
         "group_boundary_free": {**free, "free_flop_share": round(free["free_flop_share"], 4)},
     }
@@ -323,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"group graph at N=16: {bound['group_n16_gflops']:.1f} GFLOP/s; 0.8 with that ideal user side "
               f"needs it in {bound['group_ms_for_0_8_with_best_gemv_user']:.2f} ms "
               f"(it takes {min(bound['stage_ms']['group_t1'], bound['stage_ms']['group_t2']):.2f})")
+        roof = bound["roofline"]
+        print("memory roofline at N=16 (user stage = streaming its weights, group at the full graph's "
+              "rate): " + "; ".join(f"{t[1:]} thread{'s' if t != 't1' else ''}: stream {r['stream_ms']:.2f} ms "
+                                    f"({r['stream_gb_per_s']:.1f} GB/s), full {r['full_ms']:.2f} ms, "
+                                    f"fraction {r['fraction']:.2f}; 0.8 beside the measured group stage needs the user stage "
+                                    f"in {r['user_ms_for_0_8']:.2f} ms" for t, r in roof.items()))
         free = bound["group_boundary_free"]
         print(f"group graph nodes that need no boundary tensor: {free['free_nodes']} of {free['nodes']}, "
               f"{free['free_flops'] / 1e6:.1f} of {free['flops'] / 1e6:.1f} MFLOP "

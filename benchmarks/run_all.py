@@ -151,6 +151,8 @@ def summarise_gemv_m1(d: dict) -> dict:
         "n16": {k: n16[k] for k in keys} if n16 else None,
         # share of the group graph's FLOPs that need no boundary tensor (older runs lack it)
         "group_boundary_free_flop_share": (n16.get("group_boundary_free") or {}).get("free_flop_share") if n16 else None,
+        # the memory roofline per thread count (older runs lack it)
+        "roofline": n16.get("roofline") if n16 else None,
         "cpu": d.get("cpu"),
     }
 
@@ -364,6 +366,13 @@ def _md_gemv_m1(s: dict) -> list[str]:
     if s.get("group_boundary_free_flop_share") is not None:
         lines += ["", f"Group graph FLOPs that need no user-stage output (could overlap it on another "
                   f"core): {s['group_boundary_free_flop_share']:.1%}."]
+    if s.get("roofline"):
+        per = "; ".join(f"{t[1:]} thread(s): user weights stream in {r['stream_ms']:.2f} ms "
+                        f"({r['stream_gb_per_s']:.0f} GB/s), 80 % beside the measured group stage needs "
+                        f"the user stage in {r['user_ms_for_0_8']:.2f} ms, roofline {r['fraction']:.0%}"
+                        for t, r in s["roofline"].items())
+        lines += ["", "Memory roofline at N=16 (user stage = streaming its weights, group stage at the "
+                  f"full graph's FLOP rate): {per}."]
     return lines + ["", f"ORT CPU, {s['threads']} thread(s)." + _cpu_note(s.get("cpu"))]
 
 

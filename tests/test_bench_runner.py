@@ -121,6 +121,11 @@ def test_gemv_m1_summary_matches_the_file(summary):
     share = raw["n16"]["group_boundary_free"]["free_flop_share"]
     assert s["group_boundary_free_flop_share"] == share
     assert f"could overlap it on another core): {share:.1%}" in md
+    roof = raw["n16"]["roofline"]
+    assert s["roofline"] == roof
+    for t, r in roof.items():
+        assert (f"{t[1:]} thread(s): user weights stream in {r['stream_ms']:.2f} ms" in md
+                and f"user stage in {r['user_ms_for_0_8']:.2f} ms, roofline {r['fraction']:.0%}" in md)
 
 
 def test_gemv_m1_takes_the_split_bundle_when_split_ran(tmp_path):

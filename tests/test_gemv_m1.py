@@ -73,3 +73,24 @@ def test_boundary_free_flops_counts_by_hand():
     assert r["free_flop_share"] == pytest.approx(640 / (640 + 64 + 160))
     # the caller's model is not modified (its dims stay symbolic)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_roofline_bounds_by_hand():
+    # 4 + 1 MFLOP per row at N=16: ceiling (4+1) / (4/16 + 1) = 4x
+    med = {"full_t1": 10.0, "stream_t1": 2.0, "group_t1": 2.5,
+           "full_t2": 8.0, "stream_t2": 1.0, "group_t2": 1.5}
+    r = gm.roofline_bounds(med, n=16, ceiling=4.0, user_per_row=4e6, group_per_row=1e6,
+                           user_bytes=30_000_000)
+    # 1 thread: full rate 80 MFLOP / 10 ms; user streams 2 ms (> its 0.5 ms of FLOPs), group
+    # 16 MFLOP at that rate 2 ms: split 4 ms, speedup 2.5x of 4x
+    assert r["t1"]["fraction"] == pytest.approx(0.625)
+    assert r["t1"]["stream_gb_per_s"] == pytest.approx(15.0)
+    assert r["t1"]["full_gflops"] == pytest.approx(8.0)
+    # 2 threads: rate 10 MFLOP/ms; split 1 + 1.6 = 2.6 ms; 8 / 2.6 / 4
+    assert r["t2"]["fraction"] == pytest.approx(8 / 2.6 / 4, abs=1e-4)
+    # 0.8 of 4x = 3.2x: split 10 / 3.2 = 3.125 ms, minus the measured 2.5 ms group stage
+    assert r["t1"]["user_ms_for_0_8"] == pytest.approx(0.625)
+    assert r["t2"]["user_ms_for_0_8"] == pytest.approx(8 / 3.2 - 1.5)
+    # a stream faster than the user's FLOPs at the full rate: the FLOPs bound it, capped at 1
+    fast = gm.roofline_bounds({**med, "stream_t2": 0.01}, 16, 4.0, 4e6, 1e6, 30_000_000)
+    assert fast["t2"]["fraction"] == 1.0
