@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_stage import _only, profile, session, stage_feeds  # noqa: E402
-from stream_floor import _gemv_session, fraction_bound, weight_bytes  # noqa: E402
+from stream_floor import fraction_bound, stream_session, weight_bytes  # noqa: E402
 
 from runtime.ceiling import flop_ceiling  # noqa: E402
 from runtime.cpu import cpu_summary  # noqa: E402
@@ -285,7 +285,7 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
             calls[f"{stage}_t{t}"] = lambda s=s, f=f: s.run(None, f)
     x = np.ones((1, 4096), np.float32)
     for t in (1, 2):  # one MatMul streaming the user graph's weight bytes: the floor at M=1
-        s = _gemv_session(user_bytes, t)
+        s = stream_session(user_bytes, t)
         calls[f"stream_t{t}"] = lambda s=s: s.run(None, {"x": x})
     med = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
     best = {st: min((1, 2), key=lambda t, st=st: med[f"{st}_t{t}"]) for st in ("full", "user", "group")}

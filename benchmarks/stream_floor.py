@@ -43,7 +43,8 @@ def weight_bytes(path: str | Path) -> int:
     return sum(sizes[x] for x in read)
 
 
-def _gemv_session(nbytes: int, threads: int) -> ort.InferenceSession:
+def stream_session(nbytes: int, threads: int) -> ort.InferenceSession:
+    """One fp32 ``MatMul`` [1, 4096] x [4096, K] whose weight holds ``nbytes``: input ``x``."""
     cols = max(1, nbytes // (4 * _K))
     w = np.random.default_rng(0).standard_normal((_K, cols), dtype=np.float32)
     graph = helper.make_graph(
@@ -60,7 +61,7 @@ def _gemv_session(nbytes: int, threads: int) -> ort.InferenceSession:
 
 def stream_floor(user_call, nbytes: int, threads: int, repeats: int = 200) -> dict:
     """Median ms of the user graph at M=1 (``user_call()``) and of streaming ``nbytes``."""
-    sess = _gemv_session(nbytes, threads)
+    sess = stream_session(nbytes, threads)
     x = np.ones((1, _K), dtype=np.float32)
     runs = {"user_m1": user_call, "stream": lambda: sess.run(None, {"x": x})}
     for f in runs.values():
