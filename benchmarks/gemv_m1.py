@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_stage import _only, profile, session, stage_feeds  # noqa: E402
-from stream_floor import fraction_bound, stream_session, weight_bytes  # noqa: E402
+from stream_floor import fraction_bound, interleaved_medians, stream_call, weight_bytes  # noqa: E402
 
 from runtime.ceiling import flop_ceiling  # noqa: E402
 from runtime.cpu import cpu_summary  # noqa: E402
@@ -75,20 +74,6 @@ def _session(model, threads: int, prepack: bool = True) -> ort.InferenceSession:
 def _model(nodes, inputs, outputs, inits):
     graph = helper.make_graph(nodes, "m", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
-def _interleaved(calls: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call, every variant once per round, order alternating."""
-    for f in calls.values():
-        f()
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            calls[k]()
-            samples[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def gemv_rates(threads: int, rounds: int, k: int = 1024, n: int = 1024, count: int = 32) -> dict:
@@ -121,7 +106,7 @@ def gemv_rates(threads: int, rounds: int, k: int = 1024, n: int = 1024, count: i
             for w in wt:
                 torch.nn.functional.linear(xt, w)
 
-    med = _interleaved({
+    med = interleaved_medians({
         "onnxruntime_matmul": lambda: packed.run(None, {"x": x}),
         "onnxruntime_matmul_no_prepack": lambda: unpacked.run(None, {"x": x}),
         "numpy": numpy_gemv,
@@ -183,7 +168,7 @@ def per_token_layouts(threads: int, rounds: int, m: int, tokens: int = 8, d: int
     su, sb = _session(unrolled, threads), _session(batched, threads)
     np.testing.assert_allclose(su.run(None, {"x": x})[0], sb.run(None, {"x": x})[0],
                                rtol=1e-4, atol=1e-4)
-    med = _interleaved({"unrolled": lambda: su.run(None, {"x": x}),
+    med = interleaved_medians({"unrolled": lambda: su.run(None, {"x": x}),
                         "batched": lambda: sb.run(None, {"x": x})}, rounds)
     nbytes = sum(w.nbytes for w in w1 + w2)
     return {"m": m, "threads": threads, "weight_bytes": nbytes,
@@ -214,10 +199,10 @@ def roofline_bounds(med: dict[str, float], n: int, ceiling: float, user_per_row:
     graph's kernels. Also the user-stage time that 0.8 leaves beside the group stage as
     measured (``user_ms_for_0_8``), to set against ``stream_ms``."""
     out = {}
+    flops = {"user_per_row": user_per_row, "group_per_row": group_per_row}
     for t in (1, 2):
         full_ms, stream_ms = med[f"full_t{t}"], med[f"stream_t{t}"]
         row = {"n": n, "full_ms": full_ms, "ceiling": ceiling}
-        flops = {"user_per_row": user_per_row, "group_per_row": group_per_row}
         out[f"t{t}"] = {
             "full_ms": round(full_ms, 4), "stream_ms": round(stream_ms, 4),
             "stream_gb_per_s": round(user_bytes / stream_ms / 1e6, 2),
@@ -283,11 +268,9 @@ def bundle_bound(bundle: str, rounds: int, best_gemv_gb_per_s: float, n: int = 1
             s = session(bundle, stage, t)
             f = _only(s, feeds[stage])
             calls[f"{stage}_t{t}"] = lambda s=s, f=f: s.run(None, f)
-    x = np.ones((1, 4096), np.float32)
     for t in (1, 2):  # one MatMul streaming the user graph's weight bytes: the floor at M=1
-        s = stream_session(user_bytes, t)
-        calls[f"stream_t{t}"] = lambda s=s: s.run(None, {"x": x})
-    med = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
+        calls[f"stream_t{t}"] = stream_call(user_bytes, t)
+    med = {k: v * 1e3 for k, v in interleaved_medians(calls, rounds).items()}
     best = {st: min((1, 2), key=lambda t, st=st: med[f"{st}_t{t}"]) for st in ("full", "user", "group")}
     best_ms = {st: med[f"{st}_t{best[st]}"] for st in best}
 

@@ -59,20 +59,32 @@ def stream_session(nbytes: int, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def stream_floor(user_call, nbytes: int, threads: int, repeats: int = 200) -> dict:
-    """Median ms of the user graph at M=1 (``user_call()``) and of streaming ``nbytes``."""
+def stream_call(nbytes: int, threads: int):
+    """A call that streams ``nbytes`` of fp32 weights once (``stream_session``, fed ones)."""
     sess = stream_session(nbytes, threads)
     x = np.ones((1, _K), dtype=np.float32)
-    runs = {"user_m1": user_call, "stream": lambda: sess.run(None, {"x": x})}
-    for f in runs.values():
+    return lambda: sess.run(None, {"x": x})
+
+
+def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls`` (name -> callable): each run once to warm
+    up, then every call once per round, the order alternating round by round."""
+    for f in calls.values():
         f()
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(repeats):
-        for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
             t = time.perf_counter()
-            runs[k]()
+            calls[k]()
             samples[k].append(time.perf_counter() - t)
-    med = {k: float(np.median(v)) * 1000 for k, v in samples.items()}
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def stream_floor(user_call, nbytes: int, threads: int, repeats: int = 200) -> dict:
+    """Median ms of the user graph at M=1 (``user_call()``) and of streaming ``nbytes``."""
+    runs = {"user_m1": user_call, "stream": stream_call(nbytes, threads)}
+    med = {k: v * 1000 for k, v in interleaved_medians(runs, repeats).items()}
     return {"user_weight_bytes": nbytes, "threads": threads, "repeats": repeats,
             "user_m1_ms": med["user_m1"], "stream_ms": med["stream"],
             "stream_gb_per_s": nbytes / med["stream"] / 1e6,
